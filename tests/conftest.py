@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny OPT configurations covering the architectural variants, and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import OPTConfig
+
+from zoruntime.models import random_opt, tiny_opt_config
+
+VARIANTS = {
+    # like opt-125m: layer norm before attention, final layer norm, tied head
+    "pre_ln_tied": dict(vocab_size=64, hidden_size=32, ffn_dim=64, max_position_embeddings=48, word_embed_proj_dim=32),
+    # like opt-350m: layer norm after attention, project_in/out, no final layer norm
+    "post_ln_proj": dict(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=64,
+        max_position_embeddings=48,
+        do_layer_norm_before=False,
+        word_embed_proj_dim=16,
+    ),
+    "pre_ln_untied": dict(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=64,
+        max_position_embeddings=48,
+        word_embed_proj_dim=32,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def variant_config(name: str, **overrides: object) -> OPTConfig:
+    return tiny_opt_config(**{**VARIANTS[name], **overrides})
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def token_batch(config: OPTConfig, rows: int = 3, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random ids with right padding in row 0 and left padding in row 1; labels -100 where padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.vocab_size, (rows, length), generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, length - 4 :] = 0
+    if rows > 1:
+        mask[1, :3] = 0
+    ids[mask == 0] = config.pad_token_id
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tiny_model(name: str = "pre_ln_tied", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object):
+    return random_opt(variant_config(name, **overrides), seed=seed, dtype=dtype)

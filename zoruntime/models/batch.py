@@ -1,0 +1,116 @@
+"""A validated training batch: token ids, attention mask and causal-LM labels.
+
+Knows the shape and value rules a batch must obey for a model with a given vocabulary and
+number of positions, and how default labels are derived; knows nothing about tokenizers or
+tasks. Every error names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label value that the loss skips (HF convention)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """``input_ids`` [B, T] int; ``attention_mask`` [B, T] or None (all ones); ``labels`` [B, T]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device) -> Batch:
+        mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
+        return Batch(self.input_ids.to(device, non_blocking=True), mask, self.labels.to(device, non_blocking=True))
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(value).__name__}") from exc
+
+
+def _check_integer(t: torch.Tensor, name: str) -> None:
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {t.dtype}; use .long()")
+
+
+def make_batch(batch: Batch | Mapping[str, Any], *, vocab_size: int, max_positions: int) -> Batch:
+    """Validate a mapping with ``input_ids`` (and optionally ``attention_mask``, ``labels``).
+
+    Default labels are the input ids with padded positions set to -100; given labels are kept
+    except at padded positions, which never count in the loss.
+    """
+    if isinstance(batch, Batch):
+        raw: Mapping[str, Any] = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "labels": batch.labels,
+        }
+    elif isinstance(batch, Mapping):
+        raw = batch
+    else:
+        raise TypeError(f"a batch is a mapping with 'input_ids' (like a tokenizer's output), got {type(batch)}")
+    if "input_ids" not in raw:
+        raise KeyError("the batch has no 'input_ids'; pass {'input_ids': ids, 'attention_mask': mask}")
+    ids = _as_tensor(raw["input_ids"], "input_ids")
+    _check_integer(ids, "input_ids")
+    if ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape [batch, sequence], got {tuple(ids.shape)}; use ids.unsqueeze(0) for one row"
+        )
+    if ids.numel() == 0:
+        raise ValueError(f"the batch is empty (input_ids shape {tuple(ids.shape)}); give at least one token")
+    if ids.shape[1] > max_positions:
+        raise ValueError(
+            f"sequence length {ids.shape[1]} is longer than the model's {max_positions} positions; "
+            f"truncate to max_length={max_positions}"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids must lie in [0, {vocab_size}) for this model's vocabulary, found values in "
+            f"[{low}, {high}]; is the tokenizer the model's own?"
+        )
+    ids = ids.long()
+
+    mask = raw.get("attention_mask")
+    if mask is not None:
+        mask = _as_tensor(mask, "attention_mask")
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}; they must match"
+            )
+        if mask.is_floating_point() or mask.dtype == torch.bool:
+            mask = mask.long()
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        mask = mask.long()
+
+    labels = raw.get("labels")
+    if labels is None:
+        labels = ids.clone()
+    else:
+        labels = _as_tensor(labels, "labels")
+        _check_integer(labels, "labels")
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but input_ids has {tuple(ids.shape)}; they must match"
+            )
+        labels = labels.long().clone()
+    if mask is not None:
+        labels[mask == 0] = IGNORE_INDEX
+    return Batch(ids, mask, labels)

@@ -1,0 +1,99 @@
+"""Parameter groups laid out as flat buffers, with every parameter a view into its group's buffer.
+
+A group is the unit of transfer and of randomness: one copy moves it, one random draw
+perturbs it. Knows parameter names, shapes, offsets and which parameters take weight decay;
+knows nothing about which model they came from (adapters list the parameters) or where the
+buffer lives (callers allocate it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSlice:
+    """One parameter's place in its group: ``flat[offset : offset + numel].view(shape)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    decayed: bool
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class GroupLayout:
+    """The layout of one group: ordered parameter slices over a flat buffer of ``numel`` elements."""
+
+    group: int
+    slices: tuple[ParamSlice, ...]
+    numel: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, group: int, params: Iterable[tuple[str, nn.Parameter, bool]]) -> GroupLayout:
+        """Lay out ``(name, parameter, decayed)`` triples in order; a tied parameter must appear once."""
+        slices, offset, dtype, seen = [], 0, None, set()
+        for name, param, decayed in params:
+            if id(param) in seen:
+                raise ValueError(f"parameter {name} appears twice in group {group}: tied weights belong once")
+            seen.add(id(param))
+            if dtype is None:
+                dtype = param.dtype
+            elif param.dtype != dtype:
+                raise ValueError(f"group {group} mixes dtypes ({dtype} and {param.dtype} at {name})")
+            slices.append(ParamSlice(name, tuple(param.shape), offset, decayed))
+            offset += param.numel()
+        if dtype is None:
+            raise ValueError(f"group {group} has no parameters")
+        return cls(group, tuple(slices), offset, dtype)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name → view into ``flat`` for every parameter of the group."""
+        self._check(flat)
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slices}
+
+    def decayed_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Flat views of the parameters that take weight decay (not biases, not layer norms)."""
+        self._check(flat)
+        return [flat[s.offset : s.offset + s.numel] for s in self.slices if s.decayed]
+
+    def gather(self, params: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """Copy the named tensors into ``out`` in layout order."""
+        for name, view in self.views(out).items():
+            view.copy_(params[name])
+        return out
+
+    def _check(self, flat: torch.Tensor) -> None:
+        if flat.dim() != 1 or flat.numel() < self.numel or not flat.is_contiguous():
+            raise ValueError(
+                f"group {self.group} needs a flat contiguous buffer of >= {self.numel} elements, "
+                f"got shape {tuple(flat.shape)}"
+            )
+
+
+def adopt_into_flat(layout: GroupLayout, params: Mapping[str, nn.Parameter], flat: torch.Tensor) -> torch.Tensor:
+    """Move the parameters' values into ``flat`` and make each parameter a view of it.
+
+    Parameter objects keep their identity (a tied parameter stays tied); only their storage
+    changes. Returns ``flat``.
+    """
+    layout.gather(params, flat)
+    for name, view in layout.views(flat).items():
+        params[name].data = view
+    return flat

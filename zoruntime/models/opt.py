@@ -1,0 +1,166 @@
+"""The OPT adapter: an unmodified HF ``OPTForCausalLM`` seen as embedding stage, blocks, head.
+
+Each stage runs the model's own sub-modules with parameters passed in explicitly
+(``torch.func.functional_call``), so the same stage can run on the master weights, on a
+perturbed copy in a scratch buffer, or on a block slot of a GPU. Running the three stages in
+order reproduces ``model(input_ids, attention_mask=..., labels=...)`` bit for bit. Knows OPT's
+module names, position ids and the causal mask; knows nothing about ZO, offloading or
+scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers import OPTForCausalLM
+from transformers.masking_utils import create_causal_mask
+
+from ..zo.directions import RESIDENT_GROUP, block_group
+from .batch import Batch, make_batch
+from .groups import GroupLayout
+
+Params = Mapping[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+"""``loss_fn(logits [B, T, V], batch) -> 0-d tensor``: replaces the causal-LM loss."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageInputs:
+    """What every stage of one step shares: the batch on the compute device and its masks."""
+
+    batch: Batch
+    position_ids: torch.Tensor  # [B, T] long
+    position_mask: torch.Tensor  # [B, T], ones where no mask was given (as HF builds it)
+    causal_mask: torch.Tensor | None  # as HF's create_causal_mask returns it for this config
+
+
+def _decayed(module: nn.Module, local_name: str) -> bool:
+    return not isinstance(module, nn.LayerNorm) and not local_name.endswith("bias")
+
+
+class OPTAdapter:
+    """Stages of an OPT causal LM. The model is put in eval mode; dropout never runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, OPTForCausalLM):
+            raise TypeError(
+                f"zoruntime runs OPT causal LMs (OPTForCausalLM, e.g. facebook/opt-125m); got "
+                f"{type(model).__name__}. Load the model with transformers.OPTForCausalLM.from_pretrained(...)"
+            )
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.config = model.config
+        decoder = model.model.decoder
+        self._decoder = decoder
+        self.blocks: list[nn.Module] = list(decoder.layers)
+        self._resident_modules: dict[str, nn.Module | None] = {
+            "embed_tokens": decoder.embed_tokens,
+            "embed_positions": decoder.embed_positions,
+            "project_in": decoder.project_in,
+            "final_layer_norm": decoder.final_layer_norm,
+            "project_out": decoder.project_out,
+            "lm_head": model.lm_head,
+        }
+        # canonical name of each resident parameter, found by identity so a tied head is one entry
+        self._canonical: dict[int, str] = {}
+        self._resident_params: dict[str, nn.Parameter] = {}
+        resident_entries = []
+        for prefix, module in self._resident_modules.items():
+            if module is None:
+                continue
+            for local, param in module.named_parameters():
+                if id(param) in self._canonical:
+                    continue
+                name = f"{prefix}.{local}"
+                self._canonical[id(param)] = name
+                self._resident_params[name] = param
+                resident_entries.append((name, param, _decayed(module, local)))
+        self.resident_layout = GroupLayout.of(RESIDENT_GROUP, resident_entries)
+        self.block_layouts = [
+            GroupLayout.of(
+                block_group(i),
+                [
+                    (name, param, _decayed(block.get_submodule(name.rpartition(".")[0]), name))
+                    for name, param in block.named_parameters()
+                ],
+            )
+            for i, block in enumerate(self.blocks)
+        ]
+        self._block_params = [dict(block.named_parameters()) for block in self.blocks]
+
+    # -- shape facts ------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def tied(self) -> bool:
+        return self.model.lm_head.weight is self._decoder.embed_tokens.weight
+
+    def resident_parameters(self) -> dict[str, nn.Parameter]:
+        """Canonical name → parameter for the resident group (a tied head appears once)."""
+        return dict(self._resident_params)
+
+    def block_parameters(self, index: int) -> dict[str, nn.Parameter]:
+        """Name (relative to the block) → parameter of decoder block ``index``."""
+        return dict(self._block_params[index])
+
+    # -- inputs -------------------------------------------------------------------------------
+    def validate(self, batch: Batch | Mapping[str, object]) -> Batch:
+        return make_batch(batch, vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)
+
+    def prepare(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> StageInputs:
+        """Move a validated batch to ``device`` and build position ids and the causal mask once."""
+        batch = batch.to(device)
+        ids = batch.input_ids
+        given = batch.attention_mask
+        position_mask = torch.ones(ids.shape, device=device) if given is None else given
+        # OPT's learned positions count only attended tokens (left padding shifts them)
+        position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
+        shape_probe = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=dtype, device=device)
+        causal_mask = create_causal_mask(
+            config=self.config, inputs_embeds=shape_probe, attention_mask=batch.attention_mask, cache=None
+        )
+        return StageInputs(batch, position_ids, position_mask, causal_mask)
+
+    # -- stages -------------------------------------------------------------------------------
+    def _call(self, key: str, params: Params, *args: object, **kwargs: object) -> torch.Tensor:
+        module = self._resident_modules[key]
+        assert module is not None
+        local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
+        return functional_call(module, local, args, kwargs)
+
+    def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
+        """Token + position embeddings (and project_in): hidden states [B, T, H]."""
+        tokens = self._call("embed_tokens", params, inputs.batch.input_ids)
+        positions = self._call("embed_positions", params, inputs.position_mask, 0, position_ids=inputs.position_ids)
+        if self._resident_modules["project_in"] is not None:
+            tokens = self._call("project_in", params, tokens)
+        return tokens + positions
+
+    def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+        """Decoder block ``index`` on ``params`` (names relative to the block): [B, T, H] → [B, T, H]."""
+        out = functional_call(
+            self.blocks[index],
+            dict(params),
+            (hidden,),
+            {"attention_mask": inputs.causal_mask, "position_ids": inputs.position_ids},
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and project_out where the config has them, then the LM head: logits [B, T, V]."""
+        if self._resident_modules["final_layer_norm"] is not None:
+            hidden = self._call("final_layer_norm", params, hidden)
+        if self._resident_modules["project_out"] is not None:
+            hidden = self._call("project_out", params, hidden)
+        return self._call("lm_head", params, hidden).contiguous()
+
+    def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy over labels != -100, computed by the model's own HF loss."""
+        return self.model.loss_function(logits=logits, labels=batch.labels, vocab_size=self.config.vocab_size)

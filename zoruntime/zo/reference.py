@@ -1,0 +1,82 @@
+"""The in-memory reference ZO-SGD step: the oracle every offloaded configuration must equal.
+
+Whole model in memory, no offload, no scheduler: both perturbed forwards run through the
+unmodified HF model (``functional_call`` on perturbed copies), then every group is updated.
+It shares the flat group layout, the direction sampler and the arithmetic of ``update.py``
+with the runtime, so equal inputs give equal bits. Kept short on purpose: read it to know
+what a step means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..models.batch import Batch
+from ..models.groups import GroupLayout, adopt_into_flat
+from ..models.opt import LossFn, OPTAdapter
+from .config import ZOSGD
+from .directions import DirectionSampler, step_seed
+from .stats import StepStats
+from .update import PendingUpdate, apply_update, perturb_into, projected_gradient
+
+
+class ReferenceZO:
+    """ZO-SGD on a whole model in memory. The model's parameters become views of flat group buffers."""
+
+    def __init__(self, model: nn.Module, config: ZOSGD, loss_fn: LossFn | None = None) -> None:
+        self.adapter = OPTAdapter(model)
+        self.model = model
+        self.config = config
+        self.loss_fn: LossFn = loss_fn or self.adapter.causal_lm_loss
+        self.step_index = 0
+        device = next(model.parameters()).device
+        self.sampler = DirectionSampler(device)
+        full_name = {id(p): n for n, p in model.named_parameters()}
+        self._groups: list[tuple[GroupLayout, torch.Tensor, dict[str, str]]] = []
+        layouts = [
+            (self.adapter.resident_layout, self.adapter.resident_parameters()),
+            *((lay, self.adapter.block_parameters(i)) for i, lay in enumerate(self.adapter.block_layouts)),
+        ]
+        for layout, params in layouts:
+            flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)
+            adopt_into_flat(layout, params, flat)
+            names = {local: full_name[id(p)] for local, p in params.items()}
+            self._groups.append((layout, flat, names))
+
+    def _loss(self, batch: Batch, perturbed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        logits = functional_call(
+            self.model, dict(perturbed), (batch.input_ids,), {"attention_mask": batch.attention_mask}
+        ).logits
+        return self.loss_fn(logits, batch)
+
+    @torch.no_grad()
+    def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
+        """One ZO-SGD step on ``batch``; the weights are updated before this returns."""
+        cfg, t = self.config, self.step_index
+        seed, lr = step_seed(cfg.seed, t), cfg.lr_at(t)
+        batch = self.adapter.validate(batch).to(self.sampler.device)
+        zs = [self.sampler.draw(seed, lay.group, torch.empty_like(flat)) for lay, flat, _ in self._groups]
+        losses = []
+        for sign in (+1.0, -1.0):
+            perturbed: dict[str, torch.Tensor] = {}
+            for (layout, flat, names), z in zip(self._groups, zs, strict=True):
+                scratch = perturb_into(torch.empty_like(flat), flat, z, sign * cfg.eps)
+                perturbed.update({names[k]: v for k, v in layout.views(scratch).items()})
+            losses.append(self._loss(batch, perturbed))
+        grad = projected_gradient(losses[0], losses[1], cfg.eps)
+        update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)
+        for (layout, flat, _), z in zip(self._groups, zs, strict=True):
+            apply_update(flat, z, update, layout.decayed_views(flat))
+        self.step_index += 1
+        return StepStats(t, seed, lr, float(losses[0]), float(losses[1]), float(grad))
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch | Mapping[str, object]) -> float:
+        """The loss at the current (unperturbed) weights."""
+        batch = self.adapter.validate(batch).to(self.sampler.device)
+        logits = self.model(batch.input_ids, attention_mask=batch.attention_mask).logits
+        return float(self.loss_fn(logits, batch))

@@ -1,0 +1,22 @@
+"""What one ZO step reports: a frozen record read once at the end of the step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Step index (0-based), its seed and lr, both perturbed losses and the projected gradient."""
+
+    step: int
+    seed: int
+    lr: float
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+
+    @property
+    def loss(self) -> float:
+        """The mean of the two perturbed losses: an estimate of the loss at the unperturbed weights."""
+        return (self.loss_plus + self.loss_minus) / 2
