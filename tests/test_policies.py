@@ -1,0 +1,76 @@
+"""Policies: the protocol, FixedDepth, MemoryBudget's placement and its errors, a user's own policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from conftest import tiny_model, token_batch
+
+import zoruntime
+from zoruntime.policies import FixedDepth, MemoryBudget, ModelLayout, Plan, Policy, spread
+from zoruntime.testing import simulate
+
+
+def test_fixed_depth_plans_stream_everything() -> None:
+    plan = FixedDepth(2).plan(ModelLayout(num_blocks=10, block_bytes=100))
+    assert plan == Plan(2) and plan.slots(10) == 4 and plan.streamed(10) == list(range(10))
+    assert Plan(0).slots(10) == 1 and Plan(1).slots(10) == 3 and Plan(5).slots(4) == 4
+
+
+@pytest.mark.parametrize("depth", [-1, 1.5, True, "2"])
+def test_a_bad_depth_is_refused(depth: object) -> None:
+    with pytest.raises(ValueError, match=r"prefetch depth must be an int >= 0"):
+        FixedDepth(depth)  # type: ignore[arg-type]
+
+
+def test_memory_budget_keeps_as_many_blocks_resident_as_fit() -> None:
+    layout = ModelLayout(num_blocks=12, block_bytes=100)
+    assert MemoryBudget(500).plan(layout).resident == frozenset()  # 3 slots + 2 working
+    assert MemoryBudget(599).plan(layout).resident == frozenset()
+    assert MemoryBudget(800).plan(layout).resident == spread(3, 12) == {2, 6, 10}
+    assert MemoryBudget(1400).plan(layout).resident == frozenset(range(12))
+    every = MemoryBudget(1400).plan(layout)
+    assert every.slots(12) == 0 and every.streamed(12) == []
+
+
+def test_memory_budget_below_the_minimum_names_what_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"499 bytes is too small.*3 slots plus 2 working.*500 bytes"):
+        MemoryBudget(499).plan(ModelLayout(num_blocks=12, block_bytes=100))
+    with pytest.raises(ValueError, match=r"whole number of bytes"):
+        MemoryBudget(-5)
+
+
+def test_a_plan_naming_blocks_that_do_not_exist_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"resident blocks \[7\] do not exist.*0\.\.3"):
+        Plan(1, frozenset({1, 7})).validate(4)
+
+
+@dataclass(frozen=True)
+class LastBlocksResident:
+    """A user's policy: keep the last ``count`` blocks resident, prefetch ``depth`` ahead."""
+
+    count: int
+    depth: int = 2
+
+    def plan(self, layout: ModelLayout) -> Plan:
+        return Plan(self.depth, frozenset(range(layout.num_blocks - self.count, layout.num_blocks)))
+
+
+def test_a_user_policy_plugs_into_the_simulator() -> None:
+    assert isinstance(LastBlocksResident(2), Policy)
+    timeline = simulate(8, 1.0, 1.0, 1.0, LastBlocksResident(2))
+    assert {s.block for s in timeline.spans if s.kind == "upload"} == set(range(6))
+
+
+@pytest.mark.asyncio
+async def test_a_user_policy_plugs_into_the_runtime() -> None:
+    model = tiny_model(num_hidden_layers=4)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=LastBlocksResident(1)) as rt:
+        await rt.step(token_batch(model.config))
+        assert rt.statistics().resident_blocks == (3,)
+
+
+def test_an_object_without_plan_is_not_a_policy() -> None:
+    with pytest.raises(TypeError, match=r"policy must have a plan\(layout\) method"):
+        zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=3)  # type: ignore[arg-type]

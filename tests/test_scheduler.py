@@ -1,0 +1,188 @@
+"""The scheduler on the simulated backend: exact event order, the pipeline bound, lane and
+dependency rules, failures and deadlocks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+from zoruntime.device import SimulationDeadlock, VirtualClockLoop, simulated_lanes
+from zoruntime.policies import FixedDepth, MemoryBudget, OpFigures, Plan
+from zoruntime.runtime import Instruments, Kind, Scheduler, Task, TaskFailed, TaskGraph, step_graph
+from zoruntime.testing import simulate
+from zoruntime.tracing import Timeline
+
+
+class EventLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, str]] = []
+
+    def task_issued(self, step: int, task: Task, time: float) -> None:
+        self.events.append((time, "issue", str(task)))
+
+    def task_finished(self, step: int, task: Task, time: float) -> None:
+        self.events.append((time, "finish", str(task)))
+
+
+def test_algorithm_1_issues_events_in_this_exact_order() -> None:
+    log = EventLog()
+    simulate(3, upload_s=1.0, compute_s=1.0, offload_s=1.0, policy=FixedDepth(1), instruments=[log])
+    # lanes wake in FIFO order; every issue follows the finish of what it depends on
+    assert log.events == [
+        (0.0, "issue", "upload of block 0"),
+        (0.0, "issue", "embed of the resident group"),
+        (0.0, "finish", "embed of the resident group"),
+        (1.0, "finish", "upload of block 0"),
+        (1.0, "issue", "upload of block 1"),
+        (1.0, "issue", "compute of block 0"),
+        (2.0, "finish", "upload of block 1"),
+        (2.0, "finish", "compute of block 0"),
+        (2.0, "issue", "compute of block 1"),
+        (2.0, "issue", "offload of block 0"),
+        (2.0, "issue", "upload of block 2"),
+        (3.0, "finish", "compute of block 1"),
+        (3.0, "finish", "offload of block 0"),
+        (3.0, "issue", "offload of block 1"),
+        (3.0, "finish", "upload of block 2"),
+        (3.0, "issue", "compute of block 2"),
+        (4.0, "finish", "offload of block 1"),
+        (4.0, "finish", "compute of block 2"),
+        (4.0, "issue", "head of the resident group"),
+        (4.0, "issue", "offload of block 2"),
+        (4.0, "finish", "head of the resident group"),
+        (5.0, "finish", "offload of block 2"),
+    ]
+
+
+FIGURES = {
+    "balanced": (1.0, 1.0, 1.0),
+    "upload_bound": (3.0, 1.0, 1.0),
+    "compute_bound": (1.0, 3.0, 0.5),
+    "offload_bound": (0.5, 1.0, 2.0),
+    "fp16_opt13b_h200": (11.4e-3, 3.3e-3, 11.4e-3),
+}
+
+
+@pytest.mark.parametrize("figures", sorted(FIGURES))
+@pytest.mark.parametrize("blocks", [4, 24, 96])
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_makespan_reaches_the_pipeline_bound(figures: str, blocks: int, depth: int) -> None:
+    u, c, o = FIGURES[figures]
+    timeline = simulate(blocks, u, c, o, FixedDepth(depth))
+    bound = OpFigures(u, c, o).pipeline_bound(blocks)
+    assert timeline.makespan <= bound * 1.02
+    assert timeline.makespan >= bound * (1 - 1e-9)  # nothing beats fill + steady state + drain
+
+
+@pytest.mark.parametrize("figures", sorted(FIGURES))
+@pytest.mark.parametrize("blocks", [4, 24])
+def test_depth_zero_is_the_serial_sum(figures: str, blocks: int) -> None:
+    u, c, o = FIGURES[figures]
+    timeline = simulate(blocks, u, c, o, FixedDepth(0))
+    assert timeline.makespan == pytest.approx(OpFigures(u, c, o).serial_time(blocks), rel=1e-12)
+    spans = sorted(timeline.spans, key=lambda s: s.start)
+    assert all(a.end <= b.start + 1e-12 for a, b in itertools.pairwise(spans))  # nothing overlaps
+
+
+def _check_lanes_and_dependencies(timeline: Timeline) -> None:
+    by_index = {(s.step, s.index): s for s in timeline.spans}
+    for lane in {s.lane for s in timeline.spans}:
+        spans = sorted((s for s in timeline.spans if s.lane == lane), key=lambda s: s.start)
+        for a, b in itertools.pairwise(spans):
+            assert a.end <= b.start + 1e-12, (a, b)
+    for span in timeline.spans:
+        for dep in span.deps:
+            assert by_index[span.step, dep].end <= span.start + 1e-12
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_lanes_never_overlap_and_tasks_start_after_their_dependencies(depth: int) -> None:
+    timeline = simulate(12, 2.0, 1.0, 1.5, FixedDepth(depth), steps=2)
+    _check_lanes_and_dependencies(timeline)
+    assert {s.step for s in timeline.spans} == {0, 1}
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_uploads_run_at_most_depth_blocks_ahead_and_reuse_slots_after_offload(depth: int) -> None:
+    timeline = simulate(16, 0.1, 1.0, 0.1, FixedDepth(depth))  # fast links: uploads want to run ahead
+    uploads = sorted((s for s in timeline.spans if s.kind == "upload"), key=lambda s: s.block or 0)
+    computes = {s.block: s for s in timeline.spans if s.kind == "compute"}
+    offloads = {s.block: s for s in timeline.spans if s.kind == "offload"}
+    slots = depth + 2
+    for up in uploads:
+        assert up.block is not None
+        if up.block >= depth + 1:
+            assert up.start >= computes[up.block - depth - 1].end
+        if up.block >= slots:
+            assert up.start >= offloads[up.block - slots].end
+            assert up.slot == offloads[up.block - slots].slot
+    # and they do run ahead: block depth's upload is done before compute of block 0 ends
+    assert uploads[depth].end <= computes[0].end
+
+
+def test_resident_blocks_skip_transfers_and_shorten_a_transfer_bound_step() -> None:
+    streamed = simulate(24, 3.0, 1.0, 3.0, FixedDepth(1))
+    budget = MemoryBudget(13, depth=1)  # block_bytes=1: 13 - 2 working - 3 slots = 8 resident
+    partly = simulate(24, 3.0, 1.0, 3.0, budget)
+    uploaded = {s.block for s in partly.spans if s.kind == "upload"}
+    assert len(uploaded) == 16
+    assert partly.makespan < 0.75 * streamed.makespan
+    _check_lanes_and_dependencies(partly)
+
+
+def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
+    loop = VirtualClockLoop()
+
+    def durations(task: Task) -> float:
+        if task.kind == Kind.COMPUTE and task.block == 2:
+            raise ValueError("boom")
+        return 1.0
+
+    scheduler = Scheduler(simulated_lanes(durations), clock=loop.time)
+
+    async def main() -> set[asyncio.Task]:
+        with pytest.raises(TaskFailed, match=r"step 7: compute of block 2 failed: ValueError: boom") as info:
+            await scheduler.run(step_graph(6, Plan(1)), lambda task: lambda: None, 7)
+        assert info.value.task.block == 2 and isinstance(info.value.__cause__, ValueError)
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    try:
+        assert loop.run_until_complete(main()) == set()
+    finally:
+        loop.close()
+
+
+def test_a_deadlocked_graph_raises_instead_of_hanging() -> None:
+    # compute waits for an upload that waits for the compute: a cycle across lanes
+    graph = TaskGraph((Task(0, Kind.UPLOAD, 0, (1,), slot=0), Task(1, Kind.COMPUTE, 0, (0,), slot=0)))
+    loop = VirtualClockLoop()
+    scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time)
+    try:
+        with pytest.raises(SimulationDeadlock, match="deadlocked"):
+            loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
+        assert asyncio.all_tasks(loop) == set()
+    finally:
+        loop.close()
+
+
+def test_instruments_cost_nothing_when_absent_and_reject_objects_without_hooks() -> None:
+    assert not Instruments()
+    assert "task_issued" not in Instruments()
+
+    @dataclass
+    class OnlyFinish:
+        seen: int = 0
+
+        def task_finished(self, step: int, task: Task, time: float) -> None:
+            self.seen += 1
+
+    only = OnlyFinish()
+    instruments = Instruments([only])
+    assert "task_finished" in instruments and "task_issued" not in instruments
+    simulate(3, 1.0, 1.0, 1.0, instruments=[only])
+    assert only.seen == 2 + 3 * 3
+    with pytest.raises(TypeError, match="defines none of the instrument hooks"):
+        Instruments([object()])

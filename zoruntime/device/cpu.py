@@ -1,0 +1,33 @@
+"""The CPU backend: host storage and compute-side buffers are separate CPU tensors, and each
+lane (upload, compute, offload) is a worker thread, so copies and compute overlap.
+
+Used for tests, for exactness against the in-memory reference, and to run the runtime where
+no GPU exists. Knows nothing about models or ZO.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from .threads import thread_lanes
+
+
+class CPUBackend:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.device = torch.device("cpu")
+        self.clock = clock
+        self._lanes = thread_lanes(clock)
+        self.lanes = dict(self._lanes)
+
+    def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype)
+
+    def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype)
+
+    def close(self) -> None:
+        for lane in self._lanes.values():
+            lane.close()

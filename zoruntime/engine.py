@@ -1,0 +1,229 @@
+"""``Runtime``: the offloaded ZO-SGD runtime that users ``await`` in their own async code.
+
+    async with Runtime(model, ZOSGD(lr=1e-6, eps=1e-3), device="cpu", policy=FixedDepth(2)) as rt:
+        stats = await rt.step(batch)
+    # here ``model`` holds the trained weights
+
+Wires the pieces together: the OPT adapter, the storage plan chosen by the policy, the task
+graphs, the executor's work and the scheduler's lanes. The previous step's update is applied
+to each group the next time that group is on the compute device; ``flush`` (and leaving the
+``async with``) applies what is pending and writes everything back into the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from .device.base import Backend
+from .device.cpu import CPUBackend
+from .executor import Executor, Mode, StepState
+from .models.batch import Batch
+from .models.opt import LossFn, OPTAdapter
+from .policies.base import FixedDepth, ModelLayout, Plan, Policy
+from .runtime.graph import TaskGraph, eval_graph, flush_graph, load_graph, step_graph
+from .runtime.instruments import Instruments
+from .runtime.scheduler import Scheduler
+from .storage import Storage
+from .tracing.recorder import Timeline, TimelineRecorder
+from .zo.config import ZOSGD
+from .zo.directions import DirectionSampler, step_seed
+from .zo.stats import StepStats
+from .zo.update import PendingUpdate
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed, on asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _backend(device: str | torch.device) -> Backend:
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return CPUBackend()
+    raise ValueError(f"device {str(device)!r} is not supported by this build of zoruntime; use device='cpu'")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    """A snapshot of the runtime: steps done, the plan, and compute-side memory."""
+
+    steps: int
+    num_blocks: int
+    depth: int
+    resident_blocks: tuple[int, ...]
+    slots: int
+    block_bytes: int
+    compute_bytes: int
+    pending_update: bool
+
+
+class Runtime:
+    """Offloaded ZO-SGD on an OPT model. Use as ``async with``; one step at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: ZOSGD,
+        *,
+        device: str | torch.device = "cpu",
+        policy: Policy | None = None,
+        loss_fn: LossFn | None = None,
+        trace: bool = False,
+        instruments: Iterable[object] = (),
+    ) -> None:
+        if not isinstance(optimizer, ZOSGD):
+            raise TypeError(f"optimizer must be zoruntime.ZOSGD(lr=..., eps=...), got {type(optimizer).__name__}")
+        policy = policy if policy is not None else FixedDepth(1)
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must have a plan(layout) method (see zoruntime.policies), got {policy!r}")
+        self.adapter = OPTAdapter(model)
+        self.model = model
+        self.config = optimizer
+        self.policy = policy
+        layout = self.adapter.block_layouts[0]
+        self.plan: Plan = policy.plan(ModelLayout(self.adapter.num_blocks, layout.nbytes))
+        self.plan.validate(self.adapter.num_blocks)
+        self._device = device
+        self._loss_fn = loss_fn or self.adapter.causal_lm_loss
+        self._recorder = TimelineRecorder() if trace else None
+        self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
+        self._graphs: dict[str, TaskGraph] = {}
+        self._backend: Backend | None = None
+        self._executor: Executor | None = None
+        self._scheduler: Scheduler | None = None
+        self._busy = False
+        self._broken: BaseException | None = None
+        self.step_index = 0
+
+    # -- lifetime ---------------------------------------------------------------------------
+    async def open(self) -> Runtime:
+        """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
+        if self._backend is not None:
+            raise RuntimeError("this runtime is already open")
+        backend = _backend(self._device)
+        try:
+            storage = Storage(self.adapter, self.plan, backend)
+            self._executor = Executor(
+                self.adapter, storage, DirectionSampler(backend.device), self.config, self._loss_fn
+            )
+            self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
+            n = self.adapter.num_blocks
+            self._graphs = {
+                "step": step_graph(n, self.plan),
+                "eval": eval_graph(n, self.plan),
+                "flush": flush_graph(n, self.plan),
+            }
+            self._backend = backend
+            await self._scheduler.run(load_graph(n, self.plan), self._executor.work_for, -1)
+        except BaseException:
+            backend.close()
+            self._backend = None
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Apply the pending update, write every weight back into the model, release the lanes."""
+        if self._backend is None:
+            return
+        try:
+            if self._broken is None:
+                await self.flush()
+        finally:
+            self._backend.close()
+            self._backend = None
+
+    async def __aenter__(self) -> Runtime:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _ready(self, what: str) -> tuple[Executor, Scheduler]:
+        if self._backend is None or self._executor is None or self._scheduler is None:
+            raise RuntimeError(f"open the runtime before {what}: use `async with Runtime(...) as rt:`")
+        if self._broken is not None:
+            raise RuntimeError(f"the runtime stopped after a failed step ({self._broken}); close it and start again")
+        if self._busy:
+            raise RuntimeError(f"{what} was called while another step runs; await each call before the next")
+        return self._executor, self._scheduler
+
+    async def _run(self, graph: str, state: StepState | None, step: int) -> Executor:
+        executor, scheduler = self._ready({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"))
+        self._busy = True
+        executor.state = state
+        try:
+            await scheduler.run(self._graphs[graph], executor.work_for, step)
+        except BaseException as error:
+            self._broken = error
+            raise
+        finally:
+            executor.state = None
+            self._busy = False
+        return executor
+
+    def _prepare(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
+        executor, _ = self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
+        validated = self.adapter.validate(batch)
+        inputs = self.adapter.prepare(validated, executor.sampler.device, self.adapter.block_layouts[0].dtype)
+        return StepState(mode, step, step_seed(self.config.seed, step), self.config.lr_at(step), inputs)
+
+    async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
+        """One ZO-SGD step; the update is applied lazily, block by block, during the next pass."""
+        t = self.step_index
+        state = self._prepare(batch, Mode.TRAIN, t)
+        executor = await self._run("step", state, t)
+        assert state.loss_plus is not None and state.loss_minus is not None and state.grad is not None
+        executor.pending = PendingUpdate.from_gradient(t, state.seed, state.lr, self.config.weight_decay, state.grad)
+        self.step_index = t + 1
+        return StepStats(t, state.seed, state.lr, float(state.loss_plus), float(state.loss_minus), float(state.grad))
+
+    async def evaluate(self, batch: Batch | Mapping[str, object]) -> float:
+        """The loss at the current weights: an offloaded forward without perturbation. The pending
+        update is applied on the way (and so is no longer pending)."""
+        state = self._prepare(batch, Mode.EVAL, self.step_index)
+        executor = await self._run("eval", state, self.step_index)
+        executor.pending = None
+        assert state.loss_plus is not None
+        loss = float(state.loss_plus)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"evaluation loss is {loss}")
+        return loss
+
+    async def flush(self) -> None:
+        """Apply the pending update to every group and write all weights back into the model."""
+        executor = await self._run("flush", None, self.step_index)
+        executor.pending = None
+
+    # -- looking inside -----------------------------------------------------------------------------
+    @property
+    def timeline(self) -> Timeline:
+        if self._recorder is None:
+            raise RuntimeError("tracing is off: create the runtime with Runtime(..., trace=True)")
+        return self._recorder.timeline
+
+    def statistics(self) -> RuntimeStatistics:
+        storage = self._executor.storage if self._executor else None
+        return RuntimeStatistics(
+            steps=self.step_index,
+            num_blocks=self.adapter.num_blocks,
+            depth=self.plan.depth,
+            resident_blocks=tuple(sorted(self.plan.resident)),
+            slots=self.plan.slots(self.adapter.num_blocks),
+            block_bytes=self.adapter.block_layouts[0].nbytes,
+            compute_bytes=storage.compute_bytes if storage else 0,
+            pending_update=bool(self._executor and self._executor.pending is not None),
+        )

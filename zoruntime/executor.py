@@ -1,0 +1,164 @@
+"""The work of each task kind: the torch side of a step, run on whichever lane the task is on.
+
+For a step at seed s: the embed task applies the pending update to the resident group, draws
+its direction and embeds the batch twice (on W+εz and on W−εz, each built in a scratch
+buffer); a compute task applies the pending update to its block and runs both perturbed
+forwards; the head task computes both losses and leaves the projected gradient, as a tensor
+on the compute device, in the next pending update. Uploads and offloads are single copies.
+Eval tasks run the unperturbed forward after applying the pending update. Knows nothing
+about scheduling or lanes: it only answers "what does this task do".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .models.opt import LossFn, OPTAdapter, StageInputs
+from .runtime.graph import Kind, Task
+from .storage import Storage
+from .zo.config import ZOSGD
+from .zo.directions import RESIDENT_GROUP, DirectionSampler, block_group
+from .zo.update import PendingUpdate, apply_update, perturb_into, projected_gradient
+
+
+class Mode(Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+@dataclass(slots=True)
+class StepState:
+    """What the tasks of one step share; the hidden states flow through the compute lane."""
+
+    mode: Mode
+    step: int
+    seed: int
+    lr: float
+    inputs: StageInputs | None
+    hidden_plus: torch.Tensor | None = None  # [B, T, H]
+    hidden_minus: torch.Tensor | None = None  # [B, T, H]; unused in eval
+    loss_plus: torch.Tensor | None = None
+    loss_minus: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+
+
+class Executor:
+    def __init__(
+        self, adapter: OPTAdapter, storage: Storage, sampler: DirectionSampler, config: ZOSGD, loss_fn: LossFn
+    ) -> None:
+        self.adapter = adapter
+        self.storage = storage
+        self.sampler = sampler
+        self.config = config
+        self.loss_fn = loss_fn
+        self.pending: PendingUpdate | None = None
+        self.state: StepState | None = None
+        self._kinds: dict[Kind, Callable[[Task], None]] = {
+            Kind.EMBED: self._embed,
+            Kind.UPLOAD: self._upload,
+            Kind.COMPUTE: self._compute,
+            Kind.OFFLOAD: self._offload,
+            Kind.HEAD: self._head,
+            Kind.UPDATE: self._update,
+            Kind.EVAL: self._eval,
+        }
+
+    def work_for(self, task: Task) -> Callable[[], None]:
+        run = self._kinds[task.kind]
+
+        @torch.no_grad()
+        def work() -> None:
+            run(task)
+
+        return work
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _apply_pending(self, group: int, weights: torch.Tensor, z: torch.Tensor, decayed: list[torch.Tensor]) -> None:
+        if self.pending is not None:
+            self.sampler.draw(self.pending.seed, group, z)
+            apply_update(weights, z, self.pending, decayed)
+
+    def _current(self) -> StepState:
+        assert self.state is not None, "a step task ran outside a step"
+        return self.state
+
+    # -- the group (embedding and head) ---------------------------------------------------------
+    def _group_update(self) -> None:
+        s = self.storage
+        self._apply_pending(RESIDENT_GROUP, s.group, s.group_z, s.group_layout.decayed_views(s.group))
+
+    def _embed(self, task: Task) -> None:
+        st, s = self._current(), self.storage
+        assert st.inputs is not None
+        self._group_update()
+        if st.mode is Mode.EVAL:
+            st.hidden_plus = self.adapter.embed(s.group_layout.views(s.group), st.inputs)
+            return
+        self.sampler.draw(st.seed, RESIDENT_GROUP, s.group_z)
+        perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)
+        st.hidden_plus = self.adapter.embed(s.group_scratch_views, st.inputs)
+        perturb_into(s.group_scratch, s.group, s.group_z, -self.config.eps)
+        st.hidden_minus = self.adapter.embed(s.group_scratch_views, st.inputs)
+
+    def _head(self, task: Task) -> None:
+        st, s = self._current(), self.storage
+        assert st.inputs is not None and st.hidden_plus is not None
+        batch = st.inputs.batch
+        if st.mode is Mode.EVAL:
+            st.loss_plus = self.loss_fn(self.adapter.head(s.group_layout.views(s.group), st.hidden_plus), batch)
+            return
+        assert st.hidden_minus is not None
+        perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)
+        st.loss_plus = self.loss_fn(self.adapter.head(s.group_scratch_views, st.hidden_plus), batch)
+        perturb_into(s.group_scratch, s.group, s.group_z, -self.config.eps)
+        st.loss_minus = self.loss_fn(self.adapter.head(s.group_scratch_views, st.hidden_minus), batch)
+        st.grad = projected_gradient(st.loss_plus, st.loss_minus, self.config.eps)
+
+    # -- blocks -----------------------------------------------------------------------------------
+    def _weights(self, task: Task) -> torch.Tensor:
+        assert task.block is not None
+        return self.storage.compute_buffer(task.block, task.slot)
+
+    def _upload(self, task: Task) -> None:
+        assert task.block is not None
+        self._weights(task).copy_(self.storage.host_blocks[task.block], non_blocking=True)
+
+    def _offload(self, task: Task) -> None:
+        s = self.storage
+        if task.block is None:
+            s.host_group.copy_(s.group, non_blocking=True)
+            return
+        s.host_blocks[task.block].copy_(self._weights(task), non_blocking=True)
+
+    def _block_update(self, task: Task) -> torch.Tensor:
+        assert task.block is not None
+        s, weights = self.storage, self._weights(task)
+        self._apply_pending(block_group(task.block), weights, s.z, s.block_layout.decayed_views(weights))
+        return weights
+
+    def _compute(self, task: Task) -> None:
+        st, s = self._current(), self.storage
+        assert task.block is not None and st.inputs is not None
+        assert st.hidden_plus is not None and st.hidden_minus is not None
+        weights = self._block_update(task)
+        self.sampler.draw(st.seed, block_group(task.block), s.z)
+        perturb_into(s.scratch, weights, s.z, self.config.eps)
+        st.hidden_plus = self.adapter.block(task.block, s.scratch_views, st.hidden_plus, st.inputs)
+        perturb_into(s.scratch, weights, s.z, -self.config.eps)
+        st.hidden_minus = self.adapter.block(task.block, s.scratch_views, st.hidden_minus, st.inputs)
+
+    def _eval(self, task: Task) -> None:
+        st, s = self._current(), self.storage
+        assert task.block is not None and st.inputs is not None and st.hidden_plus is not None
+        weights = self._block_update(task)
+        st.hidden_plus = self.adapter.block(task.block, s.block_layout.views(weights), st.hidden_plus, st.inputs)
+
+    def _update(self, task: Task) -> None:
+        if task.block is None:
+            self._group_update()
+        else:
+            self._block_update(task)

@@ -1,0 +1,63 @@
+"""A cost model: per-task durations from bytes, bandwidth, flops and compute rate. No torch.
+
+Feeds the simulated backend for what-if planning ("how fast would opt-30b stream on this
+link?") and gives the analytic pipeline bound a step cannot beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class OpFigures:
+    """Seconds per task kind for one block (``embed_s`` and ``head_s`` once per step)."""
+
+    upload_s: float
+    compute_s: float
+    offload_s: float
+    embed_s: float = 0.0
+    head_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("upload_s", "compute_s", "offload_s", "embed_s", "head_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+
+    def duration(self, kind: str) -> float:
+        """Seconds for a task of ``kind`` (the task kinds of ``zoruntime.runtime.graph``)."""
+        return {
+            "upload": self.upload_s,
+            "compute": self.compute_s,
+            "eval": self.compute_s / 2,
+            "update": 0.0,
+            "offload": self.offload_s,
+            "embed": self.embed_s,
+            "head": self.head_s,
+        }[kind]
+
+    def pipeline_bound(self, num_blocks: int) -> float:
+        """Fill, steady state, drain: ``u + c + o + (N − 1)·max(u, c, o)`` plus embed and head."""
+        u, c, o = self.upload_s, self.compute_s, self.offload_s
+        return self.embed_s + u + c + o + (num_blocks - 1) * max(u, c, o) + self.head_s
+
+    def serial_time(self, num_blocks: int) -> float:
+        return self.embed_s + num_blocks * (self.upload_s + self.compute_s + self.offload_s) + self.head_s
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Durations from the hardware: link bandwidth each way and the compute rate."""
+
+    block_bytes: int
+    block_flops: float  # both perturbed forwards of one block
+    upload_bytes_per_s: float
+    offload_bytes_per_s: float
+    flops_per_s: float
+
+    def figures(self) -> OpFigures:
+        return OpFigures(
+            upload_s=self.block_bytes / self.upload_bytes_per_s,
+            compute_s=self.block_flops / self.flops_per_s,
+            offload_s=self.block_bytes / self.offload_bytes_per_s,
+        )
