@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from zoruntime.device import SimulationDeadlock, VirtualClockLoop, simulated_lanes
+from zoruntime.device.simulated import SimulationDeadlock, VirtualClockLoop, simulated_lanes
 from zoruntime.policies import FixedDepth, MemoryBudget, OpFigures, Plan
 from zoruntime.runtime import Instruments, Kind, Scheduler, Task, TaskFailed, TaskGraph, step_graph
 from zoruntime.testing import simulate

@@ -1,17 +1,5 @@
-"""Device backends: CPU (thread lanes), simulated (virtual clock); CUDA arrives in its own module."""
+"""Device backends: ``cpu`` (thread lanes), ``simulated`` (virtual clock, no torch), ``threads``.
 
-from .base import Backend
-from .cpu import CPUBackend
-from .simulated import SimulatedLane, SimulationDeadlock, VirtualClockLoop, simulated_lanes
-from .threads import ThreadLane, thread_lanes
-
-__all__ = [
-    "Backend",
-    "CPUBackend",
-    "SimulatedLane",
-    "SimulationDeadlock",
-    "ThreadLane",
-    "VirtualClockLoop",
-    "simulated_lanes",
-    "thread_lanes",
-]
+Import the module you need (``zoruntime.device.cpu``); this package imports nothing itself,
+so the simulated backend loads without torch.
+"""

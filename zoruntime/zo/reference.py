@@ -59,20 +59,21 @@ class ReferenceZO:
         cfg, t = self.config, self.step_index
         seed, lr = step_seed(cfg.seed, t), cfg.lr_at(t)
         batch = self.adapter.validate(batch).to(self.sampler.device)
-        zs = [self.sampler.draw(seed, lay.group, torch.empty_like(flat)) for lay, flat, _ in self._groups]
-        losses = []
-        for sign in (+1.0, -1.0):
-            perturbed: dict[str, torch.Tensor] = {}
-            for (layout, flat, names), z in zip(self._groups, zs, strict=True):
-                scratch = perturb_into(torch.empty_like(flat), flat, z, sign * cfg.eps)
-                perturbed.update({names[k]: v for k, v in layout.views(scratch).items()})
-            losses.append(self._loss(batch, perturbed))
-        grad = projected_gradient(losses[0], losses[1], cfg.eps)
+        plus: dict[str, torch.Tensor] = {}
+        minus: dict[str, torch.Tensor] = {}
+        for layout, flat, names in self._groups:
+            z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
+            for perturbed, scale in ((plus, cfg.eps), (minus, -cfg.eps)):
+                copy = perturb_into(torch.empty_like(flat), flat, z, scale)
+                perturbed.update({names[k]: v for k, v in layout.views(copy).items()})
+        loss_plus, loss_minus = self._loss(batch, plus), self._loss(batch, minus)
+        grad = projected_gradient(loss_plus, loss_minus, cfg.eps)
         update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)
-        for (layout, flat, _), z in zip(self._groups, zs, strict=True):
+        for layout, flat, _ in self._groups:  # z is regenerated, never stored
+            z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
             apply_update(flat, z, update, layout.decayed_views(flat))
         self.step_index += 1
-        return StepStats(t, seed, lr, float(losses[0]), float(losses[1]), float(grad))
+        return StepStats(t, seed, lr, float(loss_plus), float(loss_minus), float(grad))
 
     @torch.no_grad()
     def evaluate(self, batch: Batch | Mapping[str, object]) -> float:

@@ -1,0 +1,43 @@
+"""Every example runs as a user would run it, and says what it claims."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=EXAMPLES.parent, capture_output=True, text=True, timeout=110, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _dev_losses(out: str) -> tuple[float, float]:
+    lines = {line.split(":")[0].strip(): line.split(":")[1].split()[0] for line in out.splitlines() if ":" in line}
+    return float(lines["dev loss before"]), float(lines["dev loss after"])
+
+
+@pytest.mark.slow
+def test_reference_finetune_example_lowers_the_dev_loss() -> None:
+    before, after = _dev_losses(_run("examples/finetune_reference.py", "--steps", "300"))
+    assert after < 0.8 * before
+
+
+@pytest.mark.slow
+def test_async_training_loop_example_lowers_the_dev_loss() -> None:
+    before, after = _dev_losses(_run("examples/async_training_loop.py", "--steps", "200"))
+    assert after < 0.85 * before
+
+
+def test_custom_policy_example_beats_serial_in_simulation_and_trains() -> None:
+    out = _run("examples/custom_policy.py")
+    ms = {line.split()[0]: float(line.split()[-2]) for line in out.splitlines() if line.strip().endswith(" ms")}
+    assert ms["EndsResident(ends=4,"] < ms["FixedDepth(depth=1)"] < ms["FixedDepth(depth=0)"]
+    assert "resident blocks: (0, 3), streaming slots: 2" in out

@@ -1,0 +1,147 @@
+"""Scheduler overhead and CPU-backend cost, printed as a table; the last line is one JSON document.
+
+1. Scheduler overhead per task: a 96-block step graph (Algorithm 1, 290 tasks) on lanes that
+   do no work at all, under asyncio's loop and uvloop, with tracing off and on.
+2. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
+
+    python -m zoruntime.bench.overhead [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import torch
+
+from .. import engine
+from ..models.init import random_opt, tiny_opt_config
+from ..policies.base import FixedDepth, Plan
+from ..runtime.graph import Lane, Task, step_graph
+from ..runtime.instruments import Instruments
+from ..runtime.scheduler import Completion, Scheduler, Work
+from ..tracing.recorder import TimelineRecorder
+from ..zo.config import ZOSGD
+from ..zo.reference import ReferenceZO
+
+
+class _InstantLane:
+    """Completes every task at once: what remains is the scheduler's own cost."""
+
+    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion:
+        return Completion(0.0, 0.0)
+
+
+def _loops() -> dict[str, Callable[[Coroutine[Any, Any, float]], float]]:
+    loops: dict[str, Callable[[Coroutine[Any, Any, float]], float]] = {"asyncio": asyncio.run}
+    try:
+        import uvloop
+
+        loops["uvloop"] = uvloop.run
+    except ImportError:
+        pass
+    return loops
+
+
+def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
+    graph = step_graph(blocks, Plan(1))
+    rows = []
+    for loop_name, run in _loops().items():
+        for traced in (False, True):
+
+            async def measure(traced: bool = traced) -> float:
+                instruments = Instruments([TimelineRecorder()] if traced else [])
+                scheduler = Scheduler({lane: _InstantLane() for lane in Lane}, instruments=instruments)
+                noop = lambda task: lambda: None  # noqa: E731
+                await scheduler.run(graph, noop, 0)  # warm up
+                start = time.perf_counter()
+                for step in range(steps):
+                    await scheduler.run(graph, noop, step)
+                return time.perf_counter() - start
+
+            seconds = run(measure())
+            rows.append(
+                {
+                    "loop": loop_name,
+                    "tracing": traced,
+                    "tasks": steps * len(graph),
+                    "us_per_task": 1e6 * seconds / (steps * len(graph)),
+                }
+            )
+    return rows
+
+
+def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
+    config = tiny_opt_config(
+        vocab_size=8192, hidden_size=512, num_hidden_layers=8, ffn_dim=2048, num_attention_heads=8,
+        word_embed_proj_dim=512, max_position_embeddings=seq,
+    )  # fmt: skip
+    ids = torch.randint(4, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids}
+    optimizer = ZOSGD(lr=1e-6, eps=1e-3)
+
+    ref = ReferenceZO(random_opt(config, seed=0), optimizer)
+    ref.step(data)
+    ref_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        ref.step(data)
+        ref_times.append(time.perf_counter() - t0)
+    reference = statistics.median(ref_times)
+    rows: list[dict[str, Any]] = [{"runner": "ReferenceZO", "median_step_s": reference, "ratio": 1.0}]
+
+    for depth in (0, 1, 2):
+
+        async def offloaded(depth: int = depth) -> list[float]:
+            times = []
+            async with engine.Runtime(random_opt(config, seed=0), optimizer, policy=FixedDepth(depth)) as rt:
+                await rt.step(data)
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    await rt.step(data)
+                    times.append(time.perf_counter() - t0)
+            return times
+
+        median = statistics.median(engine.run(offloaded()))
+        rows.append(
+            {
+                "runner": f"Runtime cpu depth={depth}",
+                "median_step_s": median,
+                "ratio": median / rows[0]["median_step_s"],
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    args = parser.parse_args()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"machine: {machine}, torch threads {torch.get_num_threads()}")
+
+    overhead = scheduler_overhead(steps=5 if args.quick else 200)
+    print("\nscheduler overhead (96-block Algorithm 1 graph, lanes that do nothing)")
+    print(f"{'loop':<10}{'tracing':<10}{'tasks':>10}{'us/task':>10}")
+    for row in overhead:
+        print(f"{row['loop']:<10}{row['tracing']!s:<10}{row['tasks']:>10}{row['us_per_task']:>10.2f}")
+
+    steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
+    cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)
+    print(f"\nCPU backend vs in-memory reference (OPT 8x512, fp32, batch {batch}x{seq}, median of {steps} steps)")
+    print(f"{'runner':<24}{'step s':>10}{'ratio':>8}")
+    for row in cpu:
+        print(f"{row['runner']:<24}{row['median_step_s']:>10.4f}{row['ratio']:>8.3f}")
+
+    print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "cpu_backend": cpu}))
+
+
+if __name__ == "__main__":
+    main()
