@@ -74,3 +74,16 @@ async def test_a_user_policy_plugs_into_the_runtime() -> None:
 def test_an_object_without_plan_is_not_a_policy() -> None:
     with pytest.raises(TypeError, match=r"policy must have a plan\(layout\) method"):
         zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=3)  # type: ignore[arg-type]
+
+
+def test_cost_model_turns_bytes_and_flops_into_the_simulated_step() -> None:
+    from zoruntime.policies import CostModel
+
+    # an opt-13b block in fp16 over a 55 GB/s link, both forwards of 2048 tokens at 400 TFLOP/s
+    block_bytes, flops = 600_000_000, 2 * 2 * 2048 * 300_000_000
+    model = CostModel(block_bytes, flops, upload_bytes_per_s=55e9, offload_bytes_per_s=55e9, flops_per_s=400e12)
+    figures = model.figures()
+    assert figures.upload_s == pytest.approx(600e6 / 55e9) and figures.compute_s == pytest.approx(flops / 400e12)
+    timeline = simulate(40, figures.upload_s, figures.compute_s, figures.offload_s, FixedDepth(1))
+    assert timeline.makespan == pytest.approx(figures.pipeline_bound(40), rel=1e-9)
+    assert figures.pipeline_bound(40) == pytest.approx(figures.upload_s * 41 + figures.compute_s, rel=1e-9)
