@@ -46,4 +46,11 @@ def test_zo_arithmetic_lives_only_in_zo() -> None:
         if path.parent.name == "zo":
             continue
         text = path.read_text()
-        assert "addcmul" not in text and ".randn(" not in text, path
+        assert "addcmul" not in text and "alpha=" not in text, path  # perturbation and update arithmetic
+
+
+def test_the_package_never_touches_the_global_rng() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        for call in ("torch.manual_seed(", "torch.cuda.manual_seed", "set_rng_state(", "torch.seed("):
+            assert call not in text, (path, call)

@@ -49,11 +49,15 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro)
 
 
-def _backend(device: str | torch.device) -> Backend:
+def _backend(device: str | torch.device, timing: bool) -> Backend:
     kind = torch.device(device).type
     if kind == "cpu":
         return CPUBackend()
-    raise ValueError(f"device {str(device)!r} is not supported by this build of zoruntime; use device='cpu'")
+    if kind == "cuda":
+        from .device.cuda import CUDABackend
+
+        return CUDABackend(device, timing=timing)
+    raise ValueError(f"device {str(device)!r} is not supported; use device='cuda' or device='cpu'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class Runtime:
         device: str | torch.device = "cpu",
         policy: Policy | None = None,
         loss_fn: LossFn | None = None,
+        compute_dtype: torch.dtype | None = None,
         trace: bool = False,
         instruments: Iterable[object] = (),
     ) -> None:
@@ -97,6 +102,13 @@ class Runtime:
         self.plan: Plan = policy.plan(ModelLayout(self.adapter.num_blocks, layout.nbytes))
         self.plan.validate(self.adapter.num_blocks)
         self._device = device
+        master = self.adapter.block_layouts[0].dtype
+        self.compute_dtype = compute_dtype or master
+        if not self.compute_dtype.is_floating_point or self.compute_dtype.itemsize > master.itemsize:
+            raise ValueError(
+                f"compute_dtype {self.compute_dtype} must be a floating type no wider than the master weights' "
+                f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
+            )
         self._loss_fn = loss_fn or self.adapter.causal_lm_loss
         self._recorder = TimelineRecorder() if trace else None
         self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
@@ -113,9 +125,10 @@ class Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
         if self._backend is not None:
             raise RuntimeError("this runtime is already open")
-        backend = _backend(self._device)
+        backend = _backend(self._device, timing=self._recorder is not None)
         try:
-            storage = Storage(self.adapter, self.plan, backend)
+            storage = Storage(self.adapter, self.plan, backend, self.compute_dtype)
+            backend.ready()
             self._executor = Executor(
                 self.adapter, storage, DirectionSampler(backend.device), self.config, self._loss_fn
             )
@@ -128,6 +141,7 @@ class Runtime:
             }
             self._backend = backend
             await self._scheduler.run(load_graph(n, self.plan), self._executor.work_for, -1)
+            await backend.drain()
         except BaseException:
             backend.close()
             self._backend = None
@@ -163,10 +177,17 @@ class Runtime:
 
     async def _run(self, graph: str, state: StepState | None, step: int) -> Executor:
         executor, scheduler = self._ready({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"))
+        backend = self._backend
+        assert backend is not None
         self._busy = True
         executor.state = state
         try:
+            backend.begin_step(step)
             await scheduler.run(self._graphs[graph], executor.work_for, step)
+            await backend.drain()  # the step's result: the only place the host waits for the device
+            for span_step, task, start, end in backend.take_timings():
+                self._instruments.call("task_started", span_step, task, start)
+                self._instruments.call("task_finished", span_step, task, end)
         except BaseException as error:
             self._broken = error
             raise
@@ -176,10 +197,9 @@ class Runtime:
         return executor
 
     def _prepare(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
-        executor, _ = self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
+        self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
         validated = self.adapter.validate(batch)
-        inputs = self.adapter.prepare(validated, executor.sampler.device, self.adapter.block_layouts[0].dtype)
-        return StepState(mode, step, step_seed(self.config.seed, step), self.config.lr_at(step), inputs)
+        return StepState(mode, step, step_seed(self.config.seed, step), self.config.lr_at(step), validated)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; the update is applied lazily, block by block, during the next pass."""

@@ -17,6 +17,8 @@ from enum import Enum
 
 import torch
 
+from .models.batch import Batch
+from .models.groups import GroupLayout
 from .models.opt import LossFn, OPTAdapter, StageInputs
 from .runtime.graph import Kind, Task
 from .storage import Storage
@@ -38,7 +40,8 @@ class StepState:
     step: int
     seed: int
     lr: float
-    inputs: StageInputs | None
+    batch: Batch | None  # validated, on the host; moved to the device by the embed task
+    inputs: StageInputs | None = None
     hidden_plus: torch.Tensor | None = None  # [B, T, H]
     hidden_minus: torch.Tensor | None = None  # [B, T, H]; unused in eval
     loss_plus: torch.Tensor | None = None
@@ -82,6 +85,14 @@ class Executor:
             self.sampler.draw(self.pending.seed, group, z)
             apply_update(weights, z, self.pending, decayed)
 
+    def _unperturbed(
+        self, weights: torch.Tensor, scratch: torch.Tensor, layout: GroupLayout
+    ) -> dict[str, torch.Tensor]:
+        """Views of the weights in the compute dtype (a cast copy in ``scratch`` when it differs)."""
+        if weights.dtype == scratch.dtype:
+            return layout.views(weights)
+        return layout.views(scratch[: layout.numel].copy_(weights))
+
     def _current(self) -> StepState:
         assert self.state is not None, "a step task ran outside a step"
         return self.state
@@ -93,10 +104,11 @@ class Executor:
 
     def _embed(self, task: Task) -> None:
         st, s = self._current(), self.storage
-        assert st.inputs is not None
+        assert st.batch is not None
+        st.inputs = self.adapter.prepare(st.batch, s.group.device, s.compute_dtype)
         self._group_update()
         if st.mode is Mode.EVAL:
-            st.hidden_plus = self.adapter.embed(s.group_layout.views(s.group), st.inputs)
+            st.hidden_plus = self.adapter.embed(self._unperturbed(s.group, s.group_scratch, s.group_layout), st.inputs)
             return
         self.sampler.draw(st.seed, RESIDENT_GROUP, s.group_z)
         perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)
@@ -109,7 +121,8 @@ class Executor:
         assert st.inputs is not None and st.hidden_plus is not None
         batch = st.inputs.batch
         if st.mode is Mode.EVAL:
-            st.loss_plus = self.loss_fn(self.adapter.head(s.group_layout.views(s.group), st.hidden_plus), batch)
+            params = self._unperturbed(s.group, s.group_scratch, s.group_layout)
+            st.loss_plus = self.loss_fn(self.adapter.head(params, st.hidden_plus), batch)
             return
         assert st.hidden_minus is not None
         perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)
@@ -154,8 +167,8 @@ class Executor:
     def _eval(self, task: Task) -> None:
         st, s = self._current(), self.storage
         assert task.block is not None and st.inputs is not None and st.hidden_plus is not None
-        weights = self._block_update(task)
-        st.hidden_plus = self.adapter.block(task.block, s.block_layout.views(weights), st.hidden_plus, st.inputs)
+        params = self._unperturbed(self._block_update(task), s.scratch, s.block_layout)
+        st.hidden_plus = self.adapter.block(task.block, params, st.hidden_plus, st.inputs)
 
     def _update(self, task: Task) -> None:
         if task.block is None:

@@ -5,21 +5,33 @@
 - compute side: the resident group, the resident blocks, ``S`` streaming slots, and working
   buffers (a perturbed copy and a direction for blocks, the same for the resident group).
 
+A model whose groups are already flat host buffers is used as it is (pinned in place on CUDA).
+
 Knows layouts, the plan and the backend's allocators; knows nothing about tasks or ZO math.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .device.base import Backend
-from .models.groups import GroupLayout, adopt_into_flat
+from .models.groups import GroupLayout, adopt_into_flat, existing_flat
 from .models.opt import OPTAdapter
 from .policies.base import Plan
 
 
+def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: Backend) -> torch.Tensor:
+    flat = existing_flat(layout, params)
+    if flat is not None and flat.device.type == "cpu":
+        return backend.host_adopt(flat)
+    return adopt_into_flat(layout, params, backend.host_empty(layout.numel, layout.dtype))
+
+
 class Storage:
-    def __init__(self, adapter: OPTAdapter, plan: Plan, backend: Backend) -> None:
+    """Buffers of one run. Masters keep the model's dtype; the perturbed copies are in ``compute_dtype``."""
+
+    def __init__(self, adapter: OPTAdapter, plan: Plan, backend: Backend, compute_dtype: torch.dtype) -> None:
         layouts = adapter.block_layouts
         if len({(lay.numel, lay.dtype, lay.slices) for lay in layouts}) != 1:
             raise ValueError("every decoder block must have the same parameters, shapes and dtype to share slots")
@@ -28,21 +40,17 @@ class Storage:
         self.block_layout = block
         self.group_layout = group
         self.plan = plan
-        self.host_blocks = [
-            adopt_into_flat(lay, adapter.block_parameters(i), backend.host_empty(lay.numel, lay.dtype))
-            for i, lay in enumerate(layouts)
-        ]
-        self.host_group = adopt_into_flat(
-            group, adapter.resident_parameters(), backend.host_empty(group.numel, group.dtype)
-        )
+        self.compute_dtype = compute_dtype
+        self.host_blocks = [_host_master(lay, adapter.block_parameters(i), backend) for i, lay in enumerate(layouts)]
+        self.host_group = _host_master(group, adapter.resident_parameters(), backend)
         empty_block = lambda: backend.compute_empty(block.numel, block.dtype)  # noqa: E731
         self.group = backend.compute_empty(group.numel, group.dtype)
         self.group.copy_(self.host_group)
-        self.group_scratch = backend.compute_empty(group.numel, group.dtype)
+        self.group_scratch = backend.compute_empty(group.numel, compute_dtype)
         self.group_z = backend.compute_empty(group.numel, group.dtype)
         self.resident_blocks = {b: empty_block() for b in sorted(plan.resident)}
         self.slots = [empty_block() for _ in range(plan.slots(len(layouts)))]
-        self.scratch = empty_block()
+        self.scratch = backend.compute_empty(block.numel, compute_dtype)
         self.z = empty_block()
         self.scratch_views = block.views(self.scratch)
         self.group_scratch_views = group.views(self.group_scratch)

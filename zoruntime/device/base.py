@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..runtime.graph import Lane
+from ..runtime.graph import Lane, Task
 from ..runtime.scheduler import LaneRunner
 
 
@@ -30,8 +30,28 @@ class Backend(Protocol):
         """A flat buffer for master weights."""
         ...
 
+    def host_adopt(self, flat: torch.Tensor) -> torch.Tensor:
+        """Make an existing flat host buffer usable as master storage (CUDA pins it in place)."""
+        ...
+
     def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer on the compute device."""
+        ...
+
+    def ready(self) -> None:
+        """Order the lanes after set-up work done outside them (CUDA: streams wait for the default stream)."""
+        ...
+
+    async def drain(self) -> None:
+        """Return once every lane's work has completed (CPU lanes complete as they run)."""
+        ...
+
+    def begin_step(self, step: int) -> None:
+        """Mark the start of a step (CUDA: the origin of its timing events)."""
+        ...
+
+    def take_timings(self) -> list[tuple[int, Task, float, float]]:
+        """(step, task, start, end) of tasks whose times the lanes could not report at once."""
         ...
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..runtime.graph import Task
 from .threads import thread_lanes
 
 
@@ -25,8 +26,23 @@ class CPUBackend:
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
 
+    def host_adopt(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
     def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
+
+    def ready(self) -> None:
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+    def begin_step(self, step: int) -> None:
+        return None
+
+    def take_timings(self) -> list[tuple[int, Task, float, float]]:
+        return []
 
     def close(self) -> None:
         for lane in self._lanes.values():

@@ -87,6 +87,33 @@ class GroupLayout:
             )
 
 
+def existing_flat(layout: GroupLayout, params: Mapping[str, nn.Parameter]) -> torch.Tensor | None:
+    """The flat buffer the parameters already are views of, laid out as ``layout`` says; else None.
+
+    Lets a model whose groups are already flat (laid out by an earlier runtime, or materialised
+    straight into host buffers by ``models.init.materialize_flat``) be used without a copy.
+    """
+    first = params[layout.slices[0].name]
+    if first.device.type == "meta":
+        return None
+    storage = first.untyped_storage()
+    base_offset = first.storage_offset() - layout.slices[0].offset
+    if base_offset < 0:
+        return None
+    for piece in layout.slices:
+        p = params[piece.name]
+        if (
+            p.untyped_storage().data_ptr() != storage.data_ptr()
+            or p.storage_offset() != base_offset + piece.offset
+            or not p.is_contiguous()
+            or p.dtype != layout.dtype
+        ):
+            return None
+    if (base_offset + layout.numel) * layout.dtype.itemsize > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=layout.dtype, device=first.device).set_(storage, base_offset, (layout.numel,), (1,))
+
+
 def adopt_into_flat(layout: GroupLayout, params: Mapping[str, nn.Parameter], flat: torch.Tensor) -> torch.Tensor:
     """Move the parameters' values into ``flat`` and make each parameter a view of it.
 

@@ -8,11 +8,14 @@ initialises OPT. Also holds the built-in tiny configuration used by tests and de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
+
+from .groups import GroupLayout
 
 
 def tiny_opt_config(**overrides: Any) -> OPTConfig:
@@ -58,4 +61,62 @@ def random_opt(
             module.weight.fill_(1.0)
             module.bias.zero_()
     nn.Module.to(model, dtype=dtype)  # HF wraps .to in a decorator that type checkers misread
+    return model.eval()
+
+
+def fill_group(layout: GroupLayout, flat: torch.Tensor, generator: torch.Generator, std: float) -> torch.Tensor:
+    """HF-style init of a flat group: normal(0, std) for weights that take decay, zeros for biases,
+    ones for layer-norm weights (decided from the layout alone)."""
+    views = layout.views(flat)
+    for piece in layout.slices:
+        view = views[piece.name]
+        if piece.decayed:
+            view.normal_(0.0, std, generator=generator)
+        elif piece.name.endswith("bias"):
+            view.zero_()
+        else:
+            view.fill_(1.0)
+    return flat
+
+
+@torch.no_grad()
+def materialize_flat(
+    config: OPTConfig,
+    allocate: Callable[[int, torch.dtype], torch.Tensor],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    alias_blocks: bool = False,
+) -> OPTForCausalLM:
+    """Build an OPT whose groups are born flat in buffers from ``allocate(numel, dtype)``.
+
+    No full-size intermediate model and no HF init: each group is allocated once (pinned memory
+    on CUDA, so a 30B model needs its 60 GB once) and filled in place. With ``alias_blocks`` every
+    decoder block shares one buffer: timing and GPU memory are real, the weights are not, and a
+    175B shape runs on a machine with far less host memory.
+    """
+    from .opt import OPTAdapter
+
+    with torch.device("meta"):
+        model = OPTForCausalLM(config)
+    nn.Module.to(model, dtype=dtype)
+    adapter = OPTAdapter(model)
+    generator = torch.Generator().manual_seed(seed)
+    std = float(config.init_std)
+    replacements: dict[int, nn.Parameter] = {}
+    shared: torch.Tensor | None = None
+    groups = [(adapter.resident_layout, adapter.resident_parameters(), False)]
+    groups += [(lay, adapter.block_parameters(i), alias_blocks) for i, lay in enumerate(adapter.block_layouts)]
+    for layout, params, alias in groups:
+        if alias and shared is not None:
+            flat = shared
+        else:
+            flat = fill_group(layout, allocate(layout.numel, layout.dtype), generator, std)
+            shared = flat if alias else shared
+        for name, view in layout.views(flat).items():
+            replacements[id(params[name])] = nn.Parameter(view, requires_grad=False)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in replacements:
+                module._parameters[name] = replacements[id(param)]
     return model.eval()

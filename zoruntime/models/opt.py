@@ -115,18 +115,25 @@ class OPTAdapter:
         return make_batch(batch, vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)
 
     def prepare(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> StageInputs:
-        """Move a validated batch to ``device`` and build position ids and the causal mask once."""
-        batch = batch.to(device)
+        """Build position ids and the causal mask where the batch is (the host, normally), then move
+        everything to ``device``: HF's mask builder inspects the mask's values, which on a GPU
+        would stall the host."""
         ids = batch.input_ids
         given = batch.attention_mask
-        position_mask = torch.ones(ids.shape, device=device) if given is None else given
+        position_mask = torch.ones(ids.shape, device=ids.device) if given is None else given
         # OPT's learned positions count only attended tokens (left padding shifts them)
         position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
-        shape_probe = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=dtype, device=device)
+        shape_probe = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=dtype, device=ids.device)
         causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=shape_probe, attention_mask=batch.attention_mask, cache=None
+            config=self.config, inputs_embeds=shape_probe, attention_mask=given, cache=None
         )
-        return StageInputs(batch, position_ids, position_mask, causal_mask)
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return StageInputs(
+            batch.to(device),
+            move(position_ids),
+            move(position_mask),
+            None if causal_mask is None else move(causal_mask),
+        )
 
     # -- stages -------------------------------------------------------------------------------
     def _call(self, key: str, params: Params, *args: object, **kwargs: object) -> torch.Tensor:

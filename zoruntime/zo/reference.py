@@ -27,12 +27,15 @@ from .update import PendingUpdate, apply_update, perturb_into, projected_gradien
 class ReferenceZO:
     """ZO-SGD on a whole model in memory. The model's parameters become views of flat group buffers."""
 
-    def __init__(self, model: nn.Module, config: ZOSGD, loss_fn: LossFn | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: ZOSGD, loss_fn: LossFn | None = None, compute_dtype: torch.dtype | None = None
+    ) -> None:
         self.adapter = OPTAdapter(model)
         self.model = model
         self.config = config
         self.loss_fn: LossFn = loss_fn or self.adapter.causal_lm_loss
         self.step_index = 0
+        self.compute_dtype = compute_dtype or next(model.parameters()).dtype
         device = next(model.parameters()).device
         self.sampler = DirectionSampler(device)
         full_name = {id(p): n for n, p in model.named_parameters()}
@@ -64,7 +67,7 @@ class ReferenceZO:
         for layout, flat, names in self._groups:
             z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
             for perturbed, scale in ((plus, cfg.eps), (minus, -cfg.eps)):
-                copy = perturb_into(torch.empty_like(flat), flat, z, scale)
+                copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, scale)
                 perturbed.update({names[k]: v for k, v in layout.views(copy).items()})
         loss_plus, loss_minus = self._loss(batch, plus), self._loss(batch, minus)
         grad = projected_gradient(loss_plus, loss_minus, cfg.eps)
@@ -79,5 +82,8 @@ class ReferenceZO:
     def evaluate(self, batch: Batch | Mapping[str, object]) -> float:
         """The loss at the current (unperturbed) weights."""
         batch = self.adapter.validate(batch).to(self.sampler.device)
-        logits = self.model(batch.input_ids, attention_mask=batch.attention_mask).logits
-        return float(self.loss_fn(logits, batch))
+        weights = {}
+        for layout, flat, names in self._groups:
+            cast = flat.to(self.compute_dtype)
+            weights.update({names[k]: v for k, v in layout.views(cast).items()})
+        return float(self._loss(batch, weights))

@@ -1,0 +1,59 @@
+"""Mixed precision (fp32 masters, 16-bit compute) stays exact against the reference; storage reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+import zoruntime
+from zoruntime.models import OPTAdapter, adopt_into_flat
+from zoruntime.models.groups import existing_flat
+from zoruntime.policies import FixedDepth
+from zoruntime.zo.reference import ReferenceZO
+
+CONFIG = zoruntime.ZOSGD(lr=1e-2, eps=1e-2, weight_decay=0.1, seed=9)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+async def test_fp32_masters_with_16_bit_compute_equal_the_reference(compute_dtype: torch.dtype) -> None:
+    ref_model, model = tiny_model(seed=3, num_hidden_layers=3), tiny_model(seed=3, num_hidden_layers=3)
+    ref = ReferenceZO(ref_model, CONFIG, compute_dtype=compute_dtype)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]
+    async with zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1), compute_dtype=compute_dtype) as rt:
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(3)]
+        held_out = token_batch(model.config, seed=50)
+        assert await rt.evaluate(held_out) == ref.evaluate(held_out)
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    # and the 16-bit forward really differs from the fp32 one
+    full = ReferenceZO(tiny_model(seed=3, num_hidden_layers=3), CONFIG).step(token_batch(model.config, seed=0))
+    assert full.loss_plus != expected[0].loss_plus
+
+
+def test_compute_dtype_wider_than_the_masters_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"no wider than the master weights' torch.float16.*load the model in float32"):
+        zoruntime.Runtime(tiny_model(dtype=torch.float16), CONFIG, compute_dtype=torch.float32)
+
+
+@pytest.mark.asyncio
+async def test_a_model_already_laid_out_flat_is_used_without_a_copy() -> None:
+    model = tiny_model(num_hidden_layers=2)
+    adapter = OPTAdapter(model)
+    flat = adopt_into_flat(adapter.block_layouts[1], adapter.block_parameters(1), torch.empty(10**6)[100:])
+    assert existing_flat(adapter.block_layouts[1], adapter.block_parameters(1)).data_ptr() == flat.data_ptr()
+    assert existing_flat(adapter.block_layouts[0], adapter.block_parameters(0)) is None  # separate tensors
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        await rt.step(token_batch(model.config))
+        assert rt._executor is not None
+        assert rt._executor.storage.host_blocks[1].data_ptr() == flat.data_ptr()
+
+
+def test_cuda_without_a_gpu_says_so() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rt = zoruntime.Runtime(tiny_model(), CONFIG, device="cuda")
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU.*Use device='cpu'"):
+        zoruntime.run(rt.open())

@@ -1,0 +1,233 @@
+"""``zoruntime bench``: offloaded ZO-SGD throughput against MeZO-on-the-GPU and the transfer floor.
+
+First a card: block bytes, measured pinned upload and offload GB/s for one block, measured time
+of both perturbed forwards of one block, and the floor = blocks × max(upload, offload, forward)
+as tokens/s. Then one row per runner: the in-package MeZO baseline (every block resident on the
+GPU, when it fits: the same step without transfers), and the offloaded runtime under
+FixedDepth(0), FixedDepth(1), FixedDepth(2) and MemoryBudget. Columns: tokens/s, step seconds,
+peak allocated MB, device memory used MB (as nvidia-smi counts it), ratio to the floor and to
+MeZO. The last line is one JSON document.
+
+Weights are random, written straight into (pinned) host buffers; ``--alias`` makes every block
+share one buffer so 66B and 175B shapes run with little host memory (the timing and GPU memory
+are real, the weights are not). ``--device cpu`` runs the same code on the CPU (a smoke test;
+the figures mean little there).
+
+    python -m zoruntime.bench.throughput --model opt-1.3b            # defaults: batch 1, seq 2048, fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..engine import Runtime, run
+from ..models.init import materialize_flat, tiny_opt_config
+from ..models.opt import OPTAdapter
+from ..models.shapes import OPT_NAMES, opt_config
+from ..policies.base import FixedDepth, MemoryBudget, Policy
+from ..zo.config import ZOSGD
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class Device:
+    """Timing, memory and allocation on the benchmark's device (CUDA or CPU)."""
+
+    def __init__(self, name: str) -> None:
+        self.device = torch.device(name)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise SystemExit("--device cuda needs a CUDA GPU; none is visible (use --device cpu for a smoke run)")
+
+    def describe(self) -> str:
+        if self.cuda:
+            return f"{torch.cuda.get_device_name(self.device)}, CUDA {torch.version.cuda}"
+        return f"CPU {platform.machine()}"
+
+    def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        flat = torch.empty(numel, dtype=dtype)
+        if self.cuda:  # pin once, in place, exactly (the pinned allocator would round up to a power of two)
+            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
+        return flat
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def seconds(self, fn: Callable[[], object], repeat: int) -> float:
+        """Median seconds of ``fn`` (device-timed on CUDA)."""
+        fn()
+        self.sync()
+        times = []
+        for _ in range(repeat):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mb(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None
+
+    def used_mb(self) -> float | None:
+        if not self.cuda:
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return (total - free) / 2**20
+
+    def free_bytes(self) -> int | None:
+        return torch.cuda.mem_get_info(self.device)[0] if self.cuda else None
+
+
+def card(model: torch.nn.Module, dev: Device, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Measured link speeds and per-block forward time, and the floor they imply."""
+    adapter = OPTAdapter(model)
+    layout = adapter.block_layouts[0]
+    host = dev.host_buffer(layout.numel, layout.dtype)
+    host.normal_()
+    slot = torch.empty(layout.numel, dtype=layout.dtype, device=dev.device)
+    up = dev.seconds(lambda: slot.copy_(host, non_blocking=True), repeat=10)
+    down = dev.seconds(lambda: host.copy_(slot, non_blocking=True), repeat=10)
+    params = layout.views(slot.normal_(0, 0.02))
+    ids = torch.randint(4, adapter.config.vocab_size, (batch, seq))
+    inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
+    hidden = torch.randn(batch, seq, adapter.config.hidden_size, dtype=dtype, device=dev.device)
+
+    def dual_forward() -> None:
+        with torch.no_grad():
+            adapter.block(0, params, hidden, inputs)
+            adapter.block(0, params, hidden, inputs)
+
+    forward = dev.seconds(dual_forward, repeat=10)
+    blocks = adapter.num_blocks
+    per_block = max(up, down, forward)
+    return {
+        "block_mb": layout.nbytes / 2**20,
+        "upload_gb_s": layout.nbytes / up / 1e9,
+        "offload_gb_s": layout.nbytes / down / 1e9,
+        "dual_forward_ms": forward * 1e3,
+        "floor_step_s": blocks * per_block,
+        "floor_tokens_s": batch * seq / (blocks * per_block),
+        "bound_by": {up: "upload", down: "offload", forward: "compute"}[per_block],
+    }
+
+
+def measure(
+    model: torch.nn.Module, policy: Policy, dev: Device, batch: dict[str, torch.Tensor], steps: int
+) -> dict[str, Any]:
+    async def go() -> tuple[float, float | None]:
+        times = []
+        optimizer = ZOSGD(lr=1e-7, eps=1e-3)
+        async with Runtime(model, optimizer, device=dev.device, policy=policy) as rt:
+            await rt.step(batch)  # warm up: allocator, kernels, pinned pages
+            dev.reset_peak()
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                await rt.step(batch)
+                times.append(time.perf_counter() - t0)
+            used = dev.used_mb()
+        return statistics.median(times), used
+
+    step_s, used = run(go())
+    tokens = batch["input_ids"].numel()
+    return {"step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zoruntime bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="opt-1.3b", help=f"OPT shape: {', '.join(OPT_NAMES)} or tiny")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and compute (default fp16)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per runner, median reported (default 5)")
+    parser.add_argument("--alias", action="store_true", help="all blocks share one host buffer (66B/175B shapes)")
+    parser.add_argument("--budget-gb", type=float, default=None, help="MemoryBudget size (default: half the free GPU)")
+    parser.add_argument("--skip-mezo", action="store_true", help="do not run the all-on-GPU baseline")
+    args = parser.parse_args(argv)
+    if args.batch <= 0 or args.seq <= 0 or args.steps <= 0:
+        parser.error("--batch, --seq and --steps must be positive")
+
+    dev = Device(args.device)
+    dtype = DTYPES[args.dtype]
+    config = tiny_opt_config(max_position_embeddings=args.seq) if args.model == "tiny" else opt_config(args.model)
+    if args.seq > config.max_position_embeddings:
+        parser.error(f"--seq {args.seq} is longer than {args.model}'s {config.max_position_embeddings} positions")
+    t0 = time.perf_counter()
+    model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias)
+    init_s = time.perf_counter() - t0
+    ids = torch.randint(4, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    adapter = OPTAdapter(model)
+    block_bytes, blocks = adapter.block_layouts[0].nbytes, adapter.num_blocks
+
+    facts = card(model, dev, args.batch, args.seq, dtype)
+    versions = f"torch {torch.__version__}, Python {sys.version.split()[0]}"
+    print(
+        f"zoruntime bench: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on {dev.describe()}; {versions}"
+    )
+    print(f"  init {init_s:.1f} s{' (alias mode: blocks share one host buffer)' if args.alias else ''}")
+    print(f"  {blocks} blocks of {facts['block_mb']:.0f} MB; pinned upload {facts['upload_gb_s']:.1f} GB/s, "
+          f"offload {facts['offload_gb_s']:.1f} GB/s")  # fmt: skip
+    print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms; floor {facts['floor_step_s']:.3f} s/step "
+          f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
+
+    free = dev.free_bytes()
+    if args.budget_gb:
+        budget = int(args.budget_gb * 2**30)
+    else:  # half the free GPU memory; on a CPU, room for half the blocks beside the slots
+        budget = free // 2 if free is not None else (blocks // 2 + 5) * block_bytes
+    runners: list[tuple[str, Policy]] = []
+    everything = (blocks + 4) * block_bytes + 3 * adapter.resident_layout.nbytes
+    if not args.skip_mezo and not args.alias and (free is None or everything < 0.8 * free):
+        runners.append(("MeZO (all resident)", MemoryBudget(10 * everything)))
+    runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]
+    runners.append((f"MemoryBudget({budget / 2**30:.2f} GB)", MemoryBudget(budget)))
+
+    rows = []
+    for name, policy in runners:
+        row = {"runner": name, **measure(model, policy, dev, batch, args.steps)}
+        rows.append(row)
+    mezo = next((r["tokens_s"] for r in rows if r["runner"].startswith("MeZO")), None)
+    print(f"\n{'runner':<26}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
+    for row in rows:
+        row["x_floor"] = row["tokens_s"] / facts["floor_tokens_s"]
+        row["x_mezo"] = row["tokens_s"] / mezo if mezo else None
+        x_mezo = f"{row['x_mezo']:.2f}" if mezo else "-"
+        peak, used = (f"{v:,.0f}" if v is not None else "-" for v in (row["peak_allocated_mb"], row["used_mb"]))
+        print(f"{row['runner']:<26}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
+              f"{row['x_floor']:>9.2f}{x_mezo:>8}")  # fmt: skip
+    print(json.dumps({
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "alias": args.alias,
+        "device": dev.describe(), "versions": versions, "card": facts, "rows": rows,
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
