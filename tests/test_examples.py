@@ -41,3 +41,9 @@ def test_custom_policy_example_beats_serial_in_simulation_and_trains() -> None:
     ms = {line.split()[0]: float(line.split()[-2]) for line in out.splitlines() if line.strip().endswith(" ms")}
     assert ms["EndsResident(ends=4,"] < ms["FixedDepth(depth=1)"] < ms["FixedDepth(depth=0)"]
     assert "resident blocks: (0, 3), streaming slots: 2" in out
+
+
+def test_timeline_example_writes_a_trace_a_picture_and_a_summary(tmp_path) -> None:
+    out = _run("examples/timeline.py", "--out", str(tmp_path), "--steps", "2")
+    assert (tmp_path / "trace.json").exists() and (tmp_path / "timeline.png").exists()
+    assert "overlap efficiency" in out

@@ -77,6 +77,18 @@ def test_makespan_reaches_the_pipeline_bound(figures: str, blocks: int, depth: i
     assert timeline.makespan >= bound * (1 - 1e-9)  # nothing beats fill + steady state + drain
 
 
+def test_embedding_and_head_overlap_the_first_upload_and_last_offload() -> None:
+    timeline = simulate(24, 1.0, 0.5, 1.0, FixedDepth(1), embed_s=0.5, head_s=0.2)
+    figures = OpFigures(1.0, 0.5, 1.0, embed_s=0.5, head_s=0.2)
+    assert timeline.makespan == pytest.approx(figures.pipeline_bound(24), rel=1e-12)
+    assert figures.pipeline_bound(24) == 1.0 + 0.5 + 23 * 1.0 + 1.0
+    # an embedding longer than the prefetch window stalls uploads: the bound stays a lower bound
+    slow = OpFigures(1.0, 0.5, 1.0, embed_s=5.0, head_s=5.0)
+    assert simulate(24, 1.0, 0.5, 1.0, FixedDepth(1), embed_s=5.0, head_s=5.0).makespan >= slow.pipeline_bound(24)
+    # and a compute lane busier than the block pipeline sets the bound
+    assert OpFigures(0.1, 1.0, 0.1, embed_s=9.0, head_s=9.0).pipeline_bound(4) == 9.0 + 4.0 + 9.0
+
+
 @pytest.mark.parametrize("figures", sorted(FIGURES))
 @pytest.mark.parametrize("blocks", [4, 24])
 def test_depth_zero_is_the_serial_sum(figures: str, blocks: int) -> None:

@@ -27,7 +27,7 @@ from .executor import Executor, Mode, StepState
 from .models.batch import Batch
 from .models.opt import LossFn, OPTAdapter
 from .policies.base import FixedDepth, ModelLayout, Plan, Policy
-from .runtime.graph import TaskGraph, eval_graph, flush_graph, load_graph, step_graph
+from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler
 from .storage import Storage
@@ -110,7 +110,7 @@ class Runtime:
                 f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
             )
         self._loss_fn = loss_fn or self.adapter.causal_lm_loss
-        self._recorder = TimelineRecorder() if trace else None
+        self._recorder = TimelineRecorder(bytes_of=self._bytes_moved) if trace else None
         self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
         self._graphs: dict[str, TaskGraph] = {}
         self._backend: Backend | None = None
@@ -229,6 +229,12 @@ class Runtime:
         executor.pending = None
 
     # -- looking inside -----------------------------------------------------------------------------
+    def _bytes_moved(self, task: Task) -> int:
+        if task.kind not in (Kind.UPLOAD, Kind.OFFLOAD):
+            return 0
+        layout = self.adapter.resident_layout if task.block is None else self.adapter.block_layouts[task.block]
+        return layout.nbytes
+
     @property
     def timeline(self) -> Timeline:
         if self._recorder is None:

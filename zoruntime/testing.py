@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from .device.simulated import VirtualClockLoop, simulated_lanes
 from .policies import FixedDepth, ModelLayout, OpFigures, Policy
-from .runtime import Instruments, Scheduler, step_graph
+from .runtime import Instruments, Kind, Scheduler, step_graph
 from .tracing import Timeline, TimelineRecorder
 
 
@@ -31,7 +31,7 @@ def simulate(
     figures = OpFigures(upload_s, compute_s, offload_s, embed_s, head_s)
     plan = (policy or FixedDepth(1)).plan(ModelLayout(num_blocks, block_bytes))
     graph = step_graph(num_blocks, plan)
-    recorder = TimelineRecorder()
+    recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
     scheduler = Scheduler(
         simulated_lanes(lambda task: figures.duration(task.kind)),

@@ -37,9 +37,13 @@ class OpFigures:
         }[kind]
 
     def pipeline_bound(self, num_blocks: int) -> float:
-        """Fill, steady state, drain: ``u + c + o + (N − 1)·max(u, c, o)`` plus embed and head."""
+        """A lower bound on a streamed step: fill, steady state, drain, ``u + c + o + (N − 1)·max(u, c, o)``,
+        or the compute lane's own work ``embed + N·c + head`` if that is longer. Exact for the
+        runtime's schedule when the embedding fits under the first upload and the head under
+        the last offload (they overlap them)."""
         u, c, o = self.upload_s, self.compute_s, self.offload_s
-        return self.embed_s + u + c + o + (num_blocks - 1) * max(u, c, o) + self.head_s
+        pipeline = u + c + o + (num_blocks - 1) * max(u, c, o)
+        return max(pipeline, self.embed_s + num_blocks * c + self.head_s)
 
     def serial_time(self, num_blocks: int) -> float:
         return self.embed_s + num_blocks * (self.upload_s + self.compute_s + self.offload_s) + self.head_s

@@ -71,6 +71,7 @@ class TaskGraph:
     """Tasks in issue order; each lane runs its own tasks in this order."""
 
     tasks: tuple[Task, ...]
+    phase: str = "step"  # "step" (training), "eval", "flush" or "load"
     lanes: tuple[Lane, ...] = field(default=tuple(Lane))
 
     def on_lane(self, lane: Lane) -> list[Task]:
@@ -92,8 +93,8 @@ class _Builder:
         self.tasks.append(Task(index, kind, block, tuple(d for d in deps if d is not None), slot))
         return index
 
-    def graph(self) -> TaskGraph:
-        return TaskGraph(tuple(self.tasks))
+    def graph(self, phase: str) -> TaskGraph:
+        return TaskGraph(tuple(self.tasks), phase)
 
 
 def _streaming(
@@ -129,7 +130,7 @@ def step_graph(num_blocks: int, plan: Plan) -> TaskGraph:
     embed = b.add(Kind.EMBED, None)
     last = _streaming(b, num_blocks, plan, Kind.COMPUTE, embed, pass_along=True)
     b.add(Kind.HEAD, None, last)
-    return b.graph()
+    return b.graph("step")
 
 
 def eval_graph(num_blocks: int, plan: Plan) -> TaskGraph:
@@ -138,7 +139,7 @@ def eval_graph(num_blocks: int, plan: Plan) -> TaskGraph:
     embed = b.add(Kind.EMBED, None)
     last = _streaming(b, num_blocks, plan, Kind.EVAL, embed, pass_along=True)
     b.add(Kind.HEAD, None, last)
-    return b.graph()
+    return b.graph("eval")
 
 
 def flush_graph(num_blocks: int, plan: Plan) -> TaskGraph:
@@ -154,7 +155,7 @@ def flush_graph(num_blocks: int, plan: Plan) -> TaskGraph:
         b.add(Kind.OFFLOAD, blk, compute)
     update = b.add(Kind.UPDATE, None)
     b.add(Kind.OFFLOAD, None, update)
-    return b.graph()
+    return b.graph("flush")
 
 
 def load_graph(num_blocks: int, plan: Plan) -> TaskGraph:
@@ -163,4 +164,4 @@ def load_graph(num_blocks: int, plan: Plan) -> TaskGraph:
     b = _Builder()
     for blk in sorted(plan.resident):
         b.add(Kind.UPLOAD, blk)
-    return b.graph()
+    return b.graph("load")

@@ -67,7 +67,7 @@ class Scheduler:
         done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
         hooks = self.instruments
         if hooks:
-            hooks.call("step_started", step, self.clock())
+            hooks.call("step_started", step, self.clock(), graph.phase)
         try:
             async with asyncio.TaskGroup() as group:
                 for lane in graph.lanes:
@@ -84,7 +84,7 @@ class Scheduler:
                 if not future.done():
                     future.cancel()
         if hooks:
-            hooks.call("step_finished", step, self.clock())
+            hooks.call("step_finished", step, self.clock(), graph.phase)
 
     async def _run_lane(
         self,

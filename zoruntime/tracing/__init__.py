@@ -1,4 +1,5 @@
-"""Timelines of steps: the recorder instrument and its spans."""
+"""Timelines of steps: the recorder instrument, its spans, and their exports (Chrome trace, PNG,
+summary). Importing this package loads neither torch nor matplotlib."""
 
 from .recorder import Span, StepMark, Timeline, TimelineRecorder
 

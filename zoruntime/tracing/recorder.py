@@ -1,5 +1,5 @@
 """The timeline recorder: an instrument that keeps one span per task (lane, kind, block, step,
-start, end). Stdlib only.
+bytes, start, end), and the timeline it fills. Stdlib only (exports import what they need).
 
 Created only when tracing is asked for; with tracing off no recorder exists and the
 scheduler makes no hook calls. Knows nothing about how spans are drawn or exported.
@@ -7,9 +7,15 @@ scheduler makes no hook calls. Knows nothing about how spans are drawn or export
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.graph import Task
+
+if TYPE_CHECKING:
+    from .summary import TimelineSummary
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,10 +31,16 @@ class Span:
     end: float
     deps: tuple[int, ...] = ()
     slot: int | None = None
+    bytes: int = 0
+    phase: str = "step"
 
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.block is None else f"{self.kind} {self.block}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +48,22 @@ class StepMark:
     step: int
     start: float
     end: float
+    phase: str = "step"
+
+    @property
+    def name(self) -> str:
+        return f"step {self.step}" if self.phase == "step" else f"{self.phase} (before step {self.step})"
 
 
 class Timeline:
     """Spans and step marks in the order they were recorded."""
 
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.steps: list[StepMark] = []
+    def __init__(self, spans: list[Span] | None = None, steps: list[StepMark] | None = None) -> None:
+        self.spans: list[Span] = spans or []
+        self.steps: list[StepMark] = steps or []
 
-    def for_step(self, step: int) -> list[Span]:
-        return [s for s in self.spans if s.step == step]
+    def for_step(self, step: int, phase: str = "step") -> list[Span]:
+        return [s for s in self.spans if s.step == step and s.phase == phase]
 
     @property
     def makespan(self) -> float:
@@ -55,26 +72,71 @@ class Timeline:
             return 0.0
         return max(s.end for s in self.spans) - min(s.start for s in self.spans)
 
+    # -- views, exports (imported on use: matplotlib only when a picture is asked for) ------------
+    def save_chrome_trace(self, path: str | Path) -> Path:
+        """Chrome Trace Event JSON (Perfetto, chrome://tracing): lanes as threads, steps as a track."""
+        from .chrome import save_chrome_trace
+
+        return save_chrome_trace(self, path)
+
+    def save_png(self, path: str | Path, size: tuple[int, int] = (1600, 480)) -> Path:
+        """Lanes as rows over time, coloured by task kind, step boundaries marked; ``size`` in pixels."""
+        from .plot import save_png
+
+        return save_png(self, path, size)
+
+    def summary(self, show: bool = True) -> TimelineSummary:
+        """Busy fraction per lane, achieved GB/s, overlap efficiency, largest compute-lane gaps."""
+        from .summary import summarize
+
+        result = summarize(self)
+        if show:
+            print(result.render())
+        return result
+
+    @classmethod
+    def load(cls, path: str | Path) -> Timeline:
+        """A timeline saved by ``save_chrome_trace``."""
+        from .chrome import load_chrome_trace
+
+        return load_chrome_trace(path)
+
 
 class TimelineRecorder:
-    """Instrument that fills a ``Timeline``."""
+    """Instrument that fills a ``Timeline``; ``bytes_of(task)`` gives the bytes a task moves."""
 
-    def __init__(self, timeline: Timeline | None = None) -> None:
+    def __init__(self, timeline: Timeline | None = None, bytes_of: Callable[[Task], int] | None = None) -> None:
         self.timeline = timeline or Timeline()
+        self.bytes_of = bytes_of
         self._started: dict[tuple[int, int], float] = {}
         self._step_start: dict[int, float] = {}
+        self._phase = "step"
 
-    def step_started(self, step: int, time: float) -> None:
+    def step_started(self, step: int, time: float, phase: str) -> None:
         self._step_start[step] = time
+        self._phase = phase
 
     def task_started(self, step: int, task: Task, time: float) -> None:
         self._started[step, task.index] = time
 
     def task_finished(self, step: int, task: Task, time: float) -> None:
         start = self._started.pop((step, task.index))
+        moved = self.bytes_of(task) if self.bytes_of else 0
         self.timeline.spans.append(
-            Span(step, task.index, task.lane.value, task.kind.value, task.block, start, time, task.deps, task.slot)
+            Span(
+                step,
+                task.index,
+                task.lane.value,
+                task.kind.value,
+                task.block,
+                start,
+                time,
+                task.deps,
+                task.slot,
+                moved,
+                self._phase,
+            )
         )
 
-    def step_finished(self, step: int, time: float) -> None:
-        self.timeline.steps.append(StepMark(step, self._step_start.pop(step), time))
+    def step_finished(self, step: int, time: float, phase: str) -> None:
+        self.timeline.steps.append(StepMark(step, self._step_start.pop(step), time, phase))

@@ -1,0 +1,137 @@
+"""Timelines: Chrome trace format, lanes and dependencies, the PNG, the summary's numbers, the CLI,
+and nothing at all when tracing is off."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model, token_batch
+from PIL import Image
+
+import zoruntime
+from zoruntime import engine
+from zoruntime.policies import FixedDepth, OpFigures
+from zoruntime.testing import simulate
+from zoruntime.tracing import Timeline
+
+
+@pytest.fixture(scope="module")
+def cpu_timeline() -> Timeline:
+    model = tiny_model(num_hidden_layers=4)
+
+    async def run() -> Timeline:
+        async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=FixedDepth(1), trace=True) as rt:
+            for i in range(2):
+                await rt.step(token_batch(model.config, seed=i))
+            return rt.timeline
+
+    return zoruntime.run(run())
+
+
+def test_a_traced_cpu_run_has_one_span_per_task_with_bytes_and_steps(cpu_timeline: Timeline) -> None:
+    step0 = cpu_timeline.for_step(0)
+    assert sorted((s.kind, s.block) for s in step0 if s.kind != "upload") == sorted(
+        [("embed", None), ("head", None)] + [(k, b) for b in range(4) for k in ("compute", "offload")]
+    )
+    block_bytes = zoruntime.OPTAdapter(tiny_model(num_hidden_layers=4)).block_layouts[0].nbytes
+    assert all(s.bytes == block_bytes for s in step0 if s.kind in ("upload", "offload"))
+    assert all(s.bytes == 0 for s in step0 if s.kind == "compute")
+    marks = [(m.step, m.phase) for m in cpu_timeline.steps]
+    assert marks == [(-1, "load"), (0, "step"), (1, "step"), (2, "flush")]  # flush: leaving the runtime
+    for span in cpu_timeline.spans:
+        assert span.end >= span.start
+
+
+def _lanes_never_overlap_and_dependencies_come_first(timeline: Timeline) -> None:
+    by_index = {(s.step, s.index): s for s in timeline.spans}
+    for lane in {s.lane for s in timeline.spans}:
+        spans = sorted((s for s in timeline.spans if s.lane == lane), key=lambda s: s.start)
+        assert all(a.end <= b.start for a, b in itertools.pairwise(spans))
+    for span in timeline.spans:
+        assert all(by_index[span.step, d].end <= span.start for d in span.deps)
+
+
+def test_real_cpu_spans_respect_lanes_and_dependencies(cpu_timeline: Timeline) -> None:
+    _lanes_never_overlap_and_dependencies_come_first(cpu_timeline)
+
+
+def test_chrome_trace_has_the_required_fields_and_round_trips(cpu_timeline: Timeline, tmp_path: Path) -> None:
+    path = cpu_timeline.save_chrome_trace(tmp_path / "trace.json")
+    document = json.loads(path.read_text())
+    events = document["traceEvents"]
+    complete = [e for e in events if e["ph"] == "X"]
+    assert all({"ph", "ts", "dur", "pid", "tid", "name"} <= e.keys() for e in complete)
+    names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names == {"steps", "upload", "compute", "offload"}
+    uploads = [e for e in complete if e["cat"] == "upload"]
+    assert all(e["args"]["GB/s"] > 0 and e["args"]["bytes"] > 0 for e in uploads)
+    assert {e["name"] for e in complete if e["cat"] == "step"} >= {"step 0", "step 1"}
+    loaded = Timeline.load(path)
+    assert len(loaded.spans) == len(cpu_timeline.spans)
+    assert loaded.makespan == pytest.approx(cpu_timeline.makespan, abs=2e-6)
+    assert sorted((s.step, s.index, s.kind, s.block, s.deps) for s in loaded.spans) == sorted(
+        (s.step, s.index, s.kind, s.block, s.deps) for s in cpu_timeline.spans
+    )
+
+
+def test_png_is_written_at_the_stated_size(cpu_timeline: Timeline, tmp_path: Path) -> None:
+    path = cpu_timeline.save_png(tmp_path / "timeline.png", size=(1200, 360))
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1200, 360)
+    with pytest.raises(ValueError, match=r"at least 200 x 120 pixels"):
+        cpu_timeline.save_png(tmp_path / "small.png", size=(100, 50))
+
+
+@pytest.mark.parametrize(("depth", "expected"), [(1, 1.0), (0, (1 + 2 + 1 + 7 * 2) / (8 * 4))])
+def test_summary_overlap_efficiency_matches_the_analytic_value(depth: int, expected: float) -> None:
+    timeline = simulate(8, 1.0, 2.0, 1.0, FixedDepth(depth), steps=2, block_bytes=10**9)
+    summary = timeline.summary(show=False)
+    assert summary.pipeline_bound_seconds == pytest.approx(OpFigures(1.0, 2.0, 1.0).pipeline_bound(8))
+    assert summary.overlap_efficiency == pytest.approx(expected)
+    makespan = 18.0 if depth else 32.0
+    assert summary.step_seconds == pytest.approx(makespan)
+    assert summary.lane_busy["compute"] == pytest.approx(16.0 / makespan)
+    assert summary.lane_busy["upload"] == pytest.approx(8.0 / makespan)
+
+
+def test_summary_names_what_the_compute_lane_waited_for() -> None:
+    summary = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1)).summary(show=False)  # upload-bound
+    assert summary.largest_gaps[0].waiting_for.startswith("upload ")
+    assert summary.largest_gaps[0].seconds == pytest.approx(3.0)  # the fill: compute 0 waits for upload 0
+    assert summary.largest_gaps[1].seconds == pytest.approx(2.0)  # then each block waits u − c
+    assert "waiting for upload" in summary.render()
+
+
+def test_trace_cli_summary_and_plot(cpu_timeline: Timeline, tmp_path: Path) -> None:
+    trace = cpu_timeline.save_chrome_trace(tmp_path / "t.json")
+    cli = [sys.executable, "-m", "zoruntime", "trace"]
+    out = subprocess.run([*cli, "summary", str(trace)], capture_output=True, text=True, check=True).stdout
+    assert "overlap efficiency" in out and "lane busy: upload" in out
+    png = tmp_path / "out.png"
+    subprocess.run([*cli, "plot", str(trace), "-o", str(png), "--size", "800x300"], check=True, capture_output=True)
+    with Image.open(png) as image:
+        assert image.size == (800, 300)
+    bad = subprocess.run([*cli, "summary", str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a zoruntime Chrome trace" in bad.stderr
+
+
+@pytest.mark.asyncio
+async def test_with_tracing_off_no_recorder_exists_and_no_hook_is_called(monkeypatch) -> None:
+    class Forbidden:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("a recorder was created with tracing off")
+
+    monkeypatch.setattr(engine, "TimelineRecorder", Forbidden)
+    model = tiny_model(num_hidden_layers=2)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3)) as rt:
+        await rt.step(token_batch(model.config))
+        assert not rt._instruments
+        with pytest.raises(RuntimeError, match=r"tracing is off.*trace=True"):
+            rt.timeline  # noqa: B018
+    with pytest.raises(AssertionError, match="recorder was created"):
+        zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), trace=True)

@@ -1,0 +1,82 @@
+"""Chrome Trace Event JSON: write a timeline for Perfetto / chrome://tracing, and read it back.
+
+Each lane is a named thread of one process; steps are spans on a separate "steps" thread.
+Every task is a complete event (``ph: "X"``, ``ts`` and ``dur`` in microseconds) whose args
+carry what the timeline needs to be rebuilt (step, task index, kind, block, deps, slot, bytes)
+and the achieved GB/s of transfers. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .recorder import Span, StepMark, Timeline
+
+LANES = ("upload", "compute", "offload")
+_STEPS_TID = 0
+_PID = 1
+
+
+def _tid(lane: str) -> int:
+    return LANES.index(lane) + 1 if lane in LANES else len(LANES) + 1
+
+
+def to_events(timeline: Timeline) -> list[dict[str, Any]]:
+    origin = min([s.start for s in timeline.spans] + [m.start for m in timeline.steps], default=0.0)
+    us = lambda t: round((t - origin) * 1e6, 3)  # noqa: E731
+    events: list[dict[str, Any]] = [
+        {"ph": "M", "name": "process_name", "pid": _PID, "tid": 0, "args": {"name": "zoruntime"}},
+        {"ph": "M", "name": "thread_name", "pid": _PID, "tid": _STEPS_TID, "args": {"name": "steps"}},
+    ]
+    for lane in sorted({s.lane for s in timeline.spans}, key=_tid):
+        events.append({"ph": "M", "name": "thread_name", "pid": _PID, "tid": _tid(lane), "args": {"name": lane}})
+        events.append(
+            {"ph": "M", "name": "thread_sort_index", "pid": _PID, "tid": _tid(lane), "args": {"sort_index": _tid(lane)}}
+        )
+    for mark in timeline.steps:
+        start, dur = us(mark.start), us(mark.end) - us(mark.start)
+        events.append({"ph": "X", "name": mark.name, "cat": "step", "pid": _PID, "tid": _STEPS_TID,
+                       "ts": start, "dur": dur, "args": {"step": mark.step, "phase": mark.phase}})  # fmt: skip
+    for span in timeline.spans:
+        args: dict[str, Any] = {
+            "step": span.step, "index": span.index, "kind": span.kind, "block": span.block,
+            "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase,
+        }  # fmt: skip
+        if span.bytes and span.duration > 0:
+            args["GB/s"] = round(span.bytes / span.duration / 1e9, 3)
+        events.append({"ph": "X", "name": span.name, "cat": span.kind, "pid": _PID, "tid": _tid(span.lane),
+                       "ts": us(span.start), "dur": us(span.end) - us(span.start), "args": args})  # fmt: skip
+    return events
+
+
+def save_chrome_trace(timeline: Timeline, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"traceEvents": to_events(timeline), "displayTimeUnit": "ms"}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(path)
+    return path
+
+
+def load_chrome_trace(path: str | Path) -> Timeline:
+    try:
+        document = json.loads(Path(path).read_text())
+        events = document["traceEvents"] if isinstance(document, dict) else document
+        lanes = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
+        spans, steps = [], []
+        for e in events:
+            if e.get("ph") != "X":
+                continue
+            start, end = e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6
+            a = e["args"]
+            if e.get("cat") == "step":
+                steps.append(StepMark(a["step"], start, end, a["phase"]))
+            else:
+                spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["block"], start, end,
+                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"]))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error
+    return Timeline(spans, steps)

@@ -1,0 +1,138 @@
+"""What a timeline's training steps say in numbers (eval, flush and load runs are left out):
+lane busy fractions, achieved transfer GB/s, overlap efficiency (the pipeline bound over the
+measured step time) and the largest idle gaps on the compute lane, each with the task it was
+waiting for. Stdlib only.
+
+The pipeline bound of a step whose blocks are all streamed is ``OpFigures.pipeline_bound`` (fill,
+steady state, drain) with the step's mean upload, compute and offload times; when some blocks
+are resident it is the busiest lane's total (no schedule beats either).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..policies.cost import OpFigures
+from .recorder import Span, Timeline
+
+_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The compute lane idled ``seconds`` before ``task`` (of ``step``), waiting for ``waiting_for``."""
+
+    step: int
+    start: float
+    seconds: float
+    task: str
+    waiting_for: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSummary:
+    steps: int
+    step_seconds: float  # mean measured step time
+    lane_busy: dict[str, float] = field(default_factory=dict)  # busy fraction of the step time
+    upload_gb_s: float | None = None
+    offload_gb_s: float | None = None
+    pipeline_bound_seconds: float = 0.0  # mean over steps
+    overlap_efficiency: float = 0.0  # pipeline bound / measured step time
+    largest_gaps: tuple[Gap, ...] = ()
+
+    def render(self) -> str:
+        lines = [
+            f"{self.steps} step(s), {self.step_seconds * 1e3:.3f} ms per step; pipeline bound "
+            f"{self.pipeline_bound_seconds * 1e3:.3f} ms; overlap efficiency {self.overlap_efficiency:.1%}",
+            "lane busy: " + ", ".join(f"{lane} {busy:.1%}" for lane, busy in self.lane_busy.items()),
+        ]
+        rates = [(n, r) for n, r in (("upload", self.upload_gb_s), ("offload", self.offload_gb_s)) if r is not None]
+        if rates:
+            lines.append("achieved: " + ", ".join(f"{name} {rate:.2f} GB/s" for name, rate in rates))
+        if self.largest_gaps:
+            lines.append("largest compute-lane gaps:")
+            lines += [
+                f"  step {g.step}: {g.seconds * 1e3:.3f} ms before {g.task}, waiting for {g.waiting_for}"
+                for g in self.largest_gaps
+            ]
+        return "\n".join(lines)
+
+
+def _step_window(timeline: Timeline, step: int, spans: list[Span]) -> tuple[float, float]:
+    marks = [m for m in timeline.steps if m.step == step and m.phase == "step"]
+    if marks:
+        return marks[0].start, marks[0].end
+    return min(s.start for s in spans), max(s.end for s in spans)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _bound(spans: list[Span]) -> float:
+    by_kind: dict[str, list[float]] = {}
+    for s in spans:
+        by_kind.setdefault(s.kind, []).append(s.duration)
+    computes = by_kind.get("compute", []) or by_kind.get("eval", [])
+    uploads, offloads = by_kind.get("upload", []), by_kind.get("offload", [])
+    if computes and len(uploads) == len(computes) == len(offloads):
+        embed, head = sum(by_kind.get("embed", [])), sum(by_kind.get("head", []))
+        figures = OpFigures(_mean(uploads), _mean(computes), _mean(offloads), embed, head)
+        return figures.pipeline_bound(len(computes))
+    lanes: dict[str, float] = {}
+    for s in spans:
+        lanes[s.lane] = lanes.get(s.lane, 0.0) + s.duration
+    return max(lanes.values(), default=0.0)
+
+
+def _gaps(step: int, spans: list[Span], step_start: float) -> list[Gap]:
+    by_index = {s.index: s for s in spans}
+    compute = sorted((s for s in spans if s.lane == "compute"), key=lambda s: s.start)
+    gaps, previous_end = [], step_start
+    for span in compute:
+        idle = span.start - previous_end
+        if idle > _TOLERANCE:
+            deps = [by_index[d] for d in span.deps if d in by_index]
+            latest = max(deps, key=lambda d: d.end, default=None)
+            blocker = (
+                latest.name
+                if latest is not None and latest.end >= span.start - _TOLERANCE
+                else "the scheduler (no dependency pending)"
+            )
+            gaps.append(Gap(step, previous_end, idle, span.name, blocker))
+        previous_end = max(previous_end, span.end)
+    return gaps
+
+
+def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
+    steps = sorted({s.step for s in timeline.spans if s.phase == "step"})
+    if not steps:
+        return TimelineSummary(steps=0, step_seconds=0.0)
+    total, bounds, all_gaps = 0.0, [], []
+    busy: dict[str, float] = {}
+    for step in steps:
+        spans = timeline.for_step(step)
+        start, end = _step_window(timeline, step, spans)
+        total += end - start
+        bounds.append(_bound(spans))
+        for s in spans:
+            busy[s.lane] = busy.get(s.lane, 0.0) + s.duration
+        all_gaps += _gaps(step, spans, start)
+
+    def rate(kind: str) -> float | None:
+        moved = [s for s in timeline.spans if s.kind == kind and s.bytes and s.phase == "step"]
+        seconds = sum(s.duration for s in moved)
+        return sum(s.bytes for s in moved) / seconds / 1e9 if moved and seconds > 0 else None
+
+    step_seconds = total / len(steps)
+    order = {"upload": 0, "compute": 1, "offload": 2}
+    return TimelineSummary(
+        steps=len(steps),
+        step_seconds=step_seconds,
+        lane_busy={lane: busy[lane] / total for lane in sorted(busy, key=lambda n: order.get(n, 9))},
+        upload_gb_s=rate("upload"),
+        offload_gb_s=rate("offload"),
+        pipeline_bound_seconds=_mean(bounds),
+        overlap_efficiency=_mean(bounds) / step_seconds if step_seconds > 0 else 0.0,
+        largest_gaps=tuple(sorted(all_gaps, key=lambda g: -g.seconds)[:gaps]),
+    )
