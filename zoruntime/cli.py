@@ -1,5 +1,6 @@
 """The ``zoruntime`` command: one subcommand per job, each delegating to its module's ``main``.
 
+    zoruntime train                         fine-tune the built-in default (see zoruntime train --help)
 zoruntime bench --model opt-1.3b        offloaded throughput vs MeZO and the transfer floor
 """
 
@@ -12,6 +13,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
+        "train": "fine-tune an OPT model; no options: the built-in default (zoruntime train --help)",
         "bench": "throughput benchmark against MeZO and the transfer floor (zoruntime bench --help)",
         "trace": "summarise or plot a saved timeline (zoruntime trace --help)",
     }
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<8} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import main as train
+
+        return train(rest)
     if command == "bench":
         from .bench.throughput import main as bench
 

@@ -41,6 +41,7 @@ class StepState:
     seed: int
     lr: float
     batch: Batch | None  # validated, on the host; moved to the device by the embed task
+    metric: LossFn | None = None  # eval only: replaces the loss (e.g. an accuracy)
     inputs: StageInputs | None = None
     hidden_plus: torch.Tensor | None = None  # [B, T, H]
     hidden_minus: torch.Tensor | None = None  # [B, T, H]; unused in eval
@@ -122,7 +123,7 @@ class Executor:
         batch = st.inputs.batch
         if st.mode is Mode.EVAL:
             params = self._unperturbed(s.group, s.group_scratch, s.group_layout)
-            st.loss_plus = self.loss_fn(self.adapter.head(params, st.hidden_plus), batch)
+            st.loss_plus = (st.metric or self.loss_fn)(self.adapter.head(params, st.hidden_plus), batch)
             return
         assert st.hidden_minus is not None
         perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)

@@ -8,7 +8,7 @@ tasks. Every error names the problem and the fix.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,14 +16,18 @@ import torch
 IGNORE_INDEX = -100
 """Label value that the loss skips (HF convention)."""
 
+_KNOWN = ("input_ids", "attention_mask", "labels")
+
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """``input_ids`` [B, T] int; ``attention_mask`` [B, T] or None (all ones); ``labels`` [B, T]."""
+    """``input_ids`` [B, T] int; ``attention_mask`` [B, T] or None (all ones); ``labels`` [B, T];
+    ``extras``: any other tensors of the input mapping, passed through to a custom loss."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     labels: torch.Tensor
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -31,7 +35,10 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
-        return Batch(self.input_ids.to(device, non_blocking=True), mask, self.labels.to(device, non_blocking=True))
+        extras = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}
+        return Batch(
+            self.input_ids.to(device, non_blocking=True), mask, self.labels.to(device, non_blocking=True), extras
+        )
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -113,4 +120,5 @@ def make_batch(batch: Batch | Mapping[str, Any], *, vocab_size: int, max_positio
         labels = labels.long().clone()
     if mask is not None:
         labels[mask == 0] = IGNORE_INDEX
-    return Batch(ids, mask, labels)
+    extras = {k: v for k, v in raw.items() if k not in _KNOWN and isinstance(v, torch.Tensor)}
+    return Batch(ids, mask, labels, extras)

@@ -3,12 +3,15 @@
 The model is built on the meta device (no memory, no random draws), materialised empty and
 filled from a private ``torch.Generator``: normal(0, init_std) for linear and embedding
 weights (the padding row zeroed), zeros for biases, ones and zeros for layer norms, as HF
-initialises OPT. Also holds the built-in tiny configuration used by tests and demos.
+initialises OPT. Also holds the built-in tiny configuration used by tests and demos,
+``materialize_flat`` (groups born flat in pinned buffers, for benchmarks of big shapes) and
+``load_pretrained_opt`` (a local folder or a hub name, with errors that say what to do).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,4 +122,27 @@ def materialize_flat(
         for name, param in list(module._parameters.items()):
             if param is not None and id(param) in replacements:
                 module._parameters[name] = replacements[id(param)]
+    return model.eval()
+
+
+def load_pretrained_opt(where: str, dtype: torch.dtype) -> OPTForCausalLM:
+    """``OPTForCausalLM.from_pretrained`` on a local folder or a hub name, in ``dtype``; every
+    failure becomes a ValueError whose message says what to do."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except (OSError, ValueError) as error:
+        kind = "a local folder without a usable config.json" if Path(where).exists() else "not a local folder"
+        raise ValueError(
+            f"could not load a model from {where!r} ({kind}; {type(error).__name__}). For a hub model, download "
+            f"it first on a machine with network (huggingface-cli download {where}) or pass the folder it is in"
+        ) from None
+    if config.model_type != "opt":
+        raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains OPT models (facebook/opt-*)")
+    try:
+        model = OPTForCausalLM.from_pretrained(where)
+    except OSError as error:
+        raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
+    nn.Module.to(model, dtype=dtype)
     return model.eval()

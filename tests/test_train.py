@@ -1,0 +1,160 @@
+"""`zoruntime train`: the default run end to end, real loading from a local folder, the LM task on a
+text file, SST-2 prompts and candidate scoring, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel, OPTForCausalLM
+
+import zoruntime
+from zoruntime.data.sst2 import (
+    WORDS,
+    candidate_accuracy,
+    candidate_batch,
+    candidate_loss,
+    candidate_scores,
+    prompt_rows,
+)
+from zoruntime.data.tokenizer import ByteTokenizer
+from zoruntime.journal import read_journal
+from zoruntime.models import random_opt, tiny_opt_config
+
+
+def _train(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zoruntime", "train", "--no-progress", *args],
+        capture_output=True, text=True, timeout=150, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_default_run_writes_a_model_folder_that_from_pretrained_loads(tmp_path: Path) -> None:
+    done = _train("--steps", "40", "--eval-every", "20", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "before: dev loss" in done.stdout and "after:  dev loss" in done.stdout and "step 20: dev loss" in done.stdout
+    )
+    trained = OPTForCausalLM.from_pretrained(tmp_path / "model")
+    start = random_opt(tiny_opt_config(num_hidden_layers=4), seed=0)
+    assert trained.lm_head.weight is trained.model.decoder.embed_tokens.weight
+    differs = [not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters(), strict=True)]
+    assert all(differs)
+    config = json.loads((tmp_path / "zoruntime.json").read_text())
+    assert config["steps"] == 40 and config["device"] == "cpu" and config["policy"] == "depth=1"
+    assert [r.step for r in read_journal(tmp_path / "journal.jsonl")] == list(range(40))
+    assert (tmp_path / "trace.json").exists() and (tmp_path / "timeline.png").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dev_loss_after"] < summary["dev_loss_before"]
+
+
+@pytest.mark.slow
+def test_lm_task_on_a_text_file_from_a_locally_saved_model(tmp_path: Path) -> None:
+    folder = tmp_path / "base"
+    tiny_model(num_hidden_layers=2, vocab_size=260).save_pretrained(folder)
+    ByteTokenizer().save_pretrained(folder)
+    text = tmp_path / "poem.txt"
+    text.write_text("roses are red, violets are blue, zeroth order training is something new. " * 40)
+    done = _train("--model", str(folder), "--text-file", str(text), "--steps", "10", "--max-length", "32",
+                  "--batch-size", "4", "--policy", "memory=1MB", "--no-trace",
+                  "--out", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(read_journal(tmp_path / "run" / "journal.jsonl")) == 10
+    assert OPTForCausalLM.from_pretrained(tmp_path / "run" / "model").config.num_hidden_layers == 2
+
+
+def test_sst2_prompt_rows_mark_only_the_candidate_word() -> None:
+    tokenizer = ByteTokenizer()
+    rows = prompt_rows("a gripping film", tokenizer, max_length=64)
+    assert len(rows) == len(WORDS) == 2
+    for (ids, labels), word in zip(rows, WORDS, strict=True):
+        assert tokenizer.decode(ids) == f"a gripping film It was {word}."
+        assert tokenizer.decode([t for t in labels if t >= 0]) == f" {word}"
+        assert ids[0] == tokenizer.bos_token_id
+    cut = prompt_rows("a very long review " * 10, tokenizer, max_length=40)
+    assert all(len(ids) == 40 and tokenizer.decode(ids).endswith("It was terrible.") for ids, _ in cut[:1])
+
+
+def test_sst2_candidate_scoring_picks_the_likelier_word_and_scores_it_exactly() -> None:
+    tokenizer = ByteTokenizer()
+    examples = [("a gripping film", 1), ("dull and long", 0)]
+    raw = candidate_batch(examples, tokenizer, max_length=64)
+    model = tiny_model(vocab_size=260, max_position_embeddings=64)
+    batch = zoruntime.OPTAdapter(model).validate(raw)
+    assert batch.extras["label"].tolist() == [1, 0]
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+    scores = candidate_scores(logits, batch)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for row in range(4):  # the hand computation: sum of log p(token | prefix) over the word's tokens
+        positions = [t for t in range(1, batch.labels.shape[1]) if batch.labels[row, t] >= 0]
+        manual = sum(logp[row, t - 1, batch.labels[row, t]] for t in positions)
+        torch.testing.assert_close(scores.view(-1)[row], manual)
+    expected_loss = torch.nn.functional.cross_entropy(scores, torch.tensor([1, 0]))
+    torch.testing.assert_close(candidate_loss(logits, batch), expected_loss)
+    accuracy = (scores.argmax(dim=1) == torch.tensor([1, 0])).float().mean()
+    assert candidate_accuracy(logits, batch) == accuracy
+
+
+@pytest.mark.asyncio
+async def test_candidate_loss_trains_through_the_runtime() -> None:
+    tokenizer = ByteTokenizer()
+    raw = candidate_batch([("fine", 1), ("awful", 0), ("great fun", 1)], tokenizer, max_length=32)
+    model = tiny_model(vocab_size=260, max_position_embeddings=64, num_hidden_layers=3)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-2), loss_fn=candidate_loss) as rt:
+        stats = await rt.step(raw)
+        accuracy = await rt.evaluate(raw, metric=candidate_accuracy)
+    assert stats.loss_plus != stats.loss_minus
+    assert accuracy == pytest.approx(round(accuracy * 3) / 3)  # a fraction of the three examples
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "qa"], "unknown --task 'qa'; choose lm or sst2"),
+        (["--text-file", "/no/such/file.txt"], "--text-file /no/such/file.txt does not exist"),
+        (["--steps", "0"], "--steps must be > 0, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be > 0, got -2"),
+        (["--lr", "-1"], "lr must be a finite number >= 0"),
+        (["--policy", "fast"], "--policy 'fast' is not depth=K or memory=SIZE"),
+        (["--model", "/no/such/folder"], "could not load a model from '/no/such/folder' (not a local folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(args: list[str], message: str, tmp_path: Path) -> None:
+    done = _train(*args, "--out", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert message in done.stderr
+
+
+def test_a_model_folder_that_is_not_opt(tmp_path: Path) -> None:
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    done = _train("--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "run"))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "is a 'gpt2' model; zoruntime trains OPT models" in done.stderr
+
+
+def test_offline_hub_model_and_missing_dataset_say_what_to_download(tmp_path: Path) -> None:
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    hub = _train("--model", "facebook/opt-125m", "--out", str(tmp_path), env=offline)
+    assert hub.returncode == 2 and "huggingface-cli download facebook/opt-125m" in hub.stderr
+    sst2 = _train("--task", "sst2", "--out", str(tmp_path), env=offline)
+    assert sst2.returncode == 2 and sst2.stderr.strip().count("\n") == 0
+    assert "pip install datasets" in sst2.stderr or "could not load GLUE SST-2" in sst2.stderr
+
+
+def test_help_explains_every_option_with_its_default() -> None:
+    out = subprocess.run([sys.executable, "-m", "zoruntime", "train", "--help"], capture_output=True, text=True).stdout
+    options = ["--steps", "--lr", "--eps", "--weight-decay", "--batch-size", "--max-length", "--seed", "--device",
+               "--dtype", "--policy", "--eval-every", "--trace", "--out", "--model", "--task",
+               "--text-file"]  # fmt: skip
+    for option in options:
+        assert option in out
+    assert "(default: 1000)" in out and "(default: depth=1)" in out

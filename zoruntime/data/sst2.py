@@ -1,0 +1,132 @@
+"""SST-2 as MeZO does it: the prompt "<sentence> It was great." / "... terrible.", scored by
+candidates.
+
+Each example becomes one row per candidate word; the labels mark only the candidate's tokens.
+The training loss is the cross-entropy over the candidates' summed log-likelihoods (the gold
+word should be likelier), and evaluation picks the likelier candidate. The data comes from the
+``datasets`` library's GLUE SST-2; offline, a clear message says how to get it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.nn import functional as F
+
+from ..models.batch import IGNORE_INDEX, Batch
+
+WORDS = ("terrible", "great")  # label 0 = negative, 1 = positive
+
+
+class DataUnavailable(RuntimeError):
+    """The dataset cannot be had here; the message says how to get it."""
+
+
+class Tokenizer(Protocol):
+    pad_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+def prompt_rows(sentence: str, tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """One (token ids, labels) row per candidate word: ``<sentence> It was <word>.``; labels are
+    -100 except on the word's tokens. The sentence is cut from the left to fit ``max_length``."""
+    prefix = tokenizer.encode(f"{sentence.strip()} It was", add_special_tokens=True)
+    rows = []
+    for word in WORDS:
+        candidate = tokenizer.encode(f" {word}", add_special_tokens=False)
+        suffix = tokenizer.encode(".", add_special_tokens=False)
+        room = max_length - len(candidate) - len(suffix)
+        if room < 2:
+            raise ValueError(f"--max-length {max_length} leaves no room for the SST-2 prompt")
+        head = prefix if len(prefix) <= room else prefix[:1] + prefix[len(prefix) - room + 1 :]
+        ids = head + candidate + suffix
+        labels = [IGNORE_INDEX] * len(head) + candidate + [IGNORE_INDEX] * len(suffix)
+        rows.append((ids, labels))
+    return rows
+
+
+def candidate_batch(
+    examples: Sequence[tuple[str, int]], tokenizer: Tokenizer, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Rows for every (sentence, label): [examples × candidates, T], right-padded, plus ``label``."""
+    rows = [row for sentence, _ in examples for row in prompt_rows(sentence, tokenizer, max_length)]
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
+    ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, (row_ids, row_labels) in enumerate(rows):
+        ids[r, : len(row_ids)] = torch.tensor(row_ids)
+        labels[r, : len(row_labels)] = torch.tensor(row_labels)
+        mask[r, : len(row_ids)] = 1
+    gold = torch.tensor([label for _, label in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "label": gold}
+
+
+def candidate_scores(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed log-likelihood of each row's candidate tokens: logits [R, T, V] → scores [examples, candidates]."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = batch.labels[:, 1:]
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_row = (picked * (targets != IGNORE_INDEX)).sum(dim=1)
+    return per_row.view(-1, len(WORDS))
+
+
+def candidate_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the gold candidate among the candidates."""
+    return F.cross_entropy(candidate_scores(logits, batch), batch.extras["label"])
+
+
+def candidate_accuracy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Fraction of examples whose gold candidate is the likelier one."""
+    return (candidate_scores(logits, batch).argmax(dim=1) == batch.extras["label"]).float().mean()
+
+
+def load_sst2(train_examples: int, dev_examples: int, seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """GLUE SST-2 through ``datasets``: a seeded sample of the train split and the validation split."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataUnavailable("--task sst2 needs the datasets library: pip install datasets") from None
+    try:
+        glue: Any = datasets.load_dataset("glue", "sst2")
+    except Exception as error:  # offline, missing cache, hub errors: all end the same way for the user
+        raise DataUnavailable(
+            "could not load GLUE SST-2 "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}); "
+            "download it once on a machine with network: "
+            "python -c \"import datasets; datasets.load_dataset('glue', 'sst2')\", "
+            "then run with HF_DATASETS_OFFLINE=1"
+        ) from None
+    train = [(row["sentence"], int(row["label"])) for row in glue["train"]]
+    dev = [(row["sentence"], int(row["label"])) for row in glue["validation"]]
+    random.Random(seed).shuffle(train)
+    return train[:train_examples], dev[:dev_examples]
+
+
+@dataclass(frozen=True)
+class SST2Task:
+    train: list[tuple[str, int]]
+    dev: list[tuple[str, int]]
+    tokenizer: Tokenizer
+    max_length: int
+    batch_size: int
+    seed: int = 0
+
+    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(self.seed * 1_000_003 + step)
+        return candidate_batch(
+            [rng.choice(self.train) for _ in range(self.batch_size)], self.tokenizer, self.max_length
+        )
+
+    def dev_batches(self, max_rows: int = 10**9) -> list[dict[str, torch.Tensor]]:
+        dev = self.dev[:max_rows]
+        return [
+            candidate_batch(dev[i : i + self.batch_size], self.tokenizer, self.max_length)
+            for i in range(0, len(dev), self.batch_size)
+        ]
