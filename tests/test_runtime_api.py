@@ -38,21 +38,6 @@ async def test_an_error_in_a_block_names_the_task_and_leaves_no_thread_behind(mo
 
 
 @pytest.mark.asyncio
-async def test_an_error_in_the_loss_names_the_head_and_stops_the_runtime() -> None:
-    model = tiny_model(num_hidden_layers=2)
-
-    def bad_loss(logits, batch):
-        raise ValueError("labels do not fit")
-
-    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), loss_fn=bad_loss) as rt:
-        with pytest.raises(zoruntime.TaskFailed, match=r"head of the resident group failed: ValueError"):
-            await rt.step(token_batch(model.config))
-        with pytest.raises(RuntimeError, match=r"stopped after a failed step.*close it"):
-            await rt.step(token_batch(model.config))
-    assert _zoruntime_threads() == []
-
-
-@pytest.mark.asyncio
 async def test_steps_must_be_awaited_one_at_a_time() -> None:
     model = tiny_model(num_hidden_layers=2)
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3)) as rt:

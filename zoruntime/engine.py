@@ -13,6 +13,7 @@ to each group the next time that group is on the compute device; ``flush`` (and 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from .policies.base import FixedDepth, ModelLayout, Plan, Policy
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler
-from .storage import Storage
+from .storage import Storage, out_of_memory_advice
 from .tracing.recorder import Timeline, TimelineRecorder
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
@@ -61,7 +62,7 @@ def _backend(device: str | torch.device, timing: bool) -> Backend:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeStatistics:
-    """A snapshot of the runtime: steps done, the plan, and compute-side memory."""
+    """A snapshot of the runtime: steps done, the plan, compute-side memory, steps skipped or failed."""
 
     steps: int
     num_blocks: int
@@ -71,6 +72,8 @@ class RuntimeStatistics:
     block_bytes: int
     compute_bytes: int
     pending_update: bool
+    skipped_steps: int  # a loss was not finite: no update
+    failed_steps: int  # a task raised: the step was abandoned, the weights kept
 
 
 class Runtime:
@@ -87,6 +90,7 @@ class Runtime:
         compute_dtype: torch.dtype | None = None,
         trace: bool = False,
         instruments: Iterable[object] = (),
+        start_step: int = 0,
     ) -> None:
         if not isinstance(optimizer, ZOSGD):
             raise TypeError(f"optimizer must be zoruntime.ZOSGD(lr=..., eps=...), got {type(optimizer).__name__}")
@@ -117,16 +121,31 @@ class Runtime:
         self._scheduler: Scheduler | None = None
         self._busy = False
         self._broken: BaseException | None = None
-        self.step_index = 0
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(
+                f"start_step must be an int >= 0 (the step a resumed run continues from), got {start_step!r}"
+            )
+        self.step_index = start_step
+        self.skipped_steps = 0
+        self.failed_steps = 0
 
     # -- lifetime ---------------------------------------------------------------------------
+    def _allocate(self, backend: Backend) -> Storage:
+        try:
+            return Storage(self.adapter, self.plan, backend, self.compute_dtype)
+        except torch.OutOfMemoryError as error:
+            free = torch.cuda.mem_get_info(backend.device)[0] if backend.device.type == "cuda" else 0
+            what = f"{type(self.policy).__name__} (depth {self.plan.depth}, {len(self.plan.resident)} resident)"
+            advice = out_of_memory_advice(self.adapter, self.plan, self.compute_dtype, free, what)
+            raise MemoryError(advice) from error
+
     async def open(self) -> Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
         if self._backend is not None:
             raise RuntimeError("this runtime is already open")
         backend = _backend(self._device, timing=self._recorder is not None)
         try:
-            storage = Storage(self.adapter, self.plan, backend, self.compute_dtype)
+            storage = self._allocate(backend)
             backend.ready()
             self._executor = Executor(
                 self.adapter, storage, DirectionSampler(backend.device), self.config, self._loss_fn
@@ -169,7 +188,10 @@ class Runtime:
         if self._backend is None or self._executor is None or self._scheduler is None:
             raise RuntimeError(f"open the runtime before {what}: use `async with Runtime(...) as rt:`")
         if self._broken is not None:
-            raise RuntimeError(f"the runtime stopped after a failed step ({self._broken}); close it and start again")
+            raise RuntimeError(
+                f"the runtime stopped: the device failed while recovering from a failed step ({self._broken}); "
+                "close it and resume from the last checkpoint"
+            )
         if self._busy:
             raise RuntimeError(f"{what} was called while another step runs; await each call before the next")
         return self._executor, self._scheduler
@@ -187,12 +209,21 @@ class Runtime:
             for span_step, task, start, end in backend.take_timings():
                 self._instruments.call("task_started", span_step, task, start)
                 self._instruments.call("task_finished", span_step, task, end)
-        except BaseException as error:
-            self._broken = error
+        except BaseException:
+            # The step is abandoned, the weights are not: every group's stamp says which update it
+            # holds, so the pending one is neither lost nor applied twice by the next pass. Wait
+            # for the device to finish what was enqueued so the stamps describe the device.
+            self.failed_steps += 1
+            try:
+                await backend.drain()
+                backend.take_timings()
+            except BaseException as error:
+                self._broken = error
             raise
         finally:
             executor.state = None
             self._busy = False
+        executor.pending_is_applied()  # a complete pass went through every group
         return executor
 
     def _prepare(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
@@ -206,9 +237,16 @@ class Runtime:
         state = self._prepare(batch, Mode.TRAIN, t)
         executor = await self._run("step", state, t)
         assert state.loss_plus is not None and state.loss_minus is not None and state.grad is not None
-        executor.pending = PendingUpdate.from_gradient(t, state.seed, state.lr, self.config.weight_decay, state.grad)
+        loss_plus, loss_minus, grad = float(state.loss_plus), float(state.loss_minus), float(state.grad)
+        skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, grad))
+        if skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
+            self.skipped_steps += 1
+        else:
+            executor.pending = PendingUpdate.from_gradient(
+                t, state.seed, state.lr, self.config.weight_decay, state.grad
+            )
         self.step_index = t + 1
-        return StepStats(t, state.seed, state.lr, float(state.loss_plus), float(state.loss_minus), float(state.grad))
+        return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped)
 
     async def evaluate(self, batch: Batch | Mapping[str, object], metric: LossFn | None = None) -> float:
         """The loss at the current weights (or ``metric(logits, batch)``, e.g. an accuracy): an
@@ -216,15 +254,13 @@ class Runtime:
         is no longer pending)."""
         state = self._prepare(batch, Mode.EVAL, self.step_index)
         state.metric = metric
-        executor = await self._run("eval", state, self.step_index)
-        executor.pending = None
+        await self._run("eval", state, self.step_index)
         assert state.loss_plus is not None
         return float(state.loss_plus)
 
     async def flush(self) -> None:
         """Apply the pending update to every group and write all weights back into the model."""
-        executor = await self._run("flush", None, self.step_index)
-        executor.pending = None
+        await self._run("flush", None, self.step_index)
 
     # -- looking inside -----------------------------------------------------------------------------
     def _bytes_moved(self, task: Task) -> int:
@@ -250,4 +286,6 @@ class Runtime:
             block_bytes=self.adapter.block_layouts[0].nbytes,
             compute_bytes=storage.compute_bytes if storage else 0,
             pending_update=bool(self._executor and self._executor.pending is not None),
+            skipped_steps=self.skipped_steps,
+            failed_steps=self.failed_steps,
         )

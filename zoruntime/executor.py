@@ -60,6 +60,12 @@ class Executor:
         self.config = config
         self.loss_fn = loss_fn
         self.pending: PendingUpdate | None = None
+        # Which update each group's authoritative copy holds (the host master of a streamed block,
+        # the device buffer of a resident block or of the resident group): the step of the last
+        # update applied, -1 for none. A step that fails part-way leaves some groups with the
+        # pending update and some without; these stamps keep it from being lost or applied twice.
+        self.applied: dict[int, int] = {}
+        self._slot_holds: dict[int, int] = {}
         self.state: StepState | None = None
         self._kinds: dict[Kind, Callable[[Task], None]] = {
             Kind.EMBED: self._embed,
@@ -81,10 +87,21 @@ class Executor:
         return work
 
     # -- helpers ------------------------------------------------------------------------------
-    def _apply_pending(self, group: int, weights: torch.Tensor, z: torch.Tensor, decayed: list[torch.Tensor]) -> None:
-        if self.pending is not None:
-            self.sampler.draw(self.pending.seed, group, z)
-            apply_update(weights, z, self.pending, decayed)
+    def _apply_pending(
+        self, group: int, weights: torch.Tensor, z: torch.Tensor, decayed: list[torch.Tensor], holds: int
+    ) -> int:
+        """Apply the pending update to ``weights`` (which hold update ``holds``) unless they have it;
+        returns the update they hold afterwards."""
+        pending = self.pending
+        if pending is None or holds >= pending.step:
+            return holds
+        self.sampler.draw(pending.seed, group, z)
+        apply_update(weights, z, pending, decayed)
+        return pending.step
+
+    def pending_is_applied(self) -> None:
+        """Every group has been through a complete pass: the pending update is in all of them."""
+        self.pending = None
 
     def _unperturbed(
         self, weights: torch.Tensor, scratch: torch.Tensor, layout: GroupLayout
@@ -100,8 +117,9 @@ class Executor:
 
     # -- the group (embedding and head) ---------------------------------------------------------
     def _group_update(self) -> None:
-        s = self.storage
-        self._apply_pending(RESIDENT_GROUP, s.group, s.group_z, s.group_layout.decayed_views(s.group))
+        s, holds = self.storage, self.applied.get(RESIDENT_GROUP, -1)
+        decayed = s.group_layout.decayed_views(s.group)
+        self.applied[RESIDENT_GROUP] = self._apply_pending(RESIDENT_GROUP, s.group, s.group_z, decayed, holds)
 
     def _embed(self, task: Task) -> None:
         st, s = self._current(), self.storage
@@ -147,11 +165,21 @@ class Executor:
             s.host_group.copy_(s.group, non_blocking=True)
             return
         s.host_blocks[task.block].copy_(self._weights(task), non_blocking=True)
+        if task.block not in s.resident_blocks:  # the host master is the authoritative copy again
+            assert task.slot is not None
+            self.applied[block_group(task.block)] = self._slot_holds[task.slot]
 
     def _block_update(self, task: Task) -> torch.Tensor:
         assert task.block is not None
-        s, weights = self.storage, self._weights(task)
-        self._apply_pending(block_group(task.block), weights, s.z, s.block_layout.decayed_views(weights))
+        s, weights, group = self.storage, self._weights(task), block_group(task.block)
+        holds = self._apply_pending(
+            group, weights, s.z, s.block_layout.decayed_views(weights), self.applied.get(group, -1)
+        )
+        if task.block in s.resident_blocks:
+            self.applied[group] = holds
+        else:  # a streamed block's slot is a copy; its master changes when the slot is offloaded
+            assert task.slot is not None
+            self._slot_holds[task.slot] = holds
         return weights
 
     def _compute(self, task: Task) -> None:

@@ -69,3 +69,28 @@ class Storage:
         tensors = [self.group, self.group_scratch, self.group_z, self.scratch, self.z]
         tensors += [*self.resident_blocks.values(), *self.slots]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bytes_needed(adapter: OPTAdapter, plan: Plan, compute_dtype: torch.dtype) -> int:
+    """Compute-side bytes ``Storage`` allocates for ``plan`` (before activations)."""
+    block, group = adapter.block_layouts[0], adapter.resident_layout
+    scratch = block.numel * compute_dtype.itemsize
+    group_bytes = 2 * group.nbytes + group.numel * compute_dtype.itemsize
+    blocks = len(plan.resident) + plan.slots(adapter.num_blocks) + 1  # + the direction buffer
+    return group_bytes + blocks * block.nbytes + scratch
+
+
+def out_of_memory_advice(
+    adapter: OPTAdapter, plan: Plan, compute_dtype: torch.dtype, free_bytes: int, what: str
+) -> str:
+    """Says how much ``plan`` needed, how much was free, and which plan would fit."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    need = bytes_needed(adapter, plan, compute_dtype)
+    text = f"out of device memory: {what} needs {gib(need)} for its buffers, {gib(free_bytes)} is free"
+    for depth in (2, 1, 0):
+        if depth < plan.depth or (depth == plan.depth and plan.resident):
+            candidate = Plan(depth)
+            fits = bytes_needed(adapter, candidate, compute_dtype)
+            if fits < 0.9 * free_bytes:
+                return f"{text}; FixedDepth({depth}) needs {gib(fits)} and would fit (activations come on top)"
+    return f"{text}; even FixedDepth(0) needs {gib(bytes_needed(adapter, Plan(0), compute_dtype))}: use a bigger GPU"

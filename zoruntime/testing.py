@@ -1,16 +1,19 @@
-"""Test doubles shipped with the library: run the real scheduler on the simulated backend.
+"""Test doubles shipped with the library.
 
-``simulate`` answers "how long would a step take with these per-block figures and this
-policy?" without tensors or threads, on a virtual clock, in milliseconds of real time.
+``simulate`` runs the real scheduler on the simulated backend: "how long would a step take
+with these per-block figures and this policy?" without tensors or threads, on a virtual
+clock, in milliseconds of real time. ``inject_faults`` makes chosen tasks of a real runtime
+fail, for testing that a failed step damages nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .device.simulated import VirtualClockLoop, simulated_lanes
 from .policies import FixedDepth, ModelLayout, OpFigures, Policy
-from .runtime import Instruments, Kind, Scheduler, step_graph
+from .runtime import Instruments, Kind, Scheduler, Task, step_graph
 from .tracing import Timeline, TimelineRecorder
 
 
@@ -52,3 +55,35 @@ def simulate(
 
 def _no_work() -> None:
     return None
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``inject_faults`` inside a task."""
+
+
+def inject_faults(runtime: Any, should_fail: Callable[[int, Task], bool]) -> list[tuple[int, str]]:
+    """Make the tasks of an open ``Runtime`` raise ``InjectedFault`` where ``should_fail(step, task)``.
+
+    The fault is raised when the task's work starts, as a failing kernel or allocation would.
+    Returns the list that records (step, task) of every injected fault.
+    """
+    executor = runtime._executor
+    if executor is None:
+        raise RuntimeError("open the runtime before injecting faults")
+    original = executor.work_for
+    injected: list[tuple[int, str]] = []
+
+    def work_for(task: Task) -> Callable[[], None]:
+        work = original(task)
+        step = executor.state.step if executor.state is not None else runtime.step_index
+        if not should_fail(step, task):
+            return work
+
+        def failing() -> None:
+            injected.append((step, str(task)))
+            raise InjectedFault(f"fault injected into {task} of step {step}")
+
+        return failing
+
+    setattr(executor, "work_for", work_for)  # noqa: B010 (an instance attribute over the method)
+    return injected

@@ -9,6 +9,7 @@ what a step means.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -71,12 +72,15 @@ class ReferenceZO:
                 perturbed.update({names[k]: v for k, v in layout.views(copy).items()})
         loss_plus, loss_minus = self._loss(batch, plus), self._loss(batch, minus)
         grad = projected_gradient(loss_plus, loss_minus, cfg.eps)
-        update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)
-        for layout, flat, _ in self._groups:  # z is regenerated, never stored
-            z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
-            apply_update(flat, z, update, layout.decayed_views(flat))
+        values = (float(loss_plus), float(loss_minus), float(grad))
+        skipped = not all(math.isfinite(v) for v in values)  # a non-finite loss makes no update
+        if not skipped:
+            update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)
+            for layout, flat, _ in self._groups:  # z is regenerated, never stored
+                z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
+                apply_update(flat, z, update, layout.decayed_views(flat))
         self.step_index += 1
-        return StepStats(t, seed, lr, float(loss_plus), float(loss_minus), float(grad))
+        return StepStats(t, seed, lr, *values, skipped=skipped)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch | Mapping[str, object]) -> float:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """Step index (0-based), its seed and lr, both perturbed losses and the projected gradient."""
+    """Step index (0-based), its seed and lr, both perturbed losses and the projected gradient.
+
+    ``skipped``: a loss was not finite, so the step made no update (training goes on)."""
 
     step: int
     seed: int
@@ -15,6 +17,7 @@ class StepStats:
     loss_plus: float
     loss_minus: float
     projected_grad: float
+    skipped: bool = False
 
     @property
     def loss(self) -> float:

@@ -1,0 +1,152 @@
+"""Failure without damage: a task that raises abandons its step, not the weights; a non-finite
+loss skips the update; the runtime stays usable and ends bitwise where a clean run ends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+import zoruntime
+from zoruntime.models.opt import OPTAdapter
+from zoruntime.policies import FixedDepth, MemoryBudget
+from zoruntime.runtime import Task
+from zoruntime.storage import out_of_memory_advice
+from zoruntime.testing import InjectedFault, inject_faults
+from zoruntime.zo.reference import ReferenceZO
+
+BLOCKS = 5
+CONFIG = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=7)
+
+
+def _model() -> torch.nn.Module:
+    return tiny_model(seed=2, num_hidden_layers=BLOCKS)
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _policy(name: str):
+    block = OPTAdapter(_model()).block_layouts[0].nbytes
+    return {"depth1": FixedDepth(1), "serial": FixedDepth(0), "resident": MemoryBudget(6 * block)}[name]
+
+
+FAULTS = [
+    ("embed", None), ("upload", 0), ("compute", 2), ("compute", 3), ("offload", 1), ("upload", 4), ("offload", 4),
+    ("head", None),
+]  # fmt: skip
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["depth1", "serial", "resident"])
+@pytest.mark.parametrize(("kind", "block"), FAULTS)
+async def test_a_failed_step_leaves_the_weights_as_they_were_and_the_run_goes_on(policy: str, kind, block) -> None:
+    clean_model, faulty_model = _model(), _model()
+    async with zoruntime.Runtime(clean_model, CONFIG, policy=_policy(policy)) as clean:
+        expected = [await clean.step(token_batch(clean_model.config, seed=i)) for i in range(4)]
+        await clean.step(token_batch(clean_model.config, seed=0))  # 5th step: flush after 2 happens below
+    async with zoruntime.Runtime(faulty_model, CONFIG, policy=_policy(policy)) as rt:
+        got = [await rt.step(token_batch(faulty_model.config, seed=i)) for i in range(2)]
+
+        def fail_once(step: int, task: Task) -> bool:
+            return step == 2 and task.kind.value == kind and task.block == block and not injected
+
+        injected = inject_faults(rt, fail_once)
+        with pytest.raises(zoruntime.TaskFailed, match=rf"step 2: {kind} of .* failed: InjectedFault") as info:
+            await rt.step(token_batch(faulty_model.config, seed=2))
+        assert isinstance(info.value.__cause__, InjectedFault) and len(injected) == 1
+        assert rt.step_index == 2 and rt.statistics().failed_steps == 1
+        got += [await rt.step(token_batch(faulty_model.config, seed=i)) for i in (2, 3)]  # the retry
+        await rt.step(token_batch(faulty_model.config, seed=0))
+    assert got == expected
+    assert all(torch.equal(a, b) for a, b in zip(_weights(clean_model), _weights(faulty_model), strict=True))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("kind", "block"), [("compute", 2), ("offload", 1), ("head", None)])
+async def test_after_a_failure_the_flushed_weights_equal_the_weights_before_the_step(kind, block) -> None:
+    before_model, model = _model(), _model()
+    async with zoruntime.Runtime(before_model, CONFIG) as rt:
+        for i in range(2):
+            await rt.step(token_batch(before_model.config, seed=i))
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        for i in range(2):
+            await rt.step(token_batch(model.config, seed=i))
+        injected = inject_faults(
+            rt, lambda step, task: task.kind.value == kind and task.block == block and not injected
+        )
+        with pytest.raises(zoruntime.TaskFailed):
+            await rt.step(token_batch(model.config, seed=2))
+    # leaving flushed: the model now holds exactly the weights of two steps, nothing lost, nothing twice
+    assert all(torch.equal(a, b) for a, b in zip(_weights(before_model), _weights(model), strict=True))
+
+
+def _nan_on_marker(logits: torch.Tensor, batch) -> torch.Tensor:
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             batch.labels[:, 1:].reshape(-1), ignore_index=-100)  # fmt: skip
+    return loss * math.nan if int(batch.input_ids[0, 0]) == 7 else loss
+
+
+@pytest.mark.asyncio
+async def test_a_non_finite_loss_skips_the_update_and_training_goes_on() -> None:
+    batches = [token_batch(_model().config, seed=i) for i in range(5)]
+    batches[2]["input_ids"][0, 0] = 7
+    ref_model, model = _model(), _model()
+    ref = ReferenceZO(ref_model, CONFIG, loss_fn=_nan_on_marker)
+    expected = [ref.step(b) for b in batches]
+    async with zoruntime.Runtime(model, CONFIG, loss_fn=_nan_on_marker) as rt:
+        got = [await rt.step(b) for b in batches]
+        assert rt.statistics().skipped_steps == 1
+    assert [s.skipped for s in got] == [False, False, True, False, False]
+    assert math.isnan(got[2].loss_plus) and got[3].step == 3
+    assert [(s.step, s.loss_plus, s.projected_grad) for s in got if not s.skipped] == [
+        (s.step, s.loss_plus, s.projected_grad) for s in expected if not s.skipped
+    ]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(_weights(ref_model), _weights(model), strict=True))
+
+
+@pytest.mark.asyncio
+async def test_an_error_in_the_loss_names_the_head_and_the_runtime_stays_usable() -> None:
+    model = _model()
+    calls = []
+
+    def flaky(logits, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("labels do not fit")
+        return model_adapter.causal_lm_loss(logits, batch)
+
+    model_adapter = OPTAdapter(model)
+    async with zoruntime.Runtime(model, CONFIG, loss_fn=flaky) as rt:
+        with pytest.raises(zoruntime.TaskFailed, match=r"head of the resident group failed: ValueError"):
+            await rt.step(token_batch(model.config))
+        assert (await rt.step(token_batch(model.config))).step == 0
+
+
+def test_out_of_memory_advice_names_the_need_and_a_policy_that_fits() -> None:
+    from zoruntime.models.init import tiny_opt_config
+
+    model = zoruntime.random_opt(tiny_opt_config(num_hidden_layers=8))
+    adapter = OPTAdapter(model)
+    block = adapter.block_layouts[0].nbytes
+    plan = _policy_plan(adapter, depth=2)
+    text = out_of_memory_advice(adapter, plan, torch.float32, free_bytes=2 * adapter.resident_layout.nbytes
+                                + 4 * block + adapter.resident_layout.nbytes, what="FixedDepth(2)")  # fmt: skip
+    assert text.startswith("out of device memory: FixedDepth(2) needs ")
+    assert "FixedDepth(0) needs" in text and "would fit" in text
+    hopeless = out_of_memory_advice(adapter, plan, torch.float32, free_bytes=1000, what="FixedDepth(2)")
+    assert "even FixedDepth(0) needs" in hopeless
+
+
+def _policy_plan(adapter: OPTAdapter, depth: int):
+    from zoruntime.policies import ModelLayout
+
+    return FixedDepth(depth).plan(ModelLayout(adapter.num_blocks, adapter.block_layouts[0].nbytes))
+
+
+def test_injected_faults_raise_the_documented_error() -> None:
+    assert issubclass(InjectedFault, RuntimeError)
