@@ -1,7 +1,10 @@
 """The ``zoruntime`` command: one subcommand per job, each delegating to its module's ``main``.
 
-    zoruntime train                         fine-tune the built-in default (see zoruntime train --help)
+zoruntime train                         fine-tune the built-in default (see zoruntime train --help)
 zoruntime bench --model opt-1.3b        offloaded throughput vs MeZO and the transfer floor
+zoruntime trace summary TRACE.json      busy lanes, achieved GB/s, overlap efficiency, gaps
+zoruntime trace plot TRACE.json -o OUT.png
+zoruntime replay --base MODEL --journal journal.jsonl --out DIR
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": "fine-tune an OPT model; no options: the built-in default (zoruntime train --help)",
         "bench": "throughput benchmark against MeZO and the transfer floor (zoruntime bench --help)",
         "trace": "summarise or plot a saved timeline (zoruntime trace --help)",
+        "replay": "rebuild fine-tuned weights from the base model and the journal (zoruntime replay --help)",
     }
     if not argv or argv[0] in {"-h", "--help"}:
         print("usage: zoruntime COMMAND [options]\n\ncommands:")
@@ -33,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench(rest)
     if command == "trace":
         return trace(rest)
+    if command == "replay":
+        from .replay import main as replay
+
+        return replay(rest)
     print(f"zoruntime: unknown command {command!r}; commands: {', '.join(commands)}", file=sys.stderr)
     return 2
 

@@ -16,11 +16,13 @@ import asyncio
 import math
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .device.base import Backend
 from .device.cpu import CPUBackend
 from .executor import Executor, Mode, StepState
@@ -262,6 +264,18 @@ class Runtime:
         """Apply the pending update to every group and write all weights back into the model."""
         await self._run("flush", None, self.step_index)
 
+    # -- checkpoints ---------------------------------------------------------------------------------
+    async def save_checkpoint(self, root: str | Path, state: Mapping[str, Any] | None = None) -> Path:
+        """Apply the pending update, then snapshot every master group into ``root`` (atomically;
+        see ``zoruntime.checkpoint``). ``state`` is stored beside it (e.g. the data position)."""
+        executor, _ = self._ready("rt.save_checkpoint()")
+        await self.flush()
+        storage = executor.storage
+        groups = {"resident": storage.host_group}
+        groups |= {f"block.{i:03d}": flat for i, flat in enumerate(storage.host_blocks)}
+        meta = {"layout": layout_fingerprint(self.adapter), **(state or {})}
+        return await asyncio.to_thread(save_checkpoint, root, self.step_index, groups, meta)
+
     # -- looking inside -----------------------------------------------------------------------------
     def _bytes_moved(self, task: Task) -> int:
         if task.kind not in (Kind.UPLOAD, Kind.OFFLOAD):
@@ -289,3 +303,30 @@ class Runtime:
             skipped_steps=self.skipped_steps,
             failed_steps=self.failed_steps,
         )
+
+
+def layout_fingerprint(adapter: OPTAdapter) -> list[list[Any]]:
+    """What a checkpoint must match: every group's parameter names, size and dtype."""
+    layouts = [adapter.resident_layout, *adapter.block_layouts]
+    return [[lay.group, lay.numel, str(lay.dtype), [p.name for p in lay.slices]] for lay in layouts]
+
+
+def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
+    """Load the latest checkpoint in ``root`` into ``model``'s parameters; returns its state
+    (``state["step"]`` is where a ``Runtime(..., start_step=...)`` continues)."""
+    adapter = OPTAdapter(model)
+    groups, state = load_checkpoint(root)
+    if state.get("layout") != layout_fingerprint(adapter):
+        raise CheckpointError(
+            f"the checkpoint in {root} was written for a different model (its groups, sizes or dtypes differ); "
+            "resume with the model the run started from"
+        )
+    layouts = [(adapter.resident_layout, adapter.resident_parameters(), groups["resident"])]
+    layouts += [
+        (lay, adapter.block_parameters(i), groups[f"block.{i:03d}"]) for i, lay in enumerate(adapter.block_layouts)
+    ]
+    with torch.no_grad():
+        for layout, params, flat in layouts:
+            for name, view in layout.views(flat).items():
+                params[name].copy_(view)
+    return state

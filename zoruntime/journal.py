@@ -29,12 +29,13 @@ class Record:
     loss_minus: float
     projected_grad: float
     batch: int  # index of the training batch the step used
+    skipped: bool = False  # a loss was not finite: the step made no update
 
     @classmethod
     def of(cls, stats: StepStats, eps: float, weight_decay: float, batch: int) -> Record:
         return cls(
             stats.step, stats.seed, stats.lr, eps, weight_decay, stats.loss_plus, stats.loss_minus,
-            stats.projected_grad, batch,
+            stats.projected_grad, batch, stats.skipped,
         )  # fmt: skip
 
 
@@ -74,3 +75,19 @@ def _records(path: Path) -> Iterator[Record]:
             yield Record(**fields)
         except (ValueError, TypeError):
             raise ValueError(f"{path}:{number}: corrupt journal record before the last line") from None
+
+
+def truncate_journal(path: str | Path, before_step: int) -> int:
+    """Keep only the records of steps before ``before_step`` (a resumed run redoes the rest);
+    written to a temporary file and renamed, so a crash keeps the old journal. Returns how many."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = [r for r in read_journal(path) if r.step < before_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(asdict(r)) + "\n" for r in kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    return len(kept)

@@ -27,12 +27,13 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from .checkpoint import CheckpointError, latest_checkpoint
 from .data.corpus import generated_corpus
 from .data.lm import LMTask
 from .data.sst2 import DataUnavailable, SST2Task, candidate_accuracy, candidate_loss, load_sst2
 from .data.tokenizer import ByteTokenizer
-from .engine import Runtime
-from .journal import Journal, Record
+from .engine import Runtime, restore_checkpoint
+from .journal import Journal, Record, truncate_journal
 from .models.init import load_pretrained_opt, random_opt, tiny_opt_config
 from .models.opt import LossFn
 from .policies.base import FixedDepth, MemoryBudget, Policy
@@ -67,12 +68,19 @@ class TrainConfig:
     compute_dtype: str | None = None
     policy: str = "depth=1"
     eval_every: int = 250
+    checkpoint_every: int = 250
     trace: bool = True
     out: str = "runs/default"
     progress: bool = True
+    resume: str | None = None
 
 
-def parser() -> argparse.ArgumentParser:
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "trace", "progress", "resume", "out")
+"""Options a resumed run may change; every other one must match the run it continues."""
+
+
+def parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The option parser; ``only_given`` leaves out options not on the command line."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="zoruntime train",
@@ -101,11 +109,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="dev evaluation every N steps (0: only at the ends)"
     )
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="full checkpoint every N steps, atomically (0: none)")  # fmt: skip
+    p.add_argument("--resume", default=d.resume, help="continue the run in this --out folder from its last checkpoint")
     p.add_argument(
         "--trace", action=argparse.BooleanOptionalAction, default=d.trace, help="save trace.json and timeline.png"
     )
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    if only_given:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
     return p
 
 
@@ -132,6 +146,8 @@ def check(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--max-length must be >= 2, got {config.max_length}")
     if config.eval_every < 0:
         raise UsageError(f"--eval-every must be >= 0, got {config.eval_every}")
+    if config.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
     if config.text_file is not None:
         if config.task != "lm":
             raise UsageError("--text-file goes with --task lm")
@@ -214,7 +230,7 @@ async def evaluate(rt: Runtime, task: LMTask | SST2Task, loss_fn: LossFn | None)
 
 
 async def train(config: TrainConfig) -> dict[str, Any]:
-    """Run ``config`` end to end; returns the summary that is also printed and saved."""
+    """Run ``config`` end to end (or continue it, with ``resume``); returns the printed, saved summary."""
     check(config)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
     out = Path(config.out)
@@ -225,18 +241,34 @@ async def train(config: TrainConfig) -> dict[str, Any]:
     resolved = {**asdict(config), "device": device, "parameters": sum(p.numel() for p in model.parameters())}
     print("zoruntime train " + json.dumps(resolved))
     out.mkdir(parents=True, exist_ok=True)
+    start, before = 0, None
+    if config.resume and latest_checkpoint(out / "checkpoints") is None:
+        print(f"{out} has no checkpoint yet: starting it over")
+        truncate_journal(out / "journal.jsonl", 0)
+    elif config.resume:
+        try:
+            state = restore_checkpoint(model, out / "checkpoints")
+        except CheckpointError as error:
+            raise UsageError(str(error)) from None
+        start, before = state["step"], Evaluation(state["before_loss"], state.get("before_accuracy"))
+        truncate_journal(out / "journal.jsonl", start)
+        print(f"resumed at step {start} from {out / 'checkpoints'}")
+    else:
+        (out / "journal.jsonl").unlink(missing_ok=True)
     (out / "zoruntime.json").write_text(json.dumps(resolved, indent=2) + "\n")
     compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
     runtime = Runtime(model, optimizer, device=device, policy=parse_policy(config.policy), loss_fn=loss_fn,
-                      compute_dtype=compute, trace=config.trace)  # fmt: skip
+                      compute_dtype=compute, trace=config.trace, start_step=start)  # fmt: skip
     tokens = 0
     started = time.perf_counter()
     with Journal(out / "journal.jsonl") as journal:
         async with runtime as rt:
-            before = await evaluate(rt, task, loss_fn)
-            print(f"before: {before}")
-            bar = tqdm(total=config.steps, desc="train", unit="step", disable=not config.progress, mininterval=0.5)
-            for step in range(config.steps):
+            if before is None:
+                before = await evaluate(rt, task, loss_fn)
+                print(f"before: {before}")
+            bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
+                       mininterval=0.5)  # fmt: skip
+            for step in range(start, config.steps):
                 batch = task.train_batch(step)
                 stats = await rt.step(batch)
                 journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step))
@@ -244,12 +276,20 @@ async def train(config: TrainConfig) -> dict[str, Any]:
                 bar.update(1)
                 rate = tokens / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-                if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-                    bar.write(f"step {step + 1}: {await evaluate(rt, task, loss_fn)}")
+                done = step + 1
+                if done < config.steps and config.eval_every and done % config.eval_every == 0:
+                    bar.write(f"step {done}: {await evaluate(rt, task, loss_fn)}")
+                if done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
+                    state = {"before_loss": before.loss, "before_accuracy": before.accuracy, "next_batch": done}
+                    try:
+                        await rt.save_checkpoint(out / "checkpoints", state)
+                    except CheckpointError as error:
+                        raise UsageError(str(error)) from None
             bar.close()
             after = await evaluate(rt, task, loss_fn)
             print(f"after:  {after}")
             timeline = rt.timeline if config.trace else None
+            skipped = rt.statistics().skipped_steps
     seconds = time.perf_counter() - started
     model_dir = out / "model"
     model.save_pretrained(model_dir, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -264,20 +304,41 @@ async def train(config: TrainConfig) -> dict[str, Any]:
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
-        "steps": config.steps, "seconds": seconds, "tokens_per_s": tokens / seconds, "out": str(out),
+        "steps": config.steps, "skipped_steps": skipped, "seconds": seconds,
+        "tokens_per_s": tokens / seconds, "out": str(out),
     }  # fmt: skip
     drop = 1 - after.loss / before.loss
-    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({drop:.1%} lower) in {seconds:.0f} s; saved {model_dir}")
+    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({drop:.1%} lower) in {seconds:.0f} s; saved {model_dir}"
+          + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainConfig:
+    """The configuration of the run in ``--resume DIR``, with the changes a resume may make."""
+    folder = Path(args.resume)
+    saved_file = folder / "zoruntime.json"
+    if not saved_file.is_file():
+        raise UsageError(f"--resume {folder}: no zoruntime.json there; is it the --out folder of a run?")
+    fields = set(TrainConfig.__dataclass_fields__)
+    saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k in fields}
+    given = vars(parser(only_given=True).parse_args(argv))
+    different = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if different:
+        changes = ", ".join(
+            f"--{k.replace('_', '-')} {new!r} (the run used {old!r})" for k, (old, new) in different.items()
+        )
+        raise UsageError(f"cannot resume {folder} with a different configuration: {changes}; start a new run instead")
+    keep = {k: v for k, v in given.items() if k in RESUMABLE_CHANGES}
+    return TrainConfig(**{**saved, **keep, "out": str(folder), "resume": str(folder)})
 
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import run
 
     args = parser().parse_args(argv)
-    config = TrainConfig(**vars(args))
     try:
+        config = resumed_config(args, argv) if args.resume else TrainConfig(**vars(args))
         run(train(config))
     except UsageError as error:
         print(f"zoruntime train: error: {error}", file=sys.stderr, flush=True)

@@ -64,7 +64,9 @@ class StreamLane:
         try:
             done = await asyncio.shield(future)
         except asyncio.CancelledError:
-            await asyncio.wait([future])
+            await asyncio.wait([future])  # the thread cannot be interrupted: let it finish first
+            if not future.cancelled():
+                future.exception()  # the step already failed elsewhere: this one is not reported twice
             raise
         return Completion(handle=done)
 

@@ -38,6 +38,8 @@ class ThreadLane:
             started, finished = await asyncio.shield(future)
         except asyncio.CancelledError:
             await asyncio.wait([future])  # the thread cannot be interrupted: let it finish first
+            if not future.cancelled():
+                future.exception()  # the step already failed elsewhere: this one is not reported twice
             raise
         return Completion(started, finished)
 

@@ -125,9 +125,9 @@ def materialize_flat(
     return model.eval()
 
 
-def load_pretrained_opt(where: str, dtype: torch.dtype) -> OPTForCausalLM:
-    """``OPTForCausalLM.from_pretrained`` on a local folder or a hub name, in ``dtype``; every
-    failure becomes a ValueError whose message says what to do."""
+def load_pretrained_opt(where: str, dtype: torch.dtype | None = None) -> OPTForCausalLM:
+    """``OPTForCausalLM.from_pretrained`` on a local folder or a hub name, in ``dtype`` (None: the
+    dtype it was saved in); every failure becomes a ValueError whose message says what to do."""
     from transformers import AutoConfig
 
     try:
@@ -144,5 +144,8 @@ def load_pretrained_opt(where: str, dtype: torch.dtype) -> OPTForCausalLM:
         model = OPTForCausalLM.from_pretrained(where)
     except OSError as error:
         raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
+    if dtype is None:
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        dtype = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
     nn.Module.to(model, dtype=dtype)
     return model.eval()

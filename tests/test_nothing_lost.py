@@ -1,0 +1,196 @@
+"""Nothing lost: the journal survives a torn write, checkpoints survive a full disk, a run killed at
+random points resumes to bitwise the same weights, and the journal alone rebuilds them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+from safetensors.torch import load_file
+
+import zoruntime
+from zoruntime import checkpoint
+from zoruntime.bench.soak import soak
+from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from zoruntime.data.tokenizer import ByteTokenizer
+from zoruntime.engine import restore_checkpoint
+from zoruntime.journal import Journal, Record, read_journal, truncate_journal
+from zoruntime.models import random_opt, tiny_opt_config
+
+ARGS = ["--steps", "150", "--checkpoint-every", "15", "--eval-every", "0", "--no-trace", "--max-length", "32"]
+
+
+def _record(step: int) -> Record:
+    return Record(step, 1000 + step, 1e-3, 1e-3, 0.0, 2.0, 1.9, 50.0, step)
+
+
+def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        for step in range(3):
+            journal.append(_record(step))
+    with open(path, "a") as file:
+        file.write('{"step": 3, "seed": 10')  # the process died mid-write
+    assert [r.step for r in read_journal(path)] == [0, 1, 2]
+    lines = path.read_text().split("\n")
+    path.write_text("\n".join([lines[0], "not json", lines[2], ""]))
+    with pytest.raises(ValueError, match=r"journal.jsonl:2: corrupt journal record"):
+        read_journal(path)
+
+
+def test_truncating_the_journal_keeps_earlier_steps(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        for step in range(10):
+            journal.append(_record(step))
+    assert truncate_journal(path, 6) == 6
+    assert [r.step for r in read_journal(path)] == list(range(6))
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Path) -> None:
+    model, twin = tiny_model(num_hidden_layers=3), tiny_model(num_hidden_layers=3)
+    config = zoruntime.ZOSGD(lr=1e-2, seed=3)
+    async with zoruntime.Runtime(model, config) as rt:
+        for i in range(4):
+            await rt.step(token_batch(model.config, seed=i))
+        folder = await rt.save_checkpoint(tmp_path, {"next_batch": 4})
+        assert not rt.statistics().pending_update  # applied before the snapshot
+        after = [await rt.step(token_batch(model.config, seed=i)) for i in (4, 5)]
+    assert folder.name == "checkpoint-00000004" and latest_checkpoint(tmp_path) == folder
+    state = restore_checkpoint(twin, tmp_path)
+    assert state["step"] == 4 and state["next_batch"] == 4
+    async with zoruntime.Runtime(twin, config, start_step=state["step"]) as rt:
+        again = [await rt.step(token_batch(twin.config, seed=i)) for i in (4, 5)]
+    assert again == after
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model(num_hidden_layers=2)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-2)) as rt:
+        await rt.step(token_batch(model.config))
+        first = await rt.save_checkpoint(tmp_path)
+        await rt.step(token_batch(model.config, seed=1))
+
+        def disk_full(tensors, path):
+            Path(path).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        monkeypatch.setattr(checkpoint, "save_file", disk_full)
+        with pytest.raises(
+            CheckpointError,
+            match=r"step 2 .*No space left on device; the previous checkpoint \(checkpoint-00000001\) is intact",
+        ):
+            await rt.save_checkpoint(tmp_path)
+    assert latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001", "latest"]
+    groups, state = load_checkpoint(tmp_path)
+    assert state["step"] == 1 and "block.001" in groups
+
+
+def test_restoring_into_a_different_model_is_refused(tmp_path: Path) -> None:
+    async def write() -> None:
+        model = tiny_model(num_hidden_layers=2)
+        async with zoruntime.Runtime(model, zoruntime.ZOSGD()) as rt:
+            await rt.save_checkpoint(tmp_path)
+
+    zoruntime.run(write())
+    with pytest.raises(CheckpointError, match=r"written for a different model"):
+        restore_checkpoint(tiny_model(num_hidden_layers=3), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no checkpoint in"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zoruntime", "train", "--no-progress", *args]
+
+
+def _lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_and_resumed_the_run_ends_bitwise_where_an_uninterrupted_one_does(
+    tmp_path: Path,
+) -> None:
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_cli(*ARGS, "--out", str(clean)), check=True, capture_output=True, timeout=120)
+    rng = random.Random(1234)
+    kill_points = sorted(rng.sample(range(10, 145), 3))
+    command = _cli(*ARGS, "--out", str(killed))
+    for point in kill_points:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while _lines(killed / "journal.jsonl") < point and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        command = _cli("--resume", str(killed))
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    a, b = load_file(clean / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_journal(clean / "journal.jsonl") == read_journal(killed / "journal.jsonl")
+
+
+def test_resuming_with_a_different_config_or_model_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    subprocess.run(_cli("--steps", "4", "--checkpoint-every", "2", "--no-trace", "--eval-every", "0",
+                        "--out", str(out)), check=True, capture_output=True, timeout=120)  # fmt: skip
+    for extra, message in [
+        (["--lr", "0.1"], "--lr 0.1 (the run used 0.002)"),
+        (["--model", str(tmp_path)], "--model"),
+        (["--seed", "3"], "--seed 3 (the run used 0)"),
+    ]:
+        done = subprocess.run(_cli("--resume", str(out), *extra), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "cannot resume" in done.stderr and message in done.stderr, done.stderr
+    done = subprocess.run(_cli("--resume", str(tmp_path)), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no zoruntime.json there" in done.stderr
+
+
+@pytest.mark.slow
+def test_replay_rebuilds_the_trained_weights_from_the_base_and_the_journal(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    random_opt(tiny_opt_config(num_hidden_layers=3), seed=4).save_pretrained(base)
+    ByteTokenizer().save_pretrained(base)
+    run = tmp_path / "run"
+    subprocess.run(_cli("--model", str(base), "--steps", "60", "--weight-decay", "0.01", "--eval-every", "0",
+                        "--no-trace", "--out", str(run)), check=True, capture_output=True, timeout=120)  # fmt: skip
+    journal = run / "journal.jsonl"
+    assert journal.stat().st_size < 300 * 60  # a few hundred bytes a step
+    replay = [sys.executable, "-m", "zoruntime", "replay", "--base", str(base), "--journal", str(journal)]
+    done = subprocess.run([*replay, "--out", str(tmp_path / "replayed")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "replayed 60 updates" in done.stdout
+    a = load_file(run / "model" / "model.safetensors")
+    b = load_file(tmp_path / "replayed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run / "zoruntime.json").read_text())["weight_decay"] == 0.01
+
+
+def test_replay_with_a_missing_journal_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "none.jsonl"
+    replay = [sys.executable, "-m", "zoruntime", "replay", "--base", "x", "--journal", str(missing)]
+    done = subprocess.run([*replay, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert (
+        done.returncode == 2
+        and done.stderr.strip() == f"zoruntime replay: error: --journal {tmp_path / 'none.jsonl'} does not exist"
+    )
+
+
+def test_soak_with_injected_faults_ends_like_a_clean_run_and_leaks_nothing() -> None:
+    result = soak(steps=120, fault_rate=0.03, seed=1)
+    assert result["failed_steps"] > 0
+    assert result["weights_equal_clean_run"]
+    assert result["tasks_left"] == 0 and result["threads_left"] == []
