@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .device.base import Backend
 from .device.cpu import CPUBackend
+from .distributed import LossReducer, causal_lm_weight, row_weight, world
 from .executor import Executor, Mode, StepState
 from .models.batch import Batch
 from .models.opt import LossFn, OPTAdapter
@@ -76,6 +77,8 @@ class RuntimeStatistics:
     pending_update: bool
     skipped_steps: int  # a loss was not finite: no update
     failed_steps: int  # a task raised: the step was abandoned, the weights kept
+    world_size: int  # data-parallel ranks (1: not distributed)
+    bytes_all_reduced: int  # between ranks, in all steps and evaluations so far
 
 
 class Runtime:
@@ -115,6 +118,8 @@ class Runtime:
                 f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
             )
         self._loss_fn = loss_fn or self.adapter.causal_lm_loss
+        self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
+        self.rank, self.world_size = world()
         self._recorder = TimelineRecorder(bytes_of=self._bytes_moved) if trace else None
         self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
         self._graphs: dict[str, TaskGraph] = {}
@@ -152,6 +157,9 @@ class Runtime:
             self._executor = Executor(
                 self.adapter, storage, DirectionSampler(backend.device), self.config, self._loss_fn
             )
+            if self.world_size > 1:
+                self._executor.reducer = LossReducer()
+                self._executor.loss_weight = self._loss_weight
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
             n = self.adapter.num_blocks
             self._graphs = {
@@ -302,6 +310,8 @@ class Runtime:
             pending_update=bool(self._executor and self._executor.pending is not None),
             skipped_steps=self.skipped_steps,
             failed_steps=self.failed_steps,
+            world_size=self.world_size,
+            bytes_all_reduced=self._executor.reducer.bytes_reduced if self._executor and self._executor.reducer else 0,
         )
 
 

@@ -17,6 +17,7 @@ from enum import Enum
 
 import torch
 
+from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.batch import Batch
 from .models.groups import GroupLayout
 from .models.opt import LossFn, OPTAdapter, StageInputs
@@ -59,6 +60,8 @@ class Executor:
         self.sampler = sampler
         self.config = config
         self.loss_fn = loss_fn
+        self.reducer: LossReducer | None = None  # set for data-parallel runs
+        self.loss_weight: Callable[[Batch], torch.Tensor] = causal_lm_weight
         self.pending: PendingUpdate | None = None
         # Which update each group's authoritative copy holds (the host master of a streamed block,
         # the device buffer of a resident block or of the resident group): the step of the last
@@ -142,12 +145,19 @@ class Executor:
         if st.mode is Mode.EVAL:
             params = self._unperturbed(s.group, s.group_scratch, s.group_layout)
             st.loss_plus = (st.metric or self.loss_fn)(self.adapter.head(params, st.hidden_plus), batch)
+            if self.reducer is not None:
+                weight = row_weight(batch) if st.metric is not None else self.loss_weight(batch)
+                (st.loss_plus,) = self.reducer.global_means([st.loss_plus], weight)
             return
         assert st.hidden_minus is not None
         perturb_into(s.group_scratch, s.group, s.group_z, self.config.eps)
         st.loss_plus = self.loss_fn(self.adapter.head(s.group_scratch_views, st.hidden_plus), batch)
         perturb_into(s.group_scratch, s.group, s.group_z, -self.config.eps)
         st.loss_minus = self.loss_fn(self.adapter.head(s.group_scratch_views, st.hidden_minus), batch)
+        if self.reducer is not None:  # every rank now holds the same global losses, hence the same g
+            st.loss_plus, st.loss_minus = self.reducer.global_means(
+                [st.loss_plus, st.loss_minus], self.loss_weight(batch)
+            )
         st.grad = projected_gradient(st.loss_plus, st.loss_minus, self.config.eps)
 
     # -- blocks -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Bad input ends with a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from .data.corpus import generated_corpus
 from .data.lm import LMTask
 from .data.sst2 import DataUnavailable, SST2Task, candidate_accuracy, candidate_loss, load_sst2
 from .data.tokenizer import ByteTokenizer
+from .distributed import examples_in, init_from_environment, shard
 from .engine import Runtime, restore_checkpoint
 from .journal import Journal, Record, truncate_journal
 from .models.init import load_pretrained_opt, random_opt, tiny_opt_config
@@ -219,8 +221,10 @@ class Evaluation:
 
 
 async def evaluate(rt: Runtime, task: LMTask | SST2Task, loss_fn: LossFn | None) -> Evaluation:
-    batches = task.dev_batches()
+    """Dev loss (and accuracy for SST-2); with several ranks each evaluates its shard of every batch."""
+    batches = [b for b in task.dev_batches() if examples_in(b) >= rt.world_size]
     sizes = [b["input_ids"].shape[0] for b in batches]
+    batches = [shard(b, rt.rank, rt.world_size) for b in batches]
     losses = [await rt.evaluate(b) for b in batches]
     loss = sum(v * n for v, n in zip(losses, sizes, strict=True)) / sum(sizes)
     if loss_fn is not candidate_loss:
@@ -233,64 +237,88 @@ async def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` end to end (or continue it, with ``resume``); returns the printed, saved summary."""
     check(config)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    rank, world_size, local_rank = init_from_environment(device)
+    if world_size > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if config.batch_size < world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; give each one example"
+        )
+    lead = rank == 0  # only rank 0 writes files and prints
+    say = print if lead else _silent
     out = Path(config.out)
     model, tokenizer = load_model(config)
     task = build_task(config, tokenizer)
     loss_fn: LossFn | None = candidate_loss if config.task == "sst2" else None
     optimizer = ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed)
     resolved = {**asdict(config), "device": device, "parameters": sum(p.numel() for p in model.parameters())}
-    print("zoruntime train " + json.dumps(resolved))
-    out.mkdir(parents=True, exist_ok=True)
+    if world_size > 1:
+        resolved["world_size"] = world_size
+    say("zoruntime train " + json.dumps(resolved))
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     start, before = 0, None
     if config.resume and latest_checkpoint(out / "checkpoints") is None:
-        print(f"{out} has no checkpoint yet: starting it over")
-        truncate_journal(out / "journal.jsonl", 0)
+        say(f"{out} has no checkpoint yet: starting it over")
+        if lead:
+            truncate_journal(out / "journal.jsonl", 0)
     elif config.resume:
         try:
             state = restore_checkpoint(model, out / "checkpoints")
         except CheckpointError as error:
             raise UsageError(str(error)) from None
         start, before = state["step"], Evaluation(state["before_loss"], state.get("before_accuracy"))
-        truncate_journal(out / "journal.jsonl", start)
-        print(f"resumed at step {start} from {out / 'checkpoints'}")
-    else:
+        if lead:
+            truncate_journal(out / "journal.jsonl", start)
+        say(f"resumed at step {start} from {out / 'checkpoints'}")
+    elif lead:
         (out / "journal.jsonl").unlink(missing_ok=True)
-    (out / "zoruntime.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    if lead:
+        (out / "zoruntime.json").write_text(json.dumps(resolved, indent=2) + "\n")
     compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
     runtime = Runtime(model, optimizer, device=device, policy=parse_policy(config.policy), loss_fn=loss_fn,
                       compute_dtype=compute, trace=config.trace, start_step=start)  # fmt: skip
     tokens = 0
     started = time.perf_counter()
-    with Journal(out / "journal.jsonl") as journal:
-        async with runtime as rt:
-            if before is None:
-                before = await evaluate(rt, task, loss_fn)
-                print(f"before: {before}")
-            bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress,
-                       mininterval=0.5)  # fmt: skip
-            for step in range(start, config.steps):
-                batch = task.train_batch(step)
-                stats = await rt.step(batch)
+    async with contextlib.AsyncExitStack() as stack:
+        journal = stack.enter_context(Journal(out / "journal.jsonl")) if lead else None
+        rt = await stack.enter_async_context(runtime)
+        if before is None:
+            before = await evaluate(rt, task, loss_fn)
+            say(f"before: {before}")
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step",
+                   disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
+        for step in range(start, config.steps):
+            batch = task.train_batch(step)
+            stats = await rt.step(shard(batch, rank, world_size))
+            if journal is not None:
                 journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step))
-                tokens += batch["input_ids"].numel()
-                bar.update(1)
-                rate = tokens / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-                done = step + 1
-                if done < config.steps and config.eval_every and done % config.eval_every == 0:
-                    bar.write(f"step {done}: {await evaluate(rt, task, loss_fn)}")
-                if done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
-                    state = {"before_loss": before.loss, "before_accuracy": before.accuracy, "next_batch": done}
-                    try:
-                        await rt.save_checkpoint(out / "checkpoints", state)
-                    except CheckpointError as error:
-                        raise UsageError(str(error)) from None
-            bar.close()
-            after = await evaluate(rt, task, loss_fn)
-            print(f"after:  {after}")
-            timeline = rt.timeline if config.trace else None
-            skipped = rt.statistics().skipped_steps
+            tokens += batch["input_ids"].numel()
+            bar.update(1)
+            rate = tokens / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            done = step + 1
+            if done < config.steps and config.eval_every and done % config.eval_every == 0:
+                evaluation = await evaluate(rt, task, loss_fn)
+                if lead:
+                    bar.write(f"step {done}: {evaluation}")
+            if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
+                state = {"before_loss": before.loss, "before_accuracy": before.accuracy, "next_batch": done}
+                try:
+                    await rt.save_checkpoint(out / "checkpoints", state)
+                except CheckpointError as error:
+                    raise UsageError(str(error)) from None
+        bar.close()
+        after = await evaluate(rt, task, loss_fn)
+        say(f"after:  {after}")
+        timeline = rt.timeline if config.trace else None
+        skipped = rt.statistics().skipped_steps
     seconds = time.perf_counter() - started
+    if world_size > 1:
+        torch.distributed.barrier()
+    if not lead:
+        return {}
     model_dir = out / "model"
     model.save_pretrained(model_dir, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
     tokenizer.save_pretrained(model_dir)
@@ -312,6 +340,10 @@ async def train(config: TrainConfig) -> dict[str, Any]:
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    return None
 
 
 def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainConfig:
@@ -343,4 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"zoruntime train: error: {error}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
