@@ -19,17 +19,15 @@ the figures mean little there).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
 from ..models.init import materialize_flat, tiny_opt_config
 from ..models.opt import OPTAdapter
@@ -40,69 +38,7 @@ from ..zo.config import ZOSGD
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class Device:
-    """Timing, memory and allocation on the benchmark's device (CUDA or CPU)."""
-
-    def __init__(self, name: str) -> None:
-        self.device = torch.device(name)
-        self.cuda = self.device.type == "cuda"
-        if self.cuda and not torch.cuda.is_available():
-            raise SystemExit("--device cuda needs a CUDA GPU; none is visible (use --device cpu for a smoke run)")
-
-    def describe(self) -> str:
-        if self.cuda:
-            return f"{torch.cuda.get_device_name(self.device)}, CUDA {torch.version.cuda}"
-        return f"CPU {platform.machine()}"
-
-    def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        flat = torch.empty(numel, dtype=dtype)
-        if self.cuda:  # pin once, in place, exactly (the pinned allocator would round up to a power of two)
-            torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
-        return flat
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def seconds(self, fn: Callable[[], object], repeat: int) -> float:
-        """Median seconds of ``fn`` (device-timed on CUDA)."""
-        fn()
-        self.sync()
-        times = []
-        for _ in range(repeat):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_mb(self) -> float | None:
-        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else None
-
-    def used_mb(self) -> float | None:
-        if not self.cuda:
-            return None
-        free, total = torch.cuda.mem_get_info(self.device)
-        return (total - free) / 2**20
-
-    def free_bytes(self) -> int | None:
-        return torch.cuda.mem_get_info(self.device)[0] if self.cuda else None
-
-
-def card(model: torch.nn.Module, dev: Device, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
+def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
     """Measured link speeds and per-block forward time, and the floor they imply."""
     adapter = OPTAdapter(model)
     layout = adapter.block_layouts[0]
@@ -136,7 +72,7 @@ def card(model: torch.nn.Module, dev: Device, batch: int, seq: int, dtype: torch
 
 
 def measure(
-    model: torch.nn.Module, policy: Policy, dev: Device, batch: dict[str, torch.Tensor], steps: int
+    model: torch.nn.Module, policy: Policy, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
 ) -> dict[str, Any]:
     async def go() -> tuple[float, float | None]:
         times = []
@@ -173,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch <= 0 or args.seq <= 0 or args.steps <= 0:
         parser.error("--batch, --seq and --steps must be positive")
 
-    dev = Device(args.device)
+    dev = DeviceMeter(args.device)
     dtype = DTYPES[args.dtype]
     config = tiny_opt_config(max_position_embeddings=args.seq) if args.model == "tiny" else opt_config(args.model)
     if args.seq > config.max_position_embeddings:

@@ -29,6 +29,18 @@ from ..runtime.graph import Lane, Task
 from ..runtime.scheduler import Completion, Work
 
 
+def pin_in_place(flat: torch.Tensor) -> torch.Tensor:
+    """Page-lock a host tensor's memory at its exact size (``cudaHostRegister``)."""
+    error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
+    code = int(getattr(error, "value", error))
+    if code != 0:
+        raise RuntimeError(
+            f"could not pin {flat.numel() * flat.element_size():,} bytes of host memory (CUDA error {code}); "
+            "the machine may be short of lockable memory (ulimit -l)"
+        )
+    return flat
+
+
 @dataclass(frozen=True, slots=True)
 class _Timed:
     step: int
@@ -105,14 +117,7 @@ class CUDABackend:
         """Pin an existing host buffer in place (once; an alias of a pinned buffer is left alone)."""
         if flat.is_pinned():
             return flat
-        error = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), flat.numel() * flat.element_size(), 0)
-        code = int(getattr(error, "value", error))
-        if code != 0:
-            raise RuntimeError(
-                f"could not pin {flat.numel() * flat.element_size():,} bytes of host memory (CUDA error {code}); "
-                "the machine may be short of lockable memory (ulimit -l)"
-            )
-        self._registered.append(flat.data_ptr())
+        self._registered.append(pin_in_place(flat).data_ptr())
         return flat
 
     def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:

@@ -124,22 +124,22 @@ def _streaming(
     return previous
 
 
-def step_graph(num_blocks: int, plan: Plan) -> TaskGraph:
-    """One ZO step: embed, every block (both perturbed forwards), head."""
+def _forward(num_blocks: int, plan: Plan, block_kind: Kind, phase: str) -> TaskGraph:
     b = _Builder()
     embed = b.add(Kind.EMBED, None)
-    last = _streaming(b, num_blocks, plan, Kind.COMPUTE, embed, pass_along=True)
+    last = _streaming(b, num_blocks, plan, block_kind, embed, pass_along=True)
     b.add(Kind.HEAD, None, last)
-    return b.graph("step")
+    return b.graph(phase)
+
+
+def step_graph(num_blocks: int, plan: Plan) -> TaskGraph:
+    """One ZO step: embed, every block (both perturbed forwards), head."""
+    return _forward(num_blocks, plan, Kind.COMPUTE, "step")
 
 
 def eval_graph(num_blocks: int, plan: Plan) -> TaskGraph:
-    """An unperturbed forward: embed, every block, head (no update is applied or computed)."""
-    b = _Builder()
-    embed = b.add(Kind.EMBED, None)
-    last = _streaming(b, num_blocks, plan, Kind.EVAL, embed, pass_along=True)
-    b.add(Kind.HEAD, None, last)
-    return b.graph("eval")
+    """An unperturbed forward: embed, every block, head (the pending update is applied on the way)."""
+    return _forward(num_blocks, plan, Kind.EVAL, "eval")
 
 
 def flush_graph(num_blocks: int, plan: Plan) -> TaskGraph:
