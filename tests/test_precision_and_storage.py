@@ -57,3 +57,24 @@ def test_cuda_without_a_gpu_says_so() -> None:
     rt = zoruntime.Runtime(tiny_model(), CONFIG, device="cuda")
     with pytest.raises(RuntimeError, match=r"needs a CUDA GPU.*Use device='cpu'"):
         zoruntime.run(rt.open())
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_the_memory_estimate_is_what_storage_allocates(compute_dtype: torch.dtype) -> None:
+    from zoruntime.device.cpu import CPUBackend
+    from zoruntime.policies import MemoryBudget, ModelLayout
+    from zoruntime.storage import Storage, bytes_needed
+
+    model = tiny_model(num_hidden_layers=6)
+    adapter = OPTAdapter(model)
+    plan = MemoryBudget(7 * adapter.block_layouts[0].nbytes).plan(
+        ModelLayout(adapter.num_blocks, adapter.block_layouts[0].nbytes)
+    )
+    backend = CPUBackend()
+    try:
+        storage = Storage(adapter, plan, backend, compute_dtype)
+    finally:
+        backend.close()
+    tensors = [storage.group, storage.group_scratch, storage.group_z, storage.scratch, storage.z]
+    tensors += [*storage.resident_blocks.values(), *storage.slots]
+    assert sum(t.numel() * t.element_size() for t in tensors) == bytes_needed(adapter, plan, compute_dtype)

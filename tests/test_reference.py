@@ -37,10 +37,7 @@ def test_one_step_follows_the_zo_sgd_formula(variant: str) -> None:
     adapter = OPTAdapter(model)
     sampler = DirectionSampler("cpu")
     full = {id(p): n for n, p in model.named_parameters()}
-    layouts = [(adapter.resident_layout, adapter.resident_parameters())] + [
-        (adapter.block_layouts[i], adapter.block_parameters(i)) for i in range(adapter.num_blocks)
-    ]
-    for layout, params in layouts:
+    for layout, params in adapter.groups():
         z = layout.views(sampler.draw(stats.seed, layout.group, torch.empty(layout.numel)))
         for piece in layout.slices:
             name = full[id(params[piece.name])]

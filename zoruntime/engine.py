@@ -33,7 +33,7 @@ from .policies.base import FixedDepth, ModelLayout, Plan, Policy
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler
-from .storage import Storage, out_of_memory_advice
+from .storage import Storage, bytes_needed, out_of_memory_advice
 from .tracing.recorder import Timeline, TimelineRecorder
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
@@ -279,8 +279,8 @@ class Runtime:
         executor, _ = self._ready("rt.save_checkpoint()")
         await self.flush()
         storage = executor.storage
-        groups = {"resident": storage.host_group}
-        groups |= {f"block.{i:03d}": flat for i, flat in enumerate(storage.host_blocks)}
+        groups = {_checkpoint_key(None): storage.host_group}
+        groups |= {_checkpoint_key(i): flat for i, flat in enumerate(storage.host_blocks)}
         meta = {"layout": layout_fingerprint(self.adapter), **(state or {})}
         return await asyncio.to_thread(save_checkpoint, root, self.step_index, groups, meta)
 
@@ -298,7 +298,6 @@ class Runtime:
         return self._recorder.timeline
 
     def statistics(self) -> RuntimeStatistics:
-        storage = self._executor.storage if self._executor else None
         return RuntimeStatistics(
             steps=self.step_index,
             num_blocks=self.adapter.num_blocks,
@@ -306,7 +305,7 @@ class Runtime:
             resident_blocks=tuple(sorted(self.plan.resident)),
             slots=self.plan.slots(self.adapter.num_blocks),
             block_bytes=self.adapter.block_layouts[0].nbytes,
-            compute_bytes=storage.compute_bytes if storage else 0,
+            compute_bytes=bytes_needed(self.adapter, self.plan, self.compute_dtype),
             pending_update=bool(self._executor and self._executor.pending is not None),
             skipped_steps=self.skipped_steps,
             failed_steps=self.failed_steps,
@@ -317,8 +316,11 @@ class Runtime:
 
 def layout_fingerprint(adapter: OPTAdapter) -> list[list[Any]]:
     """What a checkpoint must match: every group's parameter names, size and dtype."""
-    layouts = [adapter.resident_layout, *adapter.block_layouts]
-    return [[lay.group, lay.numel, str(lay.dtype), [p.name for p in lay.slices]] for lay in layouts]
+    return [[lay.group, lay.numel, str(lay.dtype), [p.name for p in lay.slices]] for lay, _ in adapter.groups()]
+
+
+def _checkpoint_key(block: int | None) -> str:
+    return "resident" if block is None else f"block.{block:03d}"
 
 
 def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
@@ -331,12 +333,9 @@ def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
             f"the checkpoint in {root} was written for a different model (its groups, sizes or dtypes differ); "
             "resume with the model the run started from"
         )
-    layouts = [(adapter.resident_layout, adapter.resident_parameters(), groups["resident"])]
-    layouts += [
-        (lay, adapter.block_parameters(i), groups[f"block.{i:03d}"]) for i, lay in enumerate(adapter.block_layouts)
-    ]
+    keys = [_checkpoint_key(None), *(_checkpoint_key(i) for i in range(adapter.num_blocks))]
     with torch.no_grad():
-        for layout, params, flat in layouts:
-            for name, view in layout.views(flat).items():
+        for (layout, params), key in zip(adapter.groups(), keys, strict=True):
+            for name, view in layout.views(groups[key]).items():
                 params[name].copy_(view)
     return state

@@ -31,8 +31,7 @@ def replay(model: nn.Module, records: list[Record], device: torch.device | str =
     adapter = OPTAdapter(model)
     device = torch.device(device)
     sampler = DirectionSampler(device)
-    groups = [(adapter.resident_layout, adapter.resident_parameters())]
-    groups += [(lay, adapter.block_parameters(i)) for i, lay in enumerate(adapter.block_layouts)]
+    groups = adapter.groups()
     flats = [
         adopt_into_flat(lay, params, torch.empty(lay.numel, dtype=lay.dtype, device=device)) for lay, params in groups
     ]

@@ -63,13 +63,6 @@ class Storage:
             raise ValueError(f"block {block} is streamed but the task names no slot")
         return self.slots[slot]
 
-    @property
-    def compute_bytes(self) -> int:
-        """Bytes of compute-side buffers (group, its working copies, blocks, slots, working)."""
-        tensors = [self.group, self.group_scratch, self.group_z, self.scratch, self.z]
-        tensors += [*self.resident_blocks.values(), *self.slots]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def bytes_needed(adapter: OPTAdapter, plan: Plan, compute_dtype: torch.dtype) -> int:
     """Compute-side bytes ``Storage`` allocates for ``plan`` (before activations)."""

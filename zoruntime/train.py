@@ -324,10 +324,7 @@ async def train(config: TrainConfig) -> dict[str, Any]:
     tokenizer.save_pretrained(model_dir)
     if timeline is not None:
         timeline.save_chrome_trace(out / "trace.json")
-        last = [s for s in timeline.spans if s.phase == "step" and s.step >= config.steps - 3]
-        type(timeline)(last, [m for m in timeline.steps if m.phase == "step" and m.step >= config.steps - 3]).save_png(
-            out / "timeline.png"
-        )
+        timeline.training_steps_from(config.steps - 3).save_png(out / "timeline.png")
     summary = {
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,

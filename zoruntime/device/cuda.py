@@ -177,6 +177,8 @@ class CUDABackend:
         for lane in self._lanes.values():
             lane.close()
         self._waiter.shutdown(wait=True)
+        # Outside any step: a failed step may have left copies in flight, and unpinning the host
+        # buffers under a running DMA would be unsafe.
         torch.cuda.synchronize(self.device)
         for pointer in self._registered:
             torch.cuda.cudart().cudaHostUnregister(pointer)

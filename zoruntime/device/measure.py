@@ -35,10 +35,9 @@ class DeviceMeter:
         return pin_in_place(flat) if self.cuda else flat
 
     def seconds(self, fn: Callable[[], object], repeat: int) -> float:
-        """Median seconds of ``fn`` after one warm-up call (device-timed with events on CUDA)."""
+        """Median seconds of ``fn`` after one warm-up call (device-timed with events on CUDA; the
+        start event is recorded behind the warm-up, so no host sync is needed)."""
         fn()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
         times = []
         for _ in range(repeat):
             if self.cuda:

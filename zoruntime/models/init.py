@@ -108,9 +108,8 @@ def materialize_flat(
     std = float(config.init_std)
     replacements: dict[int, nn.Parameter] = {}
     shared: torch.Tensor | None = None
-    groups = [(adapter.resident_layout, adapter.resident_parameters(), False)]
-    groups += [(lay, adapter.block_parameters(i), alias_blocks) for i, lay in enumerate(adapter.block_layouts)]
-    for layout, params, alias in groups:
+    for index, (layout, params) in enumerate(adapter.groups()):
+        alias = alias_blocks and index > 0  # the resident group is never aliased
         if alias and shared is not None:
             flat = shared
         else:

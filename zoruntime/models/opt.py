@@ -110,6 +110,11 @@ class OPTAdapter:
         """Name (relative to the block) → parameter of decoder block ``index``."""
         return dict(self._block_params[index])
 
+    def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
+        """Every group's layout and parameters: the resident group first, then the blocks in order."""
+        blocks = [(lay, self.block_parameters(i)) for i, lay in enumerate(self.block_layouts)]
+        return [(self.resident_layout, self.resident_parameters()), *blocks]
+
     # -- inputs -------------------------------------------------------------------------------
     def validate(self, batch: Batch | Mapping[str, object]) -> Batch:
         return make_batch(batch, vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)

@@ -65,6 +65,13 @@ class Timeline:
     def for_step(self, step: int, phase: str = "step") -> list[Span]:
         return [s for s in self.spans if s.step == step and s.phase == phase]
 
+    def training_steps_from(self, first: int) -> Timeline:
+        """A timeline of the training steps from ``first`` on (no eval, flush or load runs)."""
+        return Timeline(
+            [s for s in self.spans if s.phase == "step" and s.step >= first],
+            [m for m in self.steps if m.phase == "step" and m.step >= first],
+        )
+
     @property
     def makespan(self) -> float:
         """From the first task's start to the last task's end, over every recorded step."""

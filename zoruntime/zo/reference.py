@@ -41,11 +41,7 @@ class ReferenceZO:
         self.sampler = DirectionSampler(device)
         full_name = {id(p): n for n, p in model.named_parameters()}
         self._groups: list[tuple[GroupLayout, torch.Tensor, dict[str, str]]] = []
-        layouts = [
-            (self.adapter.resident_layout, self.adapter.resident_parameters()),
-            *((lay, self.adapter.block_parameters(i)) for i, lay in enumerate(self.adapter.block_layouts)),
-        ]
-        for layout, params in layouts:
+        for layout, params in self.adapter.groups():
             flat = torch.empty(layout.numel, dtype=layout.dtype, device=device)
             adopt_into_flat(layout, params, flat)
             names = {local: full_name[id(p)] for local, p in params.items()}
