@@ -198,3 +198,26 @@ def test_instruments_cost_nothing_when_absent_and_reject_objects_without_hooks()
     assert only.seen == 2 + 3 * 3
     with pytest.raises(TypeError, match="defines none of the instrument hooks"):
         Instruments([object()])
+
+
+def test_mark_end_false_leaves_the_end_of_the_step_to_the_caller() -> None:
+    class StepHooks:
+        def __init__(self) -> None:
+            self.events: list[tuple[str, int]] = []
+
+        def step_started(self, step: int, time: float, phase: str) -> None:
+            self.events.append(("started", step))
+
+        def step_finished(self, step: int, time: float, phase: str) -> None:
+            self.events.append(("finished", step))
+
+    hooks = StepHooks()
+    loop = VirtualClockLoop()
+    scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time, instruments=Instruments([hooks]))
+    graph = step_graph(2, Plan(1))
+    try:
+        loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
+        loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 1, mark_end=False))
+    finally:
+        loop.close()
+    assert hooks.events == [("started", 0), ("finished", 0), ("started", 1)]

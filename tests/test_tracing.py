@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,25 @@ def test_summary_names_what_the_compute_lane_waited_for() -> None:
     assert summary.largest_gaps[0].seconds == pytest.approx(3.0)  # the fill: compute 0 waits for upload 0
     assert summary.largest_gaps[1].seconds == pytest.approx(2.0)  # then each block waits u − c
     assert "waiting for upload" in summary.render()
+
+
+def test_gaps_are_attributed_on_device_timestamps_too() -> None:
+    # On a GPU a task starts a few microseconds after the event of what it waited for: the
+    # wait is still that dependency's, not the scheduler's.
+    simulated = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1))
+    late = [replace(s, start=s.start + 5e-6, end=s.end + 5e-6) if s.lane == "compute" else s for s in simulated.spans]
+    summary = Timeline(late, simulated.steps).summary(show=False)
+    assert [g.waiting_for for g in summary.largest_gaps[:3]] == ["upload 0", "upload 1", "upload 2"]
+
+
+def test_a_gap_with_nothing_pending_is_blamed_on_issuing_late() -> None:
+    simulated = simulate(3, 0.1, 1.0, 0.1, FixedDepth(1))  # compute-bound: the only long gap is made below
+    spans = sorted(simulated.spans, key=lambda s: s.start)
+    head = next(s for s in spans if s.kind == "head")
+    delayed = [replace(s, start=s.start + 0.5, end=s.end + 0.5) if s is head else s for s in spans]
+    gaps = Timeline(delayed, simulated.steps).summary(show=False).largest_gaps
+    assert (gaps[0].task, gaps[0].waiting_for) == ("head", "the scheduler (no dependency pending)")
+    assert gaps[0].seconds == pytest.approx(0.5)
 
 
 def test_trace_cli_summary_and_plot(cpu_timeline: Timeline, tmp_path: Path) -> None:

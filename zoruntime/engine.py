@@ -38,7 +38,6 @@ from .tracing.recorder import Timeline, TimelineRecorder
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
 from .zo.stats import StepStats
-from .zo.update import PendingUpdate
 
 T = TypeVar("T")
 
@@ -168,8 +167,7 @@ class Runtime:
                 "flush": flush_graph(n, self.plan),
             }
             self._backend = backend
-            await self._scheduler.run(load_graph(n, self.plan), self._executor.work_for, -1)
-            await backend.drain()
+            await self._execute(load_graph(n, self.plan), -1)
         except BaseException:
             backend.close()
             self._backend = None
@@ -207,18 +205,13 @@ class Runtime:
         return self._executor, self._scheduler
 
     async def _run(self, graph: str, state: StepState | None, step: int) -> Executor:
-        executor, scheduler = self._ready({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"))
+        executor, _ = self._ready({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"))
         backend = self._backend
         assert backend is not None
         self._busy = True
         executor.state = state
         try:
-            backend.begin_step(step)
-            await scheduler.run(self._graphs[graph], executor.work_for, step)
-            await backend.drain()  # the step's result: the only place the host waits for the device
-            for span_step, task, start, end in backend.take_timings():
-                self._instruments.call("task_started", span_step, task, start)
-                self._instruments.call("task_finished", span_step, task, end)
+            await self._execute(self._graphs[graph], step)
         except BaseException:
             # The step is abandoned, the weights are not: every group's stamp says which update it
             # holds, so the pending one is neither lost nor applied twice by the next pass. Wait
@@ -236,6 +229,22 @@ class Runtime:
         executor.pending_is_applied()  # a complete pass went through every group
         return executor
 
+    async def _execute(self, graph: TaskGraph, step: int) -> None:
+        """Run ``graph`` and wait until the device has done it: the only place the host waits for
+        the device. Where lanes complete on enqueue (CUDA), the tasks' device times and the end
+        of the step are reported to the instruments here, once the device is done."""
+        backend, scheduler, executor = self._backend, self._scheduler, self._executor
+        assert backend is not None and scheduler is not None and executor is not None
+        deferred = backend.completes_on_enqueue
+        backend.begin_step(step)
+        await scheduler.run(graph, executor.work_for, step, mark_end=not deferred)
+        await backend.drain()
+        for span_step, task, start, end in backend.take_timings():
+            self._instruments.call("task_started", span_step, task, start)
+            self._instruments.call("task_finished", span_step, task, end)
+        if deferred:
+            self._instruments.call("step_finished", step, backend.clock(), graph.phase)
+
     def _prepare(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
         self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
         validated = self.adapter.validate(batch)
@@ -247,14 +256,13 @@ class Runtime:
         state = self._prepare(batch, Mode.TRAIN, t)
         executor = await self._run("step", state, t)
         assert state.loss_plus is not None and state.loss_minus is not None and state.grad is not None
+        assert state.update is not None
         loss_plus, loss_minus, grad = float(state.loss_plus), float(state.loss_minus), float(state.grad)
         skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, grad))
         if skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
             self.skipped_steps += 1
         else:
-            executor.pending = PendingUpdate.from_gradient(
-                t, state.seed, state.lr, self.config.weight_decay, state.grad
-            )
+            executor.pending = state.update
         self.step_index = t + 1
         return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped)
 

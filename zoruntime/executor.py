@@ -49,6 +49,7 @@ class StepState:
     loss_plus: torch.Tensor | None = None
     loss_minus: torch.Tensor | None = None
     grad: torch.Tensor | None = None
+    update: PendingUpdate | None = None  # built from grad on the compute lane (on CUDA: its stream)
 
 
 class Executor:
@@ -159,6 +160,9 @@ class Executor:
                 [st.loss_plus, st.loss_minus], self.loss_weight(batch)
             )
         st.grad = projected_gradient(st.loss_plus, st.loss_minus, self.config.eps)
+        # Built here, not by the caller: on CUDA its arithmetic then runs on the compute stream,
+        # which the next step's updates run on too, so they are ordered after it by the stream.
+        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.config.weight_decay, st.grad)
 
     # -- blocks -----------------------------------------------------------------------------------
     def _weights(self, task: Task) -> torch.Tensor:

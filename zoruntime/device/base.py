@@ -20,6 +20,9 @@ from ..runtime.scheduler import LaneRunner
 class Backend(Protocol):
     device: torch.device
     clock: Callable[[], float]
+    completes_on_enqueue: bool
+    """True where a lane reports a task done once it is enqueued (CUDA): the work is done only
+    after ``drain``, and the tasks' times come from ``take_timings``."""
 
     @property
     def lanes(self) -> Mapping[Lane, LaneRunner]:

@@ -17,6 +17,8 @@ from .threads import thread_lanes
 
 
 class CPUBackend:
+    completes_on_enqueue = False  # a thread lane's task is done when its work has run
+
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.device = torch.device("cpu")
         self.clock = clock

@@ -89,6 +89,8 @@ class StreamLane:
 class CUDABackend:
     """Lanes on three streams of ``device``; pinned host buffers; compute buffers on the GPU."""
 
+    completes_on_enqueue = True  # the GPU runs a task after its lane has enqueued it
+
     def __init__(self, device: torch.device | str = "cuda", timing: bool = False) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError(

@@ -10,6 +10,7 @@ scheduling.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ from transformers.masking_utils import create_causal_mask
 from ..zo.directions import RESIDENT_GROUP, block_group
 from .batch import Batch, make_batch
 from .groups import GroupLayout
+
+# transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 Params = Mapping[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
@@ -130,7 +134,7 @@ class OPTAdapter:
         position_ids = (torch.cumsum(position_mask, dim=1) * position_mask - 1).long()
         shape_probe = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=dtype, device=ids.device)
         causal_mask = create_causal_mask(
-            config=self.config, inputs_embeds=shape_probe, attention_mask=given, cache=None
+            config=self.config, inputs_embeds=shape_probe, attention_mask=given, **_NO_CACHE
         )
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return StageInputs(

@@ -60,9 +60,15 @@ class Scheduler:
         self.clock = clock
         self.instruments = instruments or Instruments()
 
-    async def run(self, graph: TaskGraph, work_for: Callable[[Task], Work], step: int) -> None:
+    async def run(
+        self, graph: TaskGraph, work_for: Callable[[Task], Work], step: int, *, mark_end: bool = True
+    ) -> None:
         """Run every task of ``graph``; the first failure is raised as ``TaskFailed`` after every
-        lane has stopped (the others are cancelled and wait for their in-flight work)."""
+        lane has stopped (the others are cancelled and wait for their in-flight work).
+
+        ``mark_end=False`` leaves the ``step_finished`` hook to the caller: with lanes that
+        complete when a task is enqueued (CUDA), the step ends when the device is done, which
+        only the caller knows."""
         loop = asyncio.get_running_loop()
         done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
         hooks = self.instruments
@@ -83,7 +89,7 @@ class Scheduler:
             for future in done:
                 if not future.done():
                     future.cancel()
-        if hooks:
+        if hooks and mark_end:
             hooks.call("step_finished", step, self.clock(), graph.phase)
 
     async def _run_lane(

@@ -86,6 +86,9 @@ def _bound(spans: list[Span]) -> float:
 
 
 def _gaps(step: int, spans: list[Span], step_start: float) -> list[Gap]:
+    """Idle stretches of the compute lane, each with what it waited for: the dependency that
+    finished last, if it finished during the gap, else nothing was pending and the task was
+    issued late (by the scheduler on a CPU; on a GPU, the host had not enqueued it yet)."""
     by_index = {s.index: s for s in spans}
     compute = sorted((s for s in spans if s.lane == "compute"), key=lambda s: s.start)
     gaps, previous_end = [], step_start
@@ -96,7 +99,7 @@ def _gaps(step: int, spans: list[Span], step_start: float) -> list[Gap]:
             latest = max(deps, key=lambda d: d.end, default=None)
             blocker = (
                 latest.name
-                if latest is not None and latest.end >= span.start - _TOLERANCE
+                if latest is not None and latest.end > previous_end + _TOLERANCE
                 else "the scheduler (no dependency pending)"
             )
             gaps.append(Gap(step, previous_end, idle, span.name, blocker))
