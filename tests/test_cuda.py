@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 import zoruntime
+from zoruntime.device.measure import DeviceMeter
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.zo.reference import ReferenceZO
 
@@ -68,3 +69,18 @@ async def test_upload_of_the_next_block_overlaps_compute_of_this_one() -> None:
         b for b in range(7) if uploads[b + 1].start < computes[b].end and computes[b].start < uploads[b + 1].end
     ]
     assert len(overlapping) >= 5, (uploads, computes)
+    for mark in rt.timeline.steps:  # a step ends when the device is done, not when the host has enqueued it
+        if mark.phase == "step":
+            assert mark.end >= max(s.end for s in rt.timeline.for_step(mark.step))
+
+
+def test_device_timing_leaves_out_the_hosts_launch_overhead() -> None:
+    meter = DeviceMeter("cuda")
+    x = torch.zeros(16, device="cuda")
+
+    def many_tiny_kernels() -> None:
+        for _ in range(300):
+            x.add_(1.0)
+
+    gpu, host = meter.seconds(many_tiny_kernels, repeat=5), meter.enqueue_seconds(many_tiny_kernels, repeat=5)
+    assert 0 < gpu < host  # 300 launches take the host far longer than the GPU needs to run them

@@ -1,9 +1,11 @@
 """``zoruntime bench``: offloaded ZO-SGD throughput against MeZO-on-the-GPU and the transfer floor.
 
-First a card: block bytes, measured pinned upload and offload GB/s for one block, measured time
-of both perturbed forwards of one block, and the floor = blocks × max(upload, offload, forward)
-as tokens/s. Then one row per runner: the in-package MeZO baseline (every block resident on the
-GPU, when it fits: the same step without transfers), and the offloaded runtime under
+First a card: block bytes, measured pinned upload and offload GB/s for one block, the device
+time of both perturbed forwards and of the whole compute task of one block, the host's time to
+enqueue that task, and the upload-only floor = blocks × max(upload, compute task) as tokens/s
+(see ``card``). Then one row per runner: the all-resident baseline "MeZO (all resident)" (every
+block on the GPU, when it fits: this runtime's step without transfers, MeZO's placement but not
+MeZO's code), and the offloaded runtime under
 FixedDepth(0), FixedDepth(1), FixedDepth(2) and MemoryBudget. Columns: tokens/s, step seconds,
 peak allocated MB, device memory used MB (as nvidia-smi counts it), ratio to the floor and to
 MeZO. The last line is one JSON document.
@@ -26,55 +28,89 @@ import time
 from typing import Any
 
 import torch
+import transformers
 
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
+from ..models.groups import existing_flat
 from ..models.init import materialize_flat, tiny_opt_config
 from ..models.opt import OPTAdapter
 from ..models.shapes import OPT_NAMES, opt_config
 from ..policies.base import FixedDepth, MemoryBudget, Policy
+from ..tracing.recorder import Timeline
 from ..zo.config import ZOSGD
+from ..zo.directions import DirectionSampler
+from ..zo.update import PendingUpdate, apply_update, perturb_into
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Measured link speeds and per-block forward time, and the floor they imply."""
+    """Measured link speeds and per-block compute time, and the floor they imply.
+
+    The floor is DESIGN.md's upload-only floor: blocks × max(upload, compute task), where the
+    compute task is everything the compute lane does for a block (draw the pending update's z,
+    apply it, draw this step's z, two perturbed copies and two forwards), timed on the device
+    alone. Offloads need not happen every step, so they are measured and shown but do not set
+    the floor. The host's time to enqueue a compute task is shown beside it: where it is the
+    largest, Python, not the GPU or the link, sets the pace.
+    """
     adapter = OPTAdapter(model)
     layout = adapter.block_layouts[0]
-    host = dev.host_buffer(layout.numel, layout.dtype)
-    host.normal_()
+    host = existing_flat(layout, adapter.block_parameters(0))  # the model's own (pinned) block 0
+    if host is None:
+        host = dev.host_buffer(layout.numel, layout.dtype)
     slot = torch.empty(layout.numel, dtype=layout.dtype, device=dev.device)
     up = dev.seconds(lambda: slot.copy_(host, non_blocking=True), repeat=10)
     down = dev.seconds(lambda: host.copy_(slot, non_blocking=True), repeat=10)
-    params = layout.views(slot.normal_(0, 0.02))
     ids = torch.randint(4, adapter.config.vocab_size, (batch, seq))
     inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
     hidden = torch.randn(batch, seq, adapter.config.hidden_size, dtype=dtype, device=dev.device)
+    scratch, z = torch.empty_like(slot), torch.empty_like(slot)
+    params, sampler = layout.views(scratch), DirectionSampler(slot.device)
+    pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device))  # lr 0: a no-op
 
     def dual_forward() -> None:
         with torch.no_grad():
             adapter.block(0, params, hidden, inputs)
             adapter.block(0, params, hidden, inputs)
 
+    def compute_task() -> None:
+        with torch.no_grad():
+            apply_update(slot, sampler.draw(pending.seed, 1, z), pending, layout.decayed_views(slot))
+            sampler.draw(2, 1, z)
+            for eps in (1e-3, -1e-3):
+                perturb_into(scratch, slot, z, eps)
+                adapter.block(0, params, hidden, inputs)
+
+    perturb_into(scratch, slot, sampler.draw(2, 1, z), 1e-3)
     forward = dev.seconds(dual_forward, repeat=10)
+    task = dev.seconds(compute_task, repeat=10)
+    enqueue = dev.enqueue_seconds(compute_task, repeat=10)
     blocks = adapter.num_blocks
-    per_block = max(up, down, forward)
+    per_block = max(up, task)
     return {
         "block_mb": layout.nbytes / 2**20,
+        "upload_ms": up * 1e3,
+        "offload_ms": down * 1e3,
         "upload_gb_s": layout.nbytes / up / 1e9,
         "offload_gb_s": layout.nbytes / down / 1e9,
         "dual_forward_ms": forward * 1e3,
+        "compute_task_ms": task * 1e3,
+        "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
         "floor_step_s": blocks * per_block,
         "floor_tokens_s": batch * seq / (blocks * per_block),
-        "bound_by": {up: "upload", down: "offload", forward: "compute"}[per_block],
+        "bound_by": "upload" if up >= task else "compute",
     }
 
 
 def measure(
     model: torch.nn.Module, policy: Policy, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
 ) -> dict[str, Any]:
-    async def go() -> tuple[float, float | None]:
+    """Median step time over ``steps`` steps after one warm-up step; a runner that fails (out of
+    memory, say) gives a row with its error instead of ending the benchmark."""
+
+    async def go() -> tuple[list[float], float | None]:
         times = []
         optimizer = ZOSGD(lr=1e-7, eps=1e-3)
         async with Runtime(model, optimizer, device=dev.device, policy=policy) as rt:
@@ -85,11 +121,52 @@ def measure(
                 await rt.step(batch)
                 times.append(time.perf_counter() - t0)
             used = dev.used_mb()
-        return statistics.median(times), used
+        return times, used
 
-    step_s, used = run(go())
-    tokens = batch["input_ids"].numel()
-    return {"step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used}
+    dev.release()  # the previous runner's buffers
+    try:
+        times, used = run(go())
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError, ValueError) as error:
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    step_s, tokens = statistics.median(times), batch["input_ids"].numel()
+    return {
+        "step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used,
+        "step_times_s": times,
+    }  # fmt: skip
+
+
+def trace(
+    model: torch.nn.Module, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int, prefix: str
+) -> dict[str, Any]:
+    """A few traced steps under FixedDepth(1) after a warm-up step: ``PREFIX.png``, ``PREFIX.json``
+    (Chrome trace) and the summary's figures."""
+
+    dev.release()
+
+    async def go() -> Timeline:
+        async with Runtime(model, ZOSGD(lr=1e-7, eps=1e-3), device=dev.device, policy=FixedDepth(1), trace=True) as rt:
+            for _ in range(steps + 1):
+                await rt.step(batch)
+            return rt.timeline.training_steps_from(1)
+
+    timeline = run(go())
+    png = timeline.save_png(f"{prefix}.png", (1800, 420))
+    chrome = timeline.save_chrome_trace(f"{prefix}.json")
+    summary = timeline.summary(show=True)
+    return {
+        "png": str(png),
+        "chrome_trace": str(chrome),
+        "steps": summary.steps,
+        "step_s": summary.step_seconds,
+        "lane_busy": summary.lane_busy,
+        "upload_gb_s": summary.upload_gb_s,
+        "offload_gb_s": summary.offload_gb_s,
+        "overlap_efficiency": summary.overlap_efficiency,
+        "largest_gaps": [
+            {"step": g.step, "ms": g.seconds * 1e3, "before": g.task, "waiting_for": g.waiting_for}
+            for g in summary.largest_gaps
+        ],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", action="store_true", help="all blocks share one host buffer (66B/175B shapes)")
     parser.add_argument("--budget-gb", type=float, default=None, help="MemoryBudget size (default: half the free GPU)")
     parser.add_argument("--skip-mezo", action="store_true", help="do not run the all-on-GPU baseline")
+    parser.add_argument("--trace-out", default=None, metavar="PREFIX",
+                        help="trace a few FixedDepth(1) steps too: PREFIX.png, PREFIX.json")  # fmt: skip
+    parser.add_argument("--trace-steps", type=int, default=3, help="traced steps after one warm-up (default 3)")
     args = parser.parse_args(argv)
-    if args.batch <= 0 or args.seq <= 0 or args.steps <= 0:
-        parser.error("--batch, --seq and --steps must be positive")
+    if args.batch <= 0 or args.seq <= 0 or args.steps <= 0 or args.trace_steps <= 0:
+        parser.error("--batch, --seq, --steps and --trace-steps must be positive")
 
     dev = DeviceMeter(args.device)
     dtype = DTYPES[args.dtype]
@@ -115,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq > config.max_position_embeddings:
         parser.error(f"--seq {args.seq} is longer than {args.model}'s {config.max_position_embeddings} positions")
     t0 = time.perf_counter()
-    model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias)
+    fill_device = dev.device if dev.cuda else None  # a GPU draws the random weights ~100x faster than a CPU
+    model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias, fill_device=fill_device)
+    dev.release()
     init_s = time.perf_counter() - t0
     ids = torch.randint(4, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids}
@@ -123,14 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     block_bytes, blocks = adapter.block_layouts[0].nbytes, adapter.num_blocks
 
     facts = card(model, dev, args.batch, args.seq, dtype)
-    versions = f"torch {torch.__version__}, Python {sys.version.split()[0]}"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]}"
     print(
         f"zoruntime bench: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on {dev.describe()}; {versions}"
     )
     print(f"  init {init_s:.1f} s{' (alias mode: blocks share one host buffer)' if args.alias else ''}")
-    print(f"  {blocks} blocks of {facts['block_mb']:.0f} MB; pinned upload {facts['upload_gb_s']:.1f} GB/s, "
-          f"offload {facts['offload_gb_s']:.1f} GB/s")  # fmt: skip
-    print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms; floor {facts['floor_step_s']:.3f} s/step "
+    print(
+        f"  {blocks} blocks of {facts['block_mb']:.0f} MB; pinned upload {facts['upload_ms']:.2f} ms "
+        f"({facts['upload_gb_s']:.1f} GB/s), offload {facts['offload_ms']:.2f} ms ({facts['offload_gb_s']:.1f} GB/s)"
+    )
+    print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms, whole compute task "
+          f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms); "
+          f"floor {facts['floor_step_s']:.3f} s/step "
           f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
 
     free = dev.free_bytes()
@@ -145,22 +231,26 @@ def main(argv: list[str] | None = None) -> int:
     runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]
     runners.append((f"MemoryBudget({budget / 2**30:.2f} GB)", MemoryBudget(budget)))
 
-    rows = []
+    print(f"\n{'runner':<26}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
+    rows: list[dict[str, Any]] = []
     for name, policy in runners:
         row = {"runner": name, **measure(model, policy, dev, batch, args.steps)}
         rows.append(row)
-    mezo = next((r["tokens_s"] for r in rows if r["runner"].startswith("MeZO")), None)
-    print(f"\n{'runner':<26}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
-    for row in rows:
+        mezo = rows[0].get("tokens_s") if rows[0]["runner"].startswith("MeZO") else None
+        if "error" in row:
+            print(f"{name:<26} failed: {row['error']}", flush=True)
+            continue
         row["x_floor"] = row["tokens_s"] / facts["floor_tokens_s"]
         row["x_mezo"] = row["tokens_s"] / mezo if mezo else None
         x_mezo = f"{row['x_mezo']:.2f}" if mezo else "-"
         peak, used = (f"{v:,.0f}" if v is not None else "-" for v in (row["peak_allocated_mb"], row["used_mb"]))
-        print(f"{row['runner']:<26}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
-              f"{row['x_floor']:>9.2f}{x_mezo:>8}")  # fmt: skip
+        print(f"{name:<26}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
+              f"{row['x_floor']:>9.2f}{x_mezo:>8}", flush=True)  # fmt: skip
+    traced = trace(model, dev, batch, args.trace_steps, args.trace_out) if args.trace_out else None
     print(json.dumps({
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "alias": args.alias,
-        "device": dev.describe(), "versions": versions, "card": facts, "rows": rows,
+        "device": dev.describe(), "versions": versions, "init_s": init_s, "card": facts, "rows": rows,
+        "trace": traced,
     }))  # fmt: skip
     return 0
 

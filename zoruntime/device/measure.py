@@ -23,6 +23,7 @@ class DeviceMeter:
         self.cuda = self.device.type == "cuda"
         if self.cuda and not torch.cuda.is_available():
             raise SystemExit("--device cuda needs a CUDA GPU; none is visible (use --device cpu for a smoke run)")
+        self._cycles: float | None = None
 
     def describe(self) -> str:
         if self.cuda:
@@ -35,28 +36,67 @@ class DeviceMeter:
         return pin_in_place(flat) if self.cuda else flat
 
     def seconds(self, fn: Callable[[], object], repeat: int) -> float:
-        """Median seconds of ``fn`` after one warm-up call (device-timed with events on CUDA; the
-        start event is recorded behind the warm-up, so no host sync is needed)."""
+        """Median seconds the device spends on ``fn``, after one warm-up call.
+
+        On CUDA the device is first kept busy (``torch.cuda._sleep``) for longer than the host
+        takes to enqueue ``fn``, so the start event is reached only once all of ``fn``'s work is
+        queued: the time is the GPU's alone, not the host's launch overhead (``enqueue_seconds``
+        measures that). On a CPU it is the host clock around ``fn``.
+        """
         fn()
+        if not self.cuda:
+            return statistics.median(_host_times(fn, repeat))
+        cover = int(2 * self.enqueue_seconds(fn, repeat=3) * self._cycles_per_second()) + 1_000_000
         times = []
         for _ in range(repeat):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(cover)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
 
-    def reset_peak(self) -> None:
+    def enqueue_seconds(self, fn: Callable[[], object], repeat: int) -> float:
+        """Median host seconds to issue ``fn``. On CUDA the device is kept busy meanwhile, so
+        this is the launch overhead alone: when it exceeds ``seconds(fn)`` the host, not the GPU,
+        sets the pace of a lane that runs ``fn``."""
+        if not self.cuda:
+            return statistics.median(_host_times(fn, repeat))
+        busy = int(0.05 * self._cycles_per_second())  # 50 ms of device work ahead of the host
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize(self.device)
+            torch.cuda._sleep(busy)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.synchronize(self.device)
+        return statistics.median(times)
+
+    def _cycles_per_second(self) -> float:
+        if self._cycles is None:
+            cycles = 10_000_000
+            torch.cuda._sleep(cycles)  # warm up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._cycles = cycles / (start.elapsed_time(end) / 1e3)
+        return self._cycles
+
+    def release(self) -> None:
+        """Return the memory of what is no longer referenced (between runs), and reset the peak."""
+        gc.collect()
         if self.cuda:
-            gc.collect()
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def reset_peak(self) -> None:
+        """Start the peak over, keeping the allocator's cache (inside a run: no new cudaMalloc)."""
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_mb(self) -> float | None:
@@ -71,3 +111,12 @@ class DeviceMeter:
 
     def free_bytes(self) -> int | None:
         return torch.cuda.mem_get_info(self.device)[0] if self.cuda else None
+
+
+def _host_times(fn: Callable[[], object], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times

@@ -1,0 +1,85 @@
+"""The GPU suite's machinery, on the CPU: parts run in order under their limits, a part that fails
+or hangs does not stop the next, results.json and the summary say what happened; and the
+whole suite runs end to end in its CPU smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from zoruntime.bench import environment
+from zoruntime.bench.gpu_suite import Part, render_summary, run_suite
+
+
+def _python(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_a_failing_or_hanging_part_does_not_stop_the_next(tmp_path: Path) -> None:
+    parts = [
+        Part("fails", _python("import sys; print('boom: ValueError: bad'); sys.exit(3)"), 30),
+        Part("hangs", _python("import time; print('started', flush=True); time.sleep(60)"), 1.5),
+        Part("works", _python('print("a table"); print(\'{"answer": 42}\')'), 30),
+    ]
+    started = time.perf_counter()
+    results = run_suite(parts, tmp_path, budget_s=60, echo=False)
+    assert time.perf_counter() - started < 20  # the hanging part was killed at its limit
+    assert [(r.name, r.status) for r in results] == [("fails", "failed"), ("hangs", "timeout"), ("works", "ok")]
+    assert results[0].returncode == 3 and "ValueError: bad" in results[0].note
+    assert results[1].returncode is None and "limit of 2 s" in results[1].note
+    assert results[2].result == {"answer": 42}
+    assert "started" in Path(results[1].log).read_text()  # output up to the kill is kept
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in saved] == ["failed", "timeout", "ok"]
+    table = render_summary(results)
+    assert "fails" in table and "timeout" in table and "exit code 3" in table
+
+
+def test_parts_beyond_the_budget_are_recorded_as_not_run(tmp_path: Path) -> None:
+    parts = [
+        Part("slow", _python("import time; time.sleep(60)"), 60),
+        Part("never", _python("print('{}')"), 60),
+    ]
+    results = run_suite(parts, tmp_path, budget_s=1.5, echo=False)
+    assert [r.status for r in results] == ["timeout", "not run"]
+    assert "budget" in results[1].note
+
+
+def test_environment_report_has_versions_and_no_gpu_here() -> None:
+    facts = environment.describe()
+    assert facts["python"] == sys.version.split()[0]
+    assert facts["torch"] and facts["transformers"] and facts["cpu_cores"] >= 1
+    if facts["gpu"] is not None:  # on a GPU machine: the fields the README table needs
+        assert {"name", "memory_gib", "driver", "pcie_gen_current", "pcie_width_current"} <= facts["gpu"].keys()
+
+
+def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path), "--device", "cpu",
+         "--models", "tiny", "--seq", "32", "--trace", "tiny", "--skip", "pytest"],
+        capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert list(results) == ["env", "tiny"] and all(r["status"] == "ok" for r in results.values())
+    bench = results["tiny"]["result"]
+    runners = [row["runner"] for row in bench["rows"]]
+    assert runners[:4] == ["MeZO (all resident)", "FixedDepth(0)", "FixedDepth(1)", "FixedDepth(2)"]
+    assert all(row["tokens_s"] > 0 and len(row["step_times_s"]) == 1 for row in bench["rows"])
+    assert (tmp_path / "trace_tiny.png").stat().st_size > 0 and bench["trace"]["steps"] == 3
+    assert 0 < bench["trace"]["lane_busy"]["compute"] <= 1.0
+    assert (tmp_path / "logs" / "tiny.log").exists()
+    summary = done.stdout[done.stdout.index("zoruntime GPU suite:") :]  # the table printed at the end
+    assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
+
+
+def test_unknown_part_names_are_refused(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path / "out"), "--skip", "nonsense"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--skip names no part: nonsense" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -1,0 +1,255 @@
+"""``python -m zoruntime.bench.gpu_suite --out DIR``: everything GPU-side in one command.
+
+Checks an install on a GPU and measures it. Parts, in order: the environment (GPU, driver,
+PCIe link, versions); ``pytest -m cuda``; ``zoruntime bench`` for opt-1.3b, opt-6.7b, opt-13b,
+opt-30b and opt-175b (alias mode: the blocks share one host buffer), fp16, batch 1 x 2048,
+every runner, with a few traced steps of opt-13b drawn as a PNG.
+
+Each part runs in its own process under its own time limit, and the whole suite under a
+budget (``--budget-s``): a part that crashes, hangs or runs out of time is recorded as such and
+the next one runs. Everything goes under DIR: ``logs/PART.log`` (each part's whole output),
+``results.json`` (every part's status, seconds and the JSON line it printed), the opt-13b
+trace (``trace_opt-13b.png`` and ``.json``). A summary table is printed at the end.
+
+``--device cpu --models tiny --seq 32`` runs the same machinery on a CPU in seconds (the tests
+do), where the figures mean nothing. Knows which commands make up the suite and how to run
+them; knows nothing about what they measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding zoruntime/ (and tests/ in a checkout)
+MODELS = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-175b")
+ALIASED = frozenset({"opt-66b", "opt-175b"})  # too big for the host memory of most machines
+# timed steps per runner and the part's time limit, sized for one H100 (a 175B step is ~7 s)
+BENCH_STEPS = {"opt-1.3b": 5, "opt-6.7b": 3, "opt-13b": 3, "opt-30b": 2, "opt-175b": 1}
+BENCH_LIMIT_S = {"opt-1.3b": 120, "opt-6.7b": 120, "opt-13b": 150, "opt-30b": 180, "opt-175b": 240}
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One command of the suite: ``argv`` run under ``limit_s`` seconds."""
+
+    name: str
+    argv: tuple[str, ...]
+    limit_s: float
+    junit: Path | None = None  # pytest's report, read for the test counts
+
+
+@dataclass(slots=True)
+class PartResult:
+    name: str
+    status: str  # ok | failed | timeout | not run
+    seconds: float
+    returncode: int | None
+    log: str
+    result: dict[str, Any] | None = None  # the last JSON line the part printed (tests: the counts)
+    note: str = ""
+    command: list[str] = field(default_factory=list)
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def _test_counts(junit: Path) -> dict[str, Any] | None:
+    try:
+        root = ElementTree.parse(junit).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return None
+    counts: dict[str, Any] = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed_tests"] = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return counts
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    paths = [str(PACKAGE_ROOT), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def run_part(part: Part, logs: Path, limit_s: float) -> PartResult:
+    """Run one part with its output in ``logs/NAME.log``; kill its process group after ``limit_s``."""
+    log = logs / f"{part.name}.log"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        out.write(f"$ {' '.join(part.argv)}\n")
+        out.flush()
+        child = subprocess.Popen(
+            part.argv, stdout=out, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True
+        )
+        try:
+            returncode: int | None = child.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            returncode = None
+    seconds = time.perf_counter() - started
+    text = log.read_text(errors="replace")
+    result = _test_counts(part.junit) if part.junit is not None else _last_json_line(text)
+    if returncode is None:
+        status, note = "timeout", f"killed after its limit of {limit_s:.0f} s"
+    elif returncode == 0:
+        status, note = "ok", ""
+    else:
+        status, note = "failed", f"exit code {returncode}: {_last_error(text)}"
+    return PartResult(part.name, status, seconds, returncode, str(log), result, note, list(part.argv))
+
+
+def _last_error(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line or line.startswith(("FAILED", "E ")):
+            return line[:200]
+    return lines[-1][:200] if lines else "no output"
+
+
+def run_suite(parts: list[Part], out: Path, budget_s: float, echo: bool = True) -> list[PartResult]:
+    """Run ``parts`` in order, each under ``min(its limit, what is left of the budget)``; a part
+    that fails or times out does not stop the next. Writes ``results.json`` after every part."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + budget_s
+    results: list[PartResult] = []
+    for part in parts:
+        left = deadline - time.perf_counter()
+        if left < 1.0:
+            results.append(PartResult(part.name, "not run", 0.0, None, "", None, "the suite's budget was used up"))
+        else:
+            results.append(run_part(part, logs, min(part.limit_s, left)))
+        if echo:
+            done = results[-1]
+            print(f"[{done.status:>7}] {done.name:<10} {done.seconds:7.1f} s  {done.note}", flush=True)
+        (out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return results
+
+
+def default_parts(
+    out: Path, *, device: str, models: tuple[str, ...], seq: int, traced: frozenset[str] = frozenset()
+) -> list[Part]:
+    python = sys.executable
+    parts = [Part("env", (python, "-m", "zoruntime.bench.environment"), 60)]
+    tests = PACKAGE_ROOT / "tests"
+    if tests.is_dir():
+        junit = out / "logs" / "pytest.xml"
+        pytest = (python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}")
+        parts.append(Part("pytest", (*pytest, str(tests)), 180, junit))
+    for model in models:
+        argv = [python, "-m", "zoruntime.bench.throughput", "--model", model, "--device", device, "--dtype", "fp16"]
+        argv += ["--batch", "1", "--seq", str(seq), "--steps", str(BENCH_STEPS.get(model, 1))]
+        if model in ALIASED:
+            argv.append("--alias")
+        if model in traced:
+            argv += ["--trace-out", str(out / f"trace_{model}")]
+        parts.append(Part(model, tuple(argv), BENCH_LIMIT_S.get(model, 120)))
+    return parts
+
+
+def render_summary(results: list[PartResult]) -> str:
+    lines = [f"{'part':<10}{'status':>9}{'seconds':>9}  note", "-" * 60]
+    for r in results:
+        note = r.note
+        if r.name == "pytest" and r.result is not None:
+            note = (f"{r.result['passed']} passed, {r.result['failures'] + r.result['errors']} failed, "
+                    f"{r.result['skipped']} skipped" + (f"; {note}" if note else ""))  # fmt: skip
+        lines.append(f"{r.name:<10}{r.status:>9}{r.seconds:>9.1f}  {note}")
+    env = next((r.result for r in results if r.name == "env" and r.result), None)
+    if env:
+        gpu = env.get("gpu") or {}
+        link = f"PCIe gen {gpu.get('pcie_gen_current')} (max {gpu.get('pcie_gen_max')})"
+        link += f" x{gpu.get('pcie_width_current')}"
+        lines += ["", f"GPU: {gpu.get('name', 'none')}, driver {gpu.get('driver')}, {link}; torch {env.get('torch')}, "
+                  f"transformers {env.get('transformers')}, Python {env.get('python')}"]  # fmt: skip
+    header = f"{'model':<10}{'runner':<26}{'tokens/s':>10}{'step s':>9}{'peak MB':>9}{'used MB':>9}"
+    header += f"{'x floor':>8}{'x MeZO':>7}"
+    rows = []
+    for r in results:
+        bench = r.result if r.result and "rows" in r.result else None
+        if bench is None:
+            continue
+        card = bench["card"]
+        rows.append(f"{r.name:<10}card: {card['block_mb']:.0f} MB blocks, upload {card['upload_gb_s']:.1f} GB/s, "
+                    f"offload {card['offload_gb_s']:.1f} GB/s, compute task {card['compute_task_ms']:.2f} ms, "
+                    f"floor {card['floor_tokens_s']:,.0f} tokens/s ({card['bound_by']}-bound)")  # fmt: skip
+        for row in bench["rows"]:
+            if "error" in row:
+                rows.append(f"{'':<10}{row['runner']:<26}failed: {row['error'][:60]}")
+                continue
+            fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+            rows.append(
+                f"{'':<10}{row['runner']:<26}{row['tokens_s']:>10,.0f}{row['step_s']:>9.3f}"
+                f"{fmt(row['peak_allocated_mb'], ',.0f'):>9}{fmt(row['used_mb'], ',.0f'):>9}"
+                f"{row['x_floor']:>8.2f}{fmt(row['x_mezo'], '.2f'):>7}"
+            )
+        if bench.get("trace"):
+            t = bench["trace"]
+            busy = ", ".join(f"{lane} {v:.0%}" for lane, v in t["lane_busy"].items())
+            rows.append(f"{'':<10}trace: {t['steps']} steps of FixedDepth(1), lanes busy {busy}, "
+                        f"overlap efficiency {t['overlap_efficiency']:.0%}; {t['png']}")  # fmt: skip
+    if rows:
+        lines += ["", header, *rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zoruntime.bench.gpu_suite", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, help="folder for logs/, results.json and the trace")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run of the machinery)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--trace", default="opt-13b", help="comma-separated models to trace a few steps of")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out (env, pytest, a model name)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="the whole suite's time (default 450 s)")
+    args = parser.parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    if args.seq <= 0 or args.budget_s <= 0:
+        parser.error("--seq and --budget-s must be positive")
+    out = Path(args.out)
+    skip = {s for s in args.skip.split(",") if s}
+    traced = frozenset(m for m in args.trace.split(",") if m)
+    parts = default_parts(out, device=args.device, models=models, seq=args.seq, traced=traced)
+    unknown = skip - {p.name for p in parts}
+    if unknown:
+        parser.error(f"--skip names no part: {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in parts)}")
+    parts = [p for p in parts if p.name not in skip]
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = run_suite(parts, out, args.budget_s)
+    print(f"\nzoruntime GPU suite: {time.perf_counter() - started:.0f} s in all; results in {out / 'results.json'}\n")
+    print(render_summary(results))
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
