@@ -30,7 +30,7 @@ async def traced_steps(out: Path, steps: int, depth: int) -> None:
         timeline = rt.timeline
     print(f"wrote {timeline.save_chrome_trace(out / 'trace.json')}")
     print(f"wrote {timeline.save_png(out / 'timeline.png')}")
-    timeline.summary()
+    timeline.summary(show=True)
 
 
 def main() -> None:

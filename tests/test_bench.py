@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from zoruntime.bench import throughput
 from zoruntime.models import OPTAdapter
 from zoruntime.models.init import materialize_flat, tiny_opt_config
 from zoruntime.models.shapes import OPT_NAMES, opt_config
@@ -28,6 +30,54 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     assert runners[4].startswith("MemoryBudget(")
     assert all(row["tokens_s"] > 0 for row in result["rows"])
     assert any(line.startswith("runner") for line in lines)
+
+
+def test_bench_on_cpu_defaults_to_the_tiny_model_says_copy_and_sizes_the_budget_in_mb() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime", "bench", "--device", "cpu", "--steps", "1", "--skip-mezo"],
+        capture_output=True, text=True, timeout=100, check=True,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert (result["model"], result["seq"], result["batch"]) == ("tiny", 128, 1)
+    assert lines[0].startswith("zoruntime bench: tiny fp16, batch 1 x 128, on CPU")
+    card_line = next(line for line in lines if " blocks of " in line)
+    assert re.fullmatch(
+        r"  2 blocks of 0\.10 MB; copy to the compute buffer \d+\.\d\d ms \(\d+\.\d GB/s\), "
+        r"copy back \d+\.\d\d ms \(\d+\.\d GB/s\)",
+        card_line,
+    ), card_line
+    assert "pinned" not in done.stdout
+    budget = result["rows"][-1]["runner"]
+    assert re.fullmatch(r"MemoryBudget\(0\.\d\d MB\)", budget) and budget != "MemoryBudget(0.00 MB)", budget
+
+
+def test_bench_help_states_the_defaults_per_device(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        throughput.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "or tiny (default: opt-1.3b on cuda, tiny on cpu)" in text
+    assert "tokens per sequence (default: 2048 on cuda, 128 on cpu)" in text
+
+
+def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        throughput.main(["--device", "mps"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --device 'mps' is not supported; use cuda or cpu")
+
+
+def test_bench_names_the_budget_and_the_link_for_the_device() -> None:
+    assert throughput.budget_name(39 * 2**30) == "MemoryBudget(39.00 GB)"
+    assert throughput.budget_name(2**30) == "MemoryBudget(1.00 GB)"
+    assert throughput.budget_name(3 * 2**28) == "MemoryBudget(768.00 MB)"
+    assert throughput.budget_name(600 * 2**10) == "MemoryBudget(0.59 MB)"
+    facts = {"upload_ms": 11.5, "upload_gb_s": 54.7, "offload_ms": 12.0, "offload_gb_s": 52.4}
+    assert throughput.link_line(True, facts) == "upload (pinned) 11.50 ms (54.7 GB/s), offload 12.00 ms (52.4 GB/s)"
+    assert throughput.link_line(False, facts) == (
+        "copy to the compute buffer 11.50 ms (54.7 GB/s), copy back 12.00 ms (52.4 GB/s)"
+    )
 
 
 def test_bench_refuses_bad_options() -> None:

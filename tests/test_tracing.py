@@ -91,7 +91,7 @@ def test_png_is_written_at_the_stated_size(cpu_timeline: Timeline, tmp_path: Pat
 @pytest.mark.parametrize(("depth", "expected"), [(1, 1.0), (0, (1 + 2 + 1 + 7 * 2) / (8 * 4))])
 def test_summary_overlap_efficiency_matches_the_analytic_value(depth: int, expected: float) -> None:
     timeline = simulate(8, 1.0, 2.0, 1.0, FixedDepth(depth), steps=2, block_bytes=10**9)
-    summary = timeline.summary(show=False)
+    summary = timeline.summary()
     assert summary.pipeline_bound_seconds == pytest.approx(OpFigures(1.0, 2.0, 1.0).pipeline_bound(8))
     assert summary.overlap_efficiency == pytest.approx(expected)
     makespan = 18.0 if depth else 32.0
@@ -100,8 +100,16 @@ def test_summary_overlap_efficiency_matches_the_analytic_value(depth: int, expec
     assert summary.lane_busy["upload"] == pytest.approx(8.0 / makespan)
 
 
+def test_summary_is_pure_unless_asked_to_show(capsys: pytest.CaptureFixture[str]) -> None:
+    timeline = simulate(4, 1.0, 2.0, 1.0, FixedDepth(1), steps=2, block_bytes=10**9)
+    summary = timeline.summary()
+    assert capsys.readouterr().out == ""
+    assert timeline.summary(show=True) == summary
+    assert capsys.readouterr().out == summary.render() + "\n"
+
+
 def test_summary_names_what_the_compute_lane_waited_for() -> None:
-    summary = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1)).summary(show=False)  # upload-bound
+    summary = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1)).summary()  # upload-bound
     assert summary.largest_gaps[0].waiting_for.startswith("upload ")
     assert summary.largest_gaps[0].seconds == pytest.approx(3.0)  # the fill: compute 0 waits for upload 0
     assert summary.largest_gaps[1].seconds == pytest.approx(2.0)  # then each block waits u − c
@@ -113,7 +121,7 @@ def test_gaps_are_attributed_on_device_timestamps_too() -> None:
     # wait is still that dependency's, not the scheduler's.
     simulated = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1))
     late = [replace(s, start=s.start + 5e-6, end=s.end + 5e-6) if s.lane == "compute" else s for s in simulated.spans]
-    summary = Timeline(late, simulated.steps).summary(show=False)
+    summary = Timeline(late, simulated.steps).summary()
     assert [g.waiting_for for g in summary.largest_gaps[:3]] == ["upload 0", "upload 1", "upload 2"]
 
 
@@ -122,7 +130,7 @@ def test_a_gap_with_nothing_pending_is_blamed_on_issuing_late() -> None:
     spans = sorted(simulated.spans, key=lambda s: s.start)
     head = next(s for s in spans if s.kind == "head")
     delayed = [replace(s, start=s.start + 0.5, end=s.end + 0.5) if s is head else s for s in spans]
-    gaps = Timeline(delayed, simulated.steps).summary(show=False).largest_gaps
+    gaps = Timeline(delayed, simulated.steps).summary().largest_gaps
     assert (gaps[0].task, gaps[0].waiting_for) == ("head", "the scheduler (no dependency pending)")
     assert gaps[0].seconds == pytest.approx(0.5)
 

@@ -13,9 +13,10 @@ MeZO. The last line is one JSON document.
 Weights are random, written straight into (pinned) host buffers; ``--alias`` makes every block
 share one buffer so 66B and 175B shapes run with little host memory (the timing and GPU memory
 are real, the weights are not). ``--device cpu`` runs the same code on the CPU (a smoke test;
-the figures mean little there).
+the figures mean little there), by default on the tiny model with 128-token sequences.
 
     python -m zoruntime.bench.throughput --model opt-1.3b            # defaults: batch 1, seq 2048, fp16
+    python -m zoruntime.bench.throughput --device cpu                # tiny, batch 1, seq 128
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ from ..zo.directions import DirectionSampler
 from ..zo.update import PendingUpdate, apply_update, perturb_into
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_MODEL = {"cuda": "opt-1.3b", "cpu": "tiny"}  # a CPU run is a smoke test: seconds, not hours
+DEFAULT_SEQ = {"cuda": 2048, "cpu": 128}
+
+
+def budget_name(budget: int) -> str:
+    """``MemoryBudget(39.00 GB)``, or in MB below 1 GB (a CPU smoke run's budget is a few hundred kB)."""
+    size = f"{budget / 2**30:.2f} GB" if budget >= 2**30 else f"{budget / 2**20:.2f} MB"
+    return f"MemoryBudget({size})"
+
+
+def link_line(cuda: bool, facts: dict[str, Any]) -> str:
+    """The card's transfer figures: over the bus from pinned memory on CUDA, plain copies on a CPU."""
+    up = f"{facts['upload_ms']:.2f} ms ({facts['upload_gb_s']:.1f} GB/s)"
+    down = f"{facts['offload_ms']:.2f} ms ({facts['offload_gb_s']:.1f} GB/s)"
+    if cuda:
+        return f"upload (pinned) {up}, offload {down}"
+    return f"copy to the compute buffer {up}, copy back {down}"
 
 
 def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -173,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zoruntime bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="opt-1.3b", help=f"OPT shape: {', '.join(OPT_NAMES)} or tiny")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"OPT shape: {', '.join(OPT_NAMES)} or tiny (default: opt-1.3b on cuda, tiny on cpu)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="tokens per sequence (default: 2048 on cuda, 128 on cpu)")  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and compute (default fp16)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per runner, median reported (default 5)")
@@ -186,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="trace a few FixedDepth(1) steps too: PREFIX.png, PREFIX.json")  # fmt: skip
     parser.add_argument("--trace-steps", type=int, default=3, help="traced steps after one warm-up (default 3)")
     args = parser.parse_args(argv)
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cuda or cpu")
+    if kind not in DEFAULT_MODEL:
+        parser.error(f"--device {args.device!r} is not supported; use cuda or cpu")
+    args.model = args.model if args.model is not None else DEFAULT_MODEL[kind]
+    args.seq = args.seq if args.seq is not None else DEFAULT_SEQ[kind]
     if args.batch <= 0 or args.seq <= 0 or args.steps <= 0 or args.trace_steps <= 0:
         parser.error("--batch, --seq, --steps and --trace-steps must be positive")
 
@@ -210,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         f"zoruntime bench: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on {dev.describe()}; {versions}"
     )
     print(f"  init {init_s:.1f} s{' (alias mode: blocks share one host buffer)' if args.alias else ''}")
-    print(
-        f"  {blocks} blocks of {facts['block_mb']:.0f} MB; pinned upload {facts['upload_ms']:.2f} ms "
-        f"({facts['upload_gb_s']:.1f} GB/s), offload {facts['offload_ms']:.2f} ms ({facts['offload_gb_s']:.1f} GB/s)"
-    )
+    block_mb = f"{facts['block_mb']:.0f}" if facts["block_mb"] >= 10 else f"{facts['block_mb']:.2f}"
+    print(f"  {blocks} blocks of {block_mb} MB; {link_line(dev.cuda, facts)}")
     print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms, whole compute task "
           f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms); "
           f"floor {facts['floor_step_s']:.3f} s/step "
@@ -229,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_mezo and not args.alias and (free is None or everything < 0.8 * free):
         runners.append(("MeZO (all resident)", MemoryBudget(10 * everything)))
     runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]
-    runners.append((f"MemoryBudget({budget / 2**30:.2f} GB)", MemoryBudget(budget)))
+    runners.append((budget_name(budget), MemoryBudget(budget)))
 
     print(f"\n{'runner':<26}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []

@@ -92,8 +92,10 @@ class Timeline:
 
         return save_png(self, path, size)
 
-    def summary(self, show: bool = True) -> TimelineSummary:
-        """Busy fraction per lane, achieved GB/s, overlap efficiency, largest compute-lane gaps."""
+    def summary(self, show: bool = False) -> TimelineSummary:
+        """Busy fraction per lane, achieved GB/s, overlap efficiency, largest compute-lane gaps.
+
+        Pure unless ``show=True``, which also prints it (``result.render()`` is the same text)."""
         from .summary import summarize
 
         result = summarize(self)
