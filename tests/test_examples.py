@@ -47,3 +47,14 @@ def test_timeline_example_writes_a_trace_a_picture_and_a_summary(tmp_path) -> No
     out = _run("examples/timeline.py", "--out", str(tmp_path), "--steps", "2")
     assert (tmp_path / "trace.json").exists() and (tmp_path / "timeline.png").exists()
     assert "overlap efficiency" in out
+
+
+def test_the_readme_api_snippet_runs_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = re.search(r"## The API in one screen\n\n```python\n(.*?)```", readme, re.S)
+    assert code is not None
+    exec(compile(code.group(1).replace("range(200)", "range(5)"), "README.md", "exec"), {})
+    loss = float(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < loss < 10

@@ -24,7 +24,7 @@ from zoruntime.bench.soak import soak
 from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from zoruntime.data.tokenizer import ByteTokenizer
 from zoruntime.engine import restore_checkpoint
-from zoruntime.journal import Journal, Record, read_journal, truncate_journal
+from zoruntime.journal import Journal, JournalError, Record, read_header, read_journal, truncate_journal
 from zoruntime.models import random_opt, tiny_opt_config
 
 ARGS = ["--steps", "150", "--checkpoint-every", "15", "--eval-every", "0", "--no-trace", "--max-length", "32"]
@@ -36,25 +36,35 @@ def _record(step: int) -> Record:
 
 def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
-    with Journal(path) as journal:
+    with Journal(path, header={"base": "here"}) as journal:
         for step in range(3):
             journal.append(_record(step))
     with open(path, "a") as file:
         file.write('{"step": 3, "seed": 10')  # the process died mid-write
     assert [r.step for r in read_journal(path)] == [0, 1, 2]
+    assert read_header(path) == {"zoruntime_journal": 1, "base": "here"}
     lines = path.read_text().split("\n")
-    path.write_text("\n".join([lines[0], "not json", lines[2], ""]))
-    with pytest.raises(ValueError, match=r"journal.jsonl:2: corrupt journal record"):
+    path.write_text("\n".join([lines[0], lines[1], "not json", lines[3], ""]))
+    with pytest.raises(JournalError, match=r"journal.jsonl, line 3: damaged record before the last line"):
         read_journal(path)
 
 
-def test_truncating_the_journal_keeps_earlier_steps(tmp_path: Path) -> None:
+def test_truncating_the_journal_keeps_the_header_and_earlier_steps(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
-    with Journal(path) as journal:
+    with Journal(path, header={"base": "here"}) as journal:
         for step in range(10):
             journal.append(_record(step))
+    lines = path.read_text().split("\n")
+    lines[9] = "damaged"  # step 8: after the resume point, so it is redone anyway
+    path.write_text("\n".join(lines))
     assert truncate_journal(path, 6) == 6
     assert [r.step for r in read_journal(path)] == list(range(6))
+    assert read_header(path) == {"zoruntime_journal": 1, "base": "here"}
+    lines = path.read_text().split("\n")
+    lines[3] = "damaged"  # step 2: before it, so the resumed run cannot be rebuilt
+    path.write_text("\n".join(lines))
+    with pytest.raises(JournalError, match=r"line 4: damaged record"):
+        truncate_journal(path, 6)
 
 
 @pytest.mark.asyncio
@@ -96,7 +106,7 @@ async def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeyp
             await rt.save_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001", "latest"]
-    groups, state = load_checkpoint(tmp_path)
+    groups, state, _ = load_checkpoint(tmp_path)
     assert state["step"] == 1 and "block.001" in groups
 
 
@@ -185,7 +195,7 @@ def test_replay_with_a_missing_journal_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*replay, "--out", str(tmp_path)], capture_output=True, text=True)
     assert (
         done.returncode == 2
-        and done.stderr.strip() == f"zoruntime replay: error: --journal {tmp_path / 'none.jsonl'} does not exist"
+        and done.stderr.strip() == f"zoruntime replay: error: the journal {tmp_path / 'none.jsonl'} does not exist"
     )
 
 

@@ -123,7 +123,7 @@ async def test_candidate_loss_trains_through_the_runtime() -> None:
         (["--batch-size", "-2"], "--batch-size must be > 0, got -2"),
         (["--lr", "-1"], "lr must be a finite number >= 0"),
         (["--policy", "fast"], "--policy 'fast' is not depth=K or memory=SIZE"),
-        (["--model", "/no/such/folder"], "could not load a model from '/no/such/folder' (not a local folder"),
+        (["--model", "/no/such/folder"], "the folder '/no/such/folder' does not exist; give the folder the model was"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(args: list[str], message: str, tmp_path: Path) -> None:

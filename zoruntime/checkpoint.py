@@ -4,8 +4,10 @@ A checkpoint is a folder ``checkpoint-<step>`` with ``weights.safetensors`` (one
 group: ``resident``, ``block.000`` ...) and ``state.json`` (the step to resume at, the layout it
 was written for, and whatever the caller adds, such as the data position). It is written under
 a temporary name, fsynced and renamed; then the ``latest`` file is replaced atomically to point
-at it, and older checkpoints are removed. A crash at any moment leaves ``latest`` naming a
-complete checkpoint; a full disk raises ``CheckpointError`` and keeps the previous one. The
+at it, and all but the ``KEEP`` newest checkpoints are removed. A crash at any moment leaves
+``latest`` naming a complete checkpoint; a full disk raises ``CheckpointError`` and keeps the
+previous one. A newest checkpoint that cannot be read (truncated, corrupt) is passed over for
+the one before it, and the caller is told which file was bad. The
 caller applies the pending update first (``Runtime.save_checkpoint`` does), so the weights hold
 every update up to the step. Knows nothing about runtimes or training.
 """
@@ -20,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+KEEP = 2
+"""Checkpoints kept: the newest and the one before it, so a damaged newest one is not the end."""
 
 
 class CheckpointError(RuntimeError):
@@ -89,18 +94,41 @@ def save_checkpoint(root: str | Path, step: int, groups: Mapping[str, torch.Tens
         raise CheckpointError(
             f"could not write the checkpoint of step {step} to {root}: {error.strerror or error}; {kept}"
         ) from error
-    for old in root.glob("checkpoint-*"):
-        if old.is_dir() and old.name != name and not old.name.endswith((".tmp", ".old")):
-            shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoints(root)[KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The groups and state of the latest checkpoint in ``root``."""
-    folder = latest_checkpoint(root)
-    if folder is None or not folder.is_dir():
-        raise CheckpointError(f"no checkpoint in {root} (no '{LATEST}' file naming one); start a new run instead")
+def checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoint folders in ``root``, newest (highest step) first."""
+    found = [p for p in Path(root).glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-") :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len("checkpoint-") :]), reverse=True)
+
+
+def _read(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        return load_file(str(folder / "weights.safetensors")), json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"the checkpoint {folder} cannot be read: {error}") from error
+        state = json.loads((folder / "state.json").read_text())
+        return load_file(str(folder / "weights.safetensors")), state
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CheckpointError(f"{folder} cannot be read ({type(error).__name__}: {error})") from error
+
+
+def load_checkpoint(root: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """The groups and state of the newest readable checkpoint in ``root``, and one line for
+    each newer one that could not be read (and was passed over)."""
+    newest = latest_checkpoint(root)
+    candidates = checkpoints(root)
+    if newest is not None and newest in candidates:  # ``latest`` names the newest complete one
+        candidates.remove(newest)
+        candidates.insert(0, newest)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {root}; start a new run instead")
+    skipped: list[str] = []
+    for folder in candidates:
+        try:
+            groups, state = _read(folder)
+        except CheckpointError as error:
+            skipped.append(f"passed over a damaged checkpoint: {error}")
+            continue
+        return groups, state, skipped
+    raise CheckpointError(f"no readable checkpoint in {root}: {'; '.join(skipped)}")

@@ -125,7 +125,9 @@ class Runtime:
         self._backend: Backend | None = None
         self._executor: Executor | None = None
         self._scheduler: Scheduler | None = None
-        self._busy = False
+        self._busy: str | None = None  # the call whose graph runs now ("rt.step()", ...), None when idle
+        self._idle: asyncio.Future[None] | None = None  # resolved when that call's graph has finished
+        self._closing = False
         self._broken: BaseException | None = None
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(
@@ -175,15 +177,41 @@ class Runtime:
         return self
 
     async def close(self) -> None:
-        """Apply the pending update, write every weight back into the model, release the lanes."""
+        """Wait for a call still running (a step started with ``asyncio.create_task`` and not awaited,
+        say), apply the pending update, write every weight back into the model, release the lanes.
+
+        Calls made while it closes are refused. If it cannot write the weights back (the flush
+        fails, or ``close`` is cancelled while it waits), it raises and leaves the runtime open with
+        the weights in it: ``await rt.close()`` again writes them back. The lanes are never shut
+        under a running step."""
         if self._backend is None:
             return
         try:
+            await asyncio.sleep(0)  # calls created just before (create_task) start first: waited for, not refused
+            self._closing = True
+            while self._idle is not None:  # asyncio.wait: neither raises the call's error nor cancels it
+                await asyncio.wait([self._idle])
+            if self._backend is None:  # a concurrent close() finished it
+                return
             if self._broken is None:
-                await self.flush()
-        finally:
-            self._backend.close()
-            self._backend = None
+                await self._run("flush", None, self.step_index, closing=True)
+        except BaseException as error:
+            if self._broken is None:
+                self._closing = False
+                error.add_note(
+                    "the runtime is still open and holds every weight (the pending update is kept, not lost): "
+                    "await rt.close() again to write them back into the model"
+                )
+                raise
+            self._shut()  # the device failed: nothing more can be written back (see _ready's message)
+            raise
+        self._shut()
+
+    def _shut(self) -> None:
+        backend, self._backend = self._backend, None
+        self._closing = False
+        if backend is not None:
+            backend.close()
 
     async def __aenter__(self) -> Runtime:
         return await self.open()
@@ -192,7 +220,8 @@ class Runtime:
         await self.close()
 
     # -- steps ----------------------------------------------------------------------------------
-    def _ready(self, what: str) -> tuple[Executor, Scheduler]:
+    def _ready(self, what: str, *, closing: bool = False) -> tuple[Executor, Scheduler]:
+        """Refuse ``what`` unless the runtime is open, sound and idle; changes nothing either way."""
         if self._backend is None or self._executor is None or self._scheduler is None:
             raise RuntimeError(f"open the runtime before {what}: use `async with Runtime(...) as rt:`")
         if self._broken is not None:
@@ -200,15 +229,38 @@ class Runtime:
                 f"the runtime stopped: the device failed while recovering from a failed step ({self._broken}); "
                 "close it and resume from the last checkpoint"
             )
-        if self._busy:
-            raise RuntimeError(f"{what} was called while another step runs; await each call before the next")
+        if self._busy is not None:
+            raise RuntimeError(
+                f"{what} was called while another step runs; await each call before the next ({self._busy} "
+                "has not finished: a runtime runs one step, evaluation or flush at a time, so two calls "
+                "given to asyncio.gather() or create_task() at once are refused)"
+            )
+        if self._closing and not closing:
+            raise RuntimeError(
+                f"{what} was called while the runtime closes (leaving `async with` writes the weights back); "
+                "call it inside the block and await it there"
+            )
         return self._executor, self._scheduler
 
-    async def _run(self, graph: str, state: StepState | None, step: int) -> Executor:
-        executor, _ = self._ready({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"))
+    def _claim(self, what: str, *, closing: bool = False) -> Executor:
+        """Make ``what`` the one call that owns the runtime until ``_release``, or refuse it (and
+        change nothing). Between ``_ready`` and the owner's first await nothing can interleave."""
+        executor, _ = self._ready(what, closing=closing)
+        self._busy = what
+        self._idle = asyncio.get_running_loop().create_future()
+        return executor
+
+    def _release(self) -> None:
+        """Only the owner calls this (in a ``finally``): a refused call never reaches it."""
+        self._busy = None
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.set_result(None)
+
+    async def _run(self, graph: str, state: StepState | None, step: int, *, closing: bool = False) -> Executor:
+        executor = self._claim({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"), closing=closing)
         backend = self._backend
         assert backend is not None
-        self._busy = True
         executor.state = state
         try:
             await self._execute(self._graphs[graph], step)
@@ -225,7 +277,7 @@ class Runtime:
             raise
         finally:
             executor.state = None
-            self._busy = False
+            self._release()
         executor.pending_is_applied()  # a complete pass went through every group
         return executor
 
@@ -269,12 +321,26 @@ class Runtime:
     async def evaluate(self, batch: Batch | Mapping[str, object], metric: LossFn | None = None) -> float:
         """The loss at the current weights (or ``metric(logits, batch)``, e.g. an accuracy): an
         offloaded forward without perturbation. The pending update is applied on the way (and so
-        is no longer pending)."""
+        is no longer pending). A loss or metric that is not finite raises ``FloatingPointError``
+        saying so, never returns nan."""
         state = self._prepare(batch, Mode.EVAL, self.step_index)
         state.metric = metric
         await self._run("eval", state, self.step_index)
         assert state.loss_plus is not None
-        return float(state.loss_plus)
+        value = float(state.loss_plus)
+        if not math.isfinite(value):
+            if metric is not None:
+                raise FloatingPointError(
+                    f"evaluation metric is {value}: metric(logits, batch) returned a non-finite value; check the "
+                    "metric (an empty selection gives 0/0 = nan) and the weights (inf or nan weights give "
+                    "non-finite logits)"
+                )
+            raise FloatingPointError(
+                f"evaluation loss is {value}: the weights or the batch give non-finite logits or loss; look for "
+                "inf or nan in the model's parameters (a diverged run: lower lr or eps) and check that the batch "
+                "has labels other than -100 (the pending update was applied as usual)"
+            )
+        return value
 
     async def flush(self) -> None:
         """Apply the pending update to every group and write all weights back into the model."""
@@ -284,13 +350,23 @@ class Runtime:
     async def save_checkpoint(self, root: str | Path, state: Mapping[str, Any] | None = None) -> Path:
         """Apply the pending update, then snapshot every master group into ``root`` (atomically;
         see ``zoruntime.checkpoint``). ``state`` is stored beside it (e.g. the data position)."""
-        executor, _ = self._ready("rt.save_checkpoint()")
+        self._ready("rt.save_checkpoint()")
         await self.flush()
-        storage = executor.storage
-        groups = {_checkpoint_key(None): storage.host_group}
-        groups |= {_checkpoint_key(i): flat for i, flat in enumerate(storage.host_blocks)}
-        meta = {"layout": layout_fingerprint(self.adapter), **(state or {})}
-        return await asyncio.to_thread(save_checkpoint, root, self.step_index, groups, meta)
+        # Own the runtime while the snapshot is written, so no step changes the masters under it.
+        executor = self._claim("rt.save_checkpoint()")
+        try:
+            storage = executor.storage
+            groups = {_checkpoint_key(None): storage.host_group}
+            groups |= {_checkpoint_key(i): flat for i, flat in enumerate(storage.host_blocks)}
+            meta = {"layout": layout_fingerprint(self.adapter), **(state or {})}
+            writing = asyncio.ensure_future(asyncio.to_thread(save_checkpoint, root, self.step_index, groups, meta))
+            try:
+                return await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                await asyncio.wait([writing])  # a thread cannot be interrupted: it reads the masters until done
+                raise
+        finally:
+            self._release()
 
     # -- looking inside -----------------------------------------------------------------------------
     def _bytes_moved(self, task: Task) -> int:
@@ -332,10 +408,11 @@ def _checkpoint_key(block: int | None) -> str:
 
 
 def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
-    """Load the latest checkpoint in ``root`` into ``model``'s parameters; returns its state
-    (``state["step"]`` is where a ``Runtime(..., start_step=...)`` continues)."""
+    """Load the newest readable checkpoint in ``root`` into ``model``'s parameters; returns its
+    state (``state["step"]`` is where a ``Runtime(..., start_step=...)`` continues) with
+    ``state["passed_over"]``: a line for each newer checkpoint that was damaged."""
     adapter = OPTAdapter(model)
-    groups, state = load_checkpoint(root)
+    groups, state, passed_over = load_checkpoint(root)
     if state.get("layout") != layout_fingerprint(adapter):
         raise CheckpointError(
             f"the checkpoint in {root} was written for a different model (its groups, sizes or dtypes differ); "
@@ -346,4 +423,4 @@ def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
         for (layout, params), key in zip(adapter.groups(), keys, strict=True):
             for name, view in layout.views(groups[key]).items():
                 params[name].copy_(view)
-    return state
+    return {**state, "passed_over": passed_over}

@@ -2,8 +2,10 @@
 which batch), appended, flushed and fsynced, so a crash loses at most the step in flight.
 
 With the base weights, the journal alone rebuilds the trained weights (z comes from the
-seeds). A torn last line from a crash is skipped on reading, never fatal. Knows nothing about
-models or runtimes.
+seeds). Its first line is a header saying what the run started from (the base model and a
+fingerprint of its weights), so a replay can refuse the wrong base. A torn last line from a
+crash is skipped on reading, never fatal; a damaged line before it is an error that names the
+file and the line. Knows nothing about models or runtimes.
 """
 
 from __future__ import annotations
@@ -39,18 +41,33 @@ class Record:
         )  # fmt: skip
 
 
-class Journal:
-    """Append-only; each ``append`` is durable when it returns."""
+HEADER_KEY = "zoruntime_journal"
+VERSION = 1
 
-    def __init__(self, path: str | Path) -> None:
+
+class JournalError(ValueError):
+    """The journal is damaged; the message names the file, the line and what to do."""
+
+
+class Journal:
+    """Append-only; each ``append`` is durable when it returns. A new (or empty) journal starts
+    with ``header``."""
+
+    def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        if fresh and header is not None:
+            self._write({HEADER_KEY: VERSION, **header})
 
-    def append(self, record: Record) -> None:
-        self._file.write(json.dumps(asdict(record)) + "\n")
+    def _write(self, fields: dict[str, Any]) -> None:
+        self._file.write(json.dumps(fields) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def append(self, record: Record) -> None:
+        self._write(asdict(record))
 
     def close(self) -> None:
         self._file.close()
@@ -67,25 +84,60 @@ def read_journal(path: str | Path) -> list[Record]:
     return list(_records(Path(path)))
 
 
-def _records(path: Path) -> Iterator[Record]:
+def read_header(path: str | Path) -> dict[str, Any] | None:
+    """The journal's header (None for a journal written before headers existed)."""
+    with open(path, encoding="utf-8") as file:
+        first = file.readline()
+    try:
+        fields = json.loads(first) if first.endswith("\n") else None
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) and HEADER_KEY in fields else None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
     *complete, _torn = path.read_text(encoding="utf-8").split("\n")  # a crash leaves the last piece non-empty
     for number, line in enumerate(complete, start=1):
-        try:
-            fields: dict[str, Any] = json.loads(line)
-            yield Record(**fields)
-        except (ValueError, TypeError):
-            raise ValueError(f"{path}:{number}: corrupt journal record before the last line") from None
+        if number == 1 and HEADER_KEY in line and line.lstrip().startswith("{"):
+            continue
+        yield number, line
+
+
+def _parse(path: Path, number: int, line: str) -> Record:
+    try:
+        fields: dict[str, Any] = json.loads(line)
+        return Record(**fields)
+    except (ValueError, TypeError):
+        raise JournalError(
+            f"{path}, line {number}: damaged record before the last line; the steps from there on cannot be "
+            "replayed: restore the file from a copy, or resume from a checkpoint taken before that step"
+        ) from None
+
+
+def _records(path: Path) -> Iterator[Record]:
+    for number, line in _lines(path):
+        yield _parse(path, number, line)
 
 
 def truncate_journal(path: str | Path, before_step: int) -> int:
-    """Keep only the records of steps before ``before_step`` (a resumed run redoes the rest);
-    written to a temporary file and renamed, so a crash keeps the old journal. Returns how many."""
+    """Keep the header and the records of steps before ``before_step`` (a resumed run redoes the
+    rest; damage after them goes with them); written to a temporary file and renamed, so a crash
+    keeps the old journal. Returns how many records were kept."""
     path = Path(path)
     if not path.exists():
         return 0
-    kept = [r for r in read_journal(path) if r.step < before_step]
+    header = read_header(path)
+    kept: list[Record] = []
+    for number, line in _lines(path):
+        if kept and kept[-1].step >= before_step - 1:
+            break  # everything after is redone by the resumed run
+        record = _parse(path, number, line)
+        if record.step < before_step:
+            kept.append(record)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as file:
+        if header is not None:
+            file.write(json.dumps(header) + "\n")
         file.writelines(json.dumps(asdict(r)) + "\n" for r in kept)
         file.flush()
         os.fsync(file.fileno())

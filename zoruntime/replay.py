@@ -5,22 +5,31 @@ decay); z is regenerated from the seed, one draw per group on the chosen device,
 update is applied with the same arithmetic as training, in step order. On the same kind of
 device the result equals the trained weights bit for bit. A 1,000-step journal is about
 200 KB: MeZO's storage-efficient checkpoint.
+
+``zoruntime replay --run DIR --out OUT`` needs nothing but the run folder: its configuration
+names the base (a model's name or path, or the copy of the built-in default in ``DIR/base``)
+and the dtype, and a base whose weights' fingerprint is not the one recorded is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .data.tokenizer import ByteTokenizer
-from .journal import Record, read_journal
+from .journal import Record, read_header, read_journal
+from .models.fingerprint import weights_fingerprint
 from .models.groups import adopt_into_flat
 from .models.init import load_pretrained_opt
 from .models.opt import OPTAdapter
+from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
 from .zo.update import PendingUpdate, apply_update
 
@@ -49,25 +58,64 @@ def replay(model: nn.Module, records: list[Record], device: torch.device | str =
     return applied
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _replay_error(message: str) -> int:
+    print(f"zoruntime replay: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoruntime replay", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", required=True, help="the model the run started from (a folder or hub name)")
-    parser.add_argument("--journal", required=True, help="journal.jsonl of the run")
+    parser.add_argument("--run", help="a run folder (zoruntime train --out): its base, dtype and journal")
+    parser.add_argument("--base", help="without --run: the model the run started from (a folder or hub name)")
+    parser.add_argument("--journal", help="without --run: journal.jsonl of the run")
     parser.add_argument("--out", required=True, help="folder for the rebuilt model")
     parser.add_argument("--device", default="cpu", help="where to apply the updates: the kind the run trained on")
     args = parser.parse_args(argv)
+    if (args.run is None) == (args.base is None and args.journal is None) or (
+        args.run is None and (args.base is None or args.journal is None)
+    ):
+        parser.error("give --run DIR, or both --base and --journal")
     try:
-        if not Path(args.journal).is_file():
-            raise ValueError(f"--journal {args.journal} does not exist")
-        records = read_journal(args.journal)
-        model = load_pretrained_opt(args.base)
-    except ValueError as error:
-        print(f"zoruntime replay: error: {error}", file=sys.stderr)
-        return 2
-    count = replay(model, records, args.device)
-    nn.Module.to(model, "cpu")
-    model.save_pretrained(args.out, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
-    if ByteTokenizer.saved_in(args.base):
-        ByteTokenizer().save_pretrained(args.out)
-    print(f"replayed {count} updates ({len(records) - count} skipped steps) onto {args.base}; saved {args.out}")
+        check_writable(Path(args.out))
+        run_folder = Path(args.run) if args.run else None
+        with contextlib.ExitStack() as stack:
+            if run_folder is not None:
+                if not (run_folder / "zoruntime.json").is_file():
+                    raise ValueError(f"--run {run_folder}: no zoruntime.json there; is it the --out folder of a run?")
+                stack.enter_context(RunLock(run_folder, "zoruntime replay"))
+                config = json.loads((run_folder / "zoruntime.json").read_text())
+                journal = run_folder / "journal.jsonl"
+                base = str(run_folder / "base") if config.get("base") == "built-in" else config.get("model")
+                if base is None:
+                    raise ValueError(f"{run_folder} does not record its base model (a run from before bases were kept)")
+                expected: dict[str, Any] = {k: config.get(k) for k in ("base_fingerprint", "dtype")}
+            else:
+                journal = Path(args.journal)
+                base = args.base
+                expected = {}
+            if not journal.is_file():
+                raise ValueError(f"the journal {journal} does not exist")
+            records = read_journal(journal)
+            header = read_header(journal) or {}
+            for key in ("base_fingerprint", "dtype"):  # the run's configuration first, else the journal's header
+                expected[key] = expected.get(key) or header.get(key)
+            dtype = _DTYPES[expected["dtype"]] if expected.get("dtype") else None
+            model = load_pretrained_opt(base, dtype)
+            if expected.get("base_fingerprint") and weights_fingerprint(model) != expected["base_fingerprint"]:
+                raise ValueError(
+                    f"the base {base} is not the model this run started from (its weights' fingerprint differs from "
+                    "the one the run recorded); replay needs exactly that base"
+                )
+            out = stack.enter_context(RunLock(Path(args.out), "zoruntime replay"))
+            count = replay(model, records, args.device)
+            nn.Module.to(model, "cpu")
+            model.save_pretrained(out.folder, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+            if ByteTokenizer.saved_in(base):
+                ByteTokenizer().save_pretrained(out.folder)
+    except (ValueError, RunFolderError) as error:
+        return _replay_error(str(error))
+    print(f"replayed {count} updates ({len(records) - count} skipped steps) onto {base}; saved {args.out}")
     return 0

@@ -106,6 +106,14 @@ def make_batch(batch: Batch | Mapping[str, Any], *, vocab_size: int, max_positio
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         mask = mask.long()
+        empty = [int(r) for r in (mask.sum(dim=1) == 0).nonzero().flatten()]
+        if empty:
+            rows = f"row {empty[0]} is" if len(empty) == 1 else f"rows {', '.join(map(str, empty))} are"
+            raise ValueError(
+                f"attention_mask {rows} all 0 (padding): such a sequence has no token to attend to or to "
+                "score, so its hidden states and loss are not defined (a batch of them gives a NaN loss); "
+                "drop the row from the batch, or set attention_mask to 1 on at least one of its tokens"
+            )
 
     labels = raw.get("labels")
     if labels is None:

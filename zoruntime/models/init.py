@@ -10,6 +10,7 @@ initialises OPT. Also holds the built-in tiny configuration used by tests and de
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,62 @@ def materialize_flat(
     return model.eval()
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (name lookup
+    included, which can hang on a machine without network: it runs in a thread)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Timeout
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+    def connect() -> bool:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout_s)
+    except (OSError, Timeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _offline_options(where: str) -> dict[str, Any]:
+    """For a hub name on a machine that cannot reach the hub: load from the local cache (no
+    retries), or fail at once, saying what to download, when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(where)
+    except ValueError:  # not a hub name: a local path, and loading it says what is wrong
+        return {}
+    if Path(where).exists() or os.environ.get("HF_HUB_OFFLINE") or hub_reachable():
+        return {}
+
+    if isinstance(try_to_load_from_cache(where, "config.json"), str):
+        return {"local_files_only": True}
+    raise ValueError(
+        f"{where!r} is not a local folder, and the Hugging Face hub cannot be reached from here: download it first "
+        f"on a machine with network (huggingface-cli download {where}) or pass the folder it is in"
+    )
+
+
 def load_pretrained_opt(where: str, dtype: torch.dtype | None = None) -> OPTForCausalLM:
     """``OPTForCausalLM.from_pretrained`` on a local folder or a hub name, in ``dtype`` (None: the
     dtype it was saved in); every failure becomes a ValueError whose message says what to do."""
     from transformers import AutoConfig
 
+    if where.startswith((".", "/")) and not Path(where).exists():
+        raise ValueError(f"the folder {where!r} does not exist; give the folder the model was saved in")
+    offline = _offline_options(where)
     try:
-        config = AutoConfig.from_pretrained(where)
+        config = AutoConfig.from_pretrained(where, **offline)
     except (OSError, ValueError) as error:
         kind = "a local folder without a usable config.json" if Path(where).exists() else "not a local folder"
         raise ValueError(
@@ -149,7 +199,7 @@ def load_pretrained_opt(where: str, dtype: torch.dtype | None = None) -> OPTForC
     if config.model_type != "opt":
         raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains OPT models (facebook/opt-*)")
     try:
-        model = OPTForCausalLM.from_pretrained(where)
+        model = OPTForCausalLM.from_pretrained(where, **offline)
     except OSError as error:
         raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
     if dtype is None:

@@ -1,0 +1,248 @@
+"""The API under misuse loses nothing: two calls at once, a step left running when the block
+ends, a close that is cancelled or fails, a sequence with no attended token, an evaluation
+that is not finite. Each is refused clearly or waited for, and every weight reaches the model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+import zoruntime
+from zoruntime.models.batch import make_batch
+from zoruntime.models.opt import OPTAdapter
+from zoruntime.policies import FixedDepth, MemoryBudget
+from zoruntime.testing import InjectedFault, inject_faults
+from zoruntime.zo.reference import ReferenceZO
+
+BLOCKS = 4
+CONFIG = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=7)
+BUSY = (
+    "rt.step() was called while another step runs; await each call before the next (rt.step() has not "
+    "finished: a runtime runs one step, evaluation or flush at a time, so two calls given to asyncio.gather() "
+    "or create_task() at once are refused)"
+)
+STILL_OPEN = (
+    "the runtime is still open and holds every weight (the pending update is kept, not lost): "
+    "await rt.close() again to write them back into the model"
+)
+
+
+def _model() -> torch.nn.Module:
+    return tiny_model(seed=2, num_hidden_layers=BLOCKS)
+
+
+def _policy(name: str):
+    block = OPTAdapter(_model()).block_layouts[0].nbytes
+    return {"depth1": FixedDepth(1), "resident": MemoryBudget(5 * block)}[name]
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    return token_batch(_model().config, seed=seed)
+
+
+def _one_step_by_the_reference(seed: int = 0) -> torch.nn.Module:
+    model = _model()
+    ReferenceZO(model, CONFIG).step(_batch(seed))
+    return model
+
+
+async def _one_step_alone(policy: str, seed: int = 0) -> tuple[torch.nn.Module, zoruntime.StepStats]:
+    model = _model()
+    async with zoruntime.Runtime(model, CONFIG, policy=_policy(policy)) as rt:
+        stats = await rt.step(_batch(seed))
+    return model, stats
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _resident_group_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pa, pb = OPTAdapter(a).resident_parameters(), OPTAdapter(b).resident_parameters()
+    return all(torch.equal(pa[name], pb[name]) for name in pa)
+
+
+# -- 1a: two steps at once ---------------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["depth1", "resident"])
+async def test_two_steps_given_to_gather_refuse_the_second_and_every_weight_is_written_back(policy: str) -> None:
+    alone, _ = await _one_step_alone(policy)
+    model = _model()
+    rt = zoruntime.Runtime(model, CONFIG, policy=_policy(policy))
+    async with rt:
+        with pytest.raises(RuntimeError) as refused:
+            await asyncio.gather(rt.step(_batch(0)), rt.step(_batch(1)))  # the first keeps running
+        assert str(refused.value) == BUSY
+    statistics = rt.statistics()
+    assert (statistics.steps, statistics.failed_steps, statistics.skipped_steps) == (1, 0, 0)
+    assert not statistics.pending_update
+    assert _resident_group_equal(model, alone)  # embeddings, final norm, head: the part that was lost
+    assert _same_weights(model, alone)
+    assert _same_weights(model, _one_step_by_the_reference())
+
+
+@pytest.mark.asyncio
+async def test_the_refused_call_touches_nothing_and_the_running_step_completes_normally() -> None:
+    alone, expected = await _one_step_alone("depth1")
+    model = _model()
+    async with zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1)) as rt:
+        first, second = await asyncio.gather(rt.step(_batch(0)), rt.step(_batch(1)), return_exceptions=True)
+        assert first == expected
+        assert isinstance(second, RuntimeError) and str(second) == BUSY
+        assert rt.step_index == 1 and rt.statistics().failed_steps == 0
+    assert _same_weights(model, alone)
+
+
+# -- 1b: leaving the block with a step still running --------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("started", [True, False])
+async def test_leaving_the_block_waits_for_a_step_left_running_then_writes_every_weight_back(started: bool) -> None:
+    alone, expected = await _one_step_alone("depth1")
+    model = _model()
+    rt = zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1))
+    async with rt:
+        running = asyncio.create_task(rt.step(_batch(0)))
+        if started:
+            await asyncio.sleep(0)  # the step is on the lanes now
+    assert running.done() and running.result() == expected
+    assert rt.statistics().failed_steps == 0
+    assert _same_weights(model, alone)
+    assert _same_weights(model, _one_step_by_the_reference())
+
+
+@pytest.mark.asyncio
+async def test_a_call_made_while_the_runtime_closes_is_refused_and_changes_nothing() -> None:
+    alone, expected = await _one_step_alone("depth1")
+    model = _model()
+
+    async def two_steps() -> list[zoruntime.StepStats]:
+        done = [await rt.step(_batch(0))]
+        done.append(await rt.step(_batch(1)))  # issued once the block has been left: refused
+        return done
+
+    rt = zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1))
+    async with rt:
+        task = asyncio.create_task(two_steps())
+        await asyncio.sleep(0)
+    with pytest.raises(RuntimeError) as refused:
+        await task
+    assert str(refused.value) == (
+        "rt.step() was called while the runtime closes (leaving `async with` writes the weights back); "
+        "call it inside the block and await it there"
+    )
+    assert rt.step_index == 1 and expected.step == 0
+    assert _same_weights(model, alone)
+
+
+@pytest.mark.asyncio
+async def test_a_close_cancelled_while_it_waits_keeps_the_runtime_open_and_the_weights_in_it() -> None:
+    alone, expected = await _one_step_alone("depth1")
+    model = _model()
+    rt = zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1))
+    await rt.open()
+    running = asyncio.create_task(rt.step(_batch(0)))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(rt.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError) as cancelled:
+        await closing
+    assert cancelled.value.__notes__ == [STILL_OPEN]
+    assert await running == expected  # the lanes were not shut under it
+    assert (await rt.step(_batch(1))).step == 1  # still open, still usable
+    await rt.close()
+    twice = _model()
+    async with zoruntime.Runtime(twice, CONFIG, policy=FixedDepth(1)) as ref:
+        await ref.step(_batch(0))
+        await ref.step(_batch(1))
+    assert _same_weights(model, twice)
+    assert not _same_weights(model, alone)
+
+
+@pytest.mark.asyncio
+async def test_a_flush_that_fails_on_leaving_keeps_the_weights_and_close_again_writes_them() -> None:
+    alone, _ = await _one_step_alone("depth1")
+    model = _model()
+    rt = zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1))
+    with pytest.raises(zoruntime.TaskFailed) as failed:
+        async with rt:
+            await rt.step(_batch(0))
+            injected = inject_faults(
+                rt, lambda step, task: task.kind.value == "offload" and task.block is None and not injected
+            )
+    assert str(failed.value) == (
+        "step 1: offload of the resident group failed: InjectedFault: "
+        "fault injected into offload of the resident group of step 1"
+    )
+    assert isinstance(failed.value.__cause__, InjectedFault)
+    assert failed.value.__notes__ == [STILL_OPEN]
+    assert not _resident_group_equal(model, alone)  # not yet written back, but not lost either
+    await rt.close()
+    assert _same_weights(model, alone)
+    assert _same_weights(model, _one_step_by_the_reference())
+
+
+# -- 1c: a sequence with no attended token ---------------------------------------------------------
+def test_an_all_zero_attention_mask_row_is_refused_naming_the_row() -> None:
+    config = _model().config
+    batch = token_batch(config)
+    batch["attention_mask"][2] = 0
+    with pytest.raises(ValueError) as one:
+        make_batch(batch, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
+    assert str(one.value) == (
+        "attention_mask row 2 is all 0 (padding): such a sequence has no token to attend to or to score, so its "
+        "hidden states and loss are not defined (a batch of them gives a NaN loss); drop the row from the batch, "
+        "or set attention_mask to 1 on at least one of its tokens"
+    )
+    batch["attention_mask"][0] = 0
+    with pytest.raises(ValueError, match=r"^attention_mask rows 0, 2 are all 0 \(padding\): "):
+        make_batch(batch, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_with_no_attended_token_is_a_value_error_not_a_skipped_nan_step() -> None:
+    model = _model()
+    batch = _batch(0)
+    batch["attention_mask"][:] = 0
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        with pytest.raises(ValueError, match=r"^attention_mask rows 0, 1, 2 are all 0 \(padding\)"):
+            await rt.step(batch)
+        with pytest.raises(ValueError, match=r"^attention_mask rows 0, 1, 2 are all 0 \(padding\)"):
+            await rt.evaluate(batch)
+        statistics = rt.statistics()
+        assert (statistics.steps, statistics.skipped_steps, statistics.failed_steps) == (0, 0, 0)
+
+
+# -- 1d: evaluation is never a silent nan ------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+async def test_evaluating_non_finite_weights_raises_instead_of_returning_nan(bad: float) -> None:
+    model = _model()
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc2.weight.fill_(bad)
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        with pytest.raises(FloatingPointError) as error:
+            await rt.evaluate(_batch(0))
+    assert str(error.value) == (
+        "evaluation loss is nan: the weights or the batch give non-finite logits or loss; look for inf or nan "
+        "in the model's parameters (a diverged run: lower lr or eps) and check that the batch has labels other "
+        "than -100 (the pending update was applied as usual)"
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_metric_that_returns_nan_raises_and_the_runtime_stays_usable() -> None:
+    model = _model()
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        with pytest.raises(FloatingPointError) as error:
+            await rt.evaluate(_batch(0), metric=lambda logits, batch: logits.sum() * math.nan)
+        assert str(error.value) == (
+            "evaluation metric is nan: metric(logits, batch) returned a non-finite value; check the metric (an "
+            "empty selection gives 0/0 = nan) and the weights (inf or nan weights give non-finite logits)"
+        )
+        assert math.isfinite(await rt.evaluate(_batch(0)))
+        assert (await rt.step(_batch(0))).step == 0

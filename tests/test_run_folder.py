@@ -1,0 +1,238 @@
+"""A run folder is never damaged: a second run is refused, resume never destroys, replay needs
+only the run, bad input and Ctrl-C are one line, a diverging run stops (``zoruntime train``
+called in-process, except where a signal or a second process is the point)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zoruntime.journal import read_journal
+from zoruntime.replay import main as replay_main
+from zoruntime.runs import RunLock
+from zoruntime.train import main as train_main
+
+FAST = ["--no-progress", "--eval-every", "0", "--no-trace", "--max-length", "32", "--batch-size", "4"]
+
+
+def train(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = train_main([*FAST, *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (the lock file aside) with a hash of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = weights(a), weights(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 6-step run with a checkpoint every 2 steps (kept: steps 4 and 6)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train_main([*FAST, "--steps", "6", "--checkpoint-every", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_a_folder_that_holds_a_run_is_refused_and_left_as_it_was(finished_run: Path, capsys) -> None:
+    before = snapshot(finished_run)
+    code, _, err = train(capsys, "--steps", "3", "--out", str(finished_run))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{finished_run} already holds a run (finished, 6 steps): --resume {finished_run} to continue" in err
+    assert "--overwrite to start again" in err
+    assert snapshot(finished_run) == before
+
+
+def test_overwrite_starts_again_and_removes_only_the_old_runs_files(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(capsys, "--steps", "4", "--checkpoint-every", "2", "--out", str(out))[0] == 0
+    (out / "notes.txt").write_text("mine")
+    code, _, _ = train(capsys, "--steps", "2", "--seed", "1", "--overwrite", "--out", str(out))
+    assert code == 0
+    assert [r.step for r in read_journal(out / "journal.jsonl")] == [0, 1]
+    assert [p.name for p in sorted((out / "checkpoints").glob("checkpoint-*"))] == ["checkpoint-00000002"]
+    assert json.loads((out / "zoruntime.json").read_text())["seed"] == 1
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_in_use_is_refused_naming_the_other_process(finished_run: Path, tmp_path: Path, capsys) -> None:
+    with RunLock(finished_run, "zoruntime train, rank 0"):
+        code, _, err = train(capsys, "--resume", str(finished_run), "--steps", "8")
+        assert code == 2 and f"is in use by process {os.getpid()} (zoruntime train, rank 0)" in err
+        assert replay_main(["--run", str(finished_run), "--out", str(tmp_path / "replayed")]) == 2
+        assert "is in use by process" in capsys.readouterr().err
+    assert not (tmp_path / "replayed").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "memory=0"], "--policy memory=0: memory budget of 0 bytes is too small"),
+        (["--policy", "depth=1000"], "the model has 4 blocks, so at most 3 uploads can run ahead"),
+        (["--batch-size", "100000", "--max-length", "64"], "--batch-size 100000 x --max-length 64 needs about"),
+        (["--device", "cuda:7"], "--device cuda:7"),
+        (["--device", "tpu"], "--device 'tpu' is not auto, cpu, cuda or cuda:N"),
+        (["--text-file", "."], "--text-file . is a folder; give a text file"),
+        (["--stop-after-nonfinite", "0"], "--stop-after-nonfinite must be > 0"),
+        (["--overwrite", "--resume", "x"], "give one of them"),
+    ],
+)
+def test_bad_options_are_one_line_and_nothing_is_written(args, message, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = train(capsys, "--steps", "2", *args, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_or_under_one_is_one_line(tmp_path: Path, capsys) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert "is a file, not a folder" in train(capsys, "--out", str(file))[2]
+    code, _, err = train(capsys, "--out", str(file / "run"))
+    assert code == 2 and f"cannot be created: {file} is a file" in err
+
+
+def test_resume_never_throws_steps_away(finished_run: Path, capsys) -> None:
+    before = snapshot(finished_run)
+    code, _, err = train(capsys, "--resume", str(finished_run), "--steps", "3")
+    assert code == 2 and "--steps 3 is below the run's last checkpoint (step 6)" in err
+    code, out, _ = train(capsys, "--resume", str(finished_run))
+    assert code == 0 and "the run already finished its 6 steps; nothing to do" in out
+    assert snapshot(finished_run) == before
+
+
+def test_the_last_step_is_checkpointed_and_the_two_newest_are_kept(finished_run: Path, tmp_path: Path, capsys):
+    names = sorted(p.name for p in (finished_run / "checkpoints").glob("checkpoint-*"))
+    assert names == ["checkpoint-00000004", "checkpoint-00000006"]
+    out = tmp_path / "run"
+    assert train(capsys, "--steps", "3", "--checkpoint-every", "0", "--out", str(out))[0] == 0
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-00000003"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path, capsys) -> None:
+    clean, damaged = tmp_path / "clean", tmp_path / "damaged"
+    assert train(capsys, "--steps", "8", "--checkpoint-every", "2", "--out", str(clean))[0] == 0
+    assert train(capsys, "--steps", "6", "--checkpoint-every", "2", "--out", str(damaged))[0] == 0
+    newest = damaged / "checkpoints" / "checkpoint-00000006" / "weights.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    code, out, _ = train(capsys, "--resume", str(damaged), "--steps", "8")
+    assert code == 0
+    assert f"passed over a damaged checkpoint: {newest.parent}" in out and "resumed at step 4" in out
+    assert same_weights(clean / "model", damaged / "model")
+    assert read_journal(clean / "journal.jsonl") == read_journal(damaged / "journal.jsonl")
+
+
+def test_a_damaged_journal_or_only_checkpoint_is_one_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert train(capsys, "--steps", "4", "--checkpoint-every", "0", "--out", str(out))[0] == 0
+    (out / "summary.json").unlink()
+    journal = out / "journal.jsonl"
+    lines = journal.read_text().split("\n")
+    journal.write_text("\n".join([*lines[:2], "damaged", *lines[3:]]))
+    code, _, err = train(capsys, "--resume", str(out))
+    assert code == 2 and err.count("\n") == 1 and f"{journal}, line 3: damaged record" in err
+    only = out / "checkpoints" / "checkpoint-00000004" / "weights.safetensors"
+    only.write_bytes(b"")
+    code, _, err = train(capsys, "--resume", str(out))
+    assert code == 2 and err.count("\n") == 1 and "no readable checkpoint" in err and str(only.parent) in err
+
+
+def test_replay_needs_only_the_run_and_refuses_another_base(finished_run: Path, tmp_path: Path, capsys) -> None:
+    assert replay_main(["--run", str(finished_run), "--out", str(tmp_path / "replayed")]) == 0
+    assert same_weights(finished_run / "model", tmp_path / "replayed")
+    assert (finished_run / "base" / "config.json").exists()  # the built-in base was kept
+    header = json.loads((finished_run / "journal.jsonl").read_text().split("\n")[0])
+    assert header["base"] == "built-in" and len(header["base_fingerprint"]) == 32
+    code = replay_main(["--base", str(finished_run / "model"), "--journal", str(finished_run / "journal.jsonl"),
+                        "--out", str(tmp_path / "wrong")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not the model this run started from" in err
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = train(capsys, "--lr", "1e10", "--steps", "50", "--stop-after-nonfinite", "3", "--out", str(out))
+    assert code == 2 and err.count("\n") == 1
+    assert "the last 3 steps had a non-finite loss (the run diverged); lower --lr (it is 1e+10)" in err
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    assert len(read_journal(out / "journal.jsonl")) < 50
+
+
+def test_a_non_finite_dev_loss_stops_with_one_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    code, _, err = train(capsys, "--lr", "1e10", "--steps", "6", "--eval-every", "2", "--stop-after-nonfinite", "100",
+                         "--out", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "the dev loss after step 2 is not finite (the run diverged); lower --lr" in err
+    assert not (out / "model").exists() and len(read_journal(out / "journal.jsonl")) == 2
+
+
+def test_no_progress_means_no_progress_bars_and_the_help_says_so(tmp_path: Path, capsys) -> None:
+    code, _, err = train(capsys, "--steps", "2", "--out", str(tmp_path / "run"))
+    assert code == 0 and "it/s" not in err and "Writing" not in err
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "--progress, --no-progress" in help_text and "show a progress bar (default: True)" in help_text
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "https://127.0.0.1:9"  # nothing answers there
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime", "train", "--model", "facebook/opt-125m", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "the Hugging Face hub cannot be reached" in done.stderr and "huggingface-cli download" in done.stderr
+    assert time.perf_counter() - started < 30  # no retries: import time, then one connection attempt
+
+
+def _journal_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_ctrl_c_checkpoints_the_last_step_and_resume_ends_where_a_clean_run_does(tmp_path: Path, capsys) -> None:
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    assert train(capsys, "--steps", "120", "--checkpoint-every", "1000", "--out", str(clean))[0] == 0
+    command = [sys.executable, "-m", "zoruntime", "train", *FAST, "--steps", "120", "--checkpoint-every", "1000",
+               "--out", str(stopped)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while _journal_lines(stopped / "journal.jsonl") < 15 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1 and f"checkpointed; continue with zoruntime train --resume {stopped}" in err
+    records = read_journal(stopped / "journal.jsonl")
+    assert 14 <= len(records) < 120
+    checkpoint = stopped / "checkpoints" / f"checkpoint-{len(records):08d}"
+    assert checkpoint.is_dir()  # the last completed step, nothing lost
+    assert train(capsys, "--resume", str(stopped))[0] == 0
+    assert same_weights(clean / "model", stopped / "model")
+    assert read_journal(clean / "journal.jsonl") == read_journal(stopped / "journal.jsonl")
