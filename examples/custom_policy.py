@@ -27,7 +27,7 @@ class EndsResident:
     depth: int = 2
 
     def plan(self, layout: ModelLayout) -> Plan:
-        n = layout.num_blocks
+        n = layout.num_units
         resident = set(range(min(self.ends, n))) | set(range(max(0, n - self.ends), n))
         return Plan(self.depth, frozenset(resident))
 
@@ -43,7 +43,7 @@ def what_if() -> None:
 async def train() -> None:
     model = zoruntime.random_opt(zoruntime.tiny_opt_config(num_hidden_layers=4), seed=0)
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=2e-3), policy=EndsResident()) as rt:
-        print(f"resident blocks: {rt.statistics().resident_blocks}, streaming slots: {rt.statistics().slots}")
+        print(f"resident blocks: {rt.statistics().resident_units}, streaming slots: {rt.statistics().slots}")
         for index in range(20):
             stats = await rt.step(sentence_batch(index))
         print(f"after {stats.step + 1} steps: loss {stats.loss:.3f}")

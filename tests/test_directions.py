@@ -1,14 +1,25 @@
-"""Invariant 3: z for (step seed, group) is a pure function of the two."""
+"""Invariant 3: every element of z is a pure function of (step seed, group, chunk, direction)."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 
-from zoruntime.zo import DirectionSampler, group_seed, step_seed
+from zoruntime.zo import CHUNK_ELEMENTS, DIRECTION_SCHEME, DirectionSampler, chunk_seed, step_seed
+
+GROUP = 2_500  # elements of the group the chunked tests draw
+CHUNK = 1_000  # small chunks, so the group has three (the last one 500 long)
 
 
-def _draw(sampler: DirectionSampler, seed: int, group: int, n: int = 1000) -> torch.Tensor:
-    return sampler.draw(seed, group, torch.empty(n))
+def _draw(sampler: DirectionSampler, seed: int, group: int, n: int = 1000, **where: int) -> torch.Tensor:
+    return sampler.draw(seed, group, torch.empty(n), **where)
+
+
+def test_the_scheme_is_pinned() -> None:
+    assert DIRECTION_SCHEME == 2 and CHUNK_ELEMENTS == 1 << 24
+    assert DirectionSampler("cpu").chunk_elements == CHUNK_ELEMENTS
 
 
 def test_direction_is_regenerated_bitwise_in_any_visiting_order() -> None:
@@ -27,20 +38,101 @@ def test_direction_does_not_depend_on_or_touch_the_global_rng() -> None:
     assert torch.equal(_draw(DirectionSampler("cpu"), seed, 2), first)
     moved = torch.random.get_rng_state()
     _draw(DirectionSampler("cpu"), seed, 3)
+    _draw(DirectionSampler("cpu", chunk_elements=CHUNK), seed, 3, n=700, offset=1_300, group_numel=GROUP)
     assert torch.equal(torch.random.get_rng_state(), moved)
     assert not torch.equal(state, moved)
 
 
-def test_groups_and_steps_get_different_directions() -> None:
+def test_chunked_draws_ignore_order_and_the_global_rng() -> None:
+    seed, sampler = step_seed(5, 9), DirectionSampler("cpu", chunk_elements=CHUNK)
+    keys = [(g, d) for g in range(3) for d in range(2)]
+    whole = {k: _draw(sampler, seed, k[0], n=GROUP, direction=k[1]) for k in keys}
+    for i, (g, d) in enumerate(reversed(keys)):
+        torch.manual_seed(i)  # reseeding the global generator between draws changes nothing
+        torch.randn(17)
+        part = _draw(sampler, seed, g, n=900, direction=d, offset=1_100, group_numel=GROUP)
+        assert torch.equal(part, whole[(g, d)][1_100:2_000])
+        assert torch.equal(
+            _draw(DirectionSampler("cpu", chunk_elements=CHUNK), seed, g, n=GROUP, direction=d), whole[(g, d)]
+        )
+
+
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [0, 1_000, 2_500],  # on the chunk boundary
+        [0, 1_234, 2_500],  # across one
+        [0, 999, 1_001, 2_500],  # a part within two chunks' edges
+        [0, 17, 2_001, 2_500],  # a part spanning a whole chunk and pieces of two
+        [0, 1_100, 1_900, 2_500],  # a part inside one chunk
+        [0, 2_499, 2_500],  # the last element alone
+    ],
+)
+def test_a_group_drawn_in_parts_equals_it_drawn_whole_bitwise(cuts: list[int]) -> None:
+    seed = step_seed(3, 11)
+    for dtype in (torch.float32, torch.bfloat16):
+        sampler = DirectionSampler("cpu", chunk_elements=CHUNK)
+        whole = sampler.draw(seed, 4, torch.empty(GROUP, dtype=dtype))
+        pieced = torch.empty(GROUP, dtype=dtype)
+        for lo, hi in itertools.pairwise(cuts):
+            sampler.draw(seed, 4, pieced[lo:hi], offset=lo, group_numel=GROUP)
+        assert torch.equal(pieced, whole)
+    prefix = _draw(sampler, seed, 4, n=1_500, group_numel=GROUP)  # offset 0 with the group's length given
+    assert torch.equal(prefix, _draw(sampler, seed, 4, n=GROUP)[:1_500])
+
+
+def test_chunks_are_drawn_with_their_own_seeds() -> None:
+    seed, sampler = step_seed(1, 2), DirectionSampler("cpu", chunk_elements=CHUNK)
+    z = _draw(sampler, seed, 1, n=GROUP)
+    for chunk, (lo, hi) in enumerate([(0, 1_000), (1_000, 2_000), (2_000, 2_500)]):
+        generator = torch.Generator().manual_seed(chunk_seed(seed, 1, chunk, 0))
+        assert torch.equal(z[lo:hi], torch.randn(hi - lo, generator=generator))
+    default = _draw(DirectionSampler("cpu"), seed, 1, n=GROUP)  # one chunk: the whole group
+    assert torch.equal(default, torch.randn(GROUP, generator=torch.Generator().manual_seed(chunk_seed(seed, 1, 0))))
+
+
+def test_groups_steps_and_directions_get_different_directions() -> None:
     sampler = DirectionSampler("cpu")
     seed = step_seed(0, 0)
     assert not torch.equal(_draw(sampler, seed, 1), _draw(sampler, seed, 2))
     assert not torch.equal(_draw(sampler, seed, 1), _draw(sampler, step_seed(0, 1), 1))
+    assert not torch.equal(_draw(sampler, seed, 1), _draw(sampler, seed, 1, direction=1))
+    assert not torch.equal(_draw(sampler, seed, 1, direction=1), _draw(sampler, seed, 1, direction=2))
+    chunked = DirectionSampler("cpu", chunk_elements=CHUNK)
+    z = _draw(chunked, seed, 1, n=GROUP)
+    assert not torch.equal(z[:1_000], z[1_000:2_000])  # chunks of one direction differ too
     assert len({step_seed(0, s) for s in range(1000)}) == 1000
-    assert len({group_seed(seed, g) for g in range(1000)}) == 1000
+
+
+def test_chunk_seeds_are_unique_over_many_keys() -> None:
+    seeds = [step_seed(0, 0), step_seed(0, 1), 1, 2**32 + 1]  # small seeds too: no word-boundary aliasing
+    keys = [(s, g, c, d) for s in seeds for g in range(20) for c in range(15) for d in range(8)]
+    assert len({chunk_seed(*key) for key in keys}) == len(keys)
+    assert chunk_seed(1, 0, 0) == chunk_seed(1, 0, 0, 0) != chunk_seed(1, 0, 0, 1)
+    with pytest.raises(ValueError, match=r"direction -1 is outside"):
+        chunk_seed(1, 0, 0, -1)
+
+
+def test_bad_requests_are_refused_with_the_fix() -> None:
+    seed, sampler = step_seed(0, 0), DirectionSampler("cpu", chunk_elements=CHUNK)
+    with pytest.raises(ValueError, match=r"offset 10 needs group_numel=, the group's full length"):
+        _draw(sampler, seed, 1, n=10, offset=10)
+    with pytest.raises(ValueError, match=r"offset -1 is negative"):
+        _draw(sampler, seed, 1, n=10, offset=-1, group_numel=GROUP)
+    with pytest.raises(ValueError, match=r"out holds elements 2490 \.\. 2509 but the group has only 2500"):
+        _draw(sampler, seed, 1, n=20, offset=2_490, group_numel=GROUP)
+    with pytest.raises(ValueError, match=r"out holds elements 0 \.\. 2500 but the group has only 2500"):
+        _draw(sampler, seed, 1, n=2_501, group_numel=GROUP)
+    with pytest.raises(ValueError, match=r"flat and contiguous"):
+        sampler.draw(seed, 1, torch.empty(10, 10))
+    with pytest.raises(ValueError, match=r"chunk_elements must be positive"):
+        DirectionSampler("cpu", chunk_elements=0)
+    assert _draw(sampler, seed, 1, n=0, offset=GROUP, group_numel=GROUP).numel() == 0
 
 
 def test_direction_is_standard_normal_in_every_dtype() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         z = DirectionSampler("cpu").draw(step_seed(0, 0), 0, torch.empty(200_000, dtype=dtype)).float()
         assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    z = DirectionSampler("cpu", chunk_elements=CHUNK).draw(step_seed(0, 0), 0, torch.empty(200_000)).float()
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01  # chunks do not correlate

@@ -62,7 +62,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def _resident_group_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    pa, pb = OPTAdapter(a).resident_parameters(), OPTAdapter(b).resident_parameters()
+    pa, pb = OPTAdapter(a).embed_head_parameters(), OPTAdapter(b).embed_head_parameters()
     return all(torch.equal(pa[name], pb[name]) for name in pa)
 
 
@@ -172,11 +172,10 @@ async def test_a_flush_that_fails_on_leaving_keeps_the_weights_and_close_again_w
         async with rt:
             await rt.step(_batch(0))
             injected = inject_faults(
-                rt, lambda step, task: task.kind.value == "offload" and task.block is None and not injected
+                rt, lambda step, task: task.kind.value == "offload" and task.subject == "embed_head" and not injected
             )
     assert str(failed.value) == (
-        "step 1: offload of the resident group failed: InjectedFault: "
-        "fault injected into offload of the resident group of step 1"
+        "step 1: offload of embed_head failed: InjectedFault: fault injected into offload of embed_head of step 1"
     )
     assert isinstance(failed.value.__cause__, InjectedFault)
     assert failed.value.__notes__ == [STILL_OPEN]

@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 import zoruntime
 from zoruntime import checkpoint
 from zoruntime.bench.soak import soak
-from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_checkpoint
 from zoruntime.data.tokenizer import ByteTokenizer
-from zoruntime.engine import restore_checkpoint
 from zoruntime.journal import Journal, JournalError, Record, read_header, read_journal, truncate_journal
 from zoruntime.models import random_opt, tiny_opt_config
+from zoruntime.zo import DIRECTION_SCHEME
 
 ARGS = ["--steps", "150", "--checkpoint-every", "15", "--eval-every", "0", "--no-trace", "--max-length", "32"]
 
@@ -42,7 +42,7 @@ def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_pat
     with open(path, "a") as file:
         file.write('{"step": 3, "seed": 10')  # the process died mid-write
     assert [r.step for r in read_journal(path)] == [0, 1, 2]
-    assert read_header(path) == {"zoruntime_journal": 1, "base": "here"}
+    assert read_header(path) == {"zoruntime_journal": 1, "base": "here", "direction_scheme": DIRECTION_SCHEME}
     lines = path.read_text().split("\n")
     path.write_text("\n".join([lines[0], lines[1], "not json", lines[3], ""]))
     with pytest.raises(JournalError, match=r"journal.jsonl, line 3: damaged record before the last line"):
@@ -59,12 +59,70 @@ def test_truncating_the_journal_keeps_the_header_and_earlier_steps(tmp_path: Pat
     path.write_text("\n".join(lines))
     assert truncate_journal(path, 6) == 6
     assert [r.step for r in read_journal(path)] == list(range(6))
-    assert read_header(path) == {"zoruntime_journal": 1, "base": "here"}
+    assert read_header(path) == {"zoruntime_journal": 1, "base": "here", "direction_scheme": DIRECTION_SCHEME}
     lines = path.read_text().split("\n")
     lines[3] = "damaged"  # step 2: before it, so the resumed run cannot be rebuilt
     path.write_text("\n".join(lines))
     with pytest.raises(JournalError, match=r"line 4: damaged record"):
         truncate_journal(path, 6)
+
+
+def _set_first_line(path: Path, first: str | None) -> None:
+    """Replace (or with None, remove) the journal's first line."""
+    lines = path.read_text().split("\n")
+    path.write_text("\n".join(lines[1:] if first is None else [first, *lines[1:]]))
+
+
+def test_a_journal_of_another_direction_scheme_is_refused_everywhere_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:  # even without a header of the caller's, the scheme is recorded
+        journal.append(_record(0))
+    assert read_header(path) == {"zoruntime_journal": 1, "direction_scheme": DIRECTION_SCHEME}
+    with Journal(path) as journal:  # appending to a journal of this scheme
+        journal.append(_record(1))
+    assert [r.step for r in read_journal(path)] == [0, 1]
+    good = path.read_text()
+    for first, written in [
+        ('{"zoruntime_journal": 1, "base": "here", "direction_scheme": 1}', "was written with direction scheme 1"),
+        (
+            '{"zoruntime_journal": 1, "base": "here"}',
+            "records no direction scheme (it was written before zoruntime recorded one: scheme 1)",
+        ),
+        (None, "records no direction scheme"),  # no header at all: written before headers existed
+    ]:
+        path.write_text(good)
+        _set_first_line(path, first)
+        before = path.read_bytes()
+        message = f"journal {path} {written}"
+        for read in (read_journal, read_header, lambda p: truncate_journal(p, 1), Journal):
+            with pytest.raises(JournalError, match=r"this zoruntime draws scheme 2: .*replay or resume it with the "
+                               r"zoruntime version that wrote it") as error:  # fmt: skip
+                read(path)
+            assert str(error.value).startswith(message) and "\n" not in str(error.value)
+        assert path.read_bytes() == before  # nothing was cut or appended
+    path.write_text(good)
+    _set_first_line(path, "{damaged")
+    with pytest.raises(JournalError, match=r"journal.jsonl, line 1: damaged header; the direction scheme"):
+        read_journal(path)
+    path.write_text("")  # created, then killed before the header was written: nothing to refuse
+    assert read_journal(path) == [] and read_header(path) is None
+
+
+def test_a_checkpoint_of_another_direction_scheme_is_refused_not_passed_over(tmp_path: Path) -> None:
+    groups = {"resident": torch.arange(4.0)}
+    older = checkpoint.save_checkpoint(tmp_path, 2, groups, {"next_batch": 2})
+    newest = checkpoint.save_checkpoint(tmp_path, 4, groups, {"next_batch": 4})
+    assert json.loads((newest / "state.json").read_text())["direction_scheme"] == DIRECTION_SCHEME
+    assert load_checkpoint(tmp_path)[1] == {"step": 4, "next_batch": 4, "direction_scheme": DIRECTION_SCHEME}
+    for scheme, written in [(1, "was written with direction scheme 1"), (None, "records no direction scheme")]:
+        state = {"step": 4, "next_batch": 4} | ({} if scheme is None else {"direction_scheme": scheme})
+        (newest / "state.json").write_text(json.dumps(state))
+        with pytest.raises(CheckpointError) as error:  # the older one (of this scheme) is not used instead
+            load_checkpoint(tmp_path)
+        message = str(error.value)
+        assert message.startswith(f"the checkpoint {newest} {written}") and "\n" not in message
+        assert "this zoruntime draws scheme 2" in message and "with the zoruntime version that wrote it" in message
+    assert older.exists()
 
 
 @pytest.mark.asyncio
@@ -107,7 +165,7 @@ async def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeyp
     assert latest_checkpoint(tmp_path) == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001", "latest"]
     groups, state, _ = load_checkpoint(tmp_path)
-    assert state["step"] == 1 and "block.001" in groups
+    assert state["step"] == 1 and {"embed_head", "block.1"} <= set(groups)
 
 
 def test_restoring_into_a_different_model_is_refused(tmp_path: Path) -> None:

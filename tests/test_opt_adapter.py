@@ -12,7 +12,7 @@ from zoruntime.models import OPTAdapter, adopt_into_flat
 def _stages(adapter: OPTAdapter, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     validated = adapter.validate(batch)
     inputs = adapter.prepare(validated, torch.device("cpu"), torch.float32)
-    resident = adapter.resident_parameters()
+    resident = adapter.embed_head_parameters()
     hidden = adapter.embed(resident, inputs)
     for i in range(adapter.num_blocks):
         hidden = adapter.block(i, adapter.block_parameters(i), hidden, inputs)
@@ -44,22 +44,22 @@ def test_variants_have_the_structure_they_claim() -> None:
 def test_every_parameter_in_exactly_one_group(variant: str) -> None:
     model = tiny_model(variant)
     adapter = OPTAdapter(model)
-    grouped = list(adapter.resident_parameters().values())
+    grouped = list(adapter.embed_head_parameters().values())
     for i in range(adapter.num_blocks):
         grouped += list(adapter.block_parameters(i).values())
     assert len({id(p) for p in grouped}) == len(grouped)
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
-    assert adapter.resident_layout.numel + sum(lay.numel for lay in adapter.block_layouts) == sum(
+    assert adapter.embed_head_layout.numel + sum(lay.numel for lay in adapter.block_layouts) == sum(
         p.numel() for p in model.parameters()
     )
 
 
 def test_tied_head_is_one_parameter_in_the_resident_group() -> None:
     adapter = OPTAdapter(tiny_model("pre_ln_tied"))
-    names = [s.name for s in adapter.resident_layout.slices]
+    names = [s.name for s in adapter.embed_head_layout.slices]
     assert "embed_tokens.weight" in names and "lm_head.weight" not in names
     untied = OPTAdapter(tiny_model("pre_ln_untied"))
-    assert "lm_head.weight" in [s.name for s in untied.resident_layout.slices]
+    assert "lm_head.weight" in [s.name for s in untied.embed_head_layout.slices]
 
 
 def test_flat_layout_makes_parameters_views_and_keeps_the_forward() -> None:
@@ -69,8 +69,8 @@ def test_flat_layout_makes_parameters_views_and_keeps_the_forward() -> None:
     adapter = OPTAdapter(model)
     flat = torch.empty(adapter.block_layouts[0].numel)
     adopt_into_flat(adapter.block_layouts[0], adapter.block_parameters(0), flat)
-    resident = torch.empty(adapter.resident_layout.numel)
-    adopt_into_flat(adapter.resident_layout, adapter.resident_parameters(), resident)
+    resident = torch.empty(adapter.embed_head_layout.numel)
+    adopt_into_flat(adapter.embed_head_layout, adapter.embed_head_parameters(), resident)
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     assert model.lm_head.weight.data_ptr() == resident.data_ptr()
     for p in adapter.block_parameters(0).values():
@@ -85,5 +85,5 @@ def test_weight_decay_flags_skip_biases_and_layer_norms() -> None:
     assert block["fc1.weight"] and block["self_attn.q_proj.weight"]
     assert not block["fc1.bias"] and not block["self_attn_layer_norm.weight"]
     assert not block["final_layer_norm.weight"] and not block["final_layer_norm.bias"]
-    resident = {s.name: s.decayed for s in adapter.resident_layout.slices}
+    resident = {s.name: s.decayed for s in adapter.embed_head_layout.slices}
     assert resident["embed_tokens.weight"] and not resident["final_layer_norm.weight"]

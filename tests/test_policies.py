@@ -13,7 +13,7 @@ from zoruntime.testing import simulate
 
 
 def test_fixed_depth_plans_stream_everything() -> None:
-    plan = FixedDepth(2).plan(ModelLayout(num_blocks=10, block_bytes=100))
+    plan = FixedDepth(2).plan(ModelLayout.uniform(10, 100))
     assert plan == Plan(2) and plan.slots(10) == 4 and plan.streamed(10) == list(range(10))
     assert Plan(0).slots(10) == 1 and Plan(1).slots(10) == 3 and Plan(5).slots(4) == 4
 
@@ -25,7 +25,7 @@ def test_a_bad_depth_is_refused(depth: object) -> None:
 
 
 def test_memory_budget_keeps_as_many_blocks_resident_as_fit() -> None:
-    layout = ModelLayout(num_blocks=12, block_bytes=100)
+    layout = ModelLayout.uniform(12, 100)
     assert MemoryBudget(500).plan(layout).resident == frozenset()  # 3 slots + 2 working
     assert MemoryBudget(599).plan(layout).resident == frozenset()
     assert MemoryBudget(800).plan(layout).resident == spread(3, 12) == {2, 6, 10}
@@ -35,14 +35,15 @@ def test_memory_budget_keeps_as_many_blocks_resident_as_fit() -> None:
 
 
 def test_memory_budget_below_the_minimum_names_what_it_needs() -> None:
-    with pytest.raises(ValueError, match=r"499 bytes is too small.*3 slots plus 2 working.*500 bytes"):
-        MemoryBudget(499).plan(ModelLayout(num_blocks=12, block_bytes=100))
+    message = r"499 bytes is too small: depth 1 streams through 3 slots of 100 bytes plus a working copy and direction"
+    with pytest.raises(ValueError, match=message + r", 500 bytes in all"):
+        MemoryBudget(499).plan(ModelLayout.uniform(12, 100))
     with pytest.raises(ValueError, match=r"whole number of bytes"):
         MemoryBudget(-5)
 
 
 def test_a_plan_naming_blocks_that_do_not_exist_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"resident blocks \[7\] do not exist.*0\.\.3"):
+    with pytest.raises(ValueError, match=r"resident units \[7\] do not exist: the model has units 0\.\.3"):
         Plan(1, frozenset({1, 7})).validate(4)
 
 
@@ -54,7 +55,7 @@ class LastBlocksResident:
     depth: int = 2
 
     def plan(self, layout: ModelLayout) -> Plan:
-        return Plan(self.depth, frozenset(range(layout.num_blocks - self.count, layout.num_blocks)))
+        return Plan(self.depth, frozenset(range(layout.num_units - self.count, layout.num_units)))
 
 
 def test_a_user_policy_plugs_into_the_simulator() -> None:
@@ -68,7 +69,7 @@ async def test_a_user_policy_plugs_into_the_runtime() -> None:
     model = tiny_model(num_hidden_layers=4)
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=LastBlocksResident(1)) as rt:
         await rt.step(token_batch(model.config))
-        assert rt.statistics().resident_blocks == (3,)
+        assert rt.statistics().resident_units == (3,)
 
 
 def test_an_object_without_plan_is_not_a_policy() -> None:

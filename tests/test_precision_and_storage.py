@@ -47,8 +47,8 @@ async def test_a_model_already_laid_out_flat_is_used_without_a_copy() -> None:
     assert existing_flat(adapter.block_layouts[0], adapter.block_parameters(0)) is None  # separate tensors
     async with zoruntime.Runtime(model, CONFIG) as rt:
         await rt.step(token_batch(model.config))
-        assert rt._executor is not None
-        assert rt._executor.storage.host_blocks[1].data_ptr() == flat.data_ptr()
+        assert rt._work is not None
+        assert rt._work.storage.host[adapter.block_layouts[1].group].data_ptr() == flat.data_ptr()
 
 
 def test_cuda_without_a_gpu_says_so() -> None:
@@ -60,21 +60,25 @@ def test_cuda_without_a_gpu_says_so() -> None:
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_the_memory_estimate_is_what_storage_allocates(compute_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("policy", ["serial", "depth2", "some_resident", "all_resident"])
+def test_the_memory_model_is_what_storage_allocates(compute_dtype: torch.dtype, policy: str) -> None:
     from zoruntime.device.cpu import CPUBackend
-    from zoruntime.policies import MemoryBudget, ModelLayout
-    from zoruntime.storage import Storage, bytes_needed
+    from zoruntime.models import adapter_for
+    from zoruntime.policies import MemoryBudget
+    from zoruntime.storage import Storage, model_layout
 
-    model = tiny_model(num_hidden_layers=6)
-    adapter = OPTAdapter(model)
-    plan = MemoryBudget(7 * adapter.block_layouts[0].nbytes).plan(
-        ModelLayout(adapter.num_blocks, adapter.block_layouts[0].nbytes)
-    )
+    adapter = adapter_for(tiny_model(num_hidden_layers=6))
+    layout = model_layout(adapter, compute_dtype)
+    chosen = {"serial": FixedDepth(0), "depth2": FixedDepth(2), "some_resident": MemoryBudget(6 * layout.unit_bytes),
+              "all_resident": MemoryBudget(100 * layout.unit_bytes)}[policy]  # fmt: skip
+    plan = chosen.plan(layout)
     backend = CPUBackend()
+    allocated: list[torch.Tensor] = []
+    allocate = backend.compute_empty
+    backend.compute_empty = lambda numel, dtype: allocated.append(allocate(numel, dtype)) or allocated[-1]  # type: ignore[method-assign]
     try:
-        storage = Storage(adapter, plan, backend, compute_dtype)
+        Storage(adapter, plan, backend, compute_dtype)
     finally:
         backend.close()
-    tensors = [storage.group, storage.group_scratch, storage.group_z, storage.scratch, storage.z]
-    tensors += [*storage.resident_blocks.values(), *storage.slots]
-    assert sum(t.numel() * t.element_size() for t in tensors) == bytes_needed(adapter, plan, compute_dtype)
+    assert sum(t.numel() * t.element_size() for t in allocated) == layout.bytes_needed(plan)
+    assert (policy == "some_resident") == (0 < len(plan.resident) < 6)

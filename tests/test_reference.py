@@ -53,8 +53,8 @@ def test_tied_weight_gets_one_direction_and_one_update() -> None:
     stats = ReferenceZO(model, cfg).step(token_batch(model.config))
     assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
     adapter = OPTAdapter(model)
-    z = adapter.resident_layout.views(
-        DirectionSampler("cpu").draw(stats.seed, 0, torch.empty(adapter.resident_layout.numel))
+    z = adapter.embed_head_layout.views(
+        DirectionSampler("cpu").draw(stats.seed, 0, torch.empty(adapter.embed_head_layout.numel))
     )["embed_tokens.weight"]
     # applied twice (once as embedding, once as head) the change would be twice as large
     torch.testing.assert_close(model.lm_head.weight - before, -cfg.lr * stats.projected_grad * z, rtol=1e-4, atol=1e-7)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from zoruntime.journal import read_journal
 from zoruntime.replay import main as replay_main
 from zoruntime.runs import RunLock
 from zoruntime.train import main as train_main
+from zoruntime.zo import DIRECTION_SCHEME
 
 FAST = ["--no-progress", "--eval-every", "0", "--no-trace", "--max-length", "32", "--batch-size", "4"]
 
@@ -170,6 +172,35 @@ def test_replay_needs_only_the_run_and_refuses_another_base(finished_run: Path, 
                         "--out", str(tmp_path / "wrong")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is not the model this run started from" in err
+
+
+def test_a_run_of_another_direction_scheme_is_refused_in_one_line(finished_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    state_file = run / "checkpoints" / "checkpoint-00000006" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["direction_scheme"] == DIRECTION_SCHEME
+    state_file.write_text(json.dumps({**state, "direction_scheme": 1}))
+    before = snapshot(run)
+    code, _, err = train(capsys, "--resume", str(run), "--steps", "8")
+    assert code == 2 and err.count("\n") == 1, err
+    refused = f"the checkpoint {state_file.parent} was written with direction scheme 1, this zoruntime draws scheme 2"
+    assert refused in err
+    assert snapshot(run) == before  # not passed over for checkpoint-00000004, nothing cut or written
+    state_file.write_text(json.dumps(state))
+    journal = run / "journal.jsonl"
+    header, *records = journal.read_text().split("\n")
+    assert json.loads(header)["direction_scheme"] == DIRECTION_SCHEME
+    journal.write_text("\n".join([json.dumps({**json.loads(header), "direction_scheme": 1}), *records]))
+    before = snapshot(run)
+    code, _, err = train(capsys, "--resume", str(run), "--steps", "8")
+    refused = f"journal {journal} was written with direction scheme 1, this zoruntime draws scheme 2"
+    assert code == 2 and err.count("\n") == 1 and refused in err, err
+    code = replay_main(["--run", str(run), "--out", str(tmp_path / "replayed")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and refused in err, err
+    assert "with the zoruntime version that wrote it" in err and not (tmp_path / "replayed").exists()
+    assert snapshot(run) == before
 
 
 def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path: Path, capsys) -> None:

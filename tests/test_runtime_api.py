@@ -30,7 +30,7 @@ async def test_an_error_in_a_block_names_the_task_and_leaves_no_thread_behind(mo
         return original(index, params, hidden, inputs)
 
     monkeypatch.setattr(rt.adapter, "block", failing_block)
-    with pytest.raises(zoruntime.TaskFailed, match=r"step 0: compute of block 2 failed: RuntimeError: simulated"):
+    with pytest.raises(zoruntime.TaskFailed, match=r"step 0: compute of block.2 failed: RuntimeError: simulated"):
         async with rt:
             await rt.step(token_batch(model.config))
     assert _zoruntime_threads() == []

@@ -50,7 +50,7 @@ RESIDENT = {"budget_none_resident": 0, "budget_some_resident": 2, "budget_all_re
 async def test_runtime_equals_reference_bitwise(policy: str) -> None:
     ref_model, ref_stats, _ = _reference("pre_ln_tied", 5)
     model, stats, plan = await _offloaded("pre_ln_tied", 5, POLICIES[policy])
-    assert len(plan.resident_blocks) == RESIDENT.get(policy, 0)
+    assert len(plan.resident_units) == RESIDENT.get(policy, 0)
     assert stats == ref_stats
     for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

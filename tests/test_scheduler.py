@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from zoruntime.device.simulated import SimulationDeadlock, VirtualClockLoop, simulated_lanes
+from zoruntime.planning.simulated import SimulationDeadlock, VirtualClockLoop, simulated_lanes
 from zoruntime.policies import FixedDepth, MemoryBudget, OpFigures, Plan
-from zoruntime.runtime import Instruments, Kind, Scheduler, Task, TaskFailed, TaskGraph, step_graph
+from zoruntime.runtime import Instruments, Kind, Scheduler, Task, TaskFailed, TaskGraph, step_graph, uniform_units
 from zoruntime.testing import simulate
 from zoruntime.tracing import Timeline
 
@@ -32,28 +32,28 @@ def test_algorithm_1_issues_events_in_this_exact_order() -> None:
     simulate(3, upload_s=1.0, compute_s=1.0, offload_s=1.0, policy=FixedDepth(1), instruments=[log])
     # lanes wake in FIFO order; every issue follows the finish of what it depends on
     assert log.events == [
-        (0.0, "issue", "upload of block 0"),
-        (0.0, "issue", "embed of the resident group"),
-        (0.0, "finish", "embed of the resident group"),
-        (1.0, "finish", "upload of block 0"),
-        (1.0, "issue", "upload of block 1"),
-        (1.0, "issue", "compute of block 0"),
-        (2.0, "finish", "upload of block 1"),
-        (2.0, "finish", "compute of block 0"),
-        (2.0, "issue", "compute of block 1"),
-        (2.0, "issue", "offload of block 0"),
-        (2.0, "issue", "upload of block 2"),
-        (3.0, "finish", "compute of block 1"),
-        (3.0, "finish", "offload of block 0"),
-        (3.0, "issue", "offload of block 1"),
-        (3.0, "finish", "upload of block 2"),
-        (3.0, "issue", "compute of block 2"),
-        (4.0, "finish", "offload of block 1"),
-        (4.0, "finish", "compute of block 2"),
-        (4.0, "issue", "head of the resident group"),
-        (4.0, "issue", "offload of block 2"),
-        (4.0, "finish", "head of the resident group"),
-        (5.0, "finish", "offload of block 2"),
+        (0.0, "issue", "upload of block.0"),
+        (0.0, "issue", "embed"),
+        (0.0, "finish", "embed"),
+        (1.0, "finish", "upload of block.0"),
+        (1.0, "issue", "upload of block.1"),
+        (1.0, "issue", "compute of block.0"),
+        (2.0, "finish", "upload of block.1"),
+        (2.0, "finish", "compute of block.0"),
+        (2.0, "issue", "compute of block.1"),
+        (2.0, "issue", "offload of block.0"),
+        (2.0, "issue", "upload of block.2"),
+        (3.0, "finish", "compute of block.1"),
+        (3.0, "finish", "offload of block.0"),
+        (3.0, "issue", "offload of block.1"),
+        (3.0, "finish", "upload of block.2"),
+        (3.0, "issue", "compute of block.2"),
+        (4.0, "finish", "offload of block.1"),
+        (4.0, "finish", "compute of block.2"),
+        (4.0, "issue", "head"),
+        (4.0, "issue", "offload of block.2"),
+        (4.0, "finish", "head"),
+        (5.0, "finish", "offload of block.2"),
     ]
 
 
@@ -131,11 +131,11 @@ def test_uploads_run_at_most_depth_blocks_ahead_and_reuse_slots_after_offload(de
         if up.block >= slots:
             assert up.start >= offloads[up.block - slots].end
             assert up.slot == offloads[up.block - slots].slot
-    # and they do run ahead: block depth's upload is done before compute of block 0 ends
+    # and they do run ahead: block depth's upload is done before compute of block.0 ends
     assert uploads[depth].end <= computes[0].end
 
 
-def test_resident_blocks_skip_transfers_and_shorten_a_transfer_bound_step() -> None:
+def test_resident_units_skip_transfers_and_shorten_a_transfer_bound_step() -> None:
     streamed = simulate(24, 3.0, 1.0, 3.0, FixedDepth(1))
     budget = MemoryBudget(13, depth=1)  # block_bytes=1: 13 - 2 working - 3 slots = 8 resident
     partly = simulate(24, 3.0, 1.0, 3.0, budget)
@@ -149,16 +149,16 @@ def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
     loop = VirtualClockLoop()
 
     def durations(task: Task) -> float:
-        if task.kind == Kind.COMPUTE and task.block == 2:
+        if task.kind == Kind.COMPUTE and task.unit.name == "block.2":
             raise ValueError("boom")
         return 1.0
 
     scheduler = Scheduler(simulated_lanes(durations), clock=loop.time)
 
     async def main() -> set[asyncio.Task]:
-        with pytest.raises(TaskFailed, match=r"step 7: compute of block 2 failed: ValueError: boom") as info:
-            await scheduler.run(step_graph(6, Plan(1)), lambda task: lambda: None, 7)
-        assert info.value.task.block == 2 and isinstance(info.value.__cause__, ValueError)
+        with pytest.raises(TaskFailed, match=r"step 7: compute of block.2 failed: ValueError: boom") as info:
+            await scheduler.run(step_graph(uniform_units(6), Plan(1)), lambda task: lambda: None, 7)
+        assert info.value.task.unit.name == "block.2" and isinstance(info.value.__cause__, ValueError)
         return asyncio.all_tasks() - {asyncio.current_task()}
 
     try:
@@ -169,7 +169,8 @@ def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
 
 def test_a_deadlocked_graph_raises_instead_of_hanging() -> None:
     # compute waits for an upload that waits for the compute: a cycle across lanes
-    graph = TaskGraph((Task(0, Kind.UPLOAD, 0, (1,), slot=0), Task(1, Kind.COMPUTE, 0, (0,), slot=0)))
+    block = uniform_units(1).streamable[0]
+    graph = TaskGraph((Task(0, Kind.UPLOAD, block, (1,), slot=0), Task(1, Kind.COMPUTE, block, (0,), slot=0)))
     loop = VirtualClockLoop()
     scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time)
     try:
@@ -214,7 +215,7 @@ def test_mark_end_false_leaves_the_end_of_the_step_to_the_caller() -> None:
     hooks = StepHooks()
     loop = VirtualClockLoop()
     scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time, instruments=Instruments([hooks]))
-    graph = step_graph(2, Plan(1))
+    graph = step_graph(uniform_units(2), Plan(1))
     try:
         loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
         loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 1, mark_end=False))

@@ -122,7 +122,7 @@ def test_gaps_are_attributed_on_device_timestamps_too() -> None:
     simulated = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1))
     late = [replace(s, start=s.start + 5e-6, end=s.end + 5e-6) if s.lane == "compute" else s for s in simulated.spans]
     summary = Timeline(late, simulated.steps).summary()
-    assert [g.waiting_for for g in summary.largest_gaps[:3]] == ["upload 0", "upload 1", "upload 2"]
+    assert [g.waiting_for for g in summary.largest_gaps[:3]] == ["upload block.0", "upload block.1", "upload block.2"]
 
 
 def test_a_gap_with_nothing_pending_is_blamed_on_issuing_late() -> None:

@@ -4,10 +4,11 @@
         stats = await rt.step(batch)
     # here ``model`` holds the trained weights
 
-Wires the pieces together: the OPT adapter, the storage plan chosen by the policy, the task
-graphs, the executor's work and the scheduler's lanes. The previous step's update is applied
-to each group the next time that group is on the compute device; ``flush`` (and leaving the
-``async with``) applies what is pending and writes everything back into the model.
+Wires the pieces together: the model's adapter (its units and groups), the plan the policy
+chooses from the memory model, the storage, the task graphs, the task work and the
+scheduler's lanes. A step's update goes into the update log and is applied to each group the
+next time that group is on the compute device; ``flush`` (and leaving the ``async with``)
+applies what is pending and writes everything back into the model.
 """
 
 from __future__ import annotations
@@ -22,21 +23,23 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import group_snapshot, layout_fingerprint, save_checkpoint
 from .device.base import Backend
 from .device.cpu import CPUBackend
 from .distributed import LossReducer, causal_lm_weight, row_weight, world
-from .executor import Executor, Mode, StepState
-from .models.batch import Batch
-from .models.opt import LossFn, OPTAdapter
-from .policies.base import FixedDepth, ModelLayout, Plan, Policy
+from .models.adapter import ModelAdapter, adapter_for
+from .models.batch import Batch, LossFn
+from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler
-from .storage import Storage, bytes_needed, out_of_memory_advice
+from .storage import Storage, model_layout
 from .tracing.recorder import Timeline, TimelineRecorder
+from .work import Mode, StepState, TaskWork
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
+from .zo.estimator import UNPERTURBED, TwoSidedEstimator
+from .zo.log import UpdateLog
 from .zo.stats import StepStats
 
 T = TypeVar("T")
@@ -67,12 +70,12 @@ class RuntimeStatistics:
     """A snapshot of the runtime: steps done, the plan, compute-side memory, steps skipped or failed."""
 
     steps: int
-    num_blocks: int
+    num_units: int  # units a plan places (the decoder blocks today)
     depth: int
-    resident_blocks: tuple[int, ...]
+    resident_units: tuple[int, ...]
     slots: int
-    block_bytes: int
-    compute_bytes: int
+    unit_bytes: int  # the largest streamable unit
+    compute_bytes: int  # every compute-side buffer (the memory model's figure), before activations
     pending_update: bool
     skipped_steps: int  # a loss was not finite: no update
     failed_steps: int  # a task raised: the step was abandoned, the weights kept
@@ -81,7 +84,8 @@ class RuntimeStatistics:
 
 
 class Runtime:
-    """Offloaded ZO-SGD on an OPT model. Use as ``async with``; one step at a time."""
+    """Offloaded ZO-SGD on a causal LM (see ``zoruntime.models.ADAPTERS``). Use as ``async with``;
+    one step at a time."""
 
     def __init__(
         self,
@@ -101,21 +105,23 @@ class Runtime:
         policy = policy if policy is not None else FixedDepth(1)
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must have a plan(layout) method (see zoruntime.policies), got {policy!r}")
-        self.adapter = OPTAdapter(model)
+        self.adapter: ModelAdapter = adapter_for(model)
         self.model = model
-        self.config = optimizer
+        self.optimizer = optimizer
         self.policy = policy
-        layout = self.adapter.block_layouts[0]
-        self.plan: Plan = policy.plan(ModelLayout(self.adapter.num_blocks, layout.nbytes))
-        self.plan.validate(self.adapter.num_blocks)
+        self._layouts = [layout for layout, _ in self.adapter.groups()]
         self._device = device
-        master = self.adapter.block_layouts[0].dtype
+        master = self._layouts[self.adapter.units.streamable[0].group].dtype
         self.compute_dtype = compute_dtype or master
         if not self.compute_dtype.is_floating_point or self.compute_dtype.itemsize > master.itemsize:
             raise ValueError(
                 f"compute_dtype {self.compute_dtype} must be a floating type no wider than the master weights' "
                 f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
             )
+        self.layout = model_layout(self.adapter, self.compute_dtype)
+        self.plan: Plan = policy.plan(self.layout)
+        self.plan.validate(self.layout.num_units)
+        self._log = UpdateLog()
         self._loss_fn = loss_fn or self.adapter.causal_lm_loss
         self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
         self.rank, self.world_size = world()
@@ -123,7 +129,7 @@ class Runtime:
         self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
         self._graphs: dict[str, TaskGraph] = {}
         self._backend: Backend | None = None
-        self._executor: Executor | None = None
+        self._work: TaskWork | None = None
         self._scheduler: Scheduler | None = None
         self._busy: str | None = None  # the call whose graph runs now ("rt.step()", ...), None when idle
         self._idle: asyncio.Future[None] | None = None  # resolved when that call's graph has finished
@@ -142,10 +148,9 @@ class Runtime:
         try:
             return Storage(self.adapter, self.plan, backend, self.compute_dtype)
         except torch.OutOfMemoryError as error:
-            free = torch.cuda.mem_get_info(backend.device)[0] if backend.device.type == "cuda" else 0
+            free = backend.free_bytes() or 0
             what = f"{type(self.policy).__name__} (depth {self.plan.depth}, {len(self.plan.resident)} resident)"
-            advice = out_of_memory_advice(self.adapter, self.plan, self.compute_dtype, free, what)
-            raise MemoryError(advice) from error
+            raise MemoryError(out_of_memory_advice(self.layout, self.plan, free, what)) from error
 
     async def open(self) -> Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
@@ -155,21 +160,26 @@ class Runtime:
         try:
             storage = self._allocate(backend)
             backend.ready()
-            self._executor = Executor(
-                self.adapter, storage, DirectionSampler(backend.device), self.config, self._loss_fn
+            self._work = TaskWork(
+                self.adapter,
+                storage,
+                DirectionSampler(backend.device),
+                TwoSidedEstimator(self.optimizer.eps),
+                self.optimizer.weight_decay,
+                self._log,
+                self._loss_fn,
+                reducer=LossReducer() if self.world_size > 1 else None,
+                loss_weight=self._loss_weight,
             )
-            if self.world_size > 1:
-                self._executor.reducer = LossReducer()
-                self._executor.loss_weight = self._loss_weight
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
-            n = self.adapter.num_blocks
+            units = self.adapter.units
             self._graphs = {
-                "step": step_graph(n, self.plan),
-                "eval": eval_graph(n, self.plan),
-                "flush": flush_graph(n, self.plan),
+                "step": step_graph(units, self.plan),
+                "eval": eval_graph(units, self.plan),
+                "flush": flush_graph(units, self.plan),
             }
             self._backend = backend
-            await self._execute(load_graph(n, self.plan), -1)
+            await self._execute(load_graph(units, self.plan), -1)
         except BaseException:
             backend.close()
             self._backend = None
@@ -220,9 +230,9 @@ class Runtime:
         await self.close()
 
     # -- steps ----------------------------------------------------------------------------------
-    def _ready(self, what: str, *, closing: bool = False) -> tuple[Executor, Scheduler]:
+    def _ready(self, what: str, *, closing: bool = False) -> tuple[TaskWork, Scheduler]:
         """Refuse ``what`` unless the runtime is open, sound and idle; changes nothing either way."""
-        if self._backend is None or self._executor is None or self._scheduler is None:
+        if self._backend is None or self._work is None or self._scheduler is None:
             raise RuntimeError(f"open the runtime before {what}: use `async with Runtime(...) as rt:`")
         if self._broken is not None:
             raise RuntimeError(
@@ -240,15 +250,15 @@ class Runtime:
                 f"{what} was called while the runtime closes (leaving `async with` writes the weights back); "
                 "call it inside the block and await it there"
             )
-        return self._executor, self._scheduler
+        return self._work, self._scheduler
 
-    def _claim(self, what: str, *, closing: bool = False) -> Executor:
+    def _claim(self, what: str, *, closing: bool = False) -> TaskWork:
         """Make ``what`` the one call that owns the runtime until ``_release``, or refuse it (and
         change nothing). Between ``_ready`` and the owner's first await nothing can interleave."""
-        executor, _ = self._ready(what, closing=closing)
+        work, _ = self._ready(what, closing=closing)
         self._busy = what
         self._idle = asyncio.get_running_loop().create_future()
-        return executor
+        return work
 
     def _release(self) -> None:
         """Only the owner calls this (in a ``finally``): a refused call never reaches it."""
@@ -257,11 +267,11 @@ class Runtime:
         if idle is not None:
             idle.set_result(None)
 
-    async def _run(self, graph: str, state: StepState | None, step: int, *, closing: bool = False) -> Executor:
-        executor = self._claim({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"), closing=closing)
+    async def _run(self, graph: str, state: StepState | None, step: int, *, closing: bool = False) -> None:
+        work = self._claim({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"), closing=closing)
         backend = self._backend
         assert backend is not None
-        executor.state = state
+        work.begin(state)
         try:
             await self._execute(self._graphs[graph], step)
         except BaseException:
@@ -276,20 +286,19 @@ class Runtime:
                 self._broken = error
             raise
         finally:
-            executor.state = None
+            work.end()
             self._release()
-        executor.pending_is_applied()  # a complete pass went through every group
-        return executor
+        self._log.settle()  # a complete pass went through every group: each holds every logged update
 
     async def _execute(self, graph: TaskGraph, step: int) -> None:
         """Run ``graph`` and wait until the device has done it: the only place the host waits for
         the device. Where lanes complete on enqueue (CUDA), the tasks' device times and the end
         of the step are reported to the instruments here, once the device is done."""
-        backend, scheduler, executor = self._backend, self._scheduler, self._executor
-        assert backend is not None and scheduler is not None and executor is not None
+        backend, scheduler, work = self._backend, self._scheduler, self._work
+        assert backend is not None and scheduler is not None and work is not None
         deferred = backend.completes_on_enqueue
         backend.begin_step(step)
-        await scheduler.run(graph, executor.work_for, step, mark_end=not deferred)
+        await scheduler.run(graph, work.for_task, step, mark_end=not deferred)
         await backend.drain()
         for span_step, task, start, end in backend.take_timings():
             self._instruments.call("task_started", span_step, task, start)
@@ -297,24 +306,27 @@ class Runtime:
         if deferred:
             self._instruments.call("step_finished", step, backend.clock(), graph.phase)
 
-    def _prepare(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
+    def _state(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
         self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
         validated = self.adapter.validate(batch)
-        return StepState(mode, step, step_seed(self.config.seed, step), self.config.lr_at(step), validated)
+        seed, lr = step_seed(self.optimizer.seed, step), self.optimizer.lr_at(step)
+        if mode is Mode.TRAIN:
+            return StepState(mode, step, seed, lr, validated, TwoSidedEstimator(self.optimizer.eps).probes())
+        return StepState(mode, step, seed, lr, validated, UNPERTURBED)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
-        """One ZO-SGD step; the update is applied lazily, block by block, during the next pass."""
+        """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
         t = self.step_index
-        state = self._prepare(batch, Mode.TRAIN, t)
-        executor = await self._run("step", state, t)
-        assert state.loss_plus is not None and state.loss_minus is not None and state.grad is not None
+        state = self._state(batch, Mode.TRAIN, t)
+        await self._run("step", state, t)
         assert state.update is not None
-        loss_plus, loss_minus, grad = float(state.loss_plus), float(state.loss_minus), float(state.grad)
+        loss_plus, loss_minus = (float(v) for v in state.values)
+        grad = float(state.grads[0])
         skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, grad))
         if skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
             self.skipped_steps += 1
         else:
-            executor.pending = state.update
+            self._log.add(state.update)
         self.step_index = t + 1
         return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped)
 
@@ -323,24 +335,35 @@ class Runtime:
         offloaded forward without perturbation. The pending update is applied on the way (and so
         is no longer pending). A loss or metric that is not finite raises ``FloatingPointError``
         saying so, never returns nan."""
-        state = self._prepare(batch, Mode.EVAL, self.step_index)
-        state.metric = metric
+        return (await self.measure(batch, {"value": metric}))["value"]
+
+    async def measure(
+        self, batch: Batch | Mapping[str, object], metrics: Mapping[str, LossFn | None]
+    ) -> dict[str, float]:
+        """Several metrics from one offloaded forward: name → ``metric(logits, batch)`` (``None``
+        for the loss). As ``evaluate``, which is ``measure`` with one metric."""
+        if not metrics:
+            raise ValueError("measure() needs at least one metric, e.g. {'loss': None}")
+        state = self._state(batch, Mode.EVAL, self.step_index)
+        state.metrics = tuple(metrics.values())
         await self._run("eval", state, self.step_index)
-        assert state.loss_plus is not None
-        value = float(state.loss_plus)
-        if not math.isfinite(value):
-            if metric is not None:
+        values = {name: float(v) for name, v in zip(metrics, state.values, strict=True)}
+        for name, value in values.items():
+            if math.isfinite(value):
+                continue
+            if metrics[name] is not None:
+                which = f" {name!r}" if len(metrics) > 1 else ""
                 raise FloatingPointError(
-                    f"evaluation metric is {value}: metric(logits, batch) returned a non-finite value; check the "
-                    "metric (an empty selection gives 0/0 = nan) and the weights (inf or nan weights give "
-                    "non-finite logits)"
+                    f"evaluation metric{which} is {value}: metric(logits, batch) returned a non-finite value; "
+                    "check the metric (an empty selection gives 0/0 = nan) and the weights (inf or nan weights "
+                    "give non-finite logits)"
                 )
             raise FloatingPointError(
                 f"evaluation loss is {value}: the weights or the batch give non-finite logits or loss; look for "
                 "inf or nan in the model's parameters (a diverged run: lower lr or eps) and check that the batch "
                 "has labels other than -100 (the pending update was applied as usual)"
             )
-        return value
+        return values
 
     async def flush(self) -> None:
         """Apply the pending update to every group and write all weights back into the model."""
@@ -353,11 +376,9 @@ class Runtime:
         self._ready("rt.save_checkpoint()")
         await self.flush()
         # Own the runtime while the snapshot is written, so no step changes the masters under it.
-        executor = self._claim("rt.save_checkpoint()")
+        work = self._claim("rt.save_checkpoint()")
         try:
-            storage = executor.storage
-            groups = {_checkpoint_key(None): storage.host_group}
-            groups |= {_checkpoint_key(i): flat for i, flat in enumerate(storage.host_blocks)}
+            groups = group_snapshot(self.adapter, work.storage.host)
             meta = {"layout": layout_fingerprint(self.adapter), **(state or {})}
             writing = asyncio.ensure_future(asyncio.to_thread(save_checkpoint, root, self.step_index, groups, meta))
             try:
@@ -370,10 +391,7 @@ class Runtime:
 
     # -- looking inside -----------------------------------------------------------------------------
     def _bytes_moved(self, task: Task) -> int:
-        if task.kind not in (Kind.UPLOAD, Kind.OFFLOAD):
-            return 0
-        layout = self.adapter.resident_layout if task.block is None else self.adapter.block_layouts[task.block]
-        return layout.nbytes
+        return self._layouts[task.unit.group].nbytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0
 
     @property
     def timeline(self) -> Timeline:
@@ -384,43 +402,15 @@ class Runtime:
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
             steps=self.step_index,
-            num_blocks=self.adapter.num_blocks,
+            num_units=self.layout.num_units,
             depth=self.plan.depth,
-            resident_blocks=tuple(sorted(self.plan.resident)),
-            slots=self.plan.slots(self.adapter.num_blocks),
-            block_bytes=self.adapter.block_layouts[0].nbytes,
-            compute_bytes=bytes_needed(self.adapter, self.plan, self.compute_dtype),
-            pending_update=bool(self._executor and self._executor.pending is not None),
+            resident_units=tuple(sorted(self.plan.resident)),
+            slots=self.plan.slots(self.layout.num_units),
+            unit_bytes=self.layout.unit_bytes,
+            compute_bytes=self.layout.bytes_needed(self.plan),
+            pending_update=len(self._log) > 0,
             skipped_steps=self.skipped_steps,
             failed_steps=self.failed_steps,
             world_size=self.world_size,
-            bytes_all_reduced=self._executor.reducer.bytes_reduced if self._executor and self._executor.reducer else 0,
+            bytes_all_reduced=self._work.reducer.bytes_reduced if self._work and self._work.reducer else 0,
         )
-
-
-def layout_fingerprint(adapter: OPTAdapter) -> list[list[Any]]:
-    """What a checkpoint must match: every group's parameter names, size and dtype."""
-    return [[lay.group, lay.numel, str(lay.dtype), [p.name for p in lay.slices]] for lay, _ in adapter.groups()]
-
-
-def _checkpoint_key(block: int | None) -> str:
-    return "resident" if block is None else f"block.{block:03d}"
-
-
-def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
-    """Load the newest readable checkpoint in ``root`` into ``model``'s parameters; returns its
-    state (``state["step"]`` is where a ``Runtime(..., start_step=...)`` continues) with
-    ``state["passed_over"]``: a line for each newer checkpoint that was damaged."""
-    adapter = OPTAdapter(model)
-    groups, state, passed_over = load_checkpoint(root)
-    if state.get("layout") != layout_fingerprint(adapter):
-        raise CheckpointError(
-            f"the checkpoint in {root} was written for a different model (its groups, sizes or dtypes differ); "
-            "resume with the model the run started from"
-        )
-    keys = [_checkpoint_key(None), *(_checkpoint_key(i) for i in range(adapter.num_blocks))]
-    with torch.no_grad():
-        for (layout, params), key in zip(adapter.groups(), keys, strict=True):
-            for name, view in layout.views(groups[key]).items():
-                params[name].copy_(view)
-    return {**state, "passed_over": passed_over}

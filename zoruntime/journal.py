@@ -3,9 +3,13 @@ which batch), appended, flushed and fsynced, so a crash loses at most the step i
 
 With the base weights, the journal alone rebuilds the trained weights (z comes from the
 seeds). Its first line is a header saying what the run started from (the base model and a
-fingerprint of its weights), so a replay can refuse the wrong base. A torn last line from a
-crash is skipped on reading, never fatal; a damaged line before it is an error that names the
-file and the line. Knows nothing about models or runtimes.
+fingerprint of its weights), so a replay can refuse the wrong base, and which direction scheme
+drew z (``zo.directions.DIRECTION_SCHEME``). Reading a journal for replay or resume
+(``read_journal``, ``read_header``, ``truncate_journal``, or appending to it with ``Journal``)
+refuses one whose scheme is missing (written before schemes were recorded: scheme 1) or
+differs, since its seeds would regenerate other directions. A torn last line from a crash is
+skipped on reading, never fatal; a damaged line before it is an error that names the file and
+the line. Knows nothing about models or runtimes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .zo.directions import DIRECTION_SCHEME
 from .zo.stats import StepStats
 
 
@@ -43,23 +48,28 @@ class Record:
 
 HEADER_KEY = "zoruntime_journal"
 VERSION = 1
+SCHEME_KEY = "direction_scheme"
 
 
 class JournalError(ValueError):
-    """The journal is damaged; the message names the file, the line and what to do."""
+    """The journal is damaged or of another direction scheme; the message names the file (and
+    the line) and what to do."""
 
 
 class Journal:
     """Append-only; each ``append`` is durable when it returns. A new (or empty) journal starts
-    with ``header``."""
+    with a header: ``header``'s fields and this zoruntime's direction scheme. Appending to an
+    existing journal of another scheme is refused."""
 
     def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if not fresh:
+            _check_scheme(self.path, _first_line(self.path))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
-        if fresh and header is not None:
-            self._write({HEADER_KEY: VERSION, **header})
+        if fresh:
+            self._write({HEADER_KEY: VERSION, **(header or {}), SCHEME_KEY: DIRECTION_SCHEME})
 
     def _write(self, fields: dict[str, Any]) -> None:
         self._file.write(json.dumps(fields) + "\n")
@@ -80,19 +90,63 @@ class Journal:
 
 
 def read_journal(path: str | Path) -> list[Record]:
-    """Every complete (newline-terminated) record; a torn last line is skipped."""
-    return list(_records(Path(path)))
+    """Every complete (newline-terminated) record; a torn last line is skipped. Refuses a
+    journal of another direction scheme."""
+    path = Path(path)
+    _check_scheme(path, _first_line(path))
+    return list(_records(path))
 
 
 def read_header(path: str | Path) -> dict[str, Any] | None:
-    """The journal's header (None for a journal written before headers existed)."""
+    """The journal's header (None for a journal with no complete line yet). Refuses a journal
+    of another direction scheme, or with no header (written before headers existed)."""
+    path = Path(path)
+    return _check_scheme(path, _first_line(path))
+
+
+def _first_line(path: Path) -> str:
     with open(path, encoding="utf-8") as file:
-        first = file.readline()
+        return file.readline()
+
+
+def _header(first: str) -> dict[str, Any] | None:
     try:
         fields = json.loads(first) if first.endswith("\n") else None
     except ValueError:
         return None
     return fields if isinstance(fields, dict) and HEADER_KEY in fields else None
+
+
+def _is_record(line: str) -> bool:
+    try:
+        fields = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(fields, dict) and "step" in fields and "seed" in fields
+
+
+def _check_scheme(path: Path, first: str) -> dict[str, Any] | None:
+    """The header of the journal whose first line is ``first``, if its direction scheme is this
+    zoruntime's; a JournalError if not. A journal with no complete line holds no step to check."""
+    if not first.endswith("\n"):
+        return None
+    header = _header(first)
+    if header is None and not _is_record(first):
+        raise JournalError(
+            f"{path}, line 1: damaged header; the direction scheme the journal was written with cannot be known: "
+            "restore the file from a copy"
+        )
+    scheme = header.get(SCHEME_KEY) if header is not None else None
+    if scheme == DIRECTION_SCHEME:
+        return header
+    if scheme is None:
+        written = "records no direction scheme (it was written before zoruntime recorded one: scheme 1)"
+    else:
+        written = f"was written with direction scheme {scheme}"
+    raise JournalError(
+        f"journal {path} {written}, this zoruntime draws scheme {DIRECTION_SCHEME}: its seeds would regenerate "
+        "other directions; replay or resume it with the zoruntime version that wrote it"
+    )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -126,7 +180,7 @@ def truncate_journal(path: str | Path, before_step: int) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    header = read_header(path)
+    header = read_header(path)  # refuses another direction scheme before anything is changed
     kept: list[Record] = []
     for number, line in _lines(path):
         if kept and kept[-1].step >= before_step - 1:

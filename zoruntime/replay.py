@@ -3,7 +3,9 @@
 Each journal record holds what an update needs (its seed, projected gradient, lr and weight
 decay); z is regenerated from the seed, one draw per group on the chosen device, and the
 update is applied with the same arithmetic as training, in step order. On the same kind of
-device the result equals the trained weights bit for bit. A 1,000-step journal is about
+device the result equals the trained weights bit for bit. A journal written under another
+direction scheme (``zo.directions.DIRECTION_SCHEME``; scheme 1 journals record none) is refused
+in one line: its seeds would regenerate other directions. A 1,000-step journal is about
 200 KB: MeZO's storage-efficient checkpoint.
 
 ``zoruntime replay --run DIR --out OUT`` needs nothing but the run folder: its configuration
@@ -25,10 +27,10 @@ from torch import nn
 
 from .data.tokenizer import ByteTokenizer
 from .journal import Record, read_header, read_journal
+from .models.adapter import adapter_for
 from .models.fingerprint import weights_fingerprint
 from .models.groups import adopt_into_flat
 from .models.init import load_pretrained_opt
-from .models.opt import OPTAdapter
 from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
 from .zo.update import PendingUpdate, apply_update
@@ -37,7 +39,7 @@ from .zo.update import PendingUpdate, apply_update
 @torch.no_grad()
 def replay(model: nn.Module, records: list[Record], device: torch.device | str = "cpu") -> int:
     """Apply every non-skipped record to ``model`` (in place, on ``device``); returns how many."""
-    adapter = OPTAdapter(model)
+    adapter = adapter_for(model)
     device = torch.device(device)
     sampler = DirectionSampler(device)
     groups = adapter.groups()

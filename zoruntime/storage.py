@@ -1,13 +1,14 @@
 """Where every group's weights live during a run, allocated once when the runtime opens.
 
-- host masters: one flat buffer per block and one for the resident group; the model's own
-  parameters become views of them, so the model always sees the master weights;
-- compute side: the resident group, the resident blocks, ``S`` streaming slots, and working
-  buffers (a perturbed copy and a direction for blocks, the same for the resident group).
+- host masters: one flat buffer per group; the model's own parameters become views of them,
+  so the model always sees the master weights (a model whose groups are already flat host
+  buffers is used as it is, pinned in place on CUDA);
+- compute side, exactly as ``zoruntime.planning.memory`` counts it: the groups kept there (the
+  embedding and head) with their own perturbed copy and direction, the groups the plan keeps
+  resident, the streaming slots, and one perturbed copy and one direction shared by the
+  streamable groups.
 
-A model whose groups are already flat host buffers is used as it is (pinned in place on CUDA).
-
-Knows layouts, the plan and the backend's allocators; knows nothing about tasks or ZO math.
+Knows layouts, units, the plan and the backend's allocators; knows nothing about tasks or ZO math.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 
 from .device.base import Backend
+from .models.adapter import ModelAdapter
 from .models.groups import GroupLayout, adopt_into_flat, existing_flat
-from .models.opt import OPTAdapter
+from .planning.memory import GroupSize, ModelLayout
 from .policies.base import Plan
 
 
@@ -28,62 +30,56 @@ def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: 
     return adopt_into_flat(layout, params, backend.host_empty(layout.numel, layout.dtype))
 
 
-class Storage:
-    """Buffers of one run. Masters keep the model's dtype; the perturbed copies are in ``compute_dtype``."""
+def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype) -> ModelLayout:
+    """The sizes the planner and the memory model see: each group, and whether a plan may stream it."""
+    streamable = {u.group for u in adapter.units.streamable}
+    groups = tuple(GroupSize(lay.numel, lay.dtype.itemsize, lay.group in streamable) for lay, _ in adapter.groups())
+    return ModelLayout(groups, compute_dtype.itemsize)
 
-    def __init__(self, adapter: OPTAdapter, plan: Plan, backend: Backend, compute_dtype: torch.dtype) -> None:
-        layouts = adapter.block_layouts
-        if len({(lay.numel, lay.dtype, lay.slices) for lay in layouts}) != 1:
-            raise ValueError("every decoder block must have the same parameters, shapes and dtype to share slots")
-        block: GroupLayout = layouts[0]
-        group = adapter.resident_layout
-        self.block_layout = block
-        self.group_layout = group
+
+class Storage:
+    """Buffers of one run, by group id. Masters keep the model's dtype; perturbed copies are in
+    ``compute_dtype``."""
+
+    def __init__(self, adapter: ModelAdapter, plan: Plan, backend: Backend, compute_dtype: torch.dtype) -> None:
+        groups = adapter.groups()
+        self.layouts = [lay for lay, _ in groups]
         self.plan = plan
         self.compute_dtype = compute_dtype
-        self.host_blocks = [_host_master(lay, adapter.block_parameters(i), backend) for i, lay in enumerate(layouts)]
-        self.host_group = _host_master(group, adapter.resident_parameters(), backend)
-        empty_block = lambda: backend.compute_empty(block.numel, block.dtype)  # noqa: E731
-        self.group = backend.compute_empty(group.numel, group.dtype)
-        self.group.copy_(self.host_group)
-        self.group_scratch = backend.compute_empty(group.numel, compute_dtype)
-        self.group_z = backend.compute_empty(group.numel, group.dtype)
-        self.resident_blocks = {b: empty_block() for b in sorted(plan.resident)}
-        self.slots = [empty_block() for _ in range(plan.slots(len(layouts)))]
-        self.scratch = backend.compute_empty(block.numel, compute_dtype)
-        self.z = empty_block()
-        self.scratch_views = block.views(self.scratch)
-        self.group_scratch_views = group.views(self.group_scratch)
+        self.device = backend.device
+        streamable = [self.layouts[u.group] for u in adapter.units.streamable]
+        if len({lay.dtype for lay in streamable}) != 1:
+            raise ValueError("every streamed group must have the same dtype to share slots")
+        numel, dtype = max(lay.numel for lay in streamable), streamable[0].dtype
+        kept = [u.group for u in adapter.units.kept]
+        resident = [streamable[j].group for j in sorted(plan.resident)]
+        self.host = [_host_master(lay, params, backend) for lay, params in groups]
+        empty = backend.compute_empty
 
-    def compute_buffer(self, block: int, slot: int | None) -> torch.Tensor:
-        """The compute-side buffer holding ``block``: its resident buffer or its streaming slot."""
-        if block in self.resident_blocks:
-            return self.resident_blocks[block]
+        self._on_device = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept + resident}
+        self.slots = [empty(numel, dtype) for _ in range(plan.slots(len(streamable)))]
+        # kept groups run at both ends of a step: each keeps its perturbed copy and direction
+        self._scratch = {g: empty(self.layouts[g].numel, compute_dtype) for g in kept}
+        self._direction = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept}
+        self._shared_scratch = empty(numel, compute_dtype)
+        self._shared_direction = empty(numel, dtype)
+
+    def on_device(self, group: int) -> bool:
+        """Whether ``group`` stays on the compute device for the whole run (kept or resident)."""
+        return group in self._on_device
+
+    def weights(self, group: int, slot: int | None) -> torch.Tensor:
+        """The compute-side buffer holding ``group``: its own, or the streaming slot it is in."""
+        if group in self._on_device:
+            return self._on_device[group]
         if slot is None:
-            raise ValueError(f"block {block} is streamed but the task names no slot")
-        return self.slots[slot]
+            raise ValueError(f"group {group} is streamed but the task names no slot")
+        return self.slots[slot][: self.layouts[group].numel]
 
+    def scratch(self, group: int) -> torch.Tensor:
+        """Where ``group``'s perturbed copy is written, in the compute dtype."""
+        return self._scratch.get(group, self._shared_scratch)[: self.layouts[group].numel]
 
-def bytes_needed(adapter: OPTAdapter, plan: Plan, compute_dtype: torch.dtype) -> int:
-    """Compute-side bytes ``Storage`` allocates for ``plan`` (before activations)."""
-    block, group = adapter.block_layouts[0], adapter.resident_layout
-    scratch = block.numel * compute_dtype.itemsize
-    group_bytes = 2 * group.nbytes + group.numel * compute_dtype.itemsize
-    blocks = len(plan.resident) + plan.slots(adapter.num_blocks) + 1  # + the direction buffer
-    return group_bytes + blocks * block.nbytes + scratch
-
-
-def out_of_memory_advice(
-    adapter: OPTAdapter, plan: Plan, compute_dtype: torch.dtype, free_bytes: int, what: str
-) -> str:
-    """Says how much ``plan`` needed, how much was free, and which plan would fit."""
-    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    need = bytes_needed(adapter, plan, compute_dtype)
-    text = f"out of device memory: {what} needs {gib(need)} for its buffers, {gib(free_bytes)} is free"
-    for depth in (2, 1, 0):
-        if depth < plan.depth or (depth == plan.depth and plan.resident):
-            candidate = Plan(depth)
-            fits = bytes_needed(adapter, candidate, compute_dtype)
-            if fits < 0.9 * free_bytes:
-                return f"{text}; FixedDepth({depth}) needs {gib(fits)} and would fit (activations come on top)"
-    return f"{text}; even FixedDepth(0) needs {gib(bytes_needed(adapter, Plan(0), compute_dtype))}: use a bigger GPU"
+    def direction(self, group: int) -> torch.Tensor:
+        """Where ``group``'s direction is drawn."""
+        return self._direction.get(group, self._shared_direction)[: self.layouts[group].numel]

@@ -27,6 +27,7 @@ from ..policies.base import FixedDepth, Plan
 from ..runtime.graph import Lane, Task, step_graph
 from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Completion, Scheduler, Work
+from ..runtime.units import uniform_units
 from ..tracing.recorder import TimelineRecorder
 from ..zo.config import ZOSGD
 from ..zo.reference import ReferenceZO
@@ -51,7 +52,7 @@ def _loops() -> dict[str, Callable[[Coroutine[Any, Any, float]], float]]:
 
 
 def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
-    graph = step_graph(blocks, Plan(1))
+    graph = step_graph(uniform_units(blocks), Plan(1))
     rows = []
     for loop_name, run in _loops().items():
         for traced in (False, True):

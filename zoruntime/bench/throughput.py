@@ -33,11 +33,12 @@ import transformers
 
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
+from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
 from ..models.init import materialize_flat, tiny_opt_config
-from ..models.opt import OPTAdapter
 from ..models.shapes import OPT_NAMES, opt_config
-from ..policies.base import FixedDepth, MemoryBudget, Policy
+from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
+from ..storage import model_layout
 from ..tracing.recorder import Timeline
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
@@ -73,39 +74,41 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     the floor. The host's time to enqueue a compute task is shown beside it: where it is the
     largest, Python, not the GPU or the link, sets the pace.
     """
-    adapter = OPTAdapter(model)
-    layout = adapter.block_layouts[0]
-    host = existing_flat(layout, adapter.block_parameters(0))  # the model's own (pinned) block 0
+    adapter = adapter_for(model)
+    first = adapter.units.streamable[0]
+    layout, block_params = adapter.groups()[first.group]
+    host = existing_flat(layout, block_params)  # the model's own (pinned) first block
     if host is None:
         host = dev.host_buffer(layout.numel, layout.dtype)
     slot = torch.empty(layout.numel, dtype=layout.dtype, device=dev.device)
     up = dev.seconds(lambda: slot.copy_(host, non_blocking=True), repeat=10)
     down = dev.seconds(lambda: host.copy_(slot, non_blocking=True), repeat=10)
-    ids = torch.randint(4, adapter.config.vocab_size, (batch, seq))
+    shape: Any = getattr(model, "config")  # noqa: B009 (a HF config; nn.Module's type says nothing of it)
+    ids = torch.randint(4, shape.vocab_size, (batch, seq))
     inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
-    hidden = torch.randn(batch, seq, adapter.config.hidden_size, dtype=dtype, device=dev.device)
+    hidden = torch.randn(batch, seq, shape.hidden_size, dtype=dtype, device=dev.device)
     scratch, z = torch.empty_like(slot), torch.empty_like(slot)
     params, sampler = layout.views(scratch), DirectionSampler(slot.device)
     pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device))  # lr 0: a no-op
 
     def dual_forward() -> None:
         with torch.no_grad():
-            adapter.block(0, params, hidden, inputs)
-            adapter.block(0, params, hidden, inputs)
+            adapter.block(first.index, params, hidden, inputs)
+            adapter.block(first.index, params, hidden, inputs)
 
     def compute_task() -> None:
         with torch.no_grad():
-            apply_update(slot, sampler.draw(pending.seed, 1, z), pending, layout.decayed_views(slot))
-            sampler.draw(2, 1, z)
+            apply_update(slot, sampler.draw(pending.seed, first.group, z), pending, layout.decayed_views(slot))
+            sampler.draw(2, first.group, z)
             for eps in (1e-3, -1e-3):
                 perturb_into(scratch, slot, z, eps)
-                adapter.block(0, params, hidden, inputs)
+                adapter.block(first.index, params, hidden, inputs)
 
-    perturb_into(scratch, slot, sampler.draw(2, 1, z), 1e-3)
+    perturb_into(scratch, slot, sampler.draw(2, first.group, z), 1e-3)
     forward = dev.seconds(dual_forward, repeat=10)
     task = dev.seconds(compute_task, repeat=10)
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
-    blocks = adapter.num_blocks
+    blocks = len(adapter.units.streamable)
     per_block = max(up, task)
     return {
         "block_mb": layout.nbytes / 2**20,
@@ -232,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     init_s = time.perf_counter() - t0
     ids = torch.randint(4, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids}
-    adapter = OPTAdapter(model)
-    block_bytes, blocks = adapter.block_layouts[0].nbytes, adapter.num_blocks
+    layout = model_layout(adapter_for(model), dtype)
+    block_bytes, blocks = layout.unit_bytes, layout.num_units
 
     facts = card(model, dev, args.batch, args.seq, dtype)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]}"
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # half the free GPU memory; on a CPU, room for half the blocks beside the slots
         budget = free // 2 if free is not None else (blocks // 2 + 5) * block_bytes
     runners: list[tuple[str, Policy]] = []
-    everything = (blocks + 4) * block_bytes + 3 * adapter.resident_layout.nbytes
+    everything = layout.bytes_needed(Plan(0, frozenset(range(blocks))))  # every block resident
     if not args.skip_mezo and not args.alias and (free is None or everything < 0.8 * free):
         runners.append(("MeZO (all resident)", MemoryBudget(10 * everything)))
     runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]

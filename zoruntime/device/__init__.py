@@ -1,5 +1,5 @@
-"""Device backends: ``cpu`` (thread lanes), ``simulated`` (virtual clock, no torch), ``threads``.
+"""Device backends: ``cpu`` (thread lanes) and ``cuda`` (streams and events); ``threads`` and
+``measure`` serve them. The simulated backend lives in ``zoruntime.planning``.
 
-Import the module you need (``zoruntime.device.cpu``); this package imports nothing itself,
-so the simulated backend loads without torch.
+Import the module you need (``zoruntime.device.cpu``); this package imports nothing itself.
 """

@@ -41,6 +41,10 @@ class Backend(Protocol):
         """A flat buffer on the compute device."""
         ...
 
+    def free_bytes(self) -> int | None:
+        """Free memory on the compute device, where the backend can tell (None otherwise)."""
+        ...
+
     def ready(self) -> None:
         """Order the lanes after set-up work done outside them (CUDA: streams wait for the default stream)."""
         ...

@@ -126,6 +126,9 @@ class CUDABackend:
         return torch.empty(numel, dtype=dtype, device=self.device)
 
     # -- ordering -------------------------------------------------------------------------------
+    def free_bytes(self) -> int | None:
+        return int(torch.cuda.mem_get_info(self.device)[0])
+
     def ready(self) -> None:
         """Make every lane's stream wait for work enqueued so far on the current (default) stream."""
         current = torch.cuda.current_stream(self.device)

@@ -7,7 +7,7 @@ tasks. Every error names the problem and the fix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,10 @@ class Batch:
         return Batch(
             self.input_ids.to(device, non_blocking=True), mask, self.labels.to(device, non_blocking=True), extras
         )
+
+
+LossFn = Callable[[torch.Tensor, "Batch"], torch.Tensor]
+"""``loss_fn(logits [B, T, V], batch) -> 0-d tensor``: replaces the causal-LM loss."""
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:

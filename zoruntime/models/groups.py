@@ -17,12 +17,16 @@ from torch import nn
 
 @dataclass(frozen=True, slots=True)
 class ParamSlice:
-    """One parameter's place in its group: ``flat[offset : offset + numel].view(shape)``."""
+    """One parameter's place in its group: ``flat[offset : offset + numel].view(shape)``.
+
+    ``decayed``: takes weight decay (not a bias or a norm); ``trainable``: the user's
+    ``requires_grad`` when the layout was made (the runtime never changes that flag)."""
 
     name: str
     shape: tuple[int, ...]
     offset: int
     decayed: bool
+    trainable: bool = True
 
     @property
     def numel(self) -> int:
@@ -57,7 +61,7 @@ class GroupLayout:
                 dtype = param.dtype
             elif param.dtype != dtype:
                 raise ValueError(f"group {group} mixes dtypes ({dtype} and {param.dtype} at {name})")
-            slices.append(ParamSlice(name, tuple(param.shape), offset, decayed))
+            slices.append(ParamSlice(name, tuple(param.shape), offset, decayed, param.requires_grad))
             offset += param.numel()
         if dtype is None:
             raise ValueError(f"group {group} has no parameters")
@@ -73,6 +77,7 @@ class GroupLayout:
         self._check(flat)
         return [flat[s.offset : s.offset + s.numel] for s in self.slices if s.decayed]
 
+    @torch.no_grad()
     def gather(self, params: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Copy the named tensors into ``out`` in layout order."""
         for name, view in self.views(out).items():
@@ -114,6 +119,7 @@ def existing_flat(layout: GroupLayout, params: Mapping[str, nn.Parameter]) -> to
     return torch.empty(0, dtype=layout.dtype, device=first.device).set_(storage, base_offset, (layout.numel,), (1,))
 
 
+@torch.no_grad()
 def adopt_into_flat(layout: GroupLayout, params: Mapping[str, nn.Parameter], flat: torch.Tensor) -> torch.Tensor:
     """Move the parameters' values into ``flat`` and make each parameter a view of it.
 

@@ -114,7 +114,7 @@ def materialize_flat(
     replacements: dict[int, nn.Parameter] = {}
     shared: torch.Tensor | None = None
     for index, (layout, params) in enumerate(adapter.groups()):
-        alias = alias_blocks and index > 0  # the resident group is never aliased
+        alias = alias_blocks and index > 0  # the embed/head group is never aliased
         if alias and shared is not None:
             flat = shared
         else:

@@ -1,4 +1,5 @@
-"""The OPT adapter: an unmodified HF ``OPTForCausalLM`` seen as embedding stage, blocks, head.
+"""The OPT adapter: an unmodified HF ``OPTForCausalLM`` seen as a table of units (embedding
+stage, decoder blocks, head) over flat groups (``embed_head``, then one per block).
 
 Each stage runs the model's own sub-modules with parameters passed in explicitly
 (``torch.func.functional_call``), so the same stage can run on the master weights, on a
@@ -11,7 +12,7 @@ scheduling.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,16 +21,17 @@ from torch.func import functional_call
 from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from ..zo.directions import RESIDENT_GROUP, block_group
+from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
 from .groups import GroupLayout
+
+EMBED_HEAD_GROUP = 0
+"""Group id of the embeddings, positions, projections, final norm and head; block i is group i + 1."""
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
 _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 Params = Mapping[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
-"""``loss_fn(logits [B, T, V], batch) -> 0-d tensor``: replaces the causal-LM loss."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,8 @@ def _decayed(module: nn.Module, local_name: str) -> bool:
 
 
 class OPTAdapter:
-    """Stages of an OPT causal LM. The model is put in eval mode; dropout never runs."""
+    """Stages of an OPT causal LM. The model is put in eval mode (dropout never runs); its
+    parameters' ``requires_grad`` flags are left as the user set them."""
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, OPTForCausalLM):
@@ -56,13 +59,12 @@ class OPTAdapter:
                 f"{type(model).__name__}. Load the model with transformers.OPTForCausalLM.from_pretrained(...)"
             )
         model.eval()
-        model.requires_grad_(False)
         self.model = model
         self.config = model.config
         decoder = model.model.decoder
         self._decoder = decoder
         self.blocks: list[nn.Module] = list(decoder.layers)
-        self._resident_modules: dict[str, nn.Module | None] = {
+        self._ends_modules: dict[str, nn.Module | None] = {
             "embed_tokens": decoder.embed_tokens,
             "embed_positions": decoder.embed_positions,
             "project_in": decoder.project_in,
@@ -70,11 +72,11 @@ class OPTAdapter:
             "project_out": decoder.project_out,
             "lm_head": model.lm_head,
         }
-        # canonical name of each resident parameter, found by identity so a tied head is one entry
+        # canonical name of each embed/head parameter, found by identity so a tied head is one entry
         self._canonical: dict[int, str] = {}
-        self._resident_params: dict[str, nn.Parameter] = {}
-        resident_entries = []
-        for prefix, module in self._resident_modules.items():
+        self._ends_params: dict[str, nn.Parameter] = {}
+        ends_entries = []
+        for prefix, module in self._ends_modules.items():
             if module is None:
                 continue
             for local, param in module.named_parameters():
@@ -82,12 +84,12 @@ class OPTAdapter:
                     continue
                 name = f"{prefix}.{local}"
                 self._canonical[id(param)] = name
-                self._resident_params[name] = param
-                resident_entries.append((name, param, _decayed(module, local)))
-        self.resident_layout = GroupLayout.of(RESIDENT_GROUP, resident_entries)
+                self._ends_params[name] = param
+                ends_entries.append((name, param, _decayed(module, local)))
+        self.embed_head_layout = GroupLayout.of(EMBED_HEAD_GROUP, ends_entries)
         self.block_layouts = [
             GroupLayout.of(
-                block_group(i),
+                EMBED_HEAD_GROUP + 1 + i,
                 [
                     (name, param, _decayed(block.get_submodule(name.rpartition(".")[0]), name))
                     for name, param in block.named_parameters()
@@ -96,6 +98,17 @@ class OPTAdapter:
             for i, block in enumerate(self.blocks)
         ]
         self._block_params = [dict(block.named_parameters()) for block in self.blocks]
+        ends = self.embed_head_layout
+        self.units = UnitTable(
+            (
+                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, streamable=False),
+                *(
+                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, streamable=True)
+                    for i, lay in enumerate(self.block_layouts)
+                ),
+                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, streamable=False),
+            )
+        )
 
     # -- shape facts ------------------------------------------------------------------------
     @property
@@ -106,18 +119,18 @@ class OPTAdapter:
     def tied(self) -> bool:
         return self.model.lm_head.weight is self._decoder.embed_tokens.weight
 
-    def resident_parameters(self) -> dict[str, nn.Parameter]:
-        """Canonical name → parameter for the resident group (a tied head appears once)."""
-        return dict(self._resident_params)
+    def embed_head_parameters(self) -> dict[str, nn.Parameter]:
+        """Canonical name → parameter for the embed/head group (a tied head appears once)."""
+        return dict(self._ends_params)
 
     def block_parameters(self, index: int) -> dict[str, nn.Parameter]:
         """Name (relative to the block) → parameter of decoder block ``index``."""
         return dict(self._block_params[index])
 
     def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
-        """Every group's layout and parameters: the resident group first, then the blocks in order."""
+        """Every group's layout and parameters, by group id: embed_head first, then the blocks in order."""
         blocks = [(lay, self.block_parameters(i)) for i, lay in enumerate(self.block_layouts)]
-        return [(self.resident_layout, self.resident_parameters()), *blocks]
+        return [(self.embed_head_layout, self.embed_head_parameters()), *blocks]
 
     # -- inputs -------------------------------------------------------------------------------
     def validate(self, batch: Batch | Mapping[str, object]) -> Batch:
@@ -146,7 +159,7 @@ class OPTAdapter:
 
     # -- stages -------------------------------------------------------------------------------
     def _call(self, key: str, params: Params, *args: object, **kwargs: object) -> torch.Tensor:
-        module = self._resident_modules[key]
+        module = self._ends_modules[key]
         assert module is not None
         local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
         return functional_call(module, local, args, kwargs)
@@ -155,7 +168,7 @@ class OPTAdapter:
         """Token + position embeddings (and project_in): hidden states [B, T, H]."""
         tokens = self._call("embed_tokens", params, inputs.batch.input_ids)
         positions = self._call("embed_positions", params, inputs.position_mask, 0, position_ids=inputs.position_ids)
-        if self._resident_modules["project_in"] is not None:
+        if self._ends_modules["project_in"] is not None:
             tokens = self._call("project_in", params, tokens)
         return tokens + positions
 
@@ -171,9 +184,9 @@ class OPTAdapter:
 
     def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and project_out where the config has them, then the LM head: logits [B, T, V]."""
-        if self._resident_modules["final_layer_norm"] is not None:
+        if self._ends_modules["final_layer_norm"] is not None:
             hidden = self._call("final_layer_norm", params, hidden)
-        if self._resident_modules["project_out"] is not None:
+        if self._ends_modules["project_out"] is not None:
             hidden = self._call("project_out", params, hidden)
         return self._call("lm_head", params, hidden).contiguous()
 

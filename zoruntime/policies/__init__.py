@@ -1,7 +1,9 @@
-"""Prefetch-depth and placement policies (frozen data, pure functions) and the cost model."""
+"""Prefetch-depth and placement policies (frozen data, pure functions); the models they plan with
+live in ``zoruntime.planning`` and are re-exported here."""
 
-from .base import FixedDepth, MemoryBudget, ModelLayout, Plan, Policy, slots_for_depth, spread
-from .cost import CostModel, OpFigures
+from ..planning.cost import CostModel, OpFigures
+from ..planning.memory import ModelLayout
+from .base import FixedDepth, MemoryBudget, Plan, Policy, out_of_memory_advice, slots_for_depth, spread
 
 __all__ = [
     "CostModel",
@@ -11,6 +13,7 @@ __all__ = [
     "OpFigures",
     "Plan",
     "Policy",
+    "out_of_memory_advice",
     "slots_for_depth",
     "spread",
 ]

@@ -1,10 +1,10 @@
 """Prefetch and placement policies: frozen data and pure functions, no torch.
 
-A policy looks at the shape of the model (how many blocks, how many bytes each) and returns
-a ``Plan``: how many uploads may run ahead of the block being computed (``depth``) and which
-blocks stay on the compute device for the whole run (``resident``). The runtime turns a plan
-into a task graph (``zoruntime.runtime.graph``); a policy knows nothing about tasks, lanes,
-devices or tensors.
+A policy looks at the shape of the model (``ModelLayout``: its streamable units, the decoder
+blocks today, and what any plan costs in compute-side memory) and returns a ``Plan``: how many
+uploads may run ahead of the unit being computed (``depth``) and which units stay on the
+compute device for the whole run (``resident``). The runtime turns a plan into a task graph
+(``zoruntime.runtime.graph``); a policy knows nothing about tasks, lanes, devices or tensors.
 
 Writing your own: any object with ``plan(layout: ModelLayout) -> Plan`` is a policy.
 """
@@ -14,26 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-
-@dataclass(frozen=True, slots=True)
-class ModelLayout:
-    """What a policy may know about the model: block count, bytes per block, working buffers.
-
-    ``working_blocks`` is how many block-sized buffers the compute side needs besides the
-    slots and resident blocks (the perturbed copy and the direction).
-    """
-
-    num_blocks: int
-    block_bytes: int
-    working_blocks: int = 2
+from ..planning.memory import ModelLayout
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """``depth``: uploads in flight ahead of the computing block; ``resident``: blocks never streamed.
+    """``depth``: uploads in flight ahead of the computing unit; ``resident``: units never streamed
+    (numbered in model order among the streamable units, so today block indexes).
 
-    Depth 0 is fully serial (one slot: upload, compute and offload of a block, then the next).
-    Depth k >= 1 keeps ``k + 2`` slots: k blocks prefetched, one computing, one offloading.
+    Depth 0 is fully serial (one slot: upload, compute and offload of a unit, then the next).
+    Depth k >= 1 keeps ``k + 2`` slots: k units prefetched, one computing, one offloading.
     Depth 1 is Algorithm 1 of ZO2.
     """
 
@@ -46,19 +36,18 @@ class Plan:
                 f"prefetch depth must be an int >= 0 (0 = serial, 1 = ZO2's Algorithm 1), got {self.depth!r}"
             )
 
-    def streamed(self, num_blocks: int) -> list[int]:
-        """Blocks uploaded and offloaded every step, in model order."""
-        return [b for b in range(num_blocks) if b not in self.resident]
+    def streamed(self, num_units: int) -> list[int]:
+        """Units uploaded and offloaded every step, in model order."""
+        return [u for u in range(num_units) if u not in self.resident]
 
-    def slots(self, num_blocks: int) -> int:
-        """Compute-side block buffers used for streaming."""
-        streamed = len(self.streamed(num_blocks))
-        return min(streamed, slots_for_depth(self.depth))
+    def slots(self, num_units: int) -> int:
+        """Compute-side buffers used for streaming."""
+        return min(len(self.streamed(num_units)), slots_for_depth(self.depth))
 
-    def validate(self, num_blocks: int) -> None:
-        bad = sorted(b for b in self.resident if not 0 <= b < num_blocks)
+    def validate(self, num_units: int) -> None:
+        bad = sorted(u for u in self.resident if not 0 <= u < num_units)
         if bad:
-            raise ValueError(f"resident blocks {bad} do not exist: the model has blocks 0..{num_blocks - 1}")
+            raise ValueError(f"resident units {bad} do not exist: the model has units 0..{num_units - 1}")
 
 
 def slots_for_depth(depth: int) -> int:
@@ -75,7 +64,7 @@ class Policy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FixedDepth:
-    """Stream every block with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1)."""
+    """Stream every unit with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1)."""
 
     depth: int = 1
 
@@ -86,23 +75,25 @@ class FixedDepth:
         return Plan(self.depth)
 
 
-def spread(count: int, num_blocks: int) -> frozenset[int]:
-    """``count`` block indices spread evenly over ``range(num_blocks)``.
+def spread(count: int, num_units: int) -> frozenset[int]:
+    """``count`` unit indices spread evenly over ``range(num_units)``.
 
-    Even spacing keeps the upload lane busy: between two streamed blocks the compute lane has
-    the resident blocks to work on, instead of a run of resident blocks that starves uploads.
+    Even spacing keeps the upload lane busy: between two streamed units the compute lane has
+    the resident ones to work on, instead of a run of resident units that starves uploads.
     """
-    if count >= num_blocks:
-        return frozenset(range(num_blocks))
-    return frozenset(int((i + 0.5) * num_blocks / count) for i in range(count))
+    if count >= num_units:
+        return frozenset(range(num_units))
+    return frozenset(int((i + 0.5) * num_units / count) for i in range(count))
 
 
 @dataclass(frozen=True, slots=True)
 class MemoryBudget:
-    """Keep as many blocks resident as ``budget_bytes`` allows beside the streaming slots.
+    """Keep as many units resident as ``budget_bytes`` allows beside the streaming slots.
 
-    The budget covers the compute-side block buffers: resident blocks, ``slots`` for the
-    prefetch depth and the working buffers. When every block fits, nothing is streamed.
+    The budget covers what the streamable units take on the compute device (the memory model's
+    ``units`` part): resident units, the slots for the prefetch depth and their working buffers;
+    the embedding and head group, always there, come on top. When every unit fits, nothing is
+    streamed.
     """
 
     budget_bytes: int
@@ -114,17 +105,30 @@ class MemoryBudget:
             raise ValueError(f"memory budget must be a whole number of bytes >= 0, got {self.budget_bytes!r}")
 
     def plan(self, layout: ModelLayout) -> Plan:
-        n, size = layout.num_blocks, layout.block_bytes
-        buffers = self.budget_bytes // size - layout.working_blocks
-        if buffers >= n:
-            return Plan(self.depth, frozenset(range(n)))
-        slots = min(n, slots_for_depth(self.depth))
-        resident = buffers - slots
-        if resident < 0:
-            need = (slots + layout.working_blocks) * size
+        n = layout.num_units
+        everything = Plan(self.depth, frozenset(range(n)))
+        if layout.breakdown(everything).units <= self.budget_bytes:
+            return everything
+        streaming = layout.breakdown(Plan(self.depth)).units
+        if streaming > self.budget_bytes:
+            slots = Plan(self.depth).slots(n)
             raise ValueError(
                 f"memory budget of {self.budget_bytes:,} bytes is too small: depth {self.depth} streams through "
-                f"{slots} slots plus {layout.working_blocks} working buffers of {size:,} bytes each, "
-                f"{need:,} bytes in all; raise the budget to at least that or lower the depth"
+                f"{slots} slots of {layout.unit_bytes:,} bytes plus a working copy and direction, {streaming:,} "
+                "bytes in all; raise the budget to at least that or lower the depth"
             )
+        resident = min(n - 1, (self.budget_bytes - streaming) // layout.unit_bytes)
         return Plan(self.depth, spread(resident, n))
+
+
+def out_of_memory_advice(layout: ModelLayout, plan: Plan, free_bytes: int, what: str) -> str:
+    """Says how much ``plan`` needed, how much was free, and which plan would fit."""
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    need = layout.bytes_needed(plan)
+    text = f"out of device memory: {what} needs {gib(need)} for its buffers, {gib(free_bytes)} is free"
+    for depth in (2, 1, 0):
+        if depth < plan.depth or (depth == plan.depth and plan.resident):
+            fits = layout.bytes_needed(Plan(depth))
+            if fits < 0.9 * free_bytes:
+                return f"{text}; FixedDepth({depth}) needs {gib(fits)} and would fit (activations come on top)"
+    return f"{text}; even FixedDepth(0) needs {gib(layout.bytes_needed(Plan(0)))}: use a bigger GPU"

@@ -1,8 +1,9 @@
-"""The asyncio core: task graphs, the scheduler, lanes' protocol, instruments. Stdlib only."""
+"""The asyncio core: task graphs, the scheduler, lanes' protocol, instruments, units. Stdlib only."""
 
 from .graph import Kind, Lane, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .instruments import Instrument, Instruments
 from .scheduler import Completion, LaneRunner, Scheduler, TaskFailed, Work
+from .units import Stage, Unit, UnitTable, uniform_units
 
 __all__ = [
     "Completion",
@@ -12,12 +13,16 @@ __all__ = [
     "Lane",
     "LaneRunner",
     "Scheduler",
+    "Stage",
     "Task",
     "TaskFailed",
     "TaskGraph",
+    "Unit",
+    "UnitTable",
     "Work",
     "eval_graph",
     "flush_graph",
     "load_graph",
     "step_graph",
+    "uniform_units",
 ]

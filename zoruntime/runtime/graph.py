@@ -1,14 +1,16 @@
-"""Task graphs of a ZO step, a flush and a load: what runs on which lane after what. Stdlib only.
+"""Task graphs of a ZO step, an evaluation, a flush and a load: what runs on which lane after
+what. Stdlib only.
 
-One step (Algorithm 1 of ZO2, generalised by a ``Plan``):
+One step (Algorithm 1 of ZO2, generalised by a ``Plan``) over a table of units:
 
-    embed → for each block b: [upload b →] compute b [→ offload b] → head
+    embed → for each block unit u: [upload u →] compute u [→ offload u] → head
 
-Compute-lane tasks run in model order (the hidden states flow through them). Streamed block
+Compute-lane tasks run in model order (the hidden states flow through them). Streamed unit
 j (in streamed order) goes through slot ``j % S``; its upload waits for the offload that
-emptied that slot, and, at depth k >= 1, for the compute of streamed block ``j − k − 1`` so
-that at most k uploads run ahead. Lanes run their tasks in graph order; edges are the data
-and slot dependencies. Knows nothing about tensors or devices.
+emptied that slot, and, at depth k >= 1, for the compute of streamed unit ``j − k − 1`` so
+that at most k uploads run ahead. Uploads, updates and offloads act on a unit's whole group.
+Lanes run their tasks in graph order; edges are the data and slot dependencies. Knows nothing
+about tensors, devices or model families.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..policies.base import Plan
+from .units import Stage, Unit, UnitTable
 
 
 class Kind(StrEnum):
@@ -47,13 +50,17 @@ _LANE_OF = {
 }
 
 
+_GROUP_WIDE = frozenset({Kind.UPLOAD, Kind.UPDATE, Kind.OFFLOAD})
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One node: ``block`` is None for the resident group (embedding and head); ``slot`` for streamed blocks."""
+    """One node: a task of ``kind`` on ``unit`` (uploads, updates and offloads move or change the
+    unit's whole group); ``slot`` for a streamed unit."""
 
     index: int
     kind: Kind
-    block: int | None
+    unit: Unit
     deps: tuple[int, ...]
     slot: int | None = None
 
@@ -61,9 +68,14 @@ class Task:
     def lane(self) -> Lane:
         return _LANE_OF[self.kind]
 
+    @property
+    def subject(self) -> str:
+        """What the task acts on: the unit's group for group-wide kinds, the unit otherwise."""
+        return self.unit.group_name if self.kind in _GROUP_WIDE else self.unit.name
+
     def __str__(self) -> str:
-        what = "the resident group" if self.block is None else f"block {self.block}"
-        return f"{self.kind.value} of {what}"
+        kind, subject = self.kind.value, self.subject
+        return kind if kind == subject else f"{kind} of {subject}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,80 +100,91 @@ class _Builder:
     def __init__(self) -> None:
         self.tasks: list[Task] = []
 
-    def add(self, kind: Kind, block: int | None, *deps: int | None, slot: int | None = None) -> int:
+    def add(self, kind: Kind, unit: Unit, *deps: int | None, slot: int | None = None) -> int:
         index = len(self.tasks)
-        self.tasks.append(Task(index, kind, block, tuple(d for d in deps if d is not None), slot))
+        self.tasks.append(Task(index, kind, unit, tuple(d for d in deps if d is not None), slot))
         return index
 
     def graph(self, phase: str) -> TaskGraph:
         return TaskGraph(tuple(self.tasks), phase)
 
 
-def _streaming(
-    b: _Builder, num_blocks: int, plan: Plan, middle: Kind, first: int | None, pass_along: bool
-) -> int | None:
-    """Add upload → ``middle`` → offload for streamed blocks and ``middle`` alone for resident ones.
+class _Streaming:
+    """Where a plan puts the streamable units: their streamed order (and so their slots), or resident."""
 
-    ``pass_along`` chains the middle tasks (hidden states flow block to block). Returns the
-    last middle task.
-    """
-    plan.validate(num_blocks)
-    slots = plan.slots(num_blocks)
-    middle_of: dict[int, int] = {}  # streamed position → its middle task
+    def __init__(self, units: UnitTable, plan: Plan) -> None:
+        streamable = units.streamable
+        plan.validate(len(streamable))
+        self.slots = plan.slots(len(streamable))
+        self.depth = plan.depth
+        streamed = [u for j, u in enumerate(streamable) if j not in plan.resident]
+        self.position = {u.name: j for j, u in enumerate(streamed)}  # streamed order
+        self.resident = [u for j, u in enumerate(streamable) if j in plan.resident]
+
+
+def _compute_kind(unit: Unit, block_kind: Kind) -> Kind:
+    return {Stage.EMBED: Kind.EMBED, Stage.HEAD: Kind.HEAD, Stage.BLOCK: block_kind}[unit.stage]
+
+
+def _forward(units: UnitTable, plan: Plan, block_kind: Kind, phase: str) -> TaskGraph:
+    """Every unit in model order on the compute lane; streamed ones between an upload and an offload."""
+    b, placed = _Builder(), _Streaming(units, plan)
+    middle_of: dict[int, int] = {}  # streamed position → its compute task
     offload_of: dict[int, int] = {}
-    position = {blk: j for j, blk in enumerate(plan.streamed(num_blocks))}
-    previous = first
-    for blk in range(num_blocks):
-        j = position.get(blk)
+    previous: int | None = None
+    for unit in units:
+        kind = _compute_kind(unit, block_kind)
+        j = placed.position.get(unit.name)
         if j is None:
-            previous = b.add(middle, blk, previous if pass_along else None)
+            previous = b.add(kind, unit, previous)
             continue
-        slot_free = offload_of.get(j - slots)
-        window = middle_of.get(j - plan.depth - 1) if plan.depth > 0 else None
-        upload = b.add(Kind.UPLOAD, blk, slot_free, window, slot=j % slots)
-        previous = middle_of[j] = b.add(middle, blk, upload, previous if pass_along else None, slot=j % slots)
-        offload_of[j] = b.add(Kind.OFFLOAD, blk, previous, slot=j % slots)
-    return previous
-
-
-def _forward(num_blocks: int, plan: Plan, block_kind: Kind, phase: str) -> TaskGraph:
-    b = _Builder()
-    embed = b.add(Kind.EMBED, None)
-    last = _streaming(b, num_blocks, plan, block_kind, embed, pass_along=True)
-    b.add(Kind.HEAD, None, last)
+        slot = j % placed.slots
+        slot_free = offload_of.get(j - placed.slots)
+        window = middle_of.get(j - placed.depth - 1) if placed.depth > 0 else None
+        upload = b.add(Kind.UPLOAD, unit, slot_free, window, slot=slot)
+        previous = middle_of[j] = b.add(kind, unit, upload, previous, slot=slot)
+        offload_of[j] = b.add(Kind.OFFLOAD, unit, previous, slot=slot)
     return b.graph(phase)
 
 
-def step_graph(num_blocks: int, plan: Plan) -> TaskGraph:
+def step_graph(units: UnitTable, plan: Plan) -> TaskGraph:
     """One ZO step: embed, every block (both perturbed forwards), head."""
-    return _forward(num_blocks, plan, Kind.COMPUTE, "step")
+    return _forward(units, plan, Kind.COMPUTE, "step")
 
 
-def eval_graph(num_blocks: int, plan: Plan) -> TaskGraph:
-    """An unperturbed forward: embed, every block, head (the pending update is applied on the way)."""
-    return _forward(num_blocks, plan, Kind.EVAL, "eval")
+def eval_graph(units: UnitTable, plan: Plan) -> TaskGraph:
+    """An unperturbed forward: embed, every block, head (pending updates are applied on the way)."""
+    return _forward(units, plan, Kind.EVAL, "eval")
 
 
-def flush_graph(num_blocks: int, plan: Plan) -> TaskGraph:
-    """Apply the pending update everywhere and write every block back to host storage.
+def flush_graph(units: UnitTable, plan: Plan) -> TaskGraph:
+    """Apply pending updates to every group and write every group back to host storage.
 
-    Streamed blocks: upload → update → offload. Resident blocks: update → offload (a copy;
-    they stay resident). The resident group: update → offload.
+    Streamed groups: upload → update → offload (through the slots, as a step would). Groups on
+    the compute device (resident units, then the kept groups): update → offload (a copy; they stay).
     """
-    b = _Builder()
-    _streaming(b, num_blocks, plan, Kind.UPDATE, None, pass_along=False)
-    for blk in sorted(plan.resident):
-        compute = next(t.index for t in b.tasks if t.kind == Kind.UPDATE and t.block == blk)
-        b.add(Kind.OFFLOAD, blk, compute)
-    update = b.add(Kind.UPDATE, None)
-    b.add(Kind.OFFLOAD, None, update)
+    b, placed = _Builder(), _Streaming(units, plan)
+    offload_of: dict[int, int] = {}
+    updates: dict[str, int] = {}
+    for unit in units.streamable:
+        j = placed.position.get(unit.name)
+        if j is None:
+            updates[unit.name] = b.add(Kind.UPDATE, unit)
+            continue
+        slot = j % placed.slots
+        upload = b.add(Kind.UPLOAD, unit, offload_of.get(j - placed.slots), slot=slot)
+        update = b.add(Kind.UPDATE, unit, upload, slot=slot)
+        offload_of[j] = b.add(Kind.OFFLOAD, unit, update, slot=slot)
+    for unit in placed.resident:
+        b.add(Kind.OFFLOAD, unit, updates[unit.name])
+    for unit in units.kept:
+        b.add(Kind.OFFLOAD, unit, b.add(Kind.UPDATE, unit))
     return b.graph("flush")
 
 
-def load_graph(num_blocks: int, plan: Plan) -> TaskGraph:
-    """Bring the resident blocks to the compute device once, when the runtime opens."""
-    plan.validate(num_blocks)
-    b = _Builder()
-    for blk in sorted(plan.resident):
-        b.add(Kind.UPLOAD, blk)
+def load_graph(units: UnitTable, plan: Plan) -> TaskGraph:
+    """Bring every group that stays on the compute device there once, when the runtime opens."""
+    b, placed = _Builder(), _Streaming(units, plan)
+    for unit in (*units.kept, *placed.resident):
+        b.add(Kind.UPLOAD, unit)
     return b.graph("load")

@@ -2,7 +2,7 @@
 
 Each lane is a named thread of one process; steps are spans on a separate "steps" thread.
 Every task is a complete event (``ph: "X"``, ``ts`` and ``dur`` in microseconds) whose args
-carry what the timeline needs to be rebuilt (step, task index, kind, block, deps, slot, bytes)
+carry what the timeline needs to be rebuilt (step, task index, kind, unit, deps, slot, bytes)
 and the achieved GB/s of transfers. Stdlib only.
 """
 
@@ -41,7 +41,7 @@ def to_events(timeline: Timeline) -> list[dict[str, Any]]:
                        "ts": start, "dur": dur, "args": {"step": mark.step, "phase": mark.phase}})  # fmt: skip
     for span in timeline.spans:
         args: dict[str, Any] = {
-            "step": span.step, "index": span.index, "kind": span.kind, "block": span.block,
+            "step": span.step, "index": span.index, "kind": span.kind, "unit": span.unit,
             "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase,
         }  # fmt: skip
         if span.bytes and span.duration > 0:
@@ -75,7 +75,7 @@ def load_chrome_trace(path: str | Path) -> Timeline:
             if e.get("cat") == "step":
                 steps.append(StepMark(a["step"], start, end, a["phase"]))
             else:
-                spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["block"], start, end,
+                spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["unit"], start, end,
                                   tuple(a["deps"]), a["slot"], a["bytes"], a["phase"]))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error

@@ -1,4 +1,4 @@
-"""The timeline recorder: an instrument that keeps one span per task (lane, kind, block, step,
+"""The timeline recorder: an instrument that keeps one span per task (lane, kind, unit, step,
 bytes, start, end), and the timeline it fills. Stdlib only (exports import what they need).
 
 Created only when tracing is asked for; with tracing off no recorder exists and the
@@ -26,7 +26,7 @@ class Span:
     index: int
     lane: str
     kind: str
-    block: int | None
+    unit: str  # what the task acted on: a unit ("embed", "block.3", "head") or a group ("embed_head")
     start: float
     end: float
     deps: tuple[int, ...] = ()
@@ -40,7 +40,13 @@ class Span:
 
     @property
     def name(self) -> str:
-        return self.kind if self.block is None else f"{self.kind} {self.block}"
+        return self.kind if self.unit == self.kind else f"{self.kind} {self.unit}"
+
+    @property
+    def block(self) -> int | None:
+        """The block index of a ``block.N`` unit, None for anything else."""
+        stage, _, index = self.unit.partition(".")
+        return int(index) if stage == "block" and index.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +143,7 @@ class TimelineRecorder:
                 task.index,
                 task.lane.value,
                 task.kind.value,
-                task.block,
+                task.subject,
                 start,
                 time,
                 task.deps,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..policies.cost import OpFigures
+from ..planning.cost import OpFigures
 from .recorder import Span, Timeline
 
 _TOLERANCE = 1e-9

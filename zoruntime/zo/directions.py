@@ -1,9 +1,21 @@
-"""Addressable random directions: z for (step seed, group id) is a pure function of the two.
+"""Addressable random directions: every element of z is a pure function of its key.
 
-Knows how seeds are derived and how one direction is drawn: a single ``torch.randn`` per
-group from a private ``torch.Generator`` re-seeded for that draw, on the device where the
-group lives. Never touches the global RNG, so the order in which groups are visited, and
-anything else the program draws, cannot change z. Knows nothing about models or schedules.
+Knows how seeds are derived and how a direction is drawn, and nothing about models or
+schedules. Under direction scheme 2 (``DIRECTION_SCHEME``) a group's flat buffer of
+``group_numel`` elements is cut into chunks of ``CHUNK_ELEMENTS`` (the last one shorter), and
+chunk ``c`` of direction ``d`` of group ``g`` in the step whose seed is ``s`` is one
+``torch.randn(length_c)`` from a private ``torch.Generator`` seeded with
+``chunk_seed(s, g, c, d)``, on the device where the group lives. Any run of elements of a
+group's direction can therefore be drawn on its own (``DirectionSampler.draw(..., offset=...)``)
+and equals, bitwise, the same elements of a whole-group draw. The global RNG is never touched,
+so the order in which groups, chunks or directions are visited, and anything else the program
+draws, cannot change z.
+
+Scheme 1 (zoruntime before this module cut groups into chunks) was one ``torch.randn`` over the
+whole group, seeded by a hash of (seed, group) alone. A journal or checkpoint records the scheme
+it was written with, and one of another scheme is refused (``journal.py``, ``checkpoint.py``):
+the same seeds would regenerate different z. Changing how z is drawn (the hashing, the salt,
+the chunk length) changes the scheme and must bump ``DIRECTION_SCHEME``.
 """
 
 from __future__ import annotations
@@ -11,8 +23,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+DIRECTION_SCHEME = 2
+"""Version of the way z is drawn from its key; recorded in journals and checkpoints."""
+
+CHUNK_ELEMENTS = 1 << 24
+"""Elements per chunk of a group's direction (the last chunk of a group is shorter); part of
+the scheme: another length draws another z."""
+
 RESIDENT_GROUP = 0
 """Group id of everything that stays on the compute device (embeddings, final norm, head)."""
+
+_STEP_SALT = 0x5EED
+_CHUNK_SALT = 0xC4A2
+_WORD = 1 << 32
 
 
 def block_group(index: int) -> int:
@@ -28,24 +51,83 @@ def _mix(*words: int) -> int:
 
 def step_seed(base_seed: int, step: int) -> int:
     """Seed of step ``step`` of a run started with ``base_seed`` (a 63-bit int)."""
-    return _mix(base_seed, step, 0x5EED)
+    return _mix(base_seed, step, _STEP_SALT)
 
 
-def group_seed(seed: int, group: int) -> int:
-    """Seed of the direction of ``group`` in the step whose seed is ``seed``."""
-    return _mix(seed, group, 0x6209)
+def chunk_seed(seed: int, group: int, chunk: int, direction: int = 0) -> int:
+    """Seed of chunk ``chunk`` of direction ``direction`` of ``group`` in the step whose seed is
+    ``seed`` (a 63-bit int). Distinct keys give distinct, unrelated seeds: the step seed is
+    split into two fixed 32-bit words, so no two keys hash the same word sequence."""
+    if not 0 <= seed < _WORD * _WORD:
+        raise ValueError(f"step seed {seed} is not a 64-bit unsigned int")
+    for name, value in (("group", group), ("chunk", chunk), ("direction", direction)):
+        if not 0 <= value < _WORD:
+            raise ValueError(f"{name} {value} is outside 0 .. 2**32 - 1")
+    return _mix(seed % _WORD, seed // _WORD, group, chunk, direction, _CHUNK_SALT)
 
 
 class DirectionSampler:
-    """Draws z into caller-owned buffers; one sampler per device, used by one thread at a time."""
+    """Draws z into caller-owned buffers; one sampler per device, used by one thread at a time.
 
-    def __init__(self, device: torch.device | str) -> None:
+    ``chunk_elements`` is for tests only (small chunks exercise the chunk boundaries on small
+    buffers): the scheme version fixes it at ``CHUNK_ELEMENTS``, and any other value draws
+    directions that no journal or checkpoint of this scheme was written with.
+    """
+
+    def __init__(self, device: torch.device | str, *, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        if chunk_elements < 1:
+            raise ValueError(f"chunk_elements must be positive, not {chunk_elements}")
         self.device = torch.device(device)
+        self.chunk_elements = chunk_elements
         self._generator = torch.Generator(device=self.device)
 
-    def draw(self, seed: int, group: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (flat, contiguous, on this sampler's device) with z for (seed, group)."""
+    def draw(
+        self,
+        seed: int,
+        group: int,
+        out: torch.Tensor,
+        *,
+        direction: int = 0,
+        offset: int = 0,
+        group_numel: int | None = None,
+    ) -> torch.Tensor:
+        """Fill ``out`` (flat, contiguous, on this sampler's device) with elements
+        ``[offset, offset + out.numel())`` of direction ``direction`` of ``group`` in the step
+        whose seed is ``seed``; returns ``out``.
+
+        ``group_numel`` is the group's full length, which fixes where its chunks are cut. With
+        ``offset == 0`` it defaults to ``out.numel()`` (``out`` is the whole group); a draw of
+        part of a group at ``offset > 0`` must give it.
+        """
         if out.device != self.device or out.dim() != 1 or not out.is_contiguous():
             raise ValueError(f"direction buffer must be flat and contiguous on {self.device}")
-        self._generator.manual_seed(group_seed(seed, group))
-        return torch.randn(out.shape, generator=self._generator, out=out)
+        if offset < 0:
+            raise ValueError(f"offset {offset} is negative; it is the index in the group of out's first element")
+        if group_numel is None:
+            if offset:
+                raise ValueError(
+                    f"drawing part of a group at offset {offset} needs group_numel=, the group's full length "
+                    "(it fixes where the group's chunks are cut)"
+                )
+            group_numel = out.numel()
+        end = offset + out.numel()
+        if end > group_numel:
+            raise ValueError(
+                f"out holds elements {offset} .. {end - 1} but the group has only {group_numel}; "
+                "shorten out or fix offset / group_numel"
+            )
+        if out.numel() == 0:
+            return out
+        size = self.chunk_elements
+        for chunk in range(offset // size, (end - 1) // size + 1):
+            start = chunk * size
+            length = min(size, group_numel - start)
+            lo, hi = max(offset, start), min(end, start + length)
+            self._generator.manual_seed(chunk_seed(seed, group, chunk, direction))
+            target = out[lo - offset : hi - offset]
+            if lo == start and hi == start + length:  # the whole chunk: straight into out
+                torch.randn(length, generator=self._generator, out=target)
+            else:  # part of it: the same draw at full length, then the part that is wanted
+                whole = torch.randn(length, generator=self._generator, dtype=out.dtype, device=self.device)
+                target.copy_(whole[lo - start : hi - start])
+        return out

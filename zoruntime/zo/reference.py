@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..models.batch import Batch
+from ..models.adapter import adapter_for
+from ..models.batch import Batch, LossFn
 from ..models.groups import GroupLayout, adopt_into_flat
-from ..models.opt import LossFn, OPTAdapter
 from .config import ZOSGD
 from .directions import DirectionSampler, step_seed
+from .estimator import TwoSidedEstimator
 from .stats import StepStats
-from .update import PendingUpdate, apply_update, perturb_into, projected_gradient
+from .update import PendingUpdate, apply_update, perturb_into
 
 
 class ReferenceZO:
@@ -31,7 +32,7 @@ class ReferenceZO:
     def __init__(
         self, model: nn.Module, config: ZOSGD, loss_fn: LossFn | None = None, compute_dtype: torch.dtype | None = None
     ) -> None:
-        self.adapter = OPTAdapter(model)
+        self.adapter = adapter_for(model)
         self.model = model
         self.config = config
         self.loss_fn: LossFn = loss_fn or self.adapter.causal_lm_loss
@@ -58,17 +59,18 @@ class ReferenceZO:
         """One ZO-SGD step on ``batch``; the weights are updated before this returns."""
         cfg, t = self.config, self.step_index
         seed, lr = step_seed(cfg.seed, t), cfg.lr_at(t)
+        estimator = TwoSidedEstimator(cfg.eps)
         batch = self.adapter.validate(batch).to(self.sampler.device)
-        plus: dict[str, torch.Tensor] = {}
-        minus: dict[str, torch.Tensor] = {}
+        probes = estimator.probes()
+        perturbed: list[dict[str, torch.Tensor]] = [{} for _ in probes]
         for layout, flat, names in self._groups:
             z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
-            for perturbed, scale in ((plus, cfg.eps), (minus, -cfg.eps)):
-                copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, scale)
-                perturbed.update({names[k]: v for k, v in layout.views(copy).items()})
-        loss_plus, loss_minus = self._loss(batch, plus), self._loss(batch, minus)
-        grad = projected_gradient(loss_plus, loss_minus, cfg.eps)
-        values = (float(loss_plus), float(loss_minus), float(grad))
+            for weights, probe in zip(perturbed, probes, strict=True):
+                copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, probe.scale)
+                weights.update({names[k]: v for k, v in layout.views(copy).items()})
+        losses = [self._loss(batch, weights) for weights in perturbed]
+        (grad,) = estimator.projected_gradients(losses)
+        values = (float(losses[0]), float(losses[1]), float(grad))
         skipped = not all(math.isfinite(v) for v in values)  # a non-finite loss makes no update
         if not skipped:
             update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)

@@ -1,0 +1,71 @@
+"""What the runtime needs from a model, and the choice of adapter by ``config.model_type``.
+
+An adapter shows an unmodified HF model as a table of units over flat parameter groups and
+runs each stage with parameters passed in explicitly. Everything outside ``models/`` talks to
+a model through this protocol and ``adapter_for``; no other module names a model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..runtime.units import UnitTable
+from .batch import Batch
+from .groups import GroupLayout
+from .opt import OPTAdapter
+
+Params = Mapping[str, torch.Tensor]
+
+
+class ModelAdapter(Protocol):
+    """A model seen as units (embed, blocks, head) over groups (flat buffers), and how to run them.
+
+    ``prepare`` returns the adapter's own per-step inputs (masks, positions): the runtime only
+    passes them back to ``embed`` and ``block``."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The user's model, unmodified (its parameters become views of the groups' buffers)."""
+        ...
+
+    @property
+    def units(self) -> UnitTable:
+        """The units in the order the forward runs them."""
+        ...
+
+    def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
+        """Every group's layout and the parameters it lays out, indexed by group id."""
+        ...
+
+    def validate(self, batch: Batch | Mapping[str, object]) -> Batch: ...
+
+    def prepare(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> Any: ...
+
+    def embed(self, params: Params, inputs: Any) -> torch.Tensor: ...
+
+    def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: Any) -> torch.Tensor: ...
+
+    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+
+ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {"opt": OPTAdapter}
+"""``config.model_type`` → the adapter that runs it."""
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, chosen by its ``config.model_type``; a clear error otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
+    if adapter is None:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise TypeError(
+            f"zoruntime has no adapter for {type(model).__name__} (model_type {model_type!r}); supported model "
+            f"types: {supported} (e.g. facebook/opt-125m via transformers.AutoModelForCausalLM.from_pretrained)"
+        )
+    return adapter(model)

@@ -1,0 +1,112 @@
+"""The one memory model: compute-side bytes of a plan, the figure ``Storage`` allocates. No torch.
+
+A model is seen as groups (flat buffers of one dtype). A group is either streamable (a
+decoder block: it may be streamed through a slot or kept resident, as the plan says) or kept
+(the embedding and head group: always on the compute device). For a plan the compute side holds
+
+- every kept group, with its own perturbed copy (in the compute dtype) and its own direction,
+  because its units run at both ends of the step;
+- the streamable groups the plan keeps resident, the streaming slots (each the size of the
+  largest streamable group), and one perturbed copy and one direction shared by all of them.
+
+Activations come on top and are not counted here. Policies (``MemoryBudget``), ``Storage``, the
+runtime's statistics, the out-of-memory advice and the benchmark all read this model; a test
+checks that it equals what ``Storage`` allocates. Knows sizes and the plan; nothing of tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..policies.base import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSize:
+    """One group as the planner sees it: elements, bytes per element of its master copy, and
+    whether a plan may stream it."""
+
+    numel: int
+    itemsize: int
+    streamable: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBreakdown:
+    """Compute-side bytes of a plan, by what they hold."""
+
+    kept: int  # kept groups: their weights, perturbed copy and direction
+    resident: int  # streamable groups the plan keeps on the compute device
+    slots: int  # streaming slots
+    working: int  # the perturbed copy and the direction shared by the streamable groups
+
+    @property
+    def units(self) -> int:
+        """What the streamable units need (what ``MemoryBudget`` budgets): resident, slots, working."""
+        return self.resident + self.slots + self.working
+
+    @property
+    def total(self) -> int:
+        return self.kept + self.units
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLayout:
+    """What a policy may know about a model: its groups' sizes (in group order) and the compute
+    dtype's width. The streamable groups are the units a plan places, numbered in model order."""
+
+    groups: tuple[GroupSize, ...]
+    compute_itemsize: int
+
+    def __post_init__(self) -> None:
+        if not self.streamable:
+            raise ValueError("a model layout needs at least one streamable group (a decoder block)")
+        if self.compute_itemsize <= 0 or any(g.numel <= 0 or g.itemsize <= 0 for g in self.groups):
+            raise ValueError("group sizes and itemsizes must be positive")
+
+    @classmethod
+    def uniform(cls, num_units: int, unit_bytes: int, kept_bytes: int = 0) -> ModelLayout:
+        """``num_units`` streamable units of ``unit_bytes`` each (one byte per element) and, when
+        ``kept_bytes`` > 0, one kept group: for simulations and policy tests."""
+        if num_units <= 0 or unit_bytes <= 0:
+            raise ValueError(f"need num_units > 0 and unit_bytes > 0, got {num_units} and {unit_bytes}")
+        kept = (GroupSize(kept_bytes, 1, False),) if kept_bytes > 0 else ()
+        return cls((*kept, *(GroupSize(unit_bytes, 1, True) for _ in range(num_units))), 1)
+
+    @property
+    def streamable(self) -> tuple[GroupSize, ...]:
+        return tuple(g for g in self.groups if g.streamable)
+
+    @property
+    def num_units(self) -> int:
+        """Units a plan places: the streamable groups (the decoder blocks today)."""
+        return len(self.streamable)
+
+    @property
+    def unit_bytes(self) -> int:
+        """Bytes of the largest streamable unit (a slot holds any of them)."""
+        return max(g.nbytes for g in self.streamable)
+
+    def breakdown(self, plan: Plan) -> MemoryBreakdown:
+        """Compute-side bytes ``plan`` takes (before activations)."""
+        plan.validate(self.num_units)
+        units = self.streamable
+        kept = sum(g.numel * (2 * g.itemsize + self.compute_itemsize) for g in self.groups if not g.streamable)
+        numel, itemsize = max(g.numel for g in units), max(g.itemsize for g in units)
+        working = numel * (itemsize + self.compute_itemsize)  # a direction and a perturbed copy
+        return MemoryBreakdown(
+            kept=kept,
+            resident=sum(units[i].nbytes for i in plan.resident),
+            slots=plan.slots(len(units)) * self.unit_bytes,
+            working=working,
+        )
+
+    def bytes_needed(self, plan: Plan) -> int:
+        """Every compute-side byte of ``plan``: what ``Storage`` allocates."""
+        return self.breakdown(plan).total

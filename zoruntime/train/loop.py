@@ -1,0 +1,278 @@
+"""A run, start to end: the run folder (the lock, the checks before any write, ``--resume`` and
+``--overwrite``), the step loop with its journal, evaluations, checkpoints and Ctrl-C, and the
+summary. Only rank 0 writes files and prints.
+
+Knows the run folder's files and the order they are written in, and uses the other modules for
+the options, the model and the task. Knows nothing of parsing the command line or of exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from ..checkpoint import CheckpointError, checkpoints, restore_checkpoint
+from ..data.lm import LMTask
+from ..data.sst2 import SST2Task, candidate_loss
+from ..distributed import init_from_environment, shard
+from ..engine import Runtime
+from ..journal import Journal, JournalError, Record, truncate_journal
+from ..models.batch import LossFn
+from ..runs import RunLock, clear_run, describe_run, holds_run
+from .model import base_record, check_plan, load_model, save_model
+from .options import TrainConfig, UsageError, check, resolve_device
+from .tasks import Evaluation, build_task, evaluate
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the last completed step was checkpointed; printed as one line, exit code 130."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a run begins: step 0, or a checkpoint of an earlier run of the folder."""
+
+    step: int = 0
+    before: Evaluation | None = None
+    checkpoint: Path | None = None
+
+
+def resume_point(config: TrainConfig, model: PreTrainedModel, out: Path, say: Any) -> Start | None:
+    """For ``--resume``: the checkpoint to continue from (its weights loaded into ``model``), or
+    None when the run already finished. Refuses what would throw work away."""
+    if not checkpoints(out / "checkpoints"):
+        say(f"{out} has no checkpoint yet: starting it over")
+        return Start()
+    try:
+        state = restore_checkpoint(model, out / "checkpoints")
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    for line in state["passed_over"]:
+        say(line)
+    step = state["step"]
+    if config.steps < step:
+        raise UsageError(
+            f"--steps {config.steps} is below the run's last checkpoint (step {step}): resuming would throw steps "
+            f"away; give --steps {step} or more, or start a new run"
+        )
+    finished = out / "summary.json"
+    if step == config.steps and finished.is_file() and json.loads(finished.read_text()).get("steps") == step:
+        return None
+    before = Evaluation(state["before_loss"], state.get("before_accuracy"))
+    return Start(step, before, out / "checkpoints")
+
+
+async def train(config: TrainConfig) -> dict[str, Any]:
+    """Run ``config`` end to end (or continue it, with ``resume``); returns the printed, saved summary."""
+    check(config)
+    device = resolve_device(config.device)
+    rank, world_size, local_rank = init_from_environment(device)
+    if world_size > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if config.batch_size < world_size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} is smaller than the {world_size} ranks; give each one example"
+        )
+    lead = rank == 0  # only rank 0 writes files and prints
+    say = print if lead else _silent
+    out = Path(config.out)
+    if lead and not config.resume and not config.overwrite and holds_run(out):
+        raise UsageError(
+            f"{out} already holds a run ({describe_run(out)}): --resume {out} to continue it, --overwrite to "
+            "start again, or a new --out"
+        )
+    with contextlib.ExitStack() as locks:
+        lock = lambda: locks.enter_context(RunLock(out, f"zoruntime train, rank {rank}")) if lead else None  # noqa: E731
+        if config.resume:
+            lock()  # before reading what the run left
+        prepared = _prepare(config, device, world_size, out, say)  # everything checked; nothing written yet
+        if isinstance(prepared, dict):
+            return prepared
+        if world_size > 1:
+            dist.barrier()  # every rank has read what it needs before rank 0 writes
+        if lead and not config.resume:
+            lock()  # creates the folder
+            if not config.overwrite and holds_run(out):
+                raise UsageError(f"{out} now holds a run started meanwhile; choose another --out")
+        if lead:
+            _write_start(config, prepared, out)
+        if prepared.start.checkpoint is not None:
+            say(f"resumed at step {prepared.start.step} from {prepared.start.checkpoint}")
+        return await _run(config, prepared, rank, world_size, out, say)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run checked and ready: nothing of it has been written yet."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    task: LMTask | SST2Task
+    loss_fn: LossFn | None
+    start: Start
+    base: dict[str, Any]
+    resolved: dict[str, Any]
+    runtime: Runtime
+
+
+def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: Any) -> Prepared | dict[str, Any]:
+    """Load and check everything; the summary instead when a resumed run already finished."""
+    resumed_base = out / "base" if config.resume and config.model is None and (out / "base").is_dir() else None
+    model, tokenizer = load_model(config, resumed_base)
+    base = base_record(config, model)
+    if config.resume:
+        if resumed_base is None and config.model is None:
+            say(f"{out} has no copy of its base model; rebuilding the built-in one from --seed {config.seed}")
+        saved = json.loads((out / "zoruntime.json").read_text())
+        if saved.get("base_fingerprint") not in (None, base["base_fingerprint"]):
+            raise UsageError(
+                f"the base model {base['base']} is not the one {out} started from (its weights' fingerprint differs); "
+                "resume with the model the run started from"
+            )
+    task = build_task(config, tokenizer)
+    start = resume_point(config, model, out, say) if config.resume else Start()
+    if start is None:
+        say(f"{out}: the run already finished its {config.steps} steps; nothing to do (--steps N continues it)")
+        summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
+        return summary
+    resolved = {**asdict(config), "device": device, "parameters": sum(p.numel() for p in model.parameters()), **base}
+    if world_size > 1:
+        resolved["world_size"] = world_size
+    runtime = check_plan(model, config, device, world_size, start.step)
+    say("zoruntime train " + json.dumps(resolved))
+    loss_fn: LossFn | None = candidate_loss if config.task == "sst2" else None
+    return Prepared(model, tokenizer, task, loss_fn, start, base, resolved, runtime)
+
+
+def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
+    """The first writes of a run: the old run's files gone (``--overwrite``), the base copy,
+    the configuration, the journal cut back to the checkpoint."""
+    if config.resume:  # first: a journal damaged before the checkpoint stops the resume with nothing changed
+        try:
+            truncate_journal(out / "journal.jsonl", prepared.start.step)
+        except JournalError as error:
+            raise UsageError(str(error)) from None
+    if config.overwrite:
+        clear_run(out)
+    if config.model is None and not (out / "base").is_dir():
+        save_model(prepared.model, prepared.tokenizer, out / "base")
+    (out / "zoruntime.json").write_text(json.dumps(prepared.resolved, indent=2) + "\n")
+
+
+async def _run(
+    config: TrainConfig, prepared: Prepared, rank: int, world_size: int, out: Path, say: Any
+) -> dict[str, Any]:
+    model, tokenizer, task, loss_fn, start = (
+        prepared.model,
+        prepared.tokenizer,
+        prepared.task,
+        prepared.loss_fn,
+        prepared.start,
+    )
+    runtime, base = prepared.runtime, prepared.base
+    lead = rank == 0
+    tokens, nonfinite, done = 0, 0, start.step
+    before = start.before
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    started = time.perf_counter()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            journal = stack.enter_context(Journal(out / "journal.jsonl", header=base)) if lead else None
+            rt = await stack.enter_async_context(runtime)
+
+            async def checkpoint(reason: str = "") -> None:
+                assert before is not None
+                state = {"before_loss": before.loss, "before_accuracy": before.accuracy, "next_batch": done}
+                try:
+                    await rt.save_checkpoint(out / "checkpoints", state)
+                except CheckpointError as error:
+                    raise UsageError(str(error)) from None
+
+            if before is None:
+                before = await evaluate(rt, task, loss_fn)
+                say(f"before: {before}")
+            bar = tqdm(total=config.steps, initial=start.step, desc="train", unit="step",
+                       disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
+            for step in range(start.step, config.steps):
+                batch = task.train_batch(step)
+                stats = await rt.step(shard(batch, rank, world_size))
+                if journal is not None:
+                    journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step))
+                done = step + 1
+                nonfinite = nonfinite + 1 if stats.skipped else 0
+                if nonfinite >= config.stop_after_nonfinite:
+                    bar.close()
+                    raise UsageError(
+                        f"stopped at step {done}: the last {nonfinite} steps had a non-finite loss (the run diverged); "
+                        f"lower --lr (it is {config.lr:g}) and start again with --overwrite; the checkpoints kept "
+                        f"in {out / 'checkpoints'} are from before"
+                    )
+                tokens += batch["input_ids"].numel()
+                bar.update(1)
+                rate = tokens / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                if interrupted.is_set():
+                    bar.close()
+                    if lead:
+                        await checkpoint()
+                    raise Interrupted(
+                        f"interrupted at step {done}: checkpointed; continue with zoruntime train --resume {out}"
+                    )
+                if done < config.steps and config.eval_every and done % config.eval_every == 0:
+                    evaluation = await evaluate(rt, task, loss_fn)
+                    if lead:
+                        bar.write(f"step {done}: {evaluation}")
+                if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
+                    await checkpoint()
+            bar.close()
+            if lead and start.step < config.steps:
+                await checkpoint()  # the last step, always: a finished run can be extended or checked
+            after = await evaluate(rt, task, loss_fn)
+            say(f"after:  {after}")
+            timeline = rt.timeline if config.trace else None
+            skipped = rt.statistics().skipped_steps
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
+    seconds = time.perf_counter() - started
+    if world_size > 1:
+        dist.barrier()
+    if not lead:
+        return {}
+    assert before is not None
+    model_dir = out / "model"
+    save_model(model, tokenizer, model_dir)
+    if timeline is not None and timeline.spans:
+        timeline.save_chrome_trace(out / "trace.json")
+        timeline.training_steps_from(max(start.step, config.steps - 3)).save_png(out / "timeline.png")
+    summary = {
+        "dev_loss_before": before.loss, "dev_loss_after": after.loss,
+        "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
+        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+        "steps": config.steps, "skipped_steps": skipped, "seconds": seconds,
+        "tokens_per_s": tokens / seconds, "out": str(out),
+    }  # fmt: skip
+    drop = 1 - after.loss / before.loss
+    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({drop:.1%} lower) in {seconds:.0f} s; saved {model_dir}"
+          + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    return None

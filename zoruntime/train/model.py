@@ -1,0 +1,112 @@
+"""The model of a run: loading it with its tokenizer, saving it, the record of what a run started
+from, and the ``Runtime`` for it with the policy and the batch checked against the model and the
+free memory.
+
+Knows the options (``TrainConfig``), the models and tokenizers zoruntime loads, the runtime's
+constructor and how many rows a task's batch makes. Knows nothing of the run folder's layout (it
+saves where it is told), the data itself, or the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from ..data.sst2 import candidate_loss
+from ..data.tokenizer import ByteTokenizer
+from ..engine import Runtime
+from ..models.fingerprint import weights_fingerprint
+from ..models.init import load_pretrained_opt, random_opt, tiny_opt_config
+from ..policies.base import FixedDepth
+from ..zo.config import ZOSGD
+from .options import DTYPES, TrainConfig, UsageError, parse_policy
+
+BUILT_IN = "built-in"
+"""The ``base`` of a run of the built-in default model (its copy is saved in ``OUT/base``)."""
+
+
+def load_model(config: TrainConfig, base: Path | None = None) -> tuple[PreTrainedModel, Any]:
+    """The model to train (``base``: the saved copy of a resumed built-in run) and its tokenizer."""
+    dtype = DTYPES[config.dtype]
+    where = config.model if config.model is not None else (str(base) if base is not None else None)
+    if where is None:
+        return random_opt(tiny_opt_config(num_hidden_layers=4, max_position_embeddings=max(128, config.max_length)),
+                          seed=config.seed, dtype=dtype), ByteTokenizer()  # fmt: skip
+    try:
+        model = load_pretrained_opt(where, dtype)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if ByteTokenizer.saved_in(where):
+        return model, ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return model, AutoTokenizer.from_pretrained(where)
+    except OSError as error:
+        raise UsageError(f"could not load the tokenizer of {where!r}: {str(error).splitlines()[0]}") from None
+
+
+def save_model(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
+    """``save_pretrained`` of the model (a copy of its tensors: they may be views of flat groups)
+    and the tokenizer."""
+    model.save_pretrained(folder, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+    tokenizer.save_pretrained(folder)
+
+
+def base_record(config: TrainConfig, model: PreTrainedModel) -> dict[str, Any]:
+    """What the run started from: the built-in default (copied into ``base/``) or a model's name
+    or path, with a fingerprint of its weights (as loaded, in the run's dtype)."""
+    return {"base": config.model or BUILT_IN, "base_fingerprint": weights_fingerprint(model), "dtype": config.dtype}
+
+
+def activation_bytes(model: PreTrainedModel, rows: int, length: int, itemsize: int) -> int:
+    """A generous estimate of a step's working memory beside the weights: the logits of one
+    perturbed forward with the loss's fp32 copies, the two hidden-state streams, one block's
+    largest intermediate and its attention scores (where the kernel materialises them)."""
+    c = model.config
+    tokens = rows * length
+    logits = tokens * c.vocab_size * (itemsize + 8)
+    hidden = tokens * (4 * c.hidden_size + c.ffn_dim) * itemsize
+    scores = rows * c.num_attention_heads * length * length * itemsize
+    return logits + hidden + scores
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory where the activations live (None: unknown)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_size: int, start_step: int) -> Runtime:
+    """The runtime for ``model``, with the policy checked against it and the batch against memory."""
+    compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    policy = parse_policy(config.policy)
+    blocks = model.config.num_hidden_layers
+    if isinstance(policy, FixedDepth) and policy.depth >= blocks:
+        raise UsageError(
+            f"--policy {config.policy}: the model has {blocks} blocks, so at most {blocks - 1} uploads can run "
+            f"ahead; use depth=1 to {blocks - 1} (or memory=SIZE to keep blocks resident)"
+        )
+    optimizer = ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed)
+    try:
+        runtime = Runtime(model, optimizer, device=device, policy=policy, compute_dtype=compute, trace=config.trace,
+                          loss_fn=candidate_loss if config.task == "sst2" else None, start_step=start_step)  # fmt: skip
+    except ValueError as error:
+        raise UsageError(f"--policy {config.policy}: {error}") from None
+    rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate
+    need = activation_bytes(model, rows, config.max_length, runtime.compute_dtype.itemsize)
+    free = available_bytes(device)
+    if free is not None and need > 0.8 * free:
+        raise UsageError(
+            f"--batch-size {config.batch_size} x --max-length {config.max_length} needs about {need / 1e9:.1f} GB of "
+            f"working memory on {device}, and {free / 1e9:.1f} GB is free; lower --batch-size or --max-length"
+        )
+    return runtime

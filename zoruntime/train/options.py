@@ -1,0 +1,199 @@
+"""The command line of ``zoruntime train``: its options, their defaults and their checks.
+
+With no arguments it trains the built-in default: a small random-init OPT with a byte-level
+tokenizer on a generated corpus, in about 35 s on 2 CPU cores, nothing downloaded. With
+``--model`` it loads a local folder or a hub name; ``--task sst2`` uses GLUE SST-2 with MeZO's
+prompt and candidate scoring; ``--task lm --text-file F`` trains a causal LM on a text file.
+
+(The paragraph above is the ``--help`` description.) Knows the options, ``TrainConfig``, what
+each option may be on its own (``check``, before anything is loaded or written) and which ones a
+resume may change. Knows nothing of models, data or the runtime: it builds a policy and a
+``ZOSGD`` only to check them, and reads a run folder only for its saved configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..policies.base import FixedDepth, MemoryBudget, Policy
+from ..runs import RunFolderError, check_writable
+from ..zo.config import ZOSGD
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(:(\d+))?$")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; printed at start and saved as ``zoruntime.json``."""
+
+    model: str | None = None
+    task: str = "lm"
+    text_file: str | None = None
+    steps: int = 1000
+    lr: float = 2e-3
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_length: int = 64
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    compute_dtype: str | None = None
+    policy: str = "depth=1"
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    stop_after_nonfinite: int = 5
+    trace: bool = True
+    out: str = "runs/default"
+    progress: bool = True
+    resume: str | None = None
+    overwrite: bool = False
+
+
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonfinite", "trace", "progress", "resume",
+                     "out", "overwrite")  # fmt: skip
+"""Options a resumed run may change; every other one must match the run it continues."""
+
+
+def parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """The option parser; ``only_given`` leaves out options not on the command line."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="zoruntime train",
+        description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=d.model, help="local folder or hub name of an OPT model; none: the built-in tiny one"
+    )
+    p.add_argument("--task", default=d.task, help="lm (causal LM) or sst2 (GLUE SST-2, MeZO's prompt)")
+    p.add_argument("--text-file", default=d.text_file, help="text to train on with --task lm; none: a generated corpus")
+    p.add_argument("--steps", type=int, default=d.steps, help="ZO-SGD steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--eps", type=float, default=d.eps, help="perturbation scale ε")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay (not on biases, norms)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences (sst2: examples) per step")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per sequence")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="seeds the directions, the data order and the default model"
+    )
+    p.add_argument("--device", default=d.device, help="auto (cuda when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="master weights' dtype")
+    p.add_argument("--compute-dtype", default=d.compute_dtype, choices=sorted(DTYPES),
+                   help="dtype of the forwards (default: --dtype); 16-bit with --dtype fp32: fp32 masters")  # fmt: skip
+    p.add_argument("--policy", default=d.policy, help="depth=K (uploads K blocks ahead) or memory=SIZE (e.g. 20GB)")
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="dev evaluation every N steps (0: only at the ends)"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="full checkpoint every N steps, atomically; always the last (0: only the last)")  # fmt: skip
+    p.add_argument("--stop-after-nonfinite", type=int, default=d.stop_after_nonfinite,
+                   help="stop when this many steps in a row have a non-finite loss (the run diverged)")  # fmt: skip
+    p.add_argument("--resume", default=d.resume, help="continue the run in this --out folder from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
+    p.add_argument(
+        "--trace", action=argparse.BooleanOptionalAction, default=d.trace, help="save trace.json and timeline.png"
+    )
+    p.add_argument("--out", default=d.out, help="output folder; one run per folder")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show a progress bar")
+    if only_given:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return p
+
+
+def parse_policy(text: str) -> Policy:
+    """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB, 1.5GiB)."""
+    key, _, value = text.partition("=")
+    if key == "depth" and value.isdigit():
+        return FixedDepth(int(value))
+    if key == "memory" and (match := _SIZE.match(value)):
+        unit = (match.group(2) or "").lower()
+        if unit in _UNITS:
+            return MemoryBudget(int(float(match.group(1)) * _UNITS[unit]))
+    raise UsageError(f"--policy {text!r} is not depth=K or memory=SIZE (e.g. depth=2, memory=20GB)")
+
+
+def check(config: TrainConfig) -> TrainConfig:
+    """Every option on its own (before anything is loaded or written)."""
+    if config.task not in ("lm", "sst2"):
+        raise UsageError(f"unknown --task {config.task!r}; choose lm or sst2")
+    for name in ("steps", "batch_size", "stop_after_nonfinite"):
+        if getattr(config, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")
+    if config.max_length < 2:
+        raise UsageError(f"--max-length must be >= 2, got {config.max_length}")
+    if config.eval_every < 0:
+        raise UsageError(f"--eval-every must be >= 0, got {config.eval_every}")
+    if config.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {config.checkpoint_every}")
+    if config.text_file is not None:
+        if config.task != "lm":
+            raise UsageError("--text-file goes with --task lm")
+        if Path(config.text_file).is_dir():
+            raise UsageError(f"--text-file {config.text_file} is a folder; give a text file")
+        if not Path(config.text_file).is_file():
+            raise UsageError(f"--text-file {config.text_file} does not exist")
+    parse_policy(config.policy)
+    try:
+        ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    resolve_device(config.device)
+    if config.overwrite and config.resume:
+        raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
+    try:
+        check_writable(Path(config.out))
+    except RunFolderError as error:
+        raise UsageError(str(error)) from None
+    return config
+
+
+def resolve_device(text: str) -> str:
+    """``auto`` → cuda when present; ``cuda:N`` checked against the GPUs there are."""
+    match = _DEVICE.match(text)
+    if match is None or (match.group(1) != "cuda" and match.group(2)):
+        raise UsageError(f"--device {text!r} is not auto, cpu, cuda or cuda:N")
+    kind, index = match.group(1), match.group(3)
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {text}, but no CUDA GPU is visible; use --device cpu")
+        if index is not None and int(index) >= count:
+            raise UsageError(f"--device {text}, but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}")
+    return text
+
+
+def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainConfig:
+    """The configuration of the run in ``--resume DIR``, with the changes a resume may make."""
+    folder = Path(args.resume)
+    saved_file = folder / "zoruntime.json"
+    if not saved_file.is_file():
+        raise UsageError(f"--resume {folder}: no zoruntime.json there; is it the --out folder of a run?")
+    fields = set(TrainConfig.__dataclass_fields__)
+    saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k in fields}
+    given = vars(parser(only_given=True).parse_args(argv))
+    different = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if different:
+        changes = ", ".join(
+            f"--{k.replace('_', '-')} {new!r} (the run used {old!r})" for k, (old, new) in different.items()
+        )
+        raise UsageError(f"cannot resume {folder} with a different configuration: {changes}; start a new run instead")
+    keep = {k: v for k, v in given.items() if k in RESUMABLE_CHANGES}
+    return TrainConfig(**{**saved, **keep, "out": str(folder), "resume": str(folder)})

@@ -1,0 +1,77 @@
+"""What a run trains and evaluates on: the task (causal LM or SST-2) and the dev evaluation.
+
+Knows the options, the data (``zoruntime.data``) and how to evaluate with a ``Runtime`` on each
+rank's shard. Knows nothing of loading models, the run folder, checkpoints or the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.corpus import generated_corpus
+from ..data.lm import LMTask
+from ..data.sst2 import DataUnavailable, SST2Task, candidate_accuracy, candidate_loss, load_sst2
+from ..distributed import examples_in, shard
+from ..engine import Runtime
+from ..models.batch import LossFn
+from .options import TrainConfig, UsageError
+
+
+def build_task(config: TrainConfig, tokenizer: Any) -> LMTask | SST2Task:
+    """The task ``config`` names, train and dev, encoded with ``tokenizer`` (a text file: its last 10% is dev)."""
+    if config.task == "sst2":
+        try:
+            train, dev = load_sst2(train_examples=1000, dev_examples=500, seed=config.seed)
+        except DataUnavailable as error:
+            raise UsageError(str(error)) from None
+        return SST2Task(train, dev, tokenizer, config.max_length, config.batch_size, config.seed)
+    if config.text_file is not None:
+        text = Path(config.text_file).read_text(encoding="utf-8", errors="replace")
+        cut = int(len(text) * 0.9)
+        train_text, dev_text = text[:cut], text[cut:]
+    else:
+        train_text, dev_text = generated_corpus(config.seed)
+    try:
+        return LMTask(tokenizer.encode(train_text), tokenizer.encode(dev_text), config.max_length,
+                      config.batch_size, config.seed)  # fmt: skip
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    def __str__(self) -> str:
+        acc = f", accuracy {self.accuracy:.1%}" if self.accuracy is not None else ""
+        return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{acc}"
+
+
+async def evaluate(rt: Runtime, task: LMTask | SST2Task, loss_fn: LossFn | None) -> Evaluation:
+    """Dev loss (and accuracy for SST-2); with several ranks each evaluates its shard of every batch."""
+    batches = [b for b in task.dev_batches() if examples_in(b) >= rt.world_size]
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    batches = [shard(b, rt.rank, rt.world_size) for b in batches]
+    metrics: dict[str, LossFn | None] = {"loss": None}
+    if loss_fn is candidate_loss:
+        metrics["accuracy"] = candidate_accuracy  # from the same forward as the loss
+    try:
+        values = [await rt.measure(b, metrics) for b in batches]
+    except FloatingPointError:
+        raise UsageError(
+            f"the dev loss after step {rt.step_index} is not finite (the run diverged); lower --lr and start again "
+            "with --overwrite, or --resume from a checkpoint kept from before"
+        ) from None
+
+    def mean(name: str) -> float:
+        return sum(v[name] * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+
+    return Evaluation(mean("loss"), mean("accuracy") if "accuracy" in metrics else None)

@@ -1,0 +1,207 @@
+"""The work of each task: the torch side of a step, handed to whichever lane runs the task.
+
+One path for every unit. A unit's task first brings its group's weights up to date (every
+update in the log that the group's copy does not hold yet, oldest first), then runs the
+unit's stage once per probe: in a step, on each perturbed copy ``θ + scale·z`` written into a
+scratch buffer (z drawn when the group's first unit runs); in an evaluation, on the weights
+themselves. The embed unit also moves the batch to the device; the head unit turns the
+probes' losses into projected gradients and the step's update (on CUDA on the compute
+stream, so the next step's updates are ordered after it). Uploads and offloads are single
+copies of a group. Knows nothing about scheduling or lanes, nor which model family runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .distributed import LossReducer, causal_lm_weight, row_weight
+from .models.adapter import ModelAdapter, Params
+from .models.batch import Batch, LossFn
+from .models.groups import GroupLayout
+from .runtime.graph import Kind, Task
+from .runtime.units import Stage, Unit
+from .storage import Storage
+from .zo.directions import DirectionSampler
+from .zo.estimator import Probe, TwoSidedEstimator
+from .zo.log import UpdateLog
+from .zo.update import PendingUpdate, apply_update, perturb_into
+
+
+class Mode(Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+@dataclass(slots=True)
+class StepState:
+    """What the tasks of one step (or evaluation) share; hidden states flow through the compute lane.
+
+    ``hidden[i]`` is the hidden state of probe ``i``; ``values`` are the probes' losses in a
+    step and the metrics' values in an evaluation (``None`` in ``metrics``: the training loss)."""
+
+    mode: Mode
+    step: int
+    seed: int
+    lr: float
+    batch: Batch  # validated, on the host; moved to the device by the embed unit
+    probes: Sequence[Probe]
+    metrics: Sequence[LossFn | None] = ()
+    inputs: Any = None
+    hidden: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    grads: tuple[torch.Tensor, ...] = ()
+    update: PendingUpdate | None = None
+
+    def __post_init__(self) -> None:
+        self.hidden = [None] * len(self.probes)
+
+
+class TaskWork:
+    """Answers "what does this task do" with a callable for its lane."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        storage: Storage,
+        sampler: DirectionSampler,
+        estimator: TwoSidedEstimator,
+        weight_decay: float,
+        log: UpdateLog,
+        loss_fn: LossFn,
+        reducer: LossReducer | None = None,
+        loss_weight: Callable[[Batch], torch.Tensor] = causal_lm_weight,
+    ) -> None:
+        self.adapter = adapter
+        self.storage = storage
+        self.sampler = sampler
+        self.estimator = estimator
+        self.weight_decay = weight_decay
+        self.log = log
+        self.loss_fn = loss_fn
+        self.reducer = reducer  # data-parallel runs: losses are averaged over ranks in the head
+        self.loss_weight = loss_weight
+        # Which update each group's authoritative copy holds (the host master of a streamed group,
+        # the device buffer of one that stays there): the step of the last update applied, -1 for
+        # none. A step that fails part-way leaves some groups updated and some not; these stamps
+        # keep an update from being lost or applied twice.
+        self.stamps: dict[int, int] = {}
+        self._slot_holds: dict[int, int] = {}
+        self._draws = {next(u for u in adapter.units if u.group == g).name for g in {u.group for u in adapter.units}}
+        self.state: StepState | None = None
+        self._kinds: dict[Kind, Callable[[Task], object]] = {
+            Kind.UPLOAD: self._upload,
+            Kind.OFFLOAD: self._offload,
+            Kind.UPDATE: self._up_to_date,
+            **dict.fromkeys((Kind.EMBED, Kind.COMPUTE, Kind.EVAL, Kind.HEAD), self._run_unit),
+        }
+
+    def for_task(self, task: Task) -> Callable[[], None]:
+        run = self._kinds[task.kind]
+
+        @torch.no_grad()
+        def work() -> None:
+            run(task)
+
+        return work
+
+    def begin(self, state: StepState | None) -> None:
+        """The tasks that follow belong to ``state`` (None: a flush or a load)."""
+        self.state = state
+
+    def end(self) -> None:
+        self.state = None
+
+    # -- groups ------------------------------------------------------------------------------------
+    def _upload(self, task: Task) -> None:
+        group = task.unit.group
+        self.storage.weights(group, task.slot).copy_(self.storage.host[group], non_blocking=True)
+
+    def _offload(self, task: Task) -> None:
+        s, group = self.storage, task.unit.group
+        s.host[group].copy_(s.weights(group, task.slot), non_blocking=True)
+        if not s.on_device(group):  # the host master is the authoritative copy again
+            assert task.slot is not None
+            self.stamps[group] = self._slot_holds[task.slot]
+
+    def _up_to_date(self, task: Task) -> torch.Tensor:
+        """The group's compute-side weights with every logged update it lacks applied, in order."""
+        s, group = self.storage, task.unit.group
+        weights, layout = s.weights(group, task.slot), s.layouts[group]
+        holds = self.stamps.get(group, -1)
+        missing = self.log.missing(holds)
+        if missing:
+            z, decayed = s.direction(group), layout.decayed_views(weights)
+            for update in missing:
+                self.sampler.draw(update.seed, group, z)
+                apply_update(weights, z, update, decayed)
+            holds = missing[-1].step
+        if s.on_device(group):
+            self.stamps[group] = holds
+        else:  # a streamed group's slot is a copy; its master changes when the slot is offloaded
+            assert task.slot is not None
+            self._slot_holds[task.slot] = holds
+        return weights
+
+    # -- units ---------------------------------------------------------------------------------------
+    def _run_unit(self, task: Task) -> None:
+        st, s, unit = self._current(), self.storage, task.unit
+        layout = s.layouts[unit.group]
+        if unit.stage is Stage.EMBED:
+            st.inputs = self.adapter.prepare(st.batch, s.device, s.compute_dtype)
+        weights = self._up_to_date(task)
+        scratch = s.scratch(unit.group)
+        if st.mode is Mode.EVAL:
+            self._stage(st, unit, 0, _unperturbed(weights, scratch, layout))
+            return
+        z = s.direction(unit.group)
+        if unit.name in self._draws:  # the group's first unit in the forward
+            self.sampler.draw(st.seed, unit.group, z)
+        views = layout.views(scratch)
+        for i, probe in enumerate(st.probes):
+            perturb_into(scratch, weights, z, probe.scale)
+            self._stage(st, unit, i, views)
+        if unit.stage is Stage.HEAD:
+            self._conclude(st)
+
+    def _stage(self, st: StepState, unit: Unit, probe: int, params: Params) -> None:
+        if unit.stage is Stage.EMBED:
+            st.hidden[probe] = self.adapter.embed(params, st.inputs)
+            return
+        hidden = st.hidden[probe]
+        assert hidden is not None
+        if unit.stage is Stage.BLOCK:
+            st.hidden[probe] = self.adapter.block(unit.index, params, hidden, st.inputs)
+            return
+        logits = self.adapter.head(params, hidden)
+        batch = st.inputs.batch
+        if st.mode is Mode.TRAIN:
+            st.values.append(self.loss_fn(logits, batch))
+            return
+        st.values = [(metric or self.loss_fn)(logits, batch) for metric in st.metrics]
+        if self.reducer is not None:  # each metric averaged over ranks with the weight it counts by
+            for i, metric in enumerate(st.metrics):
+                weight = row_weight(batch) if metric is not None else self.loss_weight(batch)
+                (st.values[i],) = self.reducer.global_means([st.values[i]], weight)
+
+    def _conclude(self, st: StepState) -> None:
+        """The head of a step: losses averaged over ranks, projected gradients, the step's update."""
+        if self.reducer is not None:  # every rank now holds the same global losses, hence the same g
+            st.values = self.reducer.global_means(st.values, self.loss_weight(st.inputs.batch))
+        st.grads = self.estimator.projected_gradients(st.values)
+        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.weight_decay, st.grads[0])
+
+    def _current(self) -> StepState:
+        assert self.state is not None, "a step task ran outside a step"
+        return self.state
+
+
+def _unperturbed(weights: torch.Tensor, scratch: torch.Tensor, layout: GroupLayout) -> dict[str, torch.Tensor]:
+    """Views of the weights in the compute dtype (a cast copy in ``scratch`` when it differs)."""
+    if weights.dtype == scratch.dtype:
+        return layout.views(weights)
+    return layout.views(scratch.copy_(weights))
