@@ -1,4 +1,4 @@
-"""The causal-LM task: a token stream cut into fixed-length rows.
+"""The causal-LM data: a token stream cut into fixed-length rows.
 
 Training batches are windows at positions drawn from ``random.Random(seed + step)``, so batch
 ``k`` is the same whatever happened before it (a resumed run sees the same data). The dev set
@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class LMTask:
+class LMData:
     train_ids: list[int]
     dev_ids: list[int]
     max_length: int

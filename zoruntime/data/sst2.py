@@ -110,7 +110,7 @@ def load_sst2(train_examples: int, dev_examples: int, seed: int) -> tuple[list[t
 
 
 @dataclass(frozen=True)
-class SST2Task:
+class SST2Data:
     train: list[tuple[str, int]]
     dev: list[tuple[str, int]]
     tokenizer: Tokenizer

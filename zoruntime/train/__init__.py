@@ -15,7 +15,7 @@ The command, module by module, each knowing only what it needs:
   ``--help`` text, with what the command trains by default, is its docstring);
 - ``model``: loading and saving the model and tokenizer, the ``Runtime`` with the policy and the
   batch checked against the model and memory;
-- ``tasks``: the task trained on (causal LM or SST-2) and the dev evaluation;
+- ``data``: what is trained on (causal LM or SST-2) and the dev evaluation;
 - ``loop``: the run folder, resume, the step loop, checkpoints and the summary (``train``);
 - here: ``main``, the command line to an exit code (2: bad input, 130: Ctrl-C).
 """

@@ -3,7 +3,7 @@
 summary. Only rank 0 writes files and prints.
 
 Knows the run folder's files and the order they are written in, and uses the other modules for
-the options, the model and the task. Knows nothing of parsing the command line or of exit codes.
+the options, the model and the data. Knows nothing of parsing the command line or of exit codes.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..checkpoint import CheckpointError, checkpoints, restore_checkpoint
-from ..data.lm import LMTask
-from ..data.sst2 import SST2Task, candidate_loss
+from ..data.lm import LMData
+from ..data.sst2 import SST2Data, candidate_loss
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
 from ..models.batch import LossFn
 from ..runs import RunLock, clear_run, describe_run, holds_run
+from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, load_model, save_model
 from .options import TrainConfig, UsageError, check, resolve_device
-from .tasks import Evaluation, build_task, evaluate
 
 
 class Interrupted(Exception):
@@ -119,7 +119,7 @@ class Prepared:
 
     model: PreTrainedModel
     tokenizer: Any
-    task: LMTask | SST2Task
+    data: LMData | SST2Data
     loss_fn: LossFn | None
     start: Start
     base: dict[str, Any]
@@ -141,7 +141,7 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
                 f"the base model {base['base']} is not the one {out} started from (its weights' fingerprint differs); "
                 "resume with the model the run started from"
             )
-    task = build_task(config, tokenizer)
+    data = build_data(config, tokenizer)
     start = resume_point(config, model, out, say) if config.resume else Start()
     if start is None:
         say(f"{out}: the run already finished its {config.steps} steps; nothing to do (--steps N continues it)")
@@ -153,7 +153,7 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
     runtime = check_plan(model, config, device, world_size, start.step)
     say("zoruntime train " + json.dumps(resolved))
     loss_fn: LossFn | None = candidate_loss if config.task == "sst2" else None
-    return Prepared(model, tokenizer, task, loss_fn, start, base, resolved, runtime)
+    return Prepared(model, tokenizer, data, loss_fn, start, base, resolved, runtime)
 
 
 def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
@@ -174,10 +174,10 @@ def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
 async def _run(
     config: TrainConfig, prepared: Prepared, rank: int, world_size: int, out: Path, say: Any
 ) -> dict[str, Any]:
-    model, tokenizer, task, loss_fn, start = (
+    model, tokenizer, data, loss_fn, start = (
         prepared.model,
         prepared.tokenizer,
-        prepared.task,
+        prepared.data,
         prepared.loss_fn,
         prepared.start,
     )
@@ -204,12 +204,12 @@ async def _run(
                     raise UsageError(str(error)) from None
 
             if before is None:
-                before = await evaluate(rt, task, loss_fn)
+                before = await evaluate(rt, data, loss_fn)
                 say(f"before: {before}")
             bar = tqdm(total=config.steps, initial=start.step, desc="train", unit="step",
                        disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
             for step in range(start.step, config.steps):
-                batch = task.train_batch(step)
+                batch = data.train_batch(step)
                 stats = await rt.step(shard(batch, rank, world_size))
                 if journal is not None:
                     journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step))
@@ -234,7 +234,7 @@ async def _run(
                         f"interrupted at step {done}: checkpointed; continue with zoruntime train --resume {out}"
                     )
                 if done < config.steps and config.eval_every and done % config.eval_every == 0:
-                    evaluation = await evaluate(rt, task, loss_fn)
+                    evaluation = await evaluate(rt, data, loss_fn)
                     if lead:
                         bar.write(f"step {done}: {evaluation}")
                 if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -242,7 +242,7 @@ async def _run(
             bar.close()
             if lead and start.step < config.steps:
                 await checkpoint()  # the last step, always: a finished run can be extended or checked
-            after = await evaluate(rt, task, loss_fn)
+            after = await evaluate(rt, data, loss_fn)
             say(f"after:  {after}")
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps

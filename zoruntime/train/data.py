@@ -1,4 +1,4 @@
-"""What a run trains and evaluates on: the task (causal LM or SST-2) and the dev evaluation.
+"""What a run trains and evaluates on: the data of --task (causal LM or SST-2) and the dev evaluation.
 
 Knows the options, the data (``zoruntime.data``) and how to evaluate with a ``Runtime`` on each
 rank's shard. Knows nothing of loading models, the run folder, checkpoints or the loop.
@@ -12,22 +12,22 @@ from pathlib import Path
 from typing import Any
 
 from ..data.corpus import generated_corpus
-from ..data.lm import LMTask
-from ..data.sst2 import DataUnavailable, SST2Task, candidate_accuracy, candidate_loss, load_sst2
+from ..data.lm import LMData
+from ..data.sst2 import DataUnavailable, SST2Data, candidate_accuracy, candidate_loss, load_sst2
 from ..distributed import examples_in, shard
 from ..engine import Runtime
 from ..models.batch import LossFn
 from .options import TrainConfig, UsageError
 
 
-def build_task(config: TrainConfig, tokenizer: Any) -> LMTask | SST2Task:
+def build_data(config: TrainConfig, tokenizer: Any) -> LMData | SST2Data:
     """The task ``config`` names, train and dev, encoded with ``tokenizer`` (a text file: its last 10% is dev)."""
     if config.task == "sst2":
         try:
             train, dev = load_sst2(train_examples=1000, dev_examples=500, seed=config.seed)
         except DataUnavailable as error:
             raise UsageError(str(error)) from None
-        return SST2Task(train, dev, tokenizer, config.max_length, config.batch_size, config.seed)
+        return SST2Data(train, dev, tokenizer, config.max_length, config.batch_size, config.seed)
     if config.text_file is not None:
         text = Path(config.text_file).read_text(encoding="utf-8", errors="replace")
         cut = int(len(text) * 0.9)
@@ -35,7 +35,7 @@ def build_task(config: TrainConfig, tokenizer: Any) -> LMTask | SST2Task:
     else:
         train_text, dev_text = generated_corpus(config.seed)
     try:
-        return LMTask(tokenizer.encode(train_text), tokenizer.encode(dev_text), config.max_length,
+        return LMData(tokenizer.encode(train_text), tokenizer.encode(dev_text), config.max_length,
                       config.batch_size, config.seed)  # fmt: skip
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -55,9 +55,9 @@ class Evaluation:
         return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{acc}"
 
 
-async def evaluate(rt: Runtime, task: LMTask | SST2Task, loss_fn: LossFn | None) -> Evaluation:
+async def evaluate(rt: Runtime, data: LMData | SST2Data, loss_fn: LossFn | None) -> Evaluation:
     """Dev loss (and accuracy for SST-2); with several ranks each evaluates its shard of every batch."""
-    batches = [b for b in task.dev_batches() if examples_in(b) >= rt.world_size]
+    batches = [b for b in data.dev_batches() if examples_in(b) >= rt.world_size]
     sizes = [b["input_ids"].shape[0] for b in batches]
     batches = [shard(b, rt.rank, rt.world_size) for b in batches]
     metrics: dict[str, LossFn | None] = {"loss": None}
