@@ -63,6 +63,9 @@ class Storage:
         self._direction = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept}
         self._shared_scratch = empty(numel, compute_dtype)
         self._shared_direction = empty(numel, dtype)
+        # the parameter views of each group's perturbed copy, made once: the host builds them per
+        # parameter, which costs more than launching a small kernel
+        self.scratch_views = {lay.group: lay.views(self.scratch(lay.group)) for lay in self.layouts}
 
     def on_device(self, group: int) -> bool:
         """Whether ``group`` stays on the compute device for the whole run (kept or resident)."""

@@ -161,7 +161,7 @@ class TaskWork:
         z = s.direction(unit.group)
         if unit.name in self._draws:  # the group's first unit in the forward
             self.sampler.draw(st.seed, unit.group, z)
-        views = layout.views(scratch)
+        views = s.scratch_views[unit.group]
         for i, probe in enumerate(st.probes):
             perturb_into(scratch, weights, z, probe.scale)
             self._stage(st, unit, i, views)

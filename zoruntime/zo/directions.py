@@ -20,6 +20,8 @@ the chunk length) changes the scheme and must bump ``DIRECTION_SCHEME``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -54,6 +56,7 @@ def step_seed(base_seed: int, step: int) -> int:
     return _mix(base_seed, step, _STEP_SALT)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a step's seeds are hashed again one step later, for its update
 def chunk_seed(seed: int, group: int, chunk: int, direction: int = 0) -> int:
     """Seed of chunk ``chunk`` of direction ``direction`` of ``group`` in the step whose seed is
     ``seed`` (a 63-bit int). Distinct keys give distinct, unrelated seeds: the step seed is
