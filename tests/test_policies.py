@@ -8,7 +8,7 @@ import pytest
 from conftest import tiny_model, token_batch
 
 import zoruntime
-from zoruntime.policies import FixedDepth, MemoryBudget, ModelLayout, Plan, Policy, spread
+from zoruntime.policies import FixedDepth, MemoryBudget, ModelLayout, OpFigures, Plan, Policy, spread
 from zoruntime.testing import simulate
 
 
@@ -88,3 +88,8 @@ def test_cost_model_turns_bytes_and_flops_into_the_simulated_step() -> None:
     timeline = simulate(40, figures.upload_s, figures.compute_s, figures.offload_s, FixedDepth(1))
     assert timeline.makespan == pytest.approx(figures.pipeline_bound(40), rel=1e-9)
     assert figures.pipeline_bound(40) == pytest.approx(figures.upload_s * 41 + figures.compute_s, rel=1e-9)
+
+
+def test_the_upload_floor_is_each_block_up_the_link_or_computed_whichever_is_longer() -> None:
+    assert OpFigures(upload_s=2.0, compute_s=1.0, offload_s=5.0).upload_floor(4) == 8.0  # upload-bound
+    assert OpFigures(upload_s=1.0, compute_s=3.0, offload_s=5.0).upload_floor(4) == 12.0  # compute-bound

@@ -37,6 +37,7 @@ from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
 from ..models.init import materialize_flat, tiny_opt_config
 from ..models.shapes import OPT_NAMES, opt_config
+from ..planning.cost import OpFigures
 from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
@@ -67,7 +68,7 @@ def link_line(cuda: bool, facts: dict[str, Any]) -> str:
 def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
     """Measured link speeds and per-block compute time, and the floor they imply.
 
-    The floor is DESIGN.md's upload-only floor: blocks × max(upload, compute task), where the
+    The floor is the upload-only floor (``OpFigures.upload_floor``): blocks × max(upload, compute task), where the
     compute task is everything the compute lane does for a block (draw the pending update's z,
     apply it, draw this step's z, two perturbed copies and two forwards), timed on the device
     alone. Offloads need not happen every step, so they are measured and shown but do not set
@@ -108,8 +109,7 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     forward = dev.seconds(dual_forward, repeat=10)
     task = dev.seconds(compute_task, repeat=10)
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
-    blocks = len(adapter.units.streamable)
-    per_block = max(up, task)
+    floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(len(adapter.units.streamable))
     return {
         "block_mb": layout.nbytes / 2**20,
         "upload_ms": up * 1e3,
@@ -119,8 +119,8 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "dual_forward_ms": forward * 1e3,
         "compute_task_ms": task * 1e3,
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
-        "floor_step_s": blocks * per_block,
-        "floor_tokens_s": batch * seq / (blocks * per_block),
+        "floor_step_s": floor,
+        "floor_tokens_s": batch * seq / floor,
         "bound_by": "upload" if up >= task else "compute",
     }
 

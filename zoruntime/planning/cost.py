@@ -45,6 +45,11 @@ class OpFigures:
         pipeline = u + c + o + (num_blocks - 1) * max(u, c, o)
         return max(pipeline, self.embed_s + num_blocks * c + self.head_s)
 
+    def upload_floor(self, num_blocks: int) -> float:
+        """The floor a streamed step cannot beat when offloads need not happen every step: each
+        block must come up the link and be computed, ``N·max(u, c)`` (the benchmarks' "x floor")."""
+        return num_blocks * max(self.upload_s, self.compute_s)
+
     def serial_time(self, num_blocks: int) -> float:
         return self.embed_s + num_blocks * (self.upload_s + self.compute_s + self.offload_s) + self.head_s
 
