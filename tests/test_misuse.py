@@ -245,3 +245,21 @@ async def test_a_metric_that_returns_nan_raises_and_the_runtime_stays_usable() -
         )
         assert math.isfinite(await rt.evaluate(_batch(0)))
         assert (await rt.step(_batch(0))).step == 0
+
+
+@pytest.mark.asyncio
+async def test_closing_frees_the_compute_buffers_without_the_garbage_collector() -> None:
+    import gc
+    import weakref
+
+    model = _model()
+    gc.disable()
+    try:
+        async with zoruntime.Runtime(model, CONFIG) as rt:
+            await rt.step(_batch(0))
+            assert rt._work is not None
+            buffers = [weakref.ref(t) for t in rt._work.storage.slots]
+            assert all(ref() is not None for ref in buffers)
+        assert all(ref() is None for ref in buffers)
+    finally:
+        gc.enable()

@@ -43,7 +43,8 @@ def causal_lm_weight(batch: Batch) -> torch.Tensor:
 
 
 def row_weight(batch: Batch) -> torch.Tensor:
-    return torch.tensor(batch.input_ids.shape[0], device=batch.input_ids.device)
+    """The number of rows, made where the batch is (a fill, not a blocking copy from the host)."""
+    return torch.full((), batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
 
 
 class LossReducer:

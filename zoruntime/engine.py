@@ -130,6 +130,7 @@ class Runtime:
         self._graphs: dict[str, TaskGraph] = {}
         self._backend: Backend | None = None
         self._work: TaskWork | None = None
+        self._reducer: LossReducer | None = None
         self._scheduler: Scheduler | None = None
         self._busy: str | None = None  # the call whose graph runs now ("rt.step()", ...), None when idle
         self._idle: asyncio.Future[None] | None = None  # resolved when that call's graph has finished
@@ -160,6 +161,7 @@ class Runtime:
         try:
             storage = self._allocate(backend)
             backend.ready()
+            self._reducer = LossReducer() if self.world_size > 1 else None
             self._work = TaskWork(
                 self.adapter,
                 storage,
@@ -168,7 +170,7 @@ class Runtime:
                 self.optimizer.weight_decay,
                 self._log,
                 self._loss_fn,
-                reducer=LossReducer() if self.world_size > 1 else None,
+                reducer=self._reducer,
                 loss_weight=self._loss_weight,
             )
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
@@ -220,6 +222,7 @@ class Runtime:
     def _shut(self) -> None:
         backend, self._backend = self._backend, None
         self._closing = False
+        self._work = self._scheduler = None  # the buffers go now, not when the garbage collector runs
         if backend is not None:
             backend.close()
 
@@ -412,5 +415,5 @@ class Runtime:
             skipped_steps=self.skipped_steps,
             failed_steps=self.failed_steps,
             world_size=self.world_size,
-            bytes_all_reduced=self._work.reducer.bytes_reduced if self._work and self._work.reducer else 0,
+            bytes_all_reduced=self._reducer.bytes_reduced if self._reducer else 0,
         )

@@ -61,6 +61,16 @@ class StepState:
         self.hidden = [None] * len(self.probes)
 
 
+_METHOD = {
+    Kind.UPLOAD: "_upload",
+    Kind.OFFLOAD: "_offload",
+    Kind.UPDATE: "_up_to_date",
+    **dict.fromkeys((Kind.EMBED, Kind.COMPUTE, Kind.EVAL, Kind.HEAD), "_run_unit"),
+}
+"""Each task kind's method, by name: bound methods kept on the instance would make a reference
+cycle, and the buffers would then wait for the garbage collector after the runtime closes."""
+
+
 class TaskWork:
     """Answers "what does this task do" with a callable for its lane."""
 
@@ -93,15 +103,9 @@ class TaskWork:
         self._slot_holds: dict[int, int] = {}
         self._draws = {next(u for u in adapter.units if u.group == g).name for g in {u.group for u in adapter.units}}
         self.state: StepState | None = None
-        self._kinds: dict[Kind, Callable[[Task], object]] = {
-            Kind.UPLOAD: self._upload,
-            Kind.OFFLOAD: self._offload,
-            Kind.UPDATE: self._up_to_date,
-            **dict.fromkeys((Kind.EMBED, Kind.COMPUTE, Kind.EVAL, Kind.HEAD), self._run_unit),
-        }
 
     def for_task(self, task: Task) -> Callable[[], None]:
-        run = self._kinds[task.kind]
+        run: Callable[[Task], object] = getattr(self, _METHOD[task.kind])
 
         @torch.no_grad()
         def work() -> None:

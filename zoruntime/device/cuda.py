@@ -41,6 +41,13 @@ def pin_in_place(flat: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+def _device_thread(device: torch.device, name: str) -> ThreadPoolExecutor:
+    """One worker thread whose current device is ``device``: a thread starts on GPU 0, and under
+    torchrun a rank's first CUDA call there would create a context on another rank's GPU."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.cuda.set_device,
+                              initargs=(device,))  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class _Timed:
     step: int
@@ -56,7 +63,7 @@ class StreamLane:
         self.name = name
         self.stream = torch.cuda.Stream(device=device)
         self._backend = backend
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoruntime-cuda-{name}")
+        self._executor = _device_thread(device, f"zoruntime-cuda-{name}")
 
     def _enqueue(self, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):
@@ -104,7 +111,7 @@ class CUDABackend:
         self.timing = timing
         self._lanes = {lane: StreamLane(lane.value, self.device, self) for lane in Lane}
         self.lanes = dict(self._lanes)
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoruntime-cuda-waiter")
+        self._waiter = _device_thread(self.device, "zoruntime-cuda-waiter")
         self._registered: list[int] = []
         self._timed: list[_Timed] = []
         self._timed_lock = threading.Lock()
@@ -188,3 +195,4 @@ class CUDABackend:
         for pointer in self._registered:
             torch.cuda.cudart().cudaHostUnregister(pointer)
         self._registered.clear()
+        torch.cuda.empty_cache()  # the runtime dropped its buffers before closing the backend

@@ -162,7 +162,7 @@ class OPTAdapter:
         module = self._ends_modules[key]
         assert module is not None
         local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
-        return functional_call(module, local, args, kwargs)
+        return functional_call(module, local, args, kwargs, tie_weights=False)
 
     def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
         """Token + position embeddings (and project_in): hidden states [B, T, H]."""
@@ -179,6 +179,7 @@ class OPTAdapter:
             dict(params),
             (hidden,),
             {"attention_mask": inputs.causal_mask, "position_ids": inputs.position_ids},
+            tie_weights=False,  # a block ties nothing: skip the bookkeeping, twice per block per step
         )
         return out[0] if isinstance(out, tuple) else out
 
