@@ -31,7 +31,12 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def _policy(name: str):
     block = OPTAdapter(_model()).block_layouts[0].nbytes
-    return {"depth1": FixedDepth(1), "serial": FixedDepth(0), "resident": MemoryBudget(6 * block)}[name]
+    return {
+        "depth1": FixedDepth(1),
+        "serial": FixedDepth(0),
+        "resident": MemoryBudget(6 * block),
+        "lagging": FixedDepth(1, offload_every=3),
+    }[name]  # lagging: steps 0 and 1 write nothing back
 
 
 FAULTS = [
@@ -41,7 +46,7 @@ FAULTS = [
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("policy", ["depth1", "serial", "resident"])
+@pytest.mark.parametrize("policy", ["depth1", "serial", "resident", "lagging"])
 @pytest.mark.parametrize(("kind", "subject"), FAULTS)
 async def test_a_failed_step_leaves_the_weights_as_they_were_and_the_run_goes_on(policy: str, kind, subject) -> None:
     clean_model, faulty_model = _model(), _model()

@@ -93,3 +93,18 @@ def test_cost_model_turns_bytes_and_flops_into_the_simulated_step() -> None:
 def test_the_upload_floor_is_each_block_up_the_link_or_computed_whichever_is_longer() -> None:
     assert OpFigures(upload_s=2.0, compute_s=1.0, offload_s=5.0).upload_floor(4) == 8.0  # upload-bound
     assert OpFigures(upload_s=1.0, compute_s=3.0, offload_s=5.0).upload_floor(4) == 12.0  # compute-bound
+
+
+def test_the_cost_model_chooses_how_often_to_offload() -> None:
+    from zoruntime.planning.cost import choose_offload_every, cycle_block_time
+
+    figures = OpFigures(upload_s=1.0, compute_s=0.5, offload_s=1.0)
+    # every step offloads: both directions share the link, each at 0.9 of its speed
+    assert cycle_block_time(figures, 1, update_s=0.2, duplex=0.9) == pytest.approx(1 / 0.9)
+    # k = 4: three steps upload-bound at 1.0, the fourth writes back (1/0.9 > 0.5 + 3 * 0.2)
+    assert cycle_block_time(figures, 4, update_s=0.2, duplex=0.9) == pytest.approx((3 + 1 / 0.9) / 4)
+    # k = 5 makes the last uploads apply updates past the upload time: worse
+    assert choose_offload_every(figures, update_s=0.2, duplex=0.9) == 4
+    assert choose_offload_every(figures, update_s=0.2, duplex=1.0) == 1  # a full-duplex link: no gain
+    with pytest.raises(ValueError, match="0 < duplex <= 1"):
+        cycle_block_time(figures, 2, update_s=0.2, duplex=1.5)

@@ -41,8 +41,12 @@ POLICIES = {
     "budget_none_resident": MemoryBudget(5 * _block_bytes()),  # 3 slots + 2 working buffers
     "budget_some_resident": MemoryBudget(7 * _block_bytes()),
     "budget_all_resident": MemoryBudget(100 * _block_bytes()),
+    "offload_every_2": FixedDepth(1, offload_every=2),
+    "offload_every_3_serial": FixedDepth(0, offload_every=3),
+    "budget_offload_every_2": MemoryBudget(7 * _block_bytes(), offload_every=2),
 }
-RESIDENT = {"budget_none_resident": 0, "budget_some_resident": 2, "budget_all_resident": BLOCKS}
+RESIDENT = {"budget_none_resident": 0, "budget_some_resident": 2, "budget_all_resident": BLOCKS,
+            "budget_offload_every_2": 2}  # fmt: skip
 
 
 @pytest.mark.asyncio
@@ -112,3 +116,25 @@ async def test_evaluate_sees_the_pending_update_and_matches_the_reference() -> N
     assert stats == ref.step(token_batch(model.config, seed=3))
     for a, b in zip(ref.model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.asyncio
+async def test_offloading_every_k_steps_writes_back_every_kth_step_and_lags_exactly() -> None:
+    """Offloads happen at steps 2 and 5 only; an evaluation in between sees every update; the
+    host masters lag between offloads, yet every loss and the final weights are the reference's."""
+    steps, k = 6, 3
+    ref_model, ref_stats, ref = _reference("pre_ln_tied", 3)
+    model = tiny_model("pre_ln_tied", seed=1, num_hidden_layers=BLOCKS)
+    policy = FixedDepth(1, offload_every=k)
+    async with zoruntime.Runtime(model, CONFIG, policy=policy, trace=True) as rt:
+        stats = [await rt.step(token_batch(model.config, seed=i)) for i in range(3)]
+        assert stats == ref_stats
+        evaluated = await rt.evaluate(token_batch(model.config, seed=9))
+        assert evaluated == ref.evaluate(token_batch(model.config, seed=9))
+        stats += [await rt.step(token_batch(model.config, seed=i)) for i in range(3, steps)]
+        offloads = {s.step for s in rt.timeline.spans if s.kind == "offload" and s.phase == "step"}
+    assert offloads == {2, 5}
+    ref_stats += [ref.step(token_batch(model.config, seed=i)) for i in range(3, steps)]
+    assert stats == ref_stats
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

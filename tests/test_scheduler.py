@@ -222,3 +222,14 @@ def test_mark_end_false_leaves_the_end_of_the_step_to_the_caller() -> None:
     finally:
         loop.close()
     assert hooks.events == [("started", 0), ("finished", 0), ("started", 1)]
+
+
+def test_offloading_every_k_steps_shortens_the_simulated_steps_that_keep_their_copies() -> None:
+    """Transfer-bound (u = o = 2, c = 1): a step that offloads is bound by the shared slots; the
+    steps in between only upload and compute, N·u plus the last compute."""
+    every = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1), steps=3)
+    lagging = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1, offload_every=3), steps=3)
+    durations = [mark.end - mark.start for mark in lagging.steps]
+    assert durations[:2] == [6 * 2.0 + 1.0] * 2  # steps 0 and 1: no offloads
+    assert durations[2] == every.steps[2].end - every.steps[2].start  # step 2 offloads, as every step does
+    assert {s.step for s in lagging.spans if s.kind == "offload"} == {2}

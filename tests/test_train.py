@@ -158,3 +158,14 @@ def test_help_explains_every_option_with_its_default() -> None:
     for option in options:
         assert option in out
     assert "(default: 1000)" in out and "(default: depth=1)" in out
+
+
+def test_the_policy_option_reads_depth_memory_and_offload_every() -> None:
+    from zoruntime.policies import FixedDepth, MemoryBudget
+    from zoruntime.train.options import UsageError, parse_policy
+
+    assert parse_policy("depth=2") == FixedDepth(2)
+    assert parse_policy("depth=1,offload=4") == FixedDepth(1, offload_every=4)
+    assert parse_policy("memory=2MB,offload=3") == MemoryBudget(2 * 10**6, offload_every=3)
+    with pytest.raises(UsageError, match=r"after the comma give offload=N with N >= 1"):
+        parse_policy("depth=1,offload=0")

@@ -94,7 +94,9 @@ def test_the_update_log_lists_what_a_copy_missed_oldest_first() -> None:
     assert log.missing(6) == []
     with pytest.raises(ValueError, match="update of step 5 added after step 6"):
         log.add(_update(5))
-    log.settle()
+    log.settle(through=4)
+    assert [u.step for u in log.missing(-1)] == [6]
+    log.settle(through=6)
     assert len(log) == 0 and log.missing(-1) == []
 
 

@@ -177,6 +177,7 @@ class Runtime:
             units = self.adapter.units
             self._graphs = {
                 "step": step_graph(units, self.plan),
+                "step without offloads": step_graph(units, self.plan, offload=False),
                 "eval": eval_graph(units, self.plan),
                 "flush": flush_graph(units, self.plan),
             }
@@ -271,7 +272,8 @@ class Runtime:
             idle.set_result(None)
 
     async def _run(self, graph: str, state: StepState | None, step: int, *, closing: bool = False) -> None:
-        work = self._claim({"step": "rt.step()", "eval": "rt.evaluate()"}.get(graph, "rt.flush()"), closing=closing)
+        what = "rt.step()" if graph.startswith("step") else {"eval": "rt.evaluate()"}.get(graph, "rt.flush()")
+        work = self._claim(what, closing=closing)
         backend = self._backend
         assert backend is not None
         work.begin(state)
@@ -291,7 +293,7 @@ class Runtime:
         finally:
             work.end()
             self._release()
-        self._log.settle()  # a complete pass went through every group: each holds every logged update
+        self._log.settle(work.oldest_held())  # what every group's authoritative copy holds is done
 
     async def _execute(self, graph: TaskGraph, step: int) -> None:
         """Run ``graph`` and wait until the device has done it: the only place the host waits for
@@ -321,7 +323,7 @@ class Runtime:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
         t = self.step_index
         state = self._state(batch, Mode.TRAIN, t)
-        await self._run("step", state, t)
+        await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
         assert state.update is not None
         loss_plus, loss_minus = (float(v) for v in state.values)
         grad = float(state.grads[0])

@@ -120,6 +120,10 @@ class TaskWork:
     def end(self) -> None:
         self.state = None
 
+    def oldest_held(self) -> int:
+        """The newest step whose update every group's authoritative copy holds."""
+        return min(self.stamps.get(layout.group, -1) for layout in self.storage.layouts)
+
     # -- groups ------------------------------------------------------------------------------------
     def _upload(self, task: Task) -> None:
         group = task.unit.group

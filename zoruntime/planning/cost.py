@@ -70,3 +70,27 @@ class CostModel:
             compute_s=self.block_flops / self.flops_per_s,
             offload_s=self.block_bytes / self.offload_bytes_per_s,
         )
+
+
+def cycle_block_time(figures: OpFigures, offload_every: int, update_s: float, duplex: float) -> float:
+    """Mean steady-state seconds per block over a cycle of ``offload_every`` steps.
+
+    At the cycle's i-th step (i = 0 … k − 1) an upload carries a master that missed i + 1
+    updates, so the compute task applies i more than usual (``update_s`` each: a draw and an
+    add). The cycle's last step also offloads, and while both copy directions run each goes at
+    ``duplex`` of its speed. A block then takes ``max(u, c + i·a)`` on the steps that keep
+    their copies and ``max(u/d, c + i·a, o/d)`` on the one that writes back. Fills are left out.
+    """
+    if offload_every < 1 or not 0 < duplex <= 1 or update_s < 0:
+        raise ValueError("need offload_every >= 1, 0 < duplex <= 1 and update_s >= 0")
+    u, c, o = figures.upload_s, figures.compute_s, figures.offload_s
+    times = [max(u, c + i * update_s) for i in range(offload_every - 1)]
+    last = c + (offload_every - 1) * update_s
+    times.append(max(u / duplex, last, o / duplex))
+    return sum(times) / offload_every
+
+
+def choose_offload_every(figures: OpFigures, update_s: float, duplex: float, most: int = 16) -> int:
+    """The k in 1 … ``most`` with the shortest mean step: fewer write-backs free the link's other
+    direction, and every skipped one costs each later upload one more update to apply."""
+    return min(range(1, most + 1), key=lambda k: (cycle_block_time(figures, k, update_s, duplex), k))

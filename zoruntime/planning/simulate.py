@@ -36,7 +36,7 @@ def simulate(
     figures = OpFigures(upload_s, compute_s, offload_s, embed_s, head_s)
     units = uniform_units(num_blocks, block_bytes)
     plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
-    graph = step_graph(units, plan)
+    graphs = {offload: step_graph(units, plan, offload) for offload in (True, False)}
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
     scheduler = Scheduler(
@@ -47,7 +47,7 @@ def simulate(
 
     async def run() -> None:
         for step in range(steps):
-            await scheduler.run(graph, lambda task: _no_work, step)
+            await scheduler.run(graphs[plan.offloads_at(step)], lambda task: _no_work, step)
 
     try:
         loop.run_simulation(run())

@@ -25,16 +25,31 @@ class Plan:
     Depth 0 is fully serial (one slot: upload, compute and offload of a unit, then the next).
     Depth k >= 1 keeps ``k + 2`` slots: k units prefetched, one computing, one offloading.
     Depth 1 is Algorithm 1 of ZO2.
+
+    ``offload_every``: streamed units are written back to the host every k-th step only (the
+    steps whose index is ``k − 1`` modulo k). In between, a unit's slot copy is dropped after its
+    compute and the host master lags; the next upload applies every update it missed, in order,
+    so the weights stay bitwise those of offloading every step, with fewer bytes sent down.
     """
 
     depth: int
     resident: frozenset[int] = frozenset()
+    offload_every: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
             raise ValueError(
                 f"prefetch depth must be an int >= 0 (0 = serial, 1 = ZO2's Algorithm 1), got {self.depth!r}"
             )
+        if not isinstance(self.offload_every, int) or isinstance(self.offload_every, bool) or self.offload_every < 1:
+            raise ValueError(
+                f"offload_every must be an int >= 1 (1 = write every streamed unit back every step), "
+                f"got {self.offload_every!r}"
+            )
+
+    def offloads_at(self, step: int) -> bool:
+        """Whether step ``step`` writes its streamed units back to the host."""
+        return step % self.offload_every == self.offload_every - 1
 
     def streamed(self, num_units: int) -> list[int]:
         """Units uploaded and offloaded every step, in model order."""
@@ -64,15 +79,17 @@ class Policy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class FixedDepth:
-    """Stream every unit with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1)."""
+    """Stream every unit with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1),
+    writing them back every ``offload_every`` steps (see ``Plan``)."""
 
     depth: int = 1
+    offload_every: int = 1
 
     def __post_init__(self) -> None:
-        Plan(self.depth)  # validates
+        Plan(self.depth, offload_every=self.offload_every)  # validates
 
     def plan(self, layout: ModelLayout) -> Plan:
-        return Plan(self.depth)
+        return Plan(self.depth, offload_every=self.offload_every)
 
 
 def spread(count: int, num_units: int) -> frozenset[int]:
@@ -98,15 +115,16 @@ class MemoryBudget:
 
     budget_bytes: int
     depth: int = 1
+    offload_every: int = 1
 
     def __post_init__(self) -> None:
-        Plan(self.depth)
+        Plan(self.depth, offload_every=self.offload_every)
         if not isinstance(self.budget_bytes, int) or self.budget_bytes < 0:
             raise ValueError(f"memory budget must be a whole number of bytes >= 0, got {self.budget_bytes!r}")
 
     def plan(self, layout: ModelLayout) -> Plan:
         n = layout.num_units
-        everything = Plan(self.depth, frozenset(range(n)))
+        everything = Plan(self.depth, frozenset(range(n)), self.offload_every)
         if layout.breakdown(everything).units <= self.budget_bytes:
             return everything
         streaming = layout.breakdown(Plan(self.depth)).units
@@ -118,7 +136,7 @@ class MemoryBudget:
                 "bytes in all; raise the budget to at least that or lower the depth"
             )
         resident = min(n - 1, (self.budget_bytes - streaming) // layout.unit_bytes)
-        return Plan(self.depth, spread(resident, n))
+        return Plan(self.depth, spread(resident, n), self.offload_every)
 
 
 def out_of_memory_advice(layout: ModelLayout, plan: Plan, free_bytes: int, what: str) -> str:

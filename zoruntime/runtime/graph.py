@@ -126,11 +126,12 @@ def _compute_kind(unit: Unit, block_kind: Kind) -> Kind:
     return {Stage.EMBED: Kind.EMBED, Stage.HEAD: Kind.HEAD, Stage.BLOCK: block_kind}[unit.stage]
 
 
-def _forward(units: UnitTable, plan: Plan, block_kind: Kind, phase: str) -> TaskGraph:
-    """Every unit in model order on the compute lane; streamed ones between an upload and an offload."""
+def _forward(units: UnitTable, plan: Plan, block_kind: Kind, phase: str, offload: bool = True) -> TaskGraph:
+    """Every unit in model order on the compute lane; streamed ones after an upload and, when
+    ``offload``, before an offload. Without offloads a slot is free once its compute is done."""
     b, placed = _Builder(), _Streaming(units, plan)
     middle_of: dict[int, int] = {}  # streamed position → its compute task
-    offload_of: dict[int, int] = {}
+    offload_of: dict[int, int] = {}  # streamed position → the task after which its slot is free
     previous: int | None = None
     for unit in units:
         kind = _compute_kind(unit, block_kind)
@@ -143,13 +144,14 @@ def _forward(units: UnitTable, plan: Plan, block_kind: Kind, phase: str) -> Task
         window = middle_of.get(j - placed.depth - 1) if placed.depth > 0 else None
         upload = b.add(Kind.UPLOAD, unit, slot_free, window, slot=slot)
         previous = middle_of[j] = b.add(kind, unit, upload, previous, slot=slot)
-        offload_of[j] = b.add(Kind.OFFLOAD, unit, previous, slot=slot)
+        offload_of[j] = b.add(Kind.OFFLOAD, unit, previous, slot=slot) if offload else previous
     return b.graph(phase)
 
 
-def step_graph(units: UnitTable, plan: Plan) -> TaskGraph:
-    """One ZO step: embed, every block (both perturbed forwards), head."""
-    return _forward(units, plan, Kind.COMPUTE, "step")
+def step_graph(units: UnitTable, plan: Plan, offload: bool = True) -> TaskGraph:
+    """One ZO step: embed, every block (both perturbed forwards), head; streamed blocks are
+    written back unless ``offload`` is False (``Plan.offloads_at`` says which steps do)."""
+    return _forward(units, plan, Kind.COMPUTE, "step", offload)
 
 
 def eval_graph(units: UnitTable, plan: Plan) -> TaskGraph:

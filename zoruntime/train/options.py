@@ -95,7 +95,12 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="master weights' dtype")
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=sorted(DTYPES),
                    help="dtype of the forwards (default: --dtype); 16-bit with --dtype fp32: fp32 masters")  # fmt: skip
-    p.add_argument("--policy", default=d.policy, help="depth=K (uploads K blocks ahead) or memory=SIZE (e.g. 20GB)")
+    p.add_argument(
+        "--policy",
+        default=d.policy,
+        help="depth=K (uploads K blocks ahead) or memory=SIZE (e.g. 20GB); "
+        "add ,offload=N to write blocks back every N steps (e.g. depth=1,offload=4)",
+    )
     p.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="dev evaluation every N steps (0: only at the ends)"
     )
@@ -117,15 +122,26 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
 
 
 def parse_policy(text: str) -> Policy:
-    """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB, 1.5GiB)."""
-    key, _, value = text.partition("=")
+    """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB,
+    1.5GiB); either followed by ``,offload=N`` writes streamed blocks back every N steps."""
+    main, _, extra = text.partition(",")
+    offload_every = 1
+    if extra:
+        name, _, count = extra.partition("=")
+        if name != "offload" or not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--policy {text!r}: after the comma give offload=N with N >= 1 (e.g. depth=1,offload=4)")
+        offload_every = int(count)
+    key, _, value = main.partition("=")
     if key == "depth" and value.isdigit():
-        return FixedDepth(int(value))
+        return FixedDepth(int(value), offload_every=offload_every)
     if key == "memory" and (match := _SIZE.match(value)):
         unit = (match.group(2) or "").lower()
         if unit in _UNITS:
-            return MemoryBudget(int(float(match.group(1)) * _UNITS[unit]))
-    raise UsageError(f"--policy {text!r} is not depth=K or memory=SIZE (e.g. depth=2, memory=20GB)")
+            return MemoryBudget(int(float(match.group(1)) * _UNITS[unit]), offload_every=offload_every)
+    raise UsageError(
+        f"--policy {text!r} is not depth=K or memory=SIZE, optionally with ,offload=N (e.g. depth=2, memory=20GB, "
+        "depth=1,offload=4)"
+    )
 
 
 def check(config: TrainConfig) -> TrainConfig:

@@ -5,7 +5,8 @@ a buffer that stays on the compute device) carries a stamp: the step of the last
 holds. When a group is next on the compute side, ``missing(stamp)`` lists the updates it
 still needs, oldest first, and they are applied in that order, so a copy that missed several
 steps catches up to bitwise what it would hold had it been updated every step. Once every
-group has been through a complete pass, ``settle`` forgets what they all hold.
+group's copy holds an update, ``settle`` forgets it (with offloads every k steps a host master
+may lag for k − 1 steps, and the updates it lacks stay here until it catches up).
 Knows updates and stamps; nothing of tensors' places or of scheduling.
 """
 
@@ -29,9 +30,9 @@ class UpdateLog:
         """The updates a copy that holds every update up to step ``holds`` still needs, in order."""
         return [u for u in self._pending if u.step > holds]
 
-    def settle(self) -> None:
-        """Every group holds every logged update: forget them."""
-        self._pending.clear()
+    def settle(self, through: int) -> None:
+        """Every group's authoritative copy holds every update up to step ``through``: forget those."""
+        self._pending = [u for u in self._pending if u.step > through]
 
     def __len__(self) -> int:
         return len(self._pending)
