@@ -39,7 +39,7 @@ def test_async_training_loop_example_lowers_the_dev_loss() -> None:
 def test_custom_policy_example_beats_serial_in_simulation_and_trains() -> None:
     out = _run("examples/custom_policy.py")
     ms = {line.split()[0]: float(line.split()[-2]) for line in out.splitlines() if line.strip().endswith(" ms")}
-    assert ms["EndsResident(ends=4,"] < ms["FixedDepth(depth=1)"] < ms["FixedDepth(depth=0)"]
+    assert ms["EndsResident(ends=4,"] < ms["FixedDepth(depth=1,"] < ms["FixedDepth(depth=0,"]
     assert "resident blocks: (0, 3), streaming slots: 2" in out
 
 
