@@ -128,8 +128,11 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
 def measure(
     model: torch.nn.Module, policy: Policy, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
 ) -> dict[str, Any]:
-    """Median step time over ``steps`` steps after one warm-up step; a runner that fails (out of
+    """Median step time over ``steps`` steps after one warm-up step (with ``offload_every=k``: the
+    mean over whole cycles of k steps, each holding one write-back); a runner that fails (out of
     memory, say) gives a row with its error instead of ending the benchmark."""
+    cycle = getattr(policy, "offload_every", 1)
+    steps = -(-steps // cycle) * cycle
 
     async def go() -> tuple[list[float], float | None]:
         times = []
@@ -149,7 +152,8 @@ def measure(
         times, used = run(go())
     except (MemoryError, torch.OutOfMemoryError, RuntimeError, ValueError) as error:
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
-    step_s, tokens = statistics.median(times), batch["input_ids"].numel()
+    step_s = statistics.median(times) if cycle == 1 else statistics.fmean(times)
+    tokens = batch["input_ids"].numel()
     return {
         "step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used,
         "step_times_s": times,
@@ -211,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-out", default=None, metavar="PREFIX",
                         help="trace a few FixedDepth(1) steps too: PREFIX.png, PREFIX.json")  # fmt: skip
     parser.add_argument("--trace-steps", type=int, default=3, help="traced steps after one warm-up (default 3)")
+    parser.add_argument("--offload-every", type=int, nargs="*", default=[], metavar="K",
+                        help="also run FixedDepth(1, offload_every=K) for each K (timed over full cycles)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         kind = torch.device(args.device).type
@@ -220,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device!r} is not supported; use cuda or cpu")
     args.model = args.model if args.model is not None else DEFAULT_MODEL[kind]
     args.seq = args.seq if args.seq is not None else DEFAULT_SEQ[kind]
-    if args.batch <= 0 or args.seq <= 0 or args.steps <= 0 or args.trace_steps <= 0:
-        parser.error("--batch, --seq, --steps and --trace-steps must be positive")
+    counts = (args.batch, args.seq, args.steps, args.trace_steps, *args.offload_every)
+    if min(counts) <= 0:
+        parser.error("--batch, --seq, --steps, --trace-steps and --offload-every must be positive")
 
     dev = DeviceMeter(args.device)
     dtype = DTYPES[args.dtype]
@@ -262,21 +269,22 @@ def main(argv: list[str] | None = None) -> int:
         runners.append(("MeZO (all resident)", MemoryBudget(10 * everything)))
     runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]
     runners.append((budget_name(budget), MemoryBudget(budget)))
+    runners += [(f"FixedDepth(1, offload_every={k})", FixedDepth(1, offload_every=k)) for k in args.offload_every]
 
-    print(f"\n{'runner':<26}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
+    print(f"\n{'runner':<32}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []
     for name, policy in runners:
         row = {"runner": name, **measure(model, policy, dev, batch, args.steps)}
         rows.append(row)
         mezo = rows[0].get("tokens_s") if rows[0]["runner"].startswith("MeZO") else None
         if "error" in row:
-            print(f"{name:<26} failed: {row['error']}", flush=True)
+            print(f"{name:<32} failed: {row['error']}", flush=True)
             continue
         row["x_floor"] = row["tokens_s"] / facts["floor_tokens_s"]
         row["x_mezo"] = row["tokens_s"] / mezo if mezo else None
         x_mezo = f"{row['x_mezo']:.2f}" if mezo else "-"
         peak, used = (f"{v:,.0f}" if v is not None else "-" for v in (row["peak_allocated_mb"], row["used_mb"]))
-        print(f"{name:<26}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
+        print(f"{name:<32}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
               f"{row['x_floor']:>9.2f}{x_mezo:>8}", flush=True)  # fmt: skip
     traced = trace(model, dev, batch, args.trace_steps, args.trace_out) if args.trace_out else None
     print(json.dumps({
