@@ -20,15 +20,16 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_runtime_core_and_policies_import_only_the_stdlib_and_each_other() -> None:
-    for folder in ("runtime", "policies"):
+def test_runtime_core_policies_and_planning_import_only_the_stdlib_and_each_other() -> None:
+    for folder in ("runtime", "policies", "planning"):
         for path in (PACKAGE / folder).glob("*.py"):
             for name in _imports(path):
                 assert name.startswith(".") or name.split(".")[0] in sys.stdlib_module_names, (path, name)
 
 
 def test_importing_the_core_does_not_load_torch() -> None:
-    code = "import sys, zoruntime.runtime, zoruntime.policies, zoruntime.testing; print('torch' in sys.modules)"
+    code = "import sys, zoruntime.runtime, zoruntime.policies, zoruntime.planning.planner, zoruntime.testing; "
+    code += "print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == (
         "False"
     )

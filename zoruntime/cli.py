@@ -2,6 +2,7 @@
 
 zoruntime train                         fine-tune the built-in default (see zoruntime train --help)
 zoruntime bench --model opt-1.3b        offloaded throughput vs MeZO and the transfer floor
+zoruntime plan --model opt-13b         GPU memory and predicted speed of a plan
 zoruntime trace summary TRACE.json      busy lanes, achieved GB/s, overlap efficiency, gaps
 zoruntime trace plot TRACE.json -o OUT.png
 zoruntime replay --base MODEL --journal journal.jsonl --out DIR
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": "fine-tune an OPT model; no options: the built-in default (zoruntime train --help)",
         "bench": "throughput benchmark against MeZO and the transfer floor (zoruntime bench --help)",
+        "plan": "GPU memory and predicted speed of a plan, and the fastest that fits (zoruntime plan --help)",
         "trace": "summarise or plot a saved timeline (zoruntime trace --help)",
         "replay": "rebuild fine-tuned weights from the base model and the journal (zoruntime replay --help)",
     }
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.throughput import main as bench
 
         return bench(rest)
+    if command == "plan":
+        from .plan import main as plan
+
+        return plan(rest)
     if command == "trace":
         return trace(rest)
     if command == "replay":

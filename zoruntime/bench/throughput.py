@@ -36,8 +36,9 @@ from ..engine import Runtime, run
 from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
 from ..models.init import materialize_flat, tiny_opt_config
-from ..models.shapes import OPT_NAMES, opt_config
+from ..models.shapes import OPT_NAMES, opt_config, shape_dims
 from ..planning.cost import OpFigures
+from ..planning.planner import Workload, profile_from_card
 from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-out", default=None, metavar="PREFIX",
                         help="trace a few FixedDepth(1) steps too: PREFIX.png, PREFIX.json")  # fmt: skip
     parser.add_argument("--trace-steps", type=int, default=3, help="traced steps after one warm-up (default 3)")
+    parser.add_argument("--save-profile", default=None, metavar="FILE",
+                        help="write the card as a GPU profile for zoruntime plan --gpu FILE")  # fmt: skip
     parser.add_argument("--offload-every", type=int, nargs="*", default=[], metavar="K",
                         help="also run FixedDepth(1, offload_every=K) for each K (timed over full cycles)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -258,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
           f"floor {facts['floor_step_s']:.3f} s/step "
           f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
 
+    if args.save_profile:
+        work = Workload(layout, shape_dims(config), args.batch, args.seq)
+        gpu_gb = dev.total_bytes() / 1e9
+        profile = profile_from_card(dev.describe(), facts, work, gpu_gb, duplex=0.9,
+                                    source=f"zoruntime bench --model {args.model} on {dev.describe()}; {versions}; "
+                                    "duplex assumed 0.9 (the card does not time both directions at once)")  # fmt: skip
+        print(f"  profile written to {profile.save(args.save_profile)}")
     free = dev.free_bytes()
     if args.budget_gb:
         budget = int(args.budget_gb * 2**30)

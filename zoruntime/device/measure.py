@@ -7,6 +7,7 @@ Knows nothing about models or ZO.
 from __future__ import annotations
 
 import gc
+import os
 import platform
 import statistics
 import time
@@ -111,6 +112,12 @@ class DeviceMeter:
 
     def free_bytes(self) -> int | None:
         return torch.cuda.mem_get_info(self.device)[0] if self.cuda else None
+
+    def total_bytes(self) -> int:
+        """The compute device's memory: the GPU's, or on a CPU the host's physical memory."""
+        if self.cuda:
+            return int(torch.cuda.mem_get_info(self.device)[1])
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _host_times(fn: Callable[[], object], repeat: int) -> list[float]:

@@ -42,6 +42,14 @@ def tiny_opt_config(**overrides: Any) -> OPTConfig:
     return OPTConfig(**fields)
 
 
+def meta_opt(config: OPTConfig, dtype: torch.dtype) -> OPTForCausalLM:
+    """An ``OPTForCausalLM`` on the meta device: shapes and dtypes, no memory (for planning)."""
+    with torch.device("meta"):
+        model = OPTForCausalLM(config)
+    nn.Module.to(model, dtype=dtype)
+    return model
+
+
 @torch.no_grad()
 def random_opt(
     config: OPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

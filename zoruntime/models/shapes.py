@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from transformers import OPTConfig
 
+from ..planning.memory import ModelDims
+
 # name: (layers, hidden, heads)
 _SHAPES = {
     "opt-125m": (12, 768, 12),
@@ -47,3 +49,8 @@ def opt_config(name: str) -> OPTConfig:
         bos_token_id=2,
         eos_token_id=2,
     )
+
+
+def shape_dims(config: OPTConfig) -> ModelDims:
+    """The widths the planner's activation estimate needs, from an OPT config."""
+    return ModelDims(config.hidden_size, config.ffn_dim, config.vocab_size, config.num_attention_heads)

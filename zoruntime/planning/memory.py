@@ -110,3 +110,25 @@ class ModelLayout:
     def bytes_needed(self, plan: Plan) -> int:
         """Every compute-side byte of ``plan``: what ``Storage`` allocates."""
         return self.breakdown(plan).total
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDims:
+    """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads."""
+
+    hidden: int
+    ffn: int
+    vocab: int
+    heads: int
+
+
+def activation_bytes(dims: ModelDims, rows: int, length: int, itemsize: int, *, attention_scores: bool) -> int:
+    """A generous estimate of a step's working memory beside the buffers: the logits of one
+    perturbed forward with the loss's fp32 copies, the two hidden-state streams, one block's
+    largest intermediate, and the attention scores where the kernel materialises them (a CPU;
+    not CUDA's fused attention)."""
+    tokens = rows * length
+    logits = tokens * dims.vocab * (itemsize + 8)
+    hidden = tokens * (4 * dims.hidden + dims.ffn) * itemsize
+    scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
+    return logits + hidden + scores

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..policies.base import FixedDepth, Policy
-from ..runtime.graph import Kind, step_graph
+from ..runtime.graph import Kind, Task, step_graph
 from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Scheduler
 from ..runtime.units import uniform_units
@@ -30,23 +30,43 @@ def simulate(
     head_s: float = 0.0,
     steps: int = 1,
     block_bytes: int = 1,
+    duplex: float = 1.0,
+    update_s: float = 0.0,
     instruments: Iterable[object] = (),
 ) -> Timeline:
-    """Simulate ``steps`` steps of a ``num_blocks`` model; the timeline holds every task's span."""
+    """Simulate ``steps`` steps of a ``num_blocks`` model; the timeline holds every task's span.
+
+    ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
+    longer (both directions share the link; a whole-step approximation). ``update_s``: with
+    ``offload_every=k``, a block's compute on the i-th step of a cycle applies i more updates
+    than usual, each taking this long."""
+    if not 0 < duplex <= 1 or update_s < 0:
+        raise ValueError(f"need 0 < duplex <= 1 and update_s >= 0, got {duplex} and {update_s}")
     figures = OpFigures(upload_s, compute_s, offload_s, embed_s, head_s)
     units = uniform_units(num_blocks, block_bytes)
     plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
     graphs = {offload: step_graph(units, plan, offload) for offload in (True, False)}
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
+    current = {"offloads": True, "missed": 0}
+
+    def duration(task: Task) -> float:
+        seconds = figures.duration(task.kind)
+        if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) and current["offloads"]:
+            return seconds / duplex
+        if task.kind == Kind.COMPUTE and task.unit.streamable:
+            return seconds + current["missed"] * update_s
+        return seconds
+
     scheduler = Scheduler(
-        simulated_lanes(lambda task: figures.duration(task.kind)),
+        simulated_lanes(duration),
         clock=loop.time,
         instruments=Instruments([recorder, *instruments]),
     )
 
     async def run() -> None:
         for step in range(steps):
+            current.update(offloads=plan.offloads_at(step), missed=step % plan.offload_every)
             await scheduler.run(graphs[plan.offloads_at(step)], lambda task: _no_work, step)
 
     try:

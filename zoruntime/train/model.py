@@ -21,6 +21,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
 from ..models.init import load_pretrained_opt, random_opt, tiny_opt_config
+from ..planning.memory import ModelDims, activation_bytes
 from ..policies.base import FixedDepth
 from ..zo.config import ZOSGD
 from .options import DTYPES, TrainConfig, UsageError, parse_policy
@@ -63,18 +64,6 @@ def base_record(config: TrainConfig, model: PreTrainedModel) -> dict[str, Any]:
     return {"base": config.model or BUILT_IN, "base_fingerprint": weights_fingerprint(model), "dtype": config.dtype}
 
 
-def activation_bytes(model: PreTrainedModel, rows: int, length: int, itemsize: int) -> int:
-    """A generous estimate of a step's working memory beside the weights: the logits of one
-    perturbed forward with the loss's fp32 copies, the two hidden-state streams, one block's
-    largest intermediate and its attention scores (where the kernel materialises them)."""
-    c = model.config
-    tokens = rows * length
-    logits = tokens * c.vocab_size * (itemsize + 8)
-    hidden = tokens * (4 * c.hidden_size + c.ffn_dim) * itemsize
-    scores = rows * c.num_attention_heads * length * length * itemsize
-    return logits + hidden + scores
-
-
 def available_bytes(device: str) -> int | None:
     """Free memory where the activations live (None: unknown)."""
     if device.startswith("cuda"):
@@ -102,7 +91,9 @@ def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_s
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate
-    need = activation_bytes(model, rows, config.max_length, runtime.compute_dtype.itemsize)
+    c = model.config
+    dims = ModelDims(c.hidden_size, c.ffn_dim, c.vocab_size, c.num_attention_heads)
+    need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True)
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise UsageError(

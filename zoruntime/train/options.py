@@ -121,6 +121,20 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+def _size(text: str) -> int | None:
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else None
+    return int(float(match.group(1)) * _UNITS[unit]) if match and unit in _UNITS else None
+
+
+def parse_size(text: str) -> int:
+    """``20GB``, ``512MB``, ``1.5GiB`` or a number of bytes."""
+    size = _size(text)
+    if size is None:
+        raise UsageError(f"{text!r} is not a size (e.g. 24GB, 512MB, 1.5GiB)")
+    return size
+
+
 def parse_policy(text: str) -> Policy:
     """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB,
     1.5GiB); either followed by ``,offload=N`` writes streamed blocks back every N steps."""
@@ -134,10 +148,8 @@ def parse_policy(text: str) -> Policy:
     key, _, value = main.partition("=")
     if key == "depth" and value.isdigit():
         return FixedDepth(int(value), offload_every=offload_every)
-    if key == "memory" and (match := _SIZE.match(value)):
-        unit = (match.group(2) or "").lower()
-        if unit in _UNITS:
-            return MemoryBudget(int(float(match.group(1)) * _UNITS[unit]), offload_every=offload_every)
+    if key == "memory" and (size := _size(value)) is not None:
+        return MemoryBudget(size, offload_every=offload_every)
     raise UsageError(
         f"--policy {text!r} is not depth=K or memory=SIZE, optionally with ,offload=N (e.g. depth=2, memory=20GB, "
         "depth=1,offload=4)"

@@ -1,0 +1,86 @@
+"""``zoruntime plan`` and the planner: memory from the memory model, times from a profile through
+the simulator, the fastest plan within the memory given, a profile from the bench's card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zoruntime.models.adapter import adapter_for
+from zoruntime.models.init import meta_opt
+from zoruntime.models.shapes import opt_config, shape_dims
+from zoruntime.plan import main as plan_main
+from zoruntime.planning.memory import activation_bytes
+from zoruntime.planning.planner import Workload, best, figures, predict, profile_from_card
+from zoruntime.planning.profiles import BUILT_IN, GPUProfile, load_profile
+from zoruntime.policies import FixedDepth, Plan
+from zoruntime.storage import model_layout
+
+
+def _work(name: str = "opt-1.3b", batch: int = 1, seq: int = 2048) -> Workload:
+    config = opt_config(name)
+    layout = model_layout(adapter_for(meta_opt(config, torch.float16)), torch.float16)
+    return Workload(layout, shape_dims(config), batch, seq)
+
+
+def test_plan_prints_a_json_line_whose_memory_is_the_memory_model_plus_activations(capsys) -> None:
+    assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1,offload=4", "--gpu-memory", "6GB"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {"gpu_bytes", "step_s", "tokens_per_s", "floor_tokens_per_s", "ratio_to_floor", "policy"} <= set(result)
+    work = _work()
+    activations = activation_bytes(work.dims, 1, 2048, 2, attention_scores=False)
+    assert result["gpu_bytes"] == work.layout.bytes_needed(Plan(1, offload_every=4)) + activations
+    assert result["tokens_per_s"] == pytest.approx(2048 / result["step_s"])
+    assert "your policy: FixedDepth(depth=1, offload_every=4)" in out and "fastest that fits" in out
+
+
+def test_the_fastest_plan_found_fits_in_the_memory_given() -> None:
+    work = _work("opt-13b")
+    for gigabytes in (8, 24):
+        found = best(work, BUILT_IN["h200"], int(gigabytes * 1e9))
+        assert found is not None and found.gpu_bytes <= gigabytes * 1e9
+    roomy = best(work, BUILT_IN["h200"], int(60e9))
+    assert roomy is not None and roomy.tokens_per_s > found.tokens_per_s  # more room, more resident blocks
+    assert best(work, BUILT_IN["h200"], int(1e9)) is None  # not even serial streaming fits in 1 GB
+
+
+def test_a_streamed_step_is_predicted_by_the_pipeline_of_the_profiles_figures() -> None:
+    """FixedDepth(1), transfer-bound: fill plus N x upload at the duplex-slowed speed; the head
+    runs under the last offload."""
+    work, profile = _work("opt-13b"), BUILT_IN["h200"]
+    op, _ = figures(work, profile)
+    slowed = op.upload_s / profile.duplex
+    predicted = predict(work, profile, FixedDepth(1))
+    n = work.layout.num_units
+    pipeline = slowed + op.compute_s + op.offload_s / profile.duplex + (n - 1) * slowed
+    assert op.head_s < op.offload_s / profile.duplex
+    assert predicted.step_s == pytest.approx(pipeline, rel=1e-12)
+    assert predicted.floor_tokens_per_s == pytest.approx(work.tokens / (n * op.upload_s))
+
+
+def test_a_profile_from_the_card_gives_back_the_cards_times(tmp_path) -> None:
+    work = _work("opt-13b")
+    card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 3.88, "compute_task_ms": 7.65}
+    profile = profile_from_card("mine", card, work, gpu_memory_gb=80, duplex=0.9, source="a test")
+    op, _ = figures(work, profile)
+    assert op.compute_s == pytest.approx(7.65e-3)
+    assert op.upload_s == pytest.approx(work.layout.unit_bytes / 55.2e9)
+    assert load_profile(str(profile.save(tmp_path / "mine.json"))) == profile
+
+
+def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:
+    (tmp_path / "broken.json").write_text('{"name": "x"}')
+    for args, message in [
+        (["--gpu", "a100"], "--gpu 'a100' is neither a built-in profile (h200, h100) nor a file"),
+        (["--gpu", str(tmp_path / "broken.json")], "is not a GPU profile"),
+        (["--gpu-memory", "lots"], "'lots' is not a size"),
+        (["--seq", "4096"], "--seq 4096 is longer than the model's 2048 positions"),
+    ]:
+        assert plan_main(["--model", "opt-1.3b", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    with pytest.raises(ValueError, match="duplex must be in"):
+        GPUProfile("x", 1, 1, 1.5, 1, 1, 1)

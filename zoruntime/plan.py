@@ -1,0 +1,83 @@
+"""``zoruntime plan``: what a plan needs and how fast it should run, before any GPU is touched.
+
+    zoruntime plan --model opt-13b --dtype fp16 --batch 1 --seq 2048 --gpu h200 --gpu-memory 24GB
+
+Prints the GPU memory a policy needs, part by part (the memory model, the figure the runtime
+allocates, plus activations), its predicted step time and tokens/s (the real scheduler on the
+simulator, with times from a GPU profile), the upload-only floor, and the fastest policy the
+search finds within the memory given. The last line is one JSON object. Predictions, not
+measurements: ``zoruntime bench`` measures, and ``--save-profile`` turns its card into a profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .models.adapter import adapter_for
+from .models.init import meta_opt
+from .models.shapes import OPT_NAMES, opt_config, shape_dims
+from .planning.planner import Prediction, Workload, best, predict
+from .planning.profiles import BUILT_IN, load_profile
+from .storage import model_layout
+from .train.options import UsageError, parse_policy, parse_size
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _show(title: str, prediction: Prediction) -> None:
+    print(f"{title}: {prediction.policy}")
+    for part, size in prediction.memory.items():
+        print(f"  {part:<56}{size / 1e9:>9.3f} GB")
+    print(f"  {'GPU memory in all':<56}{prediction.gpu_bytes / 1e9:>9.3f} GB")
+    print(f"  step {prediction.step_s:.4f} s, {prediction.tokens_per_s:,.0f} tokens/s; upload-only floor "
+          f"{prediction.floor_tokens_per_s:,.0f} tokens/s; {prediction.ratio_to_floor:.2f}x the floor "
+          "(predicted)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zoruntime plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="opt-13b", help=f"OPT shape: {', '.join(OPT_NAMES)} (default opt-13b)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and compute (default fp16)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file")
+    parser.add_argument("--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4)")
+    parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
+    args = parser.parse_args(argv)
+    try:
+        if args.batch <= 0 or args.seq <= 0:
+            raise UsageError("--batch and --seq must be positive")
+        profile = load_profile(args.gpu)
+        config = opt_config(args.model)
+        if args.seq > config.max_position_embeddings:
+            raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
+        dtype = DTYPES[args.dtype]
+        layout = model_layout(adapter_for(meta_opt(config, dtype)), dtype)
+        work = Workload(layout, shape_dims(config), args.batch, args.seq)
+        gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
+        chosen = predict(work, profile, parse_policy(args.policy)) if args.policy else None
+        found = best(work, profile, gpu_bytes)
+    except (UsageError, ValueError) as error:
+        print(f"zoruntime plan: error: {error}", file=sys.stderr)
+        return 2
+    print(f"zoruntime plan: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on the {profile.name} profile "
+          f"({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
+    if chosen is not None:
+        _show("your policy", chosen)
+    if found is not None:
+        _show("fastest that fits", found)
+    else:
+        print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
+    result = chosen or found
+    print(json.dumps({"model": args.model, "gpu": profile.name, **(result.summary() if result else {"policy": None})}))
+    return 0 if result is not None else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

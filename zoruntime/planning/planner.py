@@ -1,0 +1,176 @@
+"""Predictions for a plan on a GPU profile, and the search for the fastest plan that fits. No torch.
+
+For a model (its groups' sizes and its widths), a batch and a profile, each task's time follows
+from the profile: a block's upload and offload from the link speeds; its compute task from the
+flops of both forwards (two per parameter and token, plus causal attention) at the profile's
+rate and the bytes its draws, perturbed copies and update touch at the memory rate; one more
+missed update (a draw and an add) for offloads every k steps; the head from the logits' flops.
+The simulator then runs the real scheduler on those times for a whole offload cycle. The GPU
+memory a plan needs is the memory model's figure plus the activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
+from .cost import OpFigures
+from .memory import ModelDims, ModelLayout, activation_bytes
+from .profiles import GPUProfile
+from .simulate import simulate
+
+DEPTHS = (0, 1, 2, 3)
+OFFLOAD_EVERY = (1, 2, 3, 4, 6, 8)
+BYTES_PER_COMPUTE_TASK = 11  # × parameters × itemsize: two draws, two perturbed copies, one update
+BYTES_PER_EXTRA_UPDATE = 4  # × parameters × itemsize: a draw and an add
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What a step does: the model's groups and widths, and the batch."""
+
+    layout: ModelLayout
+    dims: ModelDims
+    batch: int
+    seq: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    policy: str
+    plan: Plan
+    memory: dict[str, int]  # the parts of gpu_bytes
+    gpu_bytes: int
+    step_s: float
+    tokens_per_s: float
+    floor_tokens_per_s: float
+
+    @property
+    def ratio_to_floor(self) -> float:
+        return self.tokens_per_s / self.floor_tokens_per_s
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy, "gpu_bytes": self.gpu_bytes, "step_s": self.step_s,
+            "tokens_per_s": self.tokens_per_s, "floor_tokens_per_s": self.floor_tokens_per_s,
+            "ratio_to_floor": self.ratio_to_floor, "memory": self.memory,
+        }  # fmt: skip
+
+
+def forward_flops(work: Workload) -> float:
+    """Flops of one forward of a block: two per parameter and token, and causal attention."""
+    return 2 * work.layout.streamable[0].numel * work.tokens + 2 * work.batch * work.seq**2 * work.dims.hidden
+
+
+def profile_from_card(
+    name: str, card: dict[str, float], work: Workload, gpu_memory_gb: float, duplex: float, source: str
+) -> GPUProfile:
+    """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
+    compute rate from both forwards, the memory rate from the rest of the compute task."""
+    unit = work.layout.streamable[0]
+    forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
+    if task_s <= forward_s:
+        raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
+    return GPUProfile(
+        name, upload_gb_s=card["upload_gb_s"], offload_gb_s=card["offload_gb_s"], duplex=duplex,
+        tflops=2 * forward_flops(work) / forward_s / 1e12,
+        memory_gb_s=BYTES_PER_COMPUTE_TASK * unit.numel * unit.itemsize / (task_s - forward_s) / 1e9,
+        gpu_memory_gb=gpu_memory_gb, source=source,
+    )  # fmt: skip
+
+
+def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
+    """Seconds of a block's upload, compute task and offload, and the head; and of one extra update."""
+    unit = work.layout.streamable[0]
+    params, itemsize = unit.numel, unit.itemsize
+    dims, tokens = work.dims, work.tokens
+    flops = profile.tflops * 1e12
+    memory = profile.memory_gb_s * 1e9
+    compute_s = 2 * forward_flops(work) / flops + BYTES_PER_COMPUTE_TASK * params * itemsize / memory
+    head_s = 2 * 2 * tokens * dims.hidden * dims.vocab / flops
+    op = OpFigures(
+        upload_s=unit.nbytes / (profile.upload_gb_s * 1e9),
+        compute_s=compute_s,
+        offload_s=unit.nbytes / (profile.offload_gb_s * 1e9),
+        head_s=head_s,
+    )
+    return op, BYTES_PER_EXTRA_UPDATE * params * itemsize / memory
+
+
+def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | None = None) -> Prediction:
+    """The GPU memory and the mean step time (over one offload cycle) of ``policy``."""
+    layout = work.layout
+    plan = policy.plan(layout)
+    parts = layout.breakdown(plan)
+    memory = {
+        "kept (embed_head: weights, perturbed copy, direction)": parts.kept,
+        "resident units": parts.resident,
+        "streaming slots": parts.slots,
+        "working copy and direction": parts.working,
+        "activations": _activations(work),
+    }
+    op, update_s = figures(work, profile)
+    cycle = plan.offload_every
+    timeline = simulate(
+        layout.num_units, op.upload_s, op.compute_s, op.offload_s, _Fixed(plan), head_s=op.head_s,
+        steps=cycle, duplex=profile.duplex, update_s=update_s,
+    )  # fmt: skip
+    step_s = sum(m.end - m.start for m in timeline.steps) / cycle
+    floor = op.upload_floor(layout.num_units)
+    return Prediction(
+        name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s, work.tokens / floor
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """A policy that returns a plan already made (the simulator asks a policy)."""
+
+    fixed: Plan
+
+    def plan(self, layout: ModelLayout) -> Plan:
+        return self.fixed
+
+
+def candidates(work: Workload, gpu_bytes: int) -> list[tuple[str, Policy]]:
+    """Every policy the search tries: each depth and offload interval streamed, and with as many
+    blocks resident as ``gpu_bytes`` leaves room for."""
+    tried: list[tuple[str, Policy]] = []
+    for depth in DEPTHS:
+        for every in OFFLOAD_EVERY:
+            name = f"FixedDepth({depth})" if every == 1 else f"FixedDepth({depth}, offload_every={every})"
+            tried.append((name, FixedDepth(depth, offload_every=every)))
+            streaming = predict_memory(work, Plan(depth, offload_every=every))
+            budget = work.layout.breakdown(Plan(depth)).units + gpu_bytes - streaming
+            if budget > 0:
+                name = f"MemoryBudget({budget / 1e9:.2f} GB, depth={depth}, offload_every={every})"
+                tried.append((name, MemoryBudget(budget, depth, every)))
+    return tried
+
+
+def _activations(work: Workload) -> int:
+    """On CUDA: fused attention, no materialised scores."""
+    return activation_bytes(work.dims, work.batch, work.seq, work.layout.compute_itemsize, attention_scores=False)
+
+
+def predict_memory(work: Workload, plan: Plan) -> int:
+    """GPU bytes of ``plan``: the memory model's buffers and the activations."""
+    return work.layout.bytes_needed(plan) + _activations(work)
+
+
+def best(work: Workload, profile: GPUProfile, gpu_bytes: int) -> Prediction | None:
+    """The fastest candidate whose GPU memory fits in ``gpu_bytes`` (None if none does)."""
+    fitting = []
+    for name, policy in candidates(work, gpu_bytes):
+        try:
+            prediction = predict(work, profile, policy, name)
+        except ValueError:  # a budget too small for its depth
+            continue
+        if prediction.gpu_bytes <= gpu_bytes:
+            fitting.append(prediction)
+    return max(fitting, key=lambda p: (p.tokens_per_s, -p.gpu_bytes), default=None)

@@ -1,0 +1,70 @@
+"""GPU profiles: the measured figures a plan is predicted from. No torch.
+
+A profile holds the link's speeds (pinned host→device and device→host alone, and the fraction
+of that each keeps while both run), the compute rate the two forwards of a block reach, and the
+rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update). The
+built-in ones were measured by ``zoruntime bench`` on the machines named in them;
+``zoruntime bench --save-profile FILE`` writes one for your own GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class GPUProfile:
+    name: str
+    upload_gb_s: float
+    offload_gb_s: float
+    duplex: float  # the fraction of its speed each direction keeps while both run
+    tflops: float  # what both forwards of a block reach, in 1e12 flop/s
+    memory_gb_s: float  # the draws, perturbed copies and update, in bytes touched per second
+    gpu_memory_gb: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
+        if not 0 < self.duplex <= 1:
+            raise ValueError(f"profile {self.name!r}: duplex must be in (0, 1], got {self.duplex!r}")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+
+BUILT_IN = {
+    "h200": GPUProfile(
+        "h200", upload_gb_s=55.2, offload_gb_s=55.4, duplex=0.9, tflops=655.0, memory_gb_s=1750.0,
+        gpu_memory_gb=139.8,
+        source="measured: zoruntime bench on an NVIDIA H200, PCIe gen 5 x16, 2026-11-27 (links, opt-13b card); "
+        "duplex from docs/design.md (50 GB/s each way at once)",
+    ),
+    "h100": GPUProfile(
+        "h100", upload_gb_s=54.7, offload_gb_s=53.0, duplex=0.9, tflops=590.0, memory_gb_s=1700.0,
+        gpu_memory_gb=79.6,
+        source="measured: zoruntime bench on an NVIDIA H100 80GB HBM3, PCIe gen 5 x16, 2026-11-26 (opt-13b card); "
+        "duplex assumed as on the H200",
+    ),
+}  # fmt: skip
+
+
+def load_profile(name_or_path: str) -> GPUProfile:
+    """A built-in profile by name (h200, h100) or one saved by ``zoruntime bench --save-profile``."""
+    if name_or_path in BUILT_IN:
+        return BUILT_IN[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"--gpu {name_or_path!r} is neither a built-in profile ({', '.join(BUILT_IN)}) nor a file; "
+            "write one with zoruntime bench --save-profile FILE"
+        )
+    try:
+        return GPUProfile(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a GPU profile ({type(error).__name__}: {error})") from None
