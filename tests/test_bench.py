@@ -26,8 +26,9 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     result = json.loads(lines[-1])
     assert result["model"] == "tiny" and result["card"]["bound_by"] in {"upload", "offload", "compute"}
     runners = [row["runner"] for row in result["rows"]]
-    assert runners[:4] == ["MeZO (all resident)", "FixedDepth(0)", "FixedDepth(1)", "FixedDepth(2)"]
-    assert runners[4].startswith("MemoryBudget(")
+    assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
+                           "FixedDepth(2)"]  # fmt: skip
+    assert runners[5].startswith("MemoryBudget(")
     assert all(row["tokens_s"] > 0 for row in result["rows"])
     assert any(line.startswith("runner") for line in lines)
 

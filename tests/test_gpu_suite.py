@@ -67,7 +67,8 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert list(results) == ["env", "tiny"] and all(r["status"] == "ok" for r in results.values())
     bench = results["tiny"]["result"]
     runners = [row["runner"] for row in bench["rows"]]
-    assert runners[:4] == ["MeZO (all resident)", "FixedDepth(0)", "FixedDepth(1)", "FixedDepth(2)"]
+    assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
+                           "FixedDepth(2)"]  # fmt: skip
     assert all(row["tokens_s"] > 0 and len(row["step_times_s"]) == 1 for row in bench["rows"])
     assert (tmp_path / "trace_tiny.png").stat().st_size > 0 and bench["trace"]["steps"] == 3
     assert 0 < bench["trace"]["lane_busy"]["compute"] <= 1.0

@@ -113,3 +113,27 @@ def test_reference_step_learns_a_small_task() -> None:
         ref.step(_pattern_batch(step))
     end = ref.evaluate(held_out)
     assert end < 0.7 * start, (start, end)
+
+
+def test_the_mezo_baseline_is_mezos_algorithm() -> None:
+    """L+ is the model's loss at θ + εz with z drawn tensor by tensor from the step's seed, and the
+    update is θ − lr·(g·z + wd·θ), with no decay on biases and layer norms."""
+    from zoruntime.zo.directions import step_seed
+    from zoruntime.zo.mezo import MeZOBaseline
+
+    model, twin = tiny_model(seed=3), tiny_model(seed=3)
+    batch = token_batch(model.config)
+    before = {n: p.detach().clone() for n, p in twin.named_parameters()}
+    baseline = MeZOBaseline(model, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=5)
+    loss_plus, loss_minus, grad = baseline.step(batch)
+    generator = torch.Generator().manual_seed(step_seed(5, 0))
+    zs = {n: torch.normal(0.0, 1.0, size=p.shape, generator=generator) for n, p in twin.named_parameters()}
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            p.add_(zs[n], alpha=1e-3)
+        assert float(twin(**batch).loss) == loss_plus
+    assert grad == (loss_plus - loss_minus) / 2e-3
+    for n, p in model.named_parameters():
+        decay = 0.0 if ("bias" in n or "layer_norm" in n) else 0.1
+        expected = before[n] - 1e-2 * (grad * zs[n] + decay * before[n])
+        assert torch.allclose(p, expected, atol=1e-6), n  # in-place ±ε leaves an ulp or so of drift
