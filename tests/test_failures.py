@@ -34,7 +34,7 @@ def _policy(name: str):
     return {
         "depth1": FixedDepth(1),
         "serial": FixedDepth(0),
-        "resident": MemoryBudget(6 * block),
+        "resident": MemoryBudget(5 * block),  # 3 slots + 1 working + 1 resident
         "lagging": FixedDepth(1, offload_every=3),
     }[name]  # lagging: steps 0 and 1 write nothing back
 

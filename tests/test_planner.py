@@ -39,11 +39,11 @@ def test_plan_prints_a_json_line_whose_memory_is_the_memory_model_plus_activatio
 
 def test_the_fastest_plan_found_fits_in_the_memory_given() -> None:
     work = _work("opt-13b")
-    for gigabytes in (8, 24):
-        found = best(work, BUILT_IN["h200"], int(gigabytes * 1e9))
-        assert found is not None and found.gpu_bytes <= gigabytes * 1e9
-    roomy = best(work, BUILT_IN["h200"], int(60e9))
-    assert roomy is not None and roomy.tokens_per_s > found.tokens_per_s  # more room, more resident blocks
+    found = {gigabytes: best(work, BUILT_IN["h200"], int(gigabytes * 1e9)) for gigabytes in (8, 24, 60)}
+    for gigabytes, prediction in found.items():
+        assert prediction is not None and prediction.gpu_bytes <= gigabytes * 1e9
+    # more room keeps more blocks resident: faster until the step is bound by compute alone
+    assert found[8].tokens_per_s < found[24].tokens_per_s <= found[60].tokens_per_s  # type: ignore[union-attr]
     assert best(work, BUILT_IN["h200"], int(1e9)) is None  # not even serial streaming fits in 1 GB
 
 

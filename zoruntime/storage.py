@@ -4,9 +4,10 @@
   so the model always sees the master weights (a model whose groups are already flat host
   buffers is used as it is, pinned in place on CUDA);
 - compute side, exactly as ``zoruntime.planning.memory`` counts it: the groups kept there (the
-  embedding and head) with their own perturbed copy and direction, the groups the plan keeps
-  resident, the streaming slots, and one perturbed copy and one direction shared by the
-  streamable groups.
+  embedding and head) with their own perturbed copy, the groups the plan keeps resident, the
+  streaming slots, and one perturbed copy shared by the streamable groups; z is drawn into the
+  perturbed copy's buffer, or into direction buffers of its own when the compute dtype is not
+  the masters'.
 
 Knows layouts, units, the plan and the backend's allocators; knows nothing about tasks or ZO math.
 """
@@ -58,11 +59,17 @@ class Storage:
 
         self._on_device = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept + resident}
         self.slots = [empty(numel, dtype) for _ in range(plan.slots(len(streamable)))]
-        # kept groups run at both ends of a step: each keeps its perturbed copy and direction
+        # kept groups run at both ends of a step: each keeps its perturbed copy (and its direction)
         self._scratch = {g: empty(self.layouts[g].numel, compute_dtype) for g in kept}
-        self._direction = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept}
         self._shared_scratch = empty(numel, compute_dtype)
-        self._shared_direction = empty(numel, dtype)
+        # z is drawn in the masters' dtype: into the perturbed copy's buffer when that is the
+        # compute dtype too, else into buffers of its own (the memory model counts the same)
+        self.directions_in_scratch = all(lay.dtype == compute_dtype for lay in self.layouts)
+        if self.directions_in_scratch:
+            self._direction, self._shared_direction = self._scratch, self._shared_scratch
+        else:
+            self._direction = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept}
+            self._shared_direction = empty(numel, dtype)
         # the parameter views of each group's perturbed copy, made once: the host builds them per
         # parameter, which costs more than launching a small kernel
         self.scratch_views = {lay.group: lay.views(self.scratch(lay.group)) for lay in self.layouts}
@@ -84,5 +91,6 @@ class Storage:
         return self._scratch.get(group, self._shared_scratch)[: self.layouts[group].numel]
 
     def direction(self, group: int) -> torch.Tensor:
-        """Where ``group``'s direction is drawn."""
+        """Where ``group``'s direction is drawn (its perturbed copy's buffer when
+        ``directions_in_scratch``)."""
         return self._direction.get(group, self._shared_direction)[: self.layouts[group].numel]

@@ -3,10 +3,12 @@
 One path for every unit. A unit's task first brings its group's weights up to date (every
 update in the log that the group's copy does not hold yet, oldest first), then runs the
 unit's stage once per probe: in a step, on each perturbed copy ``θ + scale·z`` written into a
-scratch buffer (z drawn when the group's first unit runs); in an evaluation, on the weights
-themselves. The embed unit also moves the batch to the device; the head unit turns the
-probes' losses into projected gradients and the step's update (on CUDA on the compute
-stream, so the next step's updates are ordered after it). Uploads and offloads are single
+scratch buffer (z drawn into that same buffer and overwritten in place, so drawn again for each
+probe; or, with 16-bit compute over fp32 masters, drawn once into a buffer of its own when the
+group's first unit runs); in an evaluation, on the weights themselves. The embed unit also
+moves the batch to the device; the head unit turns the probes' losses into projected
+gradients and the step's update (on CUDA on the compute stream, so the next step's updates
+are ordered after it). Uploads and offloads are single
 copies of a group. Knows nothing about scheduling or lanes, nor which model family runs.
 """
 
@@ -167,10 +169,12 @@ class TaskWork:
             self._stage(st, unit, 0, _unperturbed(weights, scratch, layout))
             return
         z = s.direction(unit.group)
-        if unit.name in self._draws:  # the group's first unit in the forward
+        if not s.directions_in_scratch and unit.name in self._draws:  # drawn once, kept for the group's units
             self.sampler.draw(st.seed, unit.group, z)
         views = s.scratch_views[unit.group]
         for i, probe in enumerate(st.probes):
+            if s.directions_in_scratch:  # z lives where the perturbed copy goes: drawn again each time
+                self.sampler.draw(st.seed, unit.group, z)
             perturb_into(scratch, weights, z, probe.scale)
             self._stage(st, unit, i, views)
         if unit.stage is Stage.HEAD:

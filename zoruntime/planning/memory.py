@@ -4,10 +4,15 @@ A model is seen as groups (flat buffers of one dtype). A group is either streama
 decoder block: it may be streamed through a slot or kept resident, as the plan says) or kept
 (the embedding and head group: always on the compute device). For a plan the compute side holds
 
-- every kept group, with its own perturbed copy (in the compute dtype) and its own direction,
-  because its units run at both ends of the step;
+- every kept group, with its own perturbed copy (in the compute dtype), because its units run
+  at both ends of the step;
 - the streamable groups the plan keeps resident, the streaming slots (each the size of the
-  largest streamable group), and one perturbed copy and one direction shared by all of them.
+  largest streamable group), and one perturbed copy shared by all of them.
+
+Where the compute dtype is the masters' dtype, z is drawn straight into the perturbed copy's
+buffer (and drawn again for each probe and for the update), so no direction buffer exists.
+With 16-bit compute over fp32 masters z must be drawn in fp32: then each kept group has its own
+direction buffer and the streamable groups share one.
 
 Activations come on top and are not counted here. Policies (``MemoryBudget``), ``Storage``, the
 runtime's statistics, the out-of-memory advice and the benchmark all read this model; a test
@@ -41,10 +46,10 @@ class GroupSize:
 class MemoryBreakdown:
     """Compute-side bytes of a plan, by what they hold."""
 
-    kept: int  # kept groups: their weights, perturbed copy and direction
+    kept: int  # kept groups: their weights, perturbed copy (and direction, with mixed dtypes)
     resident: int  # streamable groups the plan keeps on the compute device
     slots: int  # streaming slots
-    working: int  # the perturbed copy and the direction shared by the streamable groups
+    working: int  # the perturbed copy (and direction, with mixed dtypes) shared by the streamable groups
 
     @property
     def units(self) -> int:
@@ -93,13 +98,22 @@ class ModelLayout:
         """Bytes of the largest streamable unit (a slot holds any of them)."""
         return max(g.nbytes for g in self.streamable)
 
+    @property
+    def needs_directions(self) -> bool:
+        """Whether z needs buffers of its own: it is drawn in the masters' dtype, so only when the
+        compute dtype differs (else it is drawn into the perturbed copy's buffer)."""
+        return any(g.itemsize != self.compute_itemsize for g in self.groups)
+
     def breakdown(self, plan: Plan) -> MemoryBreakdown:
         """Compute-side bytes ``plan`` takes (before activations)."""
         plan.validate(self.num_units)
         units = self.streamable
-        kept = sum(g.numel * (2 * g.itemsize + self.compute_itemsize) for g in self.groups if not g.streamable)
+        direction = self.needs_directions
+        kept = sum(
+            g.numel * (g.itemsize * (1 + direction) + self.compute_itemsize) for g in self.groups if not g.streamable
+        )
         numel, itemsize = max(g.numel for g in units), max(g.itemsize for g in units)
-        working = numel * (itemsize + self.compute_itemsize)  # a direction and a perturbed copy
+        working = numel * (itemsize * direction + self.compute_itemsize)  # a perturbed copy (and a direction)
         return MemoryBreakdown(
             kept=kept,
             resident=sum(units[i].nbytes for i in plan.resident),

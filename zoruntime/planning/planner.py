@@ -108,10 +108,10 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     plan = policy.plan(layout)
     parts = layout.breakdown(plan)
     memory = {
-        "kept (embed_head: weights, perturbed copy, direction)": parts.kept,
+        "kept on the device (embed_head and its perturbed copy)": parts.kept,
         "resident units": parts.resident,
         "streaming slots": parts.slots,
-        "working copy and direction": parts.working,
+        "working buffers (a perturbed copy)": parts.working,
         "activations": _activations(work),
     }
     op, update_s = figures(work, profile)

@@ -132,7 +132,7 @@ class MemoryBudget:
             slots = Plan(self.depth).slots(n)
             raise ValueError(
                 f"memory budget of {self.budget_bytes:,} bytes is too small: depth {self.depth} streams through "
-                f"{slots} slots of {layout.unit_bytes:,} bytes plus a working copy and direction, {streaming:,} "
+                f"{slots} slots of {layout.unit_bytes:,} bytes plus its working buffers, {streaming:,} "
                 "bytes in all; raise the budget to at least that or lower the depth"
             )
         resident = min(n - 1, (self.budget_bytes - streaming) // layout.unit_bytes)
