@@ -87,3 +87,22 @@ def test_weight_decay_flags_skip_biases_and_layer_norms() -> None:
     assert not block["final_layer_norm.weight"] and not block["final_layer_norm.bias"]
     resident = {s.name: s.decayed for s in adapter.embed_head_layout.slices}
     assert resident["embed_tokens.weight"] and not resident["final_layer_norm.weight"]
+
+
+def test_the_loss_in_pieces_equals_hfs_loss(variant: str) -> None:
+    """Eight rows of 40 tokens (a piece of 256 and a shorter one), padding on both sides and
+    labels of -100: within float rounding of ``model(...).loss``, never holding every logit."""
+    from zoruntime.planning.memory import LOSS_CHUNK_TOKENS
+
+    model = tiny_model(variant)
+    adapter = OPTAdapter(model)
+    batch = token_batch(model.config, rows=8, length=40)
+    assert LOSS_CHUNK_TOKENS < 3 * 100
+    with torch.no_grad():
+        expected = model(**batch).loss
+        inputs = adapter.prepare(adapter.validate(batch), torch.device("cpu"), torch.float32)
+        hidden = adapter.embed(adapter.embed_head_parameters(), inputs)
+        for i in range(adapter.num_blocks):
+            hidden = adapter.block(i, adapter.block_parameters(i), hidden, inputs)
+        loss = adapter.head_loss(adapter.embed_head_parameters(), hidden, inputs.batch)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0), (loss, expected)

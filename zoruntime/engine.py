@@ -122,7 +122,7 @@ class Runtime:
         self.plan: Plan = policy.plan(self.layout)
         self.plan.validate(self.layout.num_units)
         self._log = UpdateLog()
-        self._loss_fn = loss_fn or self.adapter.causal_lm_loss
+        self._loss_fn = loss_fn  # None: the causal-LM loss, computed in pieces (adapter.head_loss)
         self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
         self.rank, self.world_size = world()
         self._recorder = TimelineRecorder(bytes_of=self._bytes_moved) if trace else None

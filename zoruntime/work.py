@@ -84,7 +84,7 @@ class TaskWork:
         estimator: TwoSidedEstimator,
         weight_decay: float,
         log: UpdateLog,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         reducer: LossReducer | None = None,
         loss_weight: Callable[[Batch], torch.Tensor] = causal_lm_weight,
     ) -> None:
@@ -189,16 +189,26 @@ class TaskWork:
         if unit.stage is Stage.BLOCK:
             st.hidden[probe] = self.adapter.block(unit.index, params, hidden, st.inputs)
             return
-        logits = self.adapter.head(params, hidden)
         batch = st.inputs.batch
         if st.mode is Mode.TRAIN:
-            st.values.append(self.loss_fn(logits, batch))
+            st.values.append(self._loss(params, hidden, batch))
             return
-        st.values = [(metric or self.loss_fn)(logits, batch) for metric in st.metrics]
+        if all(metric is None for metric in st.metrics):  # the loss alone: no full logits needed
+            st.values = [self._loss(params, hidden, batch)] * len(st.metrics)
+        else:
+            logits = self.adapter.head(params, hidden)
+            loss = self.loss_fn or self.adapter.causal_lm_loss
+            st.values = [(metric or loss)(logits, batch) for metric in st.metrics]
         if self.reducer is not None:  # each metric averaged over ranks with the weight it counts by
             for i, metric in enumerate(st.metrics):
                 weight = row_weight(batch) if metric is not None else self.loss_weight(batch)
                 (st.values[i],) = self.reducer.global_means([st.values[i]], weight)
+
+    def _loss(self, params: Params, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""
+        if self.loss_fn is None:
+            return self.adapter.head_loss(params, hidden, batch)
+        return self.loss_fn(self.adapter.head(params, hidden), batch)
 
     def _conclude(self, st: StepState) -> None:
         """The head of a step: losses averaged over ranks, projected gradients, the step's update."""

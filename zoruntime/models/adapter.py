@@ -51,6 +51,11 @@ class ModelAdapter(Protocol):
 
     def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+        """The causal-LM loss from the last block's hidden states (``final``: from the decoder's
+        last state), without materialising every token's logits."""
+        ...
+
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
 
 

@@ -21,6 +21,7 @@ from torch.func import functional_call
 from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+from ..planning.memory import LOSS_CHUNK_TOKENS
 from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
 from .groups import GroupLayout
@@ -185,11 +186,31 @@ class OPTAdapter:
 
     def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and project_out where the config has them, then the LM head: logits [B, T, V]."""
+        return self._call("lm_head", params, self.final_hidden(params, hidden)).contiguous()
+
+    def final_hidden(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state: the final norm and project_out where the config has them."""
         if self._ends_modules["final_layer_norm"] is not None:
             hidden = self._call("final_layer_norm", params, hidden)
         if self._ends_modules["project_out"] is not None:
             hidden = self._call("project_out", params, hidden)
-        return self._call("lm_head", params, hidden).contiguous()
+        return hidden
+
+    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+        """The causal-LM loss from hidden states without ever holding the logits of every token:
+        the LM head and a float32 cross-entropy run on ``LOSS_CHUNK_TOKENS`` tokens at a time, summed,
+        then divided by the number of predicted tokens. Equal to HF's loss within float rounding
+        (the sum runs in another order). ``final``: ``hidden`` is already the decoder's last state."""
+        hidden = hidden if final else self.final_hidden(params, hidden)
+        # next-token targets: labels shifted left by one, -100 after each row's last token
+        targets = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, flat.shape[0], LOSS_CHUNK_TOKENS):
+            logits = self._call("lm_head", params, flat[start : start + LOSS_CHUNK_TOKENS]).float()
+            chunk = targets[start : start + LOSS_CHUNK_TOKENS]
+            total = total + torch.nn.functional.cross_entropy(logits, chunk, ignore_index=-100, reduction="sum")
+        return total / (targets != -100).sum()
 
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over labels != -100, computed by the model's own HF loss."""

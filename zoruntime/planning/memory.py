@@ -126,6 +126,11 @@ class ModelLayout:
         return self.breakdown(plan).total
 
 
+LOSS_CHUNK_TOKENS = 256
+"""Tokens per piece of the head's causal-LM loss: at 2,048 tokens and a 50,272-word vocabulary
+the full logits with their float32 copies would take about 1 GB; a piece takes 1/8 of that."""
+
+
 @dataclass(frozen=True, slots=True)
 class ModelDims:
     """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads."""
@@ -136,13 +141,16 @@ class ModelDims:
     heads: int
 
 
-def activation_bytes(dims: ModelDims, rows: int, length: int, itemsize: int, *, attention_scores: bool) -> int:
-    """A generous estimate of a step's working memory beside the buffers: the logits of one
-    perturbed forward with the loss's fp32 copies, the two hidden-state streams, one block's
-    largest intermediate, and the attention scores where the kernel materialises them (a CPU;
-    not CUDA's fused attention)."""
+def activation_bytes(
+    dims: ModelDims, rows: int, length: int, itemsize: int, *, attention_scores: bool, chunked_loss: bool = True
+) -> int:
+    """A generous estimate of a step's working memory beside the buffers: the logits with the
+    loss's float32 copies (of ``LOSS_CHUNK_TOKENS`` tokens at a time for the causal-LM loss, of
+    every token for a user's loss), the two hidden-state streams, one block's largest
+    intermediate, and the attention scores where the kernel materialises them (a CPU; not CUDA's
+    fused attention)."""
     tokens = rows * length
-    logits = tokens * dims.vocab * (itemsize + 8)
+    logits = (min(tokens, LOSS_CHUNK_TOKENS) if chunked_loss else tokens) * dims.vocab * (itemsize + 8)
     hidden = tokens * (4 * dims.hidden + dims.ffn) * itemsize
     scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
     return logits + hidden + scores

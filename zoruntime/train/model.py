@@ -93,7 +93,8 @@ def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_s
     rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate
     c = model.config
     dims = ModelDims(c.hidden_size, c.ffn_dim, c.vocab_size, c.num_attention_heads)
-    need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True)
+    need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True,
+                            chunked_loss=config.task == "lm")  # fmt: skip
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise UsageError(

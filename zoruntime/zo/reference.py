@@ -35,7 +35,7 @@ class ReferenceZO:
         self.adapter = adapter_for(model)
         self.model = model
         self.config = config
-        self.loss_fn: LossFn = loss_fn or self.adapter.causal_lm_loss
+        self.loss_fn = loss_fn  # None: the causal-LM loss in pieces, as the runtime computes it
         self.step_index = 0
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
         device = next(model.parameters()).device
@@ -47,12 +47,21 @@ class ReferenceZO:
             adopt_into_flat(layout, params, flat)
             names = {local: full_name[id(p)] for local, p in params.items()}
             self._groups.append((layout, flat, names))
+        self._head_group = self.adapter.units.units[-1].group
 
-    def _loss(self, batch: Batch, perturbed: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(
-            self.model, dict(perturbed), (batch.input_ids,), {"attention_mask": batch.attention_mask}
-        ).logits
-        return self.loss_fn(logits, batch)
+    def _loss(
+        self, batch: Batch, perturbed: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The model's own forward on ``perturbed``; the loss from its logits (a user's loss) or, by
+        default, from its last hidden state through the adapter's ``head_loss`` on ``head`` (the
+        head unit's group, by the adapter's names), as the runtime computes it."""
+        kwargs: dict[str, object] = {"attention_mask": batch.attention_mask}
+        if self.loss_fn is None:
+            kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
+        out = functional_call(self.model, dict(perturbed), (batch.input_ids,), kwargs)
+        if self.loss_fn is not None:
+            return self.loss_fn(out.logits, batch)
+        return self.adapter.head_loss(head, out.hidden_states[-1], batch, final=True)
 
     @torch.no_grad()
     def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
@@ -63,12 +72,15 @@ class ReferenceZO:
         batch = self.adapter.validate(batch).to(self.sampler.device)
         probes = estimator.probes()
         perturbed: list[dict[str, torch.Tensor]] = [{} for _ in probes]
+        heads: list[dict[str, torch.Tensor]] = [{} for _ in probes]
         for layout, flat, names in self._groups:
             z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
-            for weights, probe in zip(perturbed, probes, strict=True):
+            for weights, head, probe in zip(perturbed, heads, probes, strict=True):
                 copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, probe.scale)
                 weights.update({names[k]: v for k, v in layout.views(copy).items()})
-        losses = [self._loss(batch, weights) for weights in perturbed]
+                if layout.group == self._head_group:
+                    head.update(layout.views(copy))
+        losses = [self._loss(batch, weights, head) for weights, head in zip(perturbed, heads, strict=True)]
         (grad,) = estimator.projected_gradients(losses)
         values = (float(losses[0]), float(losses[1]), float(grad))
         skipped = not all(math.isfinite(v) for v in values)  # a non-finite loss makes no update
@@ -84,8 +96,10 @@ class ReferenceZO:
     def evaluate(self, batch: Batch | Mapping[str, object]) -> float:
         """The loss at the current (unperturbed) weights."""
         batch = self.adapter.validate(batch).to(self.sampler.device)
-        weights = {}
+        weights, head = {}, {}
         for layout, flat, names in self._groups:
             cast = flat.to(self.compute_dtype)
             weights.update({names[k]: v for k, v in layout.views(cast).items()})
-        return float(self._loss(batch, weights))
+            if layout.group == self._head_group:
+                head = layout.views(cast)
+        return float(self._loss(batch, weights, head))
