@@ -122,6 +122,7 @@ class Runtime:
         self.plan: Plan = policy.plan(self.layout)
         self.plan.validate(self.layout.num_units)
         self._log = UpdateLog()
+        self._estimator = TwoSidedEstimator(optimizer.eps)
         self._loss_fn = loss_fn  # None: the causal-LM loss, computed in pieces (adapter.head_loss)
         self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
         self.rank, self.world_size = world()
@@ -166,7 +167,7 @@ class Runtime:
                 self.adapter,
                 storage,
                 DirectionSampler(backend.device),
-                TwoSidedEstimator(self.optimizer.eps),
+                self._estimator,
                 self.optimizer.weight_decay,
                 self._log,
                 self._loss_fn,
@@ -316,7 +317,7 @@ class Runtime:
         validated = self.adapter.validate(batch)
         seed, lr = step_seed(self.optimizer.seed, step), self.optimizer.lr_at(step)
         if mode is Mode.TRAIN:
-            return StepState(mode, step, seed, lr, validated, TwoSidedEstimator(self.optimizer.eps).probes())
+            return StepState(mode, step, seed, lr, validated, self._estimator.probes())
         return StepState(mode, step, seed, lr, validated, UNPERTURBED)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:

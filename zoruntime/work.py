@@ -103,7 +103,7 @@ class TaskWork:
         # keep an update from being lost or applied twice.
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
-        self._draws = {next(u for u in adapter.units if u.group == g).name for g in {u.group for u in adapter.units}}
+        self._draws = adapter.units.first_units()
         self.state: StepState | None = None
 
     def for_task(self, task: Task) -> Callable[[], None]:

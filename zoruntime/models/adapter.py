@@ -15,10 +15,8 @@ from torch import nn
 
 from ..runtime.units import UnitTable
 from .batch import Batch
-from .groups import GroupLayout
+from .groups import GroupLayout, Params
 from .opt import OPTAdapter
-
-Params = Mapping[str, torch.Tensor]
 
 
 class ModelAdapter(Protocol):

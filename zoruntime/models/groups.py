@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+Params = Mapping[str, torch.Tensor]
+"""Parameters by name, passed explicitly to a stage (a group's views, perturbed or not)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ParamSlice:

@@ -24,15 +24,13 @@ from transformers.masking_utils import create_causal_mask
 from ..planning.memory import LOSS_CHUNK_TOKENS
 from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
-from .groups import GroupLayout
+from .groups import GroupLayout, Params
 
 EMBED_HEAD_GROUP = 0
 """Group id of the embeddings, positions, projections, final norm and head; block i is group i + 1."""
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
 _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
-
-Params = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)

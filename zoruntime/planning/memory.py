@@ -76,13 +76,12 @@ class ModelLayout:
             raise ValueError("group sizes and itemsizes must be positive")
 
     @classmethod
-    def uniform(cls, num_units: int, unit_bytes: int, kept_bytes: int = 0) -> ModelLayout:
-        """``num_units`` streamable units of ``unit_bytes`` each (one byte per element) and, when
-        ``kept_bytes`` > 0, one kept group: for simulations and policy tests."""
+    def uniform(cls, num_units: int, unit_bytes: int) -> ModelLayout:
+        """``num_units`` streamable units of ``unit_bytes`` each (one byte per element), nothing
+        kept: for simulations and policy tests."""
         if num_units <= 0 or unit_bytes <= 0:
             raise ValueError(f"need num_units > 0 and unit_bytes > 0, got {num_units} and {unit_bytes}")
-        kept = (GroupSize(kept_bytes, 1, False),) if kept_bytes > 0 else ()
-        return cls((*kept, *(GroupSize(unit_bytes, 1, True) for _ in range(num_units))), 1)
+        return cls(tuple(GroupSize(unit_bytes, 1, True) for _ in range(num_units)), 1)
 
     @property
     def streamable(self) -> tuple[GroupSize, ...]:

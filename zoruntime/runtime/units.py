@@ -84,9 +84,12 @@ class UnitTable:
                 seen.setdefault(u.group, u)
         return tuple(seen.values())
 
-    def first_of_group(self, unit: Unit) -> bool:
-        """Whether ``unit`` is the first of its group in the forward (it draws the group's direction)."""
-        return next(u for u in self.units if u.group == unit.group) is unit
+    def first_units(self) -> frozenset[str]:
+        """The names of the units that come first in their group (each draws its group's direction)."""
+        first: dict[int, str] = {}
+        for u in self.units:
+            first.setdefault(u.group, u.name)
+        return frozenset(first.values())
 
 
 def uniform_units(num_blocks: int, block_bytes: int = 1, ends_bytes: int = 1) -> UnitTable:
