@@ -27,7 +27,7 @@ async def traced_steps(out: Path, steps: int, depth: int) -> None:
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-4), policy=FixedDepth(depth), trace=True) as rt:
         for _ in range(steps):
             await rt.step({"input_ids": ids})
-        timeline = rt.timeline
+    timeline = rt.timeline  # after leaving the block: the last step's offloads have finished and are in
     print(f"wrote {timeline.save_chrome_trace(out / 'trace.json')}")
     print(f"wrote {timeline.save_png(out / 'timeline.png')}")
     timeline.summary(show=True)

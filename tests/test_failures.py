@@ -4,6 +4,7 @@ loss skips the update; the runtime stays usable and ends bitwise where a clean r
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -60,11 +61,18 @@ async def test_a_failed_step_leaves_the_weights_as_they_were_and_the_run_goes_on
             return step == 2 and task.kind.value == kind and task.subject == subject and not injected
 
         injected = inject_faults(rt, fail_once)
-        with pytest.raises(zoruntime.TaskFailed, match=rf"step 2: {kind}( of \S+)? failed: InjectedFault") as info:
-            await rt.step(token_batch(faulty_model.config, seed=2))
-        assert isinstance(info.value.__cause__, InjectedFault) and len(injected) == 1
-        assert rt.step_index == 2 and rt.statistics().failed_steps == 1
-        got += [await rt.step(token_batch(faulty_model.config, seed=i)) for i in (2, 3)]  # the retry
+        failing = rf"step 2: {kind}( of \S+)? failed: InjectedFault"
+        try:  # a task behind the step's head (its last offloads) may fail after the step returned...
+            got.append(await rt.step(token_batch(faulty_model.config, seed=2)))
+        except zoruntime.TaskFailed as error:
+            assert re.match(failing, str(error)) and isinstance(error.__cause__, InjectedFault)
+        else:  # ...and then the next call raises it, says so, and runs nothing
+            assert kind == "offload"
+            with pytest.raises(zoruntime.TaskFailed, match=failing) as info:
+                await rt.step(token_batch(faulty_model.config, seed=3))
+            assert "failed behind that earlier pass" in "\n".join(info.value.__notes__)
+        assert len(injected) == 1 and rt.statistics().failed_steps == 1
+        got += [await rt.step(token_batch(faulty_model.config, seed=i)) for i in range(rt.step_index, 4)]  # the retry
         await rt.step(token_batch(faulty_model.config, seed=0))
     assert got == expected
     assert all(torch.equal(a, b) for a, b in zip(_weights(clean_model), _weights(faulty_model), strict=True))

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
 
-from zoruntime.planning.simulated import SimulationDeadlock, VirtualClockLoop, simulated_lanes
+from zoruntime.planning.simulated import SimulatedLane, SimulationDeadlock, VirtualClockLoop, simulated_lanes
 from zoruntime.policies import FixedDepth, MemoryBudget, OpFigures, Plan
-from zoruntime.runtime import Instruments, Kind, Scheduler, Task, TaskFailed, TaskGraph, step_graph, uniform_units
-from zoruntime.testing import simulate
-from zoruntime.tracing import Timeline
+from zoruntime.runtime import Instruments, Kind, Lane, Scheduler, Task, TaskFailed, TaskGraph, step_graph, uniform_units
+from zoruntime.runtime.scheduler import Completion, Work
+from zoruntime.testing import check_timeline, simulate
 
 
 class EventLog:
@@ -99,21 +100,10 @@ def test_depth_zero_is_the_serial_sum(figures: str, blocks: int) -> None:
     assert all(a.end <= b.start + 1e-12 for a, b in itertools.pairwise(spans))  # nothing overlaps
 
 
-def _check_lanes_and_dependencies(timeline: Timeline) -> None:
-    by_index = {(s.step, s.index): s for s in timeline.spans}
-    for lane in {s.lane for s in timeline.spans}:
-        spans = sorted((s for s in timeline.spans if s.lane == lane), key=lambda s: s.start)
-        for a, b in itertools.pairwise(spans):
-            assert a.end <= b.start + 1e-12, (a, b)
-    for span in timeline.spans:
-        for dep in span.deps:
-            assert by_index[span.step, dep].end <= span.start + 1e-12
-
-
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_lanes_never_overlap_and_tasks_start_after_their_dependencies(depth: int) -> None:
     timeline = simulate(12, 2.0, 1.0, 1.5, FixedDepth(depth), steps=2)
-    _check_lanes_and_dependencies(timeline)
+    check_timeline(timeline)
     assert {s.step for s in timeline.spans} == {0, 1}
 
 
@@ -142,7 +132,7 @@ def test_resident_units_skip_transfers_and_shorten_a_transfer_bound_step() -> No
     uploaded = {s.block for s in partly.spans if s.kind == "upload"}
     assert len(uploaded) == 16
     assert partly.makespan < 0.75 * streamed.makespan
-    _check_lanes_and_dependencies(partly)
+    check_timeline(partly)
 
 
 def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
@@ -159,6 +149,44 @@ def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
         with pytest.raises(TaskFailed, match=r"step 7: compute of block.2 failed: ValueError: boom") as info:
             await scheduler.run(step_graph(uniform_units(6), Plan(1)), lambda task: lambda: None, 7)
         assert info.value.task.unit.name == "block.2" and isinstance(info.value.__cause__, ValueError)
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    try:
+        assert loop.run_until_complete(main()) == set()
+    finally:
+        loop.close()
+
+
+def test_a_failure_behind_a_pass_is_raised_by_the_next_one_and_nothing_is_left_running() -> None:
+    """Step 3 returns at its head (done at 10); its last offload (10 to 12) fails behind it. The
+    next pass raises that failure (naming step 3), stops every lane, and leaves the scheduler
+    ready for another pass."""
+    loop = VirtualClockLoop()
+    failing = {"on": True}
+
+    def durations(task: Task) -> float:
+        return 0.0 if task.kind == Kind.HEAD else 2.0 if task.kind == Kind.OFFLOAD else 1.0
+
+    class FailingLane(SimulatedLane):
+        async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
+            if failing["on"] and task.kind == Kind.OFFLOAD and task.unit.name == "block.5":
+                await asyncio.sleep(2.0)
+                raise ValueError("link down")
+            return await super().run(step, task, work, after)
+
+    scheduler = Scheduler({lane: FailingLane(durations) for lane in Lane}, clock=loop.time)
+    graph = step_graph(uniform_units(6), Plan(1))
+
+    async def main() -> set[asyncio.Task]:
+        await scheduler.run(graph, lambda task: lambda: None, 3)  # the result is in hand
+        assert loop.time() == 10.0
+        assert scheduler.busy
+        with pytest.raises(TaskFailed, match=r"step 3: offload of block.5 failed: ValueError: link down"):
+            await scheduler.run(graph, lambda task: lambda: None, 4)
+        assert not scheduler.busy
+        failing["on"] = False
+        await scheduler.run(graph, lambda task: lambda: None, 4)
+        await scheduler.join()
         return asyncio.all_tasks() - {asyncio.current_task()}
 
     try:
@@ -219,17 +247,36 @@ def test_mark_end_false_leaves_the_end_of_the_step_to_the_caller() -> None:
     try:
         loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
         loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 1, mark_end=False))
+        loop.run_simulation(scheduler.join())
     finally:
         loop.close()
     assert hooks.events == [("started", 0), ("finished", 0), ("started", 1)]
 
 
-def test_offloading_every_k_steps_shortens_the_simulated_steps_that_keep_their_copies() -> None:
-    """Transfer-bound (u = o = 2, c = 1): a step that offloads is bound by the shared slots; the
-    steps in between only upload and compute, N·u plus the last compute."""
-    every = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1), steps=3)
-    lagging = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1, offload_every=3), steps=3)
-    durations = [mark.end - mark.start for mark in lagging.steps]
-    assert durations[:2] == [6 * 2.0 + 1.0] * 2  # steps 0 and 1: no offloads
-    assert durations[2] == every.steps[2].end - every.steps[2].start  # step 2 offloads, as every step does
+def test_offloading_every_k_steps_pays_off_where_both_directions_share_the_link() -> None:
+    """Transfer-bound (u = o = 2, c = 1), three slots: with independent directions the uploads
+    bound the steps either way; sharing the link (duplex 0.8) slows every copy of a step that
+    writes back, so writing back every third step only is faster."""
+    independent = [simulate(6, 2.0, 1.0, 2.0, FixedDepth(1, offload_every=k), steps=3).makespan for k in (1, 3)]
+    assert independent == [3 * 6 * 2.0 + 1.0 + 2.0] * 2  # uploads back to back, then the last compute and offload
+    every = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1), steps=3, duplex=0.8)
+    lagging = simulate(6, 2.0, 1.0, 2.0, FixedDepth(1, offload_every=3), steps=3, duplex=0.8)
+    assert every.makespan == 3 * 6 * 2.5 + 1.0 + 2.5
+    assert lagging.makespan <= every.makespan - 6.0  # 12 of its 18 uploads at full speed
     assert {s.step for s in lagging.spans if s.kind == "offload"} == {2}
+
+
+def test_consecutive_steps_overlap_with_one_pipeline_fill_for_all_of_them() -> None:
+    """Upload-bound (u = 2, c = o = 1), depth 1, 8 blocks, 3 steps with a host gap of 1 between
+    the calls (shorter than one upload): the next step's first uploads run during the head and
+    the gap, so the upload lane never idles and K steps take K·N·max(u, c, o) plus one fill."""
+    n, k, u, c, o = 8, 3, 2.0, 1.0, 1.0
+    timeline = simulate(n, u, c, o, FixedDepth(1), steps=k, host_gap_s=1.0)
+    assert timeline.makespan == k * n * u + (c + o)
+    assert simulate(n, u, c, o, FixedDepth(1)).makespan == n * u + (c + o)  # one step: the same fill
+    uploads = sorted((s for s in timeline.spans if s.kind == "upload"), key=lambda s: s.start)
+    assert len(uploads) == k * n and all(a.end == b.start for a, b in itertools.pairwise(uploads))
+    assert [s.unit for s in uploads if s.ahead] == ["block.0", "block.1"] * (k - 1)
+    marks = timeline.steps
+    assert [b.start - a.end for a, b in itertools.pairwise(marks)] == [1.0] * (k - 1)  # the caller's gap
+    check_timeline(timeline)

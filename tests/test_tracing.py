@@ -3,7 +3,6 @@ and nothing at all when tracing is off."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from PIL import Image
 import zoruntime
 from zoruntime import engine
 from zoruntime.policies import FixedDepth, OpFigures
-from zoruntime.testing import simulate
+from zoruntime.testing import check_timeline, simulate
 from zoruntime.tracing import Timeline
 
 
@@ -48,17 +47,25 @@ def test_a_traced_cpu_run_has_one_span_per_task_with_bytes_and_steps(cpu_timelin
         assert span.end >= span.start
 
 
-def _lanes_never_overlap_and_dependencies_come_first(timeline: Timeline) -> None:
-    by_index = {(s.step, s.index): s for s in timeline.spans}
-    for lane in {s.lane for s in timeline.spans}:
-        spans = sorted((s for s in timeline.spans if s.lane == lane), key=lambda s: s.start)
-        assert all(a.end <= b.start for a, b in itertools.pairwise(spans))
-    for span in timeline.spans:
-        assert all(by_index[span.step, d].end <= span.start for d in span.deps)
+def test_each_pass_uploads_the_first_blocks_of_the_next_one_ahead(cpu_timeline: Timeline) -> None:
+    """Depth 1, 4 blocks, 3 slots: both steps end by uploading blocks 0 and 1 for the next pass,
+    which takes them instead of uploading them again (the flush takes step 1's), into the slots
+    that pass streams through (slots turn: 4 blocks move the start by one slot)."""
+    uploads = {}
+    for phase, step in (("step", 0), ("step", 1), ("flush", 2)):
+        spans = cpu_timeline.for_step(step, phase)
+        uploads[phase, step] = [(s.unit, s.slot, s.ahead) for s in spans if s.kind == "upload"]
+    assert uploads["step", 0] == [(f"block.{b}", b % 3, False) for b in range(4)] + [
+        ("block.0", 1, True),
+        ("block.1", 2, True),
+    ]
+    assert uploads["step", 1] == [("block.2", 0, False), ("block.3", 1, False), ("block.0", 2, True),
+                                  ("block.1", 0, True)]  # fmt: skip
+    assert uploads["flush", 2] == [("block.2", 1, False), ("block.3", 2, False)]
 
 
 def test_real_cpu_spans_respect_lanes_and_dependencies(cpu_timeline: Timeline) -> None:
-    _lanes_never_overlap_and_dependencies_come_first(cpu_timeline)
+    check_timeline(cpu_timeline)
 
 
 def test_chrome_trace_has_the_required_fields_and_round_trips(cpu_timeline: Timeline, tmp_path: Path) -> None:
@@ -88,13 +95,15 @@ def test_png_is_written_at_the_stated_size(cpu_timeline: Timeline, tmp_path: Pat
         cpu_timeline.save_png(tmp_path / "small.png", size=(100, 50))
 
 
-@pytest.mark.parametrize(("depth", "expected"), [(1, 1.0), (0, (1 + 2 + 1 + 7 * 2) / (8 * 4))])
+@pytest.mark.parametrize(("depth", "expected"), [(1, 1.0), (0, (1 + 2 + 1 + 15 * 2) / 2 / (8 * 4))])
 def test_summary_overlap_efficiency_matches_the_analytic_value(depth: int, expected: float) -> None:
+    """Compute-bound (u = 1, c = 2, o = 1), 8 blocks, 2 steps: at depth 1 one fill for both
+    steps, then computes back to back (17 per step); at depth 0 every block is serial (32)."""
     timeline = simulate(8, 1.0, 2.0, 1.0, FixedDepth(depth), steps=2, block_bytes=10**9)
     summary = timeline.summary()
-    assert summary.pipeline_bound_seconds == pytest.approx(OpFigures(1.0, 2.0, 1.0).pipeline_bound(8))
+    assert summary.pipeline_bound_seconds == pytest.approx(OpFigures(1.0, 2.0, 1.0).pipeline_bound(8, steps=2) / 2)
     assert summary.overlap_efficiency == pytest.approx(expected)
-    makespan = 18.0 if depth else 32.0
+    makespan = 17.0 if depth else 32.0
     assert summary.step_seconds == pytest.approx(makespan)
     assert summary.lane_busy["compute"] == pytest.approx(16.0 / makespan)
     assert summary.lane_busy["upload"] == pytest.approx(8.0 / makespan)

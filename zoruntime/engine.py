@@ -17,6 +17,7 @@ import asyncio
 import math
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +33,7 @@ from .models.batch import Batch, LossFn
 from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
-from .runtime.scheduler import Scheduler
+from .runtime.scheduler import Scheduler, TaskFailed
 from .storage import Storage, model_layout
 from .tracing.recorder import Timeline, TimelineRecorder
 from .work import Mode, StepState, TaskWork
@@ -128,7 +129,8 @@ class Runtime:
         self.rank, self.world_size = world()
         self._recorder = TimelineRecorder(bytes_of=self._bytes_moved) if trace else None
         self._instruments = Instruments([*instruments, *([self._recorder] if self._recorder else [])])
-        self._graphs: dict[str, TaskGraph] = {}
+        self._graphs: dict[tuple[str, int], TaskGraph] = {}  # (name, rotation) → graph, made on first use
+        self._rotation = 0  # the slot where the next pass starts streaming (slots turn across passes)
         self._backend: Backend | None = None
         self._work: TaskWork | None = None
         self._reducer: LossReducer | None = None
@@ -175,15 +177,8 @@ class Runtime:
                 loss_weight=self._loss_weight,
             )
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
-            units = self.adapter.units
-            self._graphs = {
-                "step": step_graph(units, self.plan),
-                "step without offloads": step_graph(units, self.plan, offload=False),
-                "eval": eval_graph(units, self.plan),
-                "flush": flush_graph(units, self.plan),
-            }
             self._backend = backend
-            await self._execute(load_graph(units, self.plan), -1)
+            await self._execute(load_graph(self.adapter.units, self.plan), -1)
         except BaseException:
             backend.close()
             self._backend = None
@@ -279,11 +274,16 @@ class Runtime:
         assert backend is not None
         work.begin(state)
         try:
-            await self._execute(self._graphs[graph], step)
-        except BaseException:
+            await self._execute(self._graph(graph), step)
+        except BaseException as error:
             # The step is abandoned, the weights are not: every group's stamp says which update it
             # holds, so the pending one is neither lost nor applied twice by the next pass. Wait
             # for the device to finish what was enqueued so the stamps describe the device.
+            if isinstance(error, TaskFailed) and (error.step, error.task.phase) != (step, self._graph(graph).phase):
+                error.add_note(
+                    f"it failed behind that earlier pass, which had already returned; this call ({what}, step "
+                    f"{step}) was abandoned with it: call it again (nothing was lost)"
+                )
             self.failed_steps += 1
             try:
                 await backend.drain()
@@ -296,16 +296,33 @@ class Runtime:
             self._release()
         self._log.settle(work.oldest_held())  # what every group's authoritative copy holds is done
 
+    def _graph(self, name: str) -> TaskGraph:
+        """The graph ``name`` ("step", "step without offloads", "eval", "flush") for this pass's rotation."""
+        key = (name, self._rotation)
+        if key not in self._graphs:
+            units, plan = self.adapter.units, self.plan
+            build = {
+                "step": partial(step_graph, units, plan),
+                "step without offloads": partial(step_graph, units, plan, offload=False),
+                "eval": partial(eval_graph, units, plan),
+                "flush": partial(flush_graph, units, plan),
+            }[name]
+            self._graphs[key] = build(rotation=self._rotation)
+        return self._graphs[key]
+
     async def _execute(self, graph: TaskGraph, step: int) -> None:
-        """Run ``graph`` and wait until the device has done it: the only place the host waits for
-        the device. Where lanes complete on enqueue (CUDA), the tasks' device times and the end
-        of the step are reported to the instruments here, once the device is done."""
+        """Run ``graph`` and wait until the device has done what the caller needs (a step's
+        losses; all of a flush): the only place the host waits for the device. A step's last
+        offloads and the next pass's first uploads go on behind it. Where lanes complete on
+        enqueue (CUDA), the device times of the tasks done so far and the end of the step are
+        reported to the instruments here."""
         backend, scheduler, work = self._backend, self._scheduler, self._work
         assert backend is not None and scheduler is not None and work is not None
         deferred = backend.completes_on_enqueue
         backend.begin_step(step)
         await scheduler.run(graph, work.for_task, step, mark_end=not deferred)
-        await backend.drain()
+        self._rotation = graph.rotation_after
+        await backend.drain(graph.waited_lanes)
         for span_step, task, start, end in backend.take_timings():
             self._instruments.call("task_started", span_step, task, start)
             self._instruments.call("task_finished", span_step, task, end)

@@ -36,7 +36,7 @@ from ..zo.reference import ReferenceZO
 class _InstantLane:
     """Completes every task at once: what remains is the scheduler's own cost."""
 
-    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion:
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
         return Completion(0.0, 0.0)
 
 

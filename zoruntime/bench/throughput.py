@@ -210,7 +210,7 @@ def trace(
         async with Runtime(model, ZOSGD(lr=1e-7, eps=1e-3), device=dev.device, policy=FixedDepth(1), trace=True) as rt:
             for _ in range(steps + 1):
                 await rt.step(batch)
-            return rt.timeline.training_steps_from(1)
+        return rt.timeline.training_steps_from(1)  # after close: the last step's offloads are in
 
     timeline = run(go())
     png = timeline.save_png(f"{prefix}.png", (1800, 420))

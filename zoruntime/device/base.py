@@ -8,7 +8,7 @@ memory is pinned and compute memory is on the GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import torch
@@ -49,8 +49,9 @@ class Backend(Protocol):
         """Order the lanes after set-up work done outside them (CUDA: streams wait for the default stream)."""
         ...
 
-    async def drain(self) -> None:
-        """Return once every lane's work has completed (CPU lanes complete as they run)."""
+    async def drain(self, lanes: Iterable[Lane] | None = None) -> None:
+        """Return once the work enqueued on ``lanes`` (all, by default) has completed (CPU lanes
+        complete as they run)."""
         ...
 
     def begin_step(self, step: int) -> None:
@@ -58,7 +59,7 @@ class Backend(Protocol):
         ...
 
     def take_timings(self) -> list[tuple[int, Task, float, float]]:
-        """(step, task, start, end) of tasks whose times the lanes could not report at once."""
+        """(step, task, start, end) of finished tasks whose times the lanes could not report at once."""
         ...
 
     def close(self) -> None:

@@ -8,11 +8,11 @@ no GPU exists. Knows nothing about models or ZO.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
-from ..runtime.graph import Task
+from ..runtime.graph import Lane, Task
 from .threads import thread_lanes
 
 
@@ -40,7 +40,7 @@ class CPUBackend:
     def ready(self) -> None:
         return None
 
-    async def drain(self) -> None:
+    async def drain(self, lanes: Iterable[Lane] | None = None) -> None:
         return None
 
     def begin_step(self, step: int) -> None:

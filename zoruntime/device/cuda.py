@@ -5,7 +5,7 @@ task means, on that thread: make the lane's stream wait for the events of the ta
 dependencies (``wait_event``: the GPU orders the work, the host does not wait), enqueue the
 task's kernels and copies, and record a completion event that dependants will wait on. The
 scheduler therefore runs ahead of the GPU by a whole step; the host blocks nowhere inside a
-step. It waits only in ``drain`` (the step's result), in a waiter thread that sleeps on
+step. It waits only in ``drain`` (the step's result: the compute lane), in a waiter thread that sleeps on
 blocking events (no spinning core, no blocked event loop).
 
 Host memory for master weights is pinned once, in place and at its exact size
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -65,7 +65,7 @@ class StreamLane:
         self._backend = backend
         self._executor = _device_thread(device, f"zoruntime-cuda-{name}")
 
-    def _enqueue(self, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
+    def _enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
         with torch.cuda.stream(self.stream):
             for event in after:
                 if isinstance(event, torch.cuda.Event):
@@ -75,11 +75,11 @@ class StreamLane:
             done = torch.cuda.Event(enable_timing=start is not None)
             done.record(self.stream)
         if start is not None:
-            self._backend.timed(task, start, done)
+            self._backend.timed(step, task, start, done)
         return done
 
-    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion:
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._enqueue, task, work, after)
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._enqueue, step, task, work, after)
         try:
             done = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -115,7 +115,6 @@ class CUDABackend:
         self._registered: list[int] = []
         self._timed: list[_Timed] = []
         self._timed_lock = threading.Lock()
-        self._step = -1
         self._origin: torch.cuda.Event | None = None
 
     # -- memory -------------------------------------------------------------------------------
@@ -142,10 +141,12 @@ class CUDABackend:
         for lane in self._lanes.values():
             lane.stream.wait_stream(current)
 
-    async def drain(self) -> None:
-        """Wait, without blocking the event loop or spinning, until every lane's work is done."""
+    async def drain(self, lanes: Iterable[Lane] | None = None) -> None:
+        """Wait, without blocking the event loop or spinning, until the work enqueued so far on
+        ``lanes`` (every lane by default) is done."""
         events = []
-        for lane in self._lanes.values():
+        for name in self._lanes if lanes is None else lanes:
+            lane = self._lanes[name]
             event = torch.cuda.Event(blocking=True)
             event.record(lane.stream)
             events.append(event)
@@ -155,7 +156,6 @@ class CUDABackend:
 
     # -- timing ----------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        self._step = step
         if self.timing:
             origin = torch.cuda.Event(enable_timing=True)
             origin.record(self._lanes[Lane.COMPUTE].stream)
@@ -169,14 +169,17 @@ class CUDABackend:
         event.record()
         return event
 
-    def timed(self, task: Task, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+    def timed(self, step: int, task: Task, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
         with self._timed_lock:
-            self._timed.append(_Timed(self._step, task, start, end))
+            self._timed.append(_Timed(step, task, start, end))
 
     def take_timings(self) -> list[tuple[int, Task, float, float]]:
-        """Spans of the tasks since the last call, in seconds on the host clock (call after ``drain``)."""
+        """Spans of the tasks finished since the last call, in seconds on the host clock (the GPU's
+        times, placed by the step's origin event); tasks still running are kept for a later call."""
         with self._timed_lock:
-            timed, self._timed = self._timed, []
+            finished = [t.end.query() for t in self._timed]
+            timed = [t for t, done in zip(self._timed, finished, strict=True) if done]
+            self._timed = [t for t, done in zip(self._timed, finished, strict=True) if not done]
         if not timed or self._origin is None:
             return []
         origin, base = self._origin, self._origin_time

@@ -25,7 +25,7 @@ class ThreadLane:
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"zoruntime-{name}")
 
-    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion:
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
         clock = self.clock
 
         def timed() -> tuple[float, float]:

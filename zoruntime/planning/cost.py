@@ -36,14 +36,15 @@ class OpFigures:
             "head": self.head_s,
         }[kind]
 
-    def pipeline_bound(self, num_blocks: int) -> float:
-        """A lower bound on a streamed step: fill, steady state, drain, ``u + c + o + (N − 1)·max(u, c, o)``,
-        or the compute lane's own work ``embed + N·c + head`` if that is longer. Exact for the
-        runtime's schedule when the embedding fits under the first upload and the head under
-        the last offload (they overlap them)."""
+    def pipeline_bound(self, num_blocks: int, steps: int = 1) -> float:
+        """A lower bound on ``steps`` consecutive streamed steps: one fill and drain, then every
+        block at the pace of the busiest lane, ``u + c + o + (K·N − 1)·max(u, c, o)``, or the
+        compute lane's own work ``K·(embed + N·c + head)`` if that is longer (steps overlap: the
+        next step's first uploads run under the head). Exact for the runtime's schedule when
+        the embedding fits under the first upload and the head under the last offload."""
         u, c, o = self.upload_s, self.compute_s, self.offload_s
-        pipeline = u + c + o + (num_blocks - 1) * max(u, c, o)
-        return max(pipeline, self.embed_s + num_blocks * c + self.head_s)
+        pipeline = u + c + o + (steps * num_blocks - 1) * max(u, c, o)
+        return max(pipeline, steps * (self.embed_s + num_blocks * c + self.head_s))
 
     def upload_floor(self, num_blocks: int) -> float:
         """The floor a streamed step cannot beat when offloads need not happen every step: each

@@ -5,8 +5,10 @@ from the profile: a block's upload and offload from the link speeds; its compute
 flops of both forwards (two per parameter and token, plus causal attention) at the profile's
 rate and the bytes its draws, perturbed copies and update touch at the memory rate; one more
 missed update (a draw and an add) for offloads every k steps; the head from the logits' flops.
-The simulator then runs the real scheduler on those times for a whole offload cycle. The GPU
-memory a plan needs is the memory model's figure plus the activations.
+The simulator then runs the real scheduler on those times for two offload cycles, and the step
+time is the second cycle's mean: steps overlap, as the runtime's do when the caller calls again
+at once (the host's own time between calls is not modelled). The GPU memory a plan needs is the
+memory model's figure plus the activations.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
 
 
 def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | None = None) -> Prediction:
-    """The GPU memory and the mean step time (over one offload cycle) of ``policy``."""
+    """The GPU memory and the mean steady step time (over an offload cycle) of ``policy``."""
     layout = work.layout
     plan = policy.plan(layout)
     parts = layout.breakdown(plan)
@@ -118,9 +120,10 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     cycle = plan.offload_every
     timeline = simulate(
         layout.num_units, op.upload_s, op.compute_s, op.offload_s, _Fixed(plan), head_s=op.head_s,
-        steps=cycle, duplex=profile.duplex, update_s=update_s,
+        steps=2 * cycle + 1, duplex=profile.duplex, update_s=update_s,
     )  # fmt: skip
-    step_s = sum(m.end - m.start for m in timeline.steps) / cycle
+    starts = [mark.start for mark in timeline.steps]  # a step starts when the one before returns
+    step_s = (starts[2 * cycle] - starts[cycle]) / cycle  # the second cycle: steps overlapping steps
     floor = op.upload_floor(layout.num_units)
     return Prediction(
         name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s, work.tokens / floor

@@ -6,6 +6,7 @@ tensors or threads, on a virtual clock, in milliseconds. No torch.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 from ..policies.base import FixedDepth, Policy
@@ -29,6 +30,7 @@ def simulate(
     embed_s: float = 0.0,
     head_s: float = 0.0,
     steps: int = 1,
+    host_gap_s: float = 0.0,
     block_bytes: int = 1,
     duplex: float = 1.0,
     update_s: float = 0.0,
@@ -36,16 +38,22 @@ def simulate(
 ) -> Timeline:
     """Simulate ``steps`` steps of a ``num_blocks`` model; the timeline holds every task's span.
 
+    Steps overlap as the runtime's do: each returns when its head is done, the caller takes
+    ``host_gap_s`` before the next call, and meanwhile the last offloads and the next step's
+    first uploads run (the last step uploads nothing ahead: no step follows it).
+
     ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
     longer (both directions share the link; a whole-step approximation). ``update_s``: with
     ``offload_every=k``, a block's compute on the i-th step of a cycle applies i more updates
     than usual, each taking this long."""
-    if not 0 < duplex <= 1 or update_s < 0:
-        raise ValueError(f"need 0 < duplex <= 1 and update_s >= 0, got {duplex} and {update_s}")
+    if not 0 < duplex <= 1 or update_s < 0 or host_gap_s < 0:
+        raise ValueError(
+            f"need 0 < duplex <= 1, update_s >= 0 and host_gap_s >= 0, got {duplex}, {update_s} and {host_gap_s}"
+        )
     figures = OpFigures(upload_s, compute_s, offload_s, embed_s, head_s)
     units = uniform_units(num_blocks, block_bytes)
     plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
-    graphs = {offload: step_graph(units, plan, offload) for offload in (True, False)}
+
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
     current = {"offloads": True, "missed": 0}
@@ -65,9 +73,15 @@ def simulate(
     )
 
     async def run() -> None:
+        rotation = 0
         for step in range(steps):
+            if step:
+                await asyncio.sleep(host_gap_s)
             current.update(offloads=plan.offloads_at(step), missed=step % plan.offload_every)
-            await scheduler.run(graphs[plan.offloads_at(step)], lambda task: _no_work, step)
+            graph = step_graph(units, plan, plan.offloads_at(step), step < steps - 1, rotation)
+            await scheduler.run(graph, lambda task: _no_work, step)
+            rotation = graph.rotation_after
+        await scheduler.join()
 
     try:
         loop.run_simulation(run())

@@ -69,7 +69,7 @@ class SimulatedLane:
     def __init__(self, durations: Durations) -> None:
         self.durations = durations
 
-    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion:
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.sleep(self.durations(task))

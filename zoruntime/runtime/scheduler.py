@@ -1,7 +1,8 @@
 """The asyncio scheduler: runs a task graph on lanes, in lane order, after each task's dependencies.
 
-One coroutine per lane, all inside one ``asyncio.TaskGroup`` (nothing is fire-and-forget).
-A lane takes its tasks in graph order; before each it awaits the completions of the task's
+One coroutine per lane and pass; nothing is fire-and-forget: the work a pass leaves running
+behind it is awaited by the next pass (or ``join``), which also raises its failure. A lane
+takes its tasks in graph order; before each it awaits the completions of the task's
 dependencies, then hands the task's work to the lane. What a completion means is the lane's
 business: a CPU thread lane completes when the work has run, a CUDA stream lane when the work
 is enqueued behind its events. The clock and the instruments are injected. Stdlib only: the
@@ -14,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .graph import Lane, Task, TaskGraph
 from .instruments import Instruments
@@ -35,7 +36,7 @@ class Completion:
 class LaneRunner(Protocol):
     """Runs one task's work at a time, in the order given."""
 
-    async def run(self, task: Task, work: Work, after: Sequence[object]) -> Completion: ...
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion: ...
 
 
 class TaskFailed(RuntimeError):
@@ -48,7 +49,13 @@ class TaskFailed(RuntimeError):
 
 
 class Scheduler:
-    """Runs task graphs; one scheduler serves every step of a runtime."""
+    """Runs task graphs; one scheduler serves every pass of a runtime, and passes overlap.
+
+    ``run`` returns once the tasks the graph waits for are done (a step's head); the rest of
+    its lanes' work (the last offloads, the next pass's uploads ahead) goes on behind it. The
+    next ``run`` starts each lane after that lane's earlier work, orders the first use of each
+    slot after the previous pass's last, and takes the uploads done ahead as its own. A failure
+    behind a pass is raised by the next ``run`` or by ``join``."""
 
     def __init__(
         self,
@@ -59,56 +66,115 @@ class Scheduler:
         self.lanes = dict(lanes)
         self.clock = clock
         self.instruments = instruments or Instruments()
+        self._behind: dict[Lane, asyncio.Task[None]] = {}  # each lane's work still running from earlier passes
+        self._released: dict[int, asyncio.Future[Completion]] = {}  # slot → the last pass's release of it
+        self._ahead: dict[tuple[str, int], asyncio.Future[Completion]] = {}  # (unit, slot) → upload done ahead
+
+    @property
+    def busy(self) -> bool:
+        """Whether work of an earlier pass still runs behind it."""
+        return any(not lane.done() for lane in self._behind.values())
 
     async def run(
         self, graph: TaskGraph, work_for: Callable[[Task], Work], step: int, *, mark_end: bool = True
     ) -> None:
-        """Run every task of ``graph``; the first failure is raised as ``TaskFailed`` after every
-        lane has stopped (the others are cancelled and wait for their in-flight work).
+        """Run ``graph`` until its waited tasks are done; the first failure (of this pass or of
+        work left behind by the one before) is raised as ``TaskFailed`` after every lane has
+        stopped (the others are cancelled and wait for their in-flight work).
 
         ``mark_end=False`` leaves the ``step_finished`` hook to the caller: with lanes that
         complete when a task is enqueued (CUDA), the step ends when the device is done, which
         only the caller knows."""
         loop = asyncio.get_running_loop()
+        behind, released, ahead = self._behind, self._released, self._ahead
+        self._behind, self._released, self._ahead = {}, {}, {}
         done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
+        before: dict[int, asyncio.Future[Completion]] = {}  # a task's wait on the previous pass
+        taken: set[int] = set()  # uploads the previous pass did ahead
+        for slot, index in graph.first_in_slot.items():
+            upload = ahead.get((graph.tasks[index].unit.name, slot))
+            if upload is not None:
+                _chain(upload, done[index])
+                taken.add(index)
+            elif slot in released:
+                before[index] = released[slot]
+        works = {t.index: work_for(t) for t in graph.tasks if t.index not in taken}
         hooks = self.instruments
         if hooks:
             hooks.call("step_started", step, self.clock(), graph.phase)
+        lanes: dict[Lane, asyncio.Task[None]] = {}
+        for lane in graph.lanes:
+            tasks = [t for t in graph.on_lane(lane) if t.index not in taken]
+            if tasks:
+                run_lane = self._run_lane(self.lanes[lane], tasks, done, works, before, step, behind.get(lane))
+                lanes[lane] = loop.create_task(run_lane)
+            elif lane in behind:
+                lanes[lane] = behind[lane]
         try:
-            async with asyncio.TaskGroup() as group:
-                for lane in graph.lanes:
-                    tasks = graph.on_lane(lane)
-                    if tasks:
-                        group.create_task(self._run_lane(self.lanes[lane], tasks, done, work_for, step))
-        except BaseExceptionGroup as failures:
-            first = next((e for e in _leaves(failures) if isinstance(e, TaskFailed)), None)
-            if first is None:
-                raise
-            raise first from first.__cause__
-        finally:
+            await self._wait(graph, done, lanes)
+        except BaseException:
+            await _stop([*lanes.values(), *behind.values()])
             for future in done:
                 if not future.done():
                     future.cancel()
+            raise
+        self._behind = {lane: t for lane, t in lanes.items() if not t.done()}
+        self._released = {**released, **{slot: done[i] for slot, i in graph.releases.items()}}
+        self._ahead = {(t.unit.name, t.slot): done[t.index] for t in graph.ahead if t.slot is not None}
         if hooks and mark_end:
             hooks.call("step_finished", step, self.clock(), graph.phase)
+
+    async def join(self) -> None:
+        """Wait for the work left behind by earlier passes; raise its failure, if any."""
+        behind, self._behind = self._behind, {}
+        self._released, self._ahead = {}, {}
+        try:
+            await self._wait(None, [], behind)
+        except BaseException:
+            await _stop(list(behind.values()))
+            raise
+
+    @staticmethod
+    async def _wait(
+        graph: TaskGraph | None, done: list[asyncio.Future[Completion]], lanes: Mapping[Lane, asyncio.Task[None]]
+    ) -> None:
+        """Until the waited tasks are done (every lane, when ``graph`` waits for all); a lane that
+        fails first raises its ``TaskFailed``."""
+        waited = (
+            list(lanes.values()) if graph is None or graph.waits is None else [done[i] for i in sorted(graph.waits)]
+        )
+        pending: set[asyncio.Future[Any]] = {*waited, *lanes.values()}
+        while not all(f.done() for f in waited):
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in finished:
+                if isinstance(future, asyncio.Task) and not future.cancelled() and future.exception() is not None:
+                    error = future.exception()
+                    assert error is not None
+                    raise error
 
     async def _run_lane(
         self,
         lane: LaneRunner,
         tasks: Sequence[Task],
         done: list[asyncio.Future[Completion]],
-        work_for: Callable[[Task], Work],
+        works: Mapping[int, Work],
+        before: Mapping[int, asyncio.Future[Completion]],
         step: int,
+        behind: asyncio.Task[None] | None,
     ) -> None:
+        if behind is not None:
+            await behind  # the lane's work from the pass before comes first
         hooks = self.instruments
         for task in tasks:
             after = []
             for dep in task.deps:
                 after.append((await done[dep]).handle)
+            if task.index in before:
+                after.append((await before[task.index]).handle)
             if hooks:
                 hooks.call("task_issued", step, task, self.clock())
             try:
-                completion = await lane.run(task, work_for(task), after)
+                completion = await lane.run(step, task, works[task.index], after)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
@@ -121,8 +187,23 @@ class Scheduler:
             done[task.index].set_result(completion)
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+def _chain(source: asyncio.Future[Completion], target: asyncio.Future[Completion]) -> None:
+    """Resolve ``target`` as ``source`` resolves (a failed or cancelled upload ahead: cancelled)."""
+
+    def copy(future: asyncio.Future[Completion]) -> None:
+        if target.done():
+            return
+        if future.cancelled() or future.exception() is not None:
+            target.cancel()
+        else:
+            target.set_result(future.result())
+
+    source.add_done_callback(copy)
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel lane coroutines and wait until each has stopped (a lane waits for its work in flight)."""
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    del results

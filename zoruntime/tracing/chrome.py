@@ -42,7 +42,7 @@ def to_events(timeline: Timeline) -> list[dict[str, Any]]:
     for span in timeline.spans:
         args: dict[str, Any] = {
             "step": span.step, "index": span.index, "kind": span.kind, "unit": span.unit,
-            "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase,
+            "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase, "ahead": span.ahead,
         }  # fmt: skip
         if span.bytes and span.duration > 0:
             args["GB/s"] = round(span.bytes / span.duration / 1e9, 3)
@@ -76,7 +76,7 @@ def load_chrome_trace(path: str | Path) -> Timeline:
                 steps.append(StepMark(a["step"], start, end, a["phase"]))
             else:
                 spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["unit"], start, end,
-                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"]))  # fmt: skip
+                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], a["ahead"]))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error
     return Timeline(spans, steps)

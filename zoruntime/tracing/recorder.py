@@ -33,6 +33,7 @@ class Span:
     slot: int | None = None
     bytes: int = 0
     phase: str = "step"
+    ahead: bool = False  # an upload for the next pass, which that pass's first compute on the slot uses
 
     @property
     def duration(self) -> float:
@@ -40,7 +41,8 @@ class Span:
 
     @property
     def name(self) -> str:
-        return self.kind if self.unit == self.kind else f"{self.kind} {self.unit}"
+        name = self.kind if self.unit == self.kind else f"{self.kind} {self.unit}"
+        return f"{name} (ahead)" if self.ahead else name
 
     @property
     def block(self) -> int | None:
@@ -51,6 +53,9 @@ class Span:
 
 @dataclass(frozen=True, slots=True)
 class StepMark:
+    """From the call's start until its result was in hand (a step's last offloads and the
+    uploads ahead may end later: their spans say when)."""
+
     step: int
     start: float
     end: float
@@ -123,19 +128,18 @@ class TimelineRecorder:
     def __init__(self, timeline: Timeline | None = None, bytes_of: Callable[[Task], int] | None = None) -> None:
         self.timeline = timeline or Timeline()
         self.bytes_of = bytes_of
-        self._started: dict[tuple[int, int], float] = {}
-        self._step_start: dict[int, float] = {}
-        self._phase = "step"
+        # Keyed by pass (step and phase): a pass's last tasks finish while the next one runs.
+        self._started: dict[tuple[int, str, int], float] = {}
+        self._step_start: dict[tuple[int, str], float] = {}
 
     def step_started(self, step: int, time: float, phase: str) -> None:
-        self._step_start[step] = time
-        self._phase = phase
+        self._step_start[step, phase] = time
 
     def task_started(self, step: int, task: Task, time: float) -> None:
-        self._started[step, task.index] = time
+        self._started[step, task.phase, task.index] = time
 
     def task_finished(self, step: int, task: Task, time: float) -> None:
-        start = self._started.pop((step, task.index))
+        start = self._started.pop((step, task.phase, task.index))
         moved = self.bytes_of(task) if self.bytes_of else 0
         self.timeline.spans.append(
             Span(
@@ -149,9 +153,10 @@ class TimelineRecorder:
                 task.deps,
                 task.slot,
                 moved,
-                self._phase,
+                task.phase,
+                task.ahead,
             )
         )
 
     def step_finished(self, step: int, time: float, phase: str) -> None:
-        self.timeline.steps.append(StepMark(step, self._step_start.pop(step), time, phase))
+        self.timeline.steps.append(StepMark(step, self._step_start.pop((step, phase)), time, phase))

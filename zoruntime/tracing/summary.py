@@ -3,9 +3,12 @@ lane busy fractions, achieved transfer GB/s, overlap efficiency (the pipeline bo
 measured step time) and the largest idle gaps on the compute lane, each with the task it was
 waiting for. Stdlib only.
 
-The pipeline bound of a step whose blocks are all streamed is ``OpFigures.pipeline_bound`` (fill,
-steady state, drain) with the step's mean upload, compute and offload times; when some blocks
-are resident it is the busiest lane's total (no schedule beats either).
+A step's window runs from its first task's start to its last task's end, taken from the spans
+(on CUDA the GPU's own times, so a host that starves the GPU shows). Consecutive steps overlap,
+so the time measured is what the windows cover together, each moment once. The pipeline bound
+of steps whose blocks are all streamed is ``OpFigures.pipeline_bound`` over all of them (one
+fill, then the busiest lane) with the mean task times; when some blocks are resident it is the
+busiest lane's total (no schedule beats either).
 """
 
 from __future__ import annotations
@@ -58,27 +61,42 @@ class TimelineSummary:
         return "\n".join(lines)
 
 
-def _step_window(timeline: Timeline, step: int, spans: list[Span]) -> tuple[float, float]:
-    marks = [m for m in timeline.steps if m.step == step and m.phase == "step"]
-    if marks:
-        return marks[0].start, marks[0].end
+def _step_window(spans: list[Span]) -> tuple[float, float]:
+    """From a step's first task's start to its last task's end (on CUDA, the GPU's times)."""
     return min(s.start for s in spans), max(s.end for s in spans)
+
+
+def _covered(windows: list[tuple[float, float]]) -> float:
+    """Seconds covered by the windows, overlaps counted once (consecutive steps overlap)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(windows):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _bound(spans: list[Span]) -> float:
+def _bound(spans: list[Span], steps: int) -> float:
+    """The pipeline bound of ``steps`` consecutive steps made of ``spans``: with every block
+    streamed, ``OpFigures.pipeline_bound`` on the mean task times; else the busiest lane."""
     by_kind: dict[str, list[float]] = {}
     for s in spans:
         by_kind.setdefault(s.kind, []).append(s.duration)
-    computes = by_kind.get("compute", []) or by_kind.get("eval", [])
-    uploads, offloads = by_kind.get("upload", []), by_kind.get("offload", [])
-    if computes and len(uploads) == len(computes) == len(offloads):
-        embed, head = sum(by_kind.get("embed", [])), sum(by_kind.get("head", []))
-        figures = OpFigures(_mean(uploads), _mean(computes), _mean(offloads), embed, head)
-        return figures.pipeline_bound(len(computes))
+    computes = [s for s in spans if s.kind in ("compute", "eval")]
+    if computes and all(s.slot is not None for s in computes):
+        embed, head = _mean(by_kind.get("embed", [])), _mean(by_kind.get("head", []))
+        figures = OpFigures(
+            _mean(by_kind.get("upload", [])),
+            _mean([s.duration for s in computes]),
+            _mean(by_kind.get("offload", [])),
+            embed,
+            head,
+        )
+        return figures.pipeline_bound(len(computes) // steps, steps)
     lanes: dict[str, float] = {}
     for s in spans:
         lanes[s.lane] = lanes.get(s.lane, 0.0) + s.duration
@@ -111,23 +129,25 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
     steps = sorted({s.step for s in timeline.spans if s.phase == "step"})
     if not steps:
         return TimelineSummary(steps=0, step_seconds=0.0)
-    total, bounds, all_gaps = 0.0, [], []
+    windows, all_gaps, spans_of_steps = [], [], []
     busy: dict[str, float] = {}
     for step in steps:
         spans = timeline.for_step(step)
-        start, end = _step_window(timeline, step, spans)
-        total += end - start
-        bounds.append(_bound(spans))
+        spans_of_steps += spans
+        window = _step_window(spans)
+        windows.append(window)
         for s in spans:
             busy[s.lane] = busy.get(s.lane, 0.0) + s.duration
-        all_gaps += _gaps(step, spans, start)
+        all_gaps += _gaps(step, spans, window[0])
+    total = _covered(windows)
 
     def rate(kind: str) -> float | None:
-        moved = [s for s in timeline.spans if s.kind == kind and s.bytes and s.phase == "step"]
+        moved = [s for s in spans_of_steps if s.kind == kind and s.bytes]
         seconds = sum(s.duration for s in moved)
         return sum(s.bytes for s in moved) / seconds / 1e9 if moved and seconds > 0 else None
 
     step_seconds = total / len(steps)
+    bound = _bound(spans_of_steps, len(steps)) / len(steps)
     order = {"upload": 0, "compute": 1, "offload": 2}
     return TimelineSummary(
         steps=len(steps),
@@ -135,7 +155,7 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
         lane_busy={lane: busy[lane] / total for lane in sorted(busy, key=lambda n: order.get(n, 9))},
         upload_gb_s=rate("upload"),
         offload_gb_s=rate("offload"),
-        pipeline_bound_seconds=_mean(bounds),
-        overlap_efficiency=_mean(bounds) / step_seconds if step_seconds > 0 else 0.0,
+        pipeline_bound_seconds=bound,
+        overlap_efficiency=bound / step_seconds if step_seconds > 0 else 0.0,
         largest_gaps=tuple(sorted(all_gaps, key=lambda g: -g.seconds)[:gaps]),
     )
