@@ -25,6 +25,10 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["model"] == "tiny" and result["card"]["bound_by"] in {"upload", "offload", "compute"}
+    card = result["card"]  # both directions at once can only be slower than either alone: a lower second floor
+    assert card["both_directions_ms"] >= max(card["upload_ms"], card["offload_ms"]) * 0.5
+    assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
+    assert "ratios below are to the upload-only floor" in done.stdout
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
                            "FixedDepth(2)"]  # fmt: skip

@@ -87,3 +87,16 @@ def test_device_timing_leaves_out_the_hosts_launch_overhead() -> None:
 
     gpu, host = meter.seconds(many_tiny_kernels, repeat=5), meter.enqueue_seconds(many_tiny_kernels, repeat=5)
     assert 0 < gpu < host  # 300 launches take the host far longer than the GPU needs to run them
+
+
+def test_a_batch_is_staged_pinned_so_its_copy_does_not_stop_the_host() -> None:
+    from zoruntime.device.cuda import CUDABackend
+
+    backend = CUDABackend("cuda")
+    try:
+        ids = torch.ones(2, 8, dtype=torch.long)
+        assert backend.staged(ids).is_pinned() and torch.equal(backend.staged(ids), ids)
+        on_device = ids.cuda()
+        assert backend.staged(on_device) is on_device
+    finally:
+        backend.close()

@@ -22,14 +22,19 @@ def _zoruntime_threads() -> list[str]:
 async def test_an_error_in_a_block_names_the_task_and_leaves_no_thread_behind(monkeypatch) -> None:
     model = tiny_model(num_hidden_layers=4)
     rt = zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=FixedDepth(1))
-    original = rt.adapter.block
+    original = rt.adapter.bound_block
 
-    def failing_block(index, params, hidden, inputs):
-        if index == 2:
-            raise RuntimeError("simulated kernel failure")
-        return original(index, params, hidden, inputs)
+    def failing_block(index, params):
+        run = original(index, params)
 
-    monkeypatch.setattr(rt.adapter, "block", failing_block)
+        def maybe_fail(hidden, inputs):
+            if index == 2:
+                raise RuntimeError("simulated kernel failure")
+            return run(hidden, inputs)
+
+        return maybe_fail
+
+    monkeypatch.setattr(rt.adapter, "bound_block", failing_block)
     with pytest.raises(zoruntime.TaskFailed, match=r"step 0: compute of block.2 failed: RuntimeError: simulated"):
         async with rt:
             await rt.step(token_batch(model.config))

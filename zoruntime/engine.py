@@ -29,7 +29,7 @@ from .device.base import Backend
 from .device.cpu import CPUBackend
 from .distributed import LossReducer, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
-from .models.batch import Batch, LossFn
+from .models.batch import Batch, LossFn, map_tensors
 from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
@@ -331,11 +331,15 @@ class Runtime:
 
     def _state(self, batch: Batch | Mapping[str, object], mode: Mode, step: int) -> StepState:
         self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
+        assert self._backend is not None
         validated = self.adapter.validate(batch)
+        # Positions and masks are built here, where the batch is (on the host, normally) and while
+        # the previous pass's last copies still run; pinned, so the embed unit's copy is async.
+        staged = map_tensors(self.adapter.prepare(validated, validated.input_ids.device, self.compute_dtype),
+                             self._backend.staged)  # fmt: skip
         seed, lr = step_seed(self.optimizer.seed, step), self.optimizer.lr_at(step)
-        if mode is Mode.TRAIN:
-            return StepState(mode, step, seed, lr, validated, self._estimator.probes())
-        return StepState(mode, step, seed, lr, validated, UNPERTURBED)
+        probes = self._estimator.probes() if mode is Mode.TRAIN else UNPERTURBED
+        return StepState(mode, step, seed, lr, validated, probes, inputs=staged)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""

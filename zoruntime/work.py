@@ -6,10 +6,11 @@ unit's stage once per probe: in a step, on each perturbed copy ``θ + scale·z``
 scratch buffer (z drawn into that same buffer and overwritten in place, so drawn again for each
 probe; or, with 16-bit compute over fp32 masters, drawn once into a buffer of its own when the
 group's first unit runs); in an evaluation, on the weights themselves. The embed unit also
-moves the batch to the device; the head unit turns the probes' losses into projected
-gradients and the step's update (on CUDA on the compute stream, so the next step's updates
-are ordered after it). Uploads and offloads are single
-copies of a group. Knows nothing about scheduling or lanes, nor which model family runs.
+moves the batch's stage inputs (prepared and pinned on the host by the call) to the device;
+the head unit turns the probes' losses into projected gradients and the step's update (on
+CUDA on the compute stream, so the next step's updates are ordered after it). Uploads and
+offloads are single copies of a group. Knows nothing about scheduling or lanes, nor which
+model family runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
-from .models.batch import Batch, LossFn
+from .models.batch import Batch, LossFn, map_tensors
 from .models.groups import GroupLayout
 from .runtime.graph import Kind, Task
 from .runtime.units import Stage, Unit
@@ -50,10 +51,10 @@ class StepState:
     step: int
     seed: int
     lr: float
-    batch: Batch  # validated, on the host; moved to the device by the embed unit
+    batch: Batch  # validated, on the host
     probes: Sequence[Probe]
     metrics: Sequence[LossFn | None] = ()
-    inputs: Any = None
+    inputs: Any = None  # the adapter's stage inputs: staged on the host, moved to the device by the embed unit
     hidden: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     grads: tuple[torch.Tensor, ...] = ()
@@ -104,6 +105,7 @@ class TaskWork:
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
         self._draws = adapter.units.first_units()
+        self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
         self.state: StepState | None = None
 
     def for_task(self, task: Task) -> Callable[[], None]:
@@ -161,8 +163,8 @@ class TaskWork:
     def _run_unit(self, task: Task) -> None:
         st, s, unit = self._current(), self.storage, task.unit
         layout = s.layouts[unit.group]
-        if unit.stage is Stage.EMBED:
-            st.inputs = self.adapter.prepare(st.batch, s.device, s.compute_dtype)
+        if unit.stage is Stage.EMBED:  # the inputs were prepared (and pinned) on the host by the call
+            st.inputs = map_tensors(st.inputs, lambda t: t.to(s.device, non_blocking=True))
         weights = self._up_to_date(task)
         scratch = s.scratch(unit.group)
         if st.mode is Mode.EVAL:
@@ -187,7 +189,10 @@ class TaskWork:
         hidden = st.hidden[probe]
         assert hidden is not None
         if unit.stage is Stage.BLOCK:
-            st.hidden[probe] = self.adapter.block(unit.index, params, hidden, st.inputs)
+            if params is self.storage.scratch_views[unit.group]:  # the perturbed copies: always these tensors
+                st.hidden[probe] = self._bound_block(unit)(hidden, st.inputs)
+            else:
+                st.hidden[probe] = self.adapter.block(unit.index, params, hidden, st.inputs)
             return
         batch = st.inputs.batch
         if st.mode is Mode.TRAIN:
@@ -203,6 +208,13 @@ class TaskWork:
             for i, metric in enumerate(st.metrics):
                 weight = row_weight(batch) if metric is not None else self.loss_weight(batch)
                 (st.values[i],) = self.reducer.global_means([st.values[i]], weight)
+
+    def _bound_block(self, unit: Unit) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """The unit's block bound to its group's scratch views, made on first use."""
+        run = self._bound.get(unit.name)
+        if run is None:
+            run = self._bound[unit.name] = self.adapter.bound_block(unit.index, self.storage.scratch_views[unit.group])
+        return run
 
     def _loss(self, params: Params, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""

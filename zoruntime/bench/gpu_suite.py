@@ -198,7 +198,9 @@ def render_summary(results: list[PartResult]) -> str:
         card = bench["card"]
         rows.append(f"{r.name:<10}card: {card['block_mb']:.0f} MB blocks, upload {card['upload_gb_s']:.1f} GB/s, "
                     f"offload {card['offload_gb_s']:.1f} GB/s, compute task {card['compute_task_ms']:.2f} ms, "
-                    f"floor {card['floor_tokens_s']:,.0f} tokens/s ({card['bound_by']}-bound)")  # fmt: skip
+                    f"floor {card['floor_tokens_s']:,.0f} tokens/s ({card['bound_by']}-bound), "
+                    f"{card['duplex_floor_tokens_s']:,.0f} writing back every step "
+                    f"(duplex {card['duplex']:.2f})")  # fmt: skip
         for row in bench["rows"]:
             if "error" in row:
                 rows.append(f"{'':<10}{row['runner']:<26}failed: {row['error'][:60]}")

@@ -2,7 +2,9 @@
 
 1. Scheduler overhead per task: a 96-block step graph (Algorithm 1, 290 tasks) on lanes that
    do no work at all, under asyncio's loop and uvloop, with tracing off and on.
-2. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
+2. Host time per block task: a block's whole compute task on a block too small for its kernels
+   to matter, in microseconds (on a GPU this sets the pace of small blocks).
+3. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
 
     python -m zoruntime.bench.overhead [--quick]
 """
@@ -65,6 +67,7 @@ def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
                 start = time.perf_counter()
                 for step in range(steps):
                     await scheduler.run(graph, noop, step)
+                await scheduler.join()
                 return time.perf_counter() - start
 
             seconds = run(measure())
@@ -77,6 +80,24 @@ def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def host_time_per_block_task(steps: int) -> dict[str, Any]:
+    """Microseconds of host time per block compute task (both perturbed forwards, the draws, the
+    perturbed copies, the pending update) on a block so small its kernels cost next to nothing:
+    what the host spends issuing a block task, which on a GPU caps how fast small blocks go."""
+    config = tiny_opt_config(hidden_size=16, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
+                             num_hidden_layers=8, vocab_size=64, max_position_embeddings=8)  # fmt: skip
+    data = {"input_ids": torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(0))}
+
+    async def traced() -> Any:
+        async with engine.Runtime(random_opt(config, seed=0), ZOSGD(lr=1e-6), policy=FixedDepth(1), trace=True) as rt:
+            for _ in range(steps + 1):
+                await rt.step(data)
+        return rt.timeline.training_steps_from(1)
+
+    spans = [s for s in engine.run(traced()).spans if s.kind == "compute"]
+    return {"tasks": len(spans), "us_per_block_task": 1e6 * statistics.median(s.duration for s in spans)}
 
 
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -134,6 +155,10 @@ def main() -> None:
     for row in overhead:
         print(f"{row['loop']:<10}{row['tracing']!s:<10}{row['tasks']:>10}{row['us_per_task']:>10.2f}")
 
+    host = host_time_per_block_task(steps=3 if args.quick else 50)
+    print(f"\nhost time per block task (8 blocks of hidden 16, 1x8 tokens; median of {host['tasks']} tasks): "
+          f"{host['us_per_block_task']:.0f} us")  # fmt: skip
+
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
     cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)
     print(f"\nCPU backend vs in-memory reference (OPT 8x512, fp32, batch {batch}x{seq}, median of {steps} steps)")
@@ -141,7 +166,8 @@ def main() -> None:
     for row in cpu:
         print(f"{row['runner']:<24}{row['median_step_s']:>10.4f}{row['ratio']:>8.3f}")
 
-    print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "cpu_backend": cpu}))
+    print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "host_per_block_task": host,
+                      "cpu_backend": cpu}))  # fmt: skip
 
 
 if __name__ == "__main__":

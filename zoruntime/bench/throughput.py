@@ -2,8 +2,10 @@
 
 First a card: block bytes, measured pinned upload and offload GB/s for one block, the device
 time of both perturbed forwards and of the whole compute task of one block, the host's time to
-enqueue that task, and the upload-only floor = blocks × max(upload, compute task) as tokens/s
-(see ``card``). Then one row per runner, when the whole model fits on the GPU: "MeZO (after the
+enqueue that task, a block's upload and offload at once, and two floors as tokens/s: the
+upload-only floor = blocks × max(upload, compute task), and the floor when every block is also
+written back every step = blocks × max(both at once, compute task) (see ``card``); ratios are to
+the upload-only floor. Then one row per runner, when the whole model fits on the GPU: "MeZO (after the
 paper)", MeZO as its users run it (``zo.mezo``: all weights on the GPU, in-place perturbation,
 one z per tensor from a reseeded generator), and "zoruntime, all resident" (this runtime with
 every block on the GPU, no transfers); then the offloaded runtime under FixedDepth(0),
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +90,7 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     slot = torch.empty(layout.numel, dtype=layout.dtype, device=dev.device)
     up = dev.seconds(lambda: slot.copy_(host, non_blocking=True), repeat=10)
     down = dev.seconds(lambda: host.copy_(slot, non_blocking=True), repeat=10)
+    both = dev.seconds(_both_directions(dev, host, slot), repeat=10)
     shape: Any = getattr(model, "config")  # noqa: B009 (a HF config; nn.Module's type says nothing of it)
     ids = torch.randint(4, shape.vocab_size, (batch, seq))
     inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
@@ -112,7 +116,9 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     forward = dev.seconds(dual_forward, repeat=10)
     task = dev.seconds(compute_task, repeat=10)
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
-    floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(len(adapter.units.streamable))
+    blocks = len(adapter.units.streamable)
+    floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(blocks)
+    duplex_floor = blocks * max(both, task)  # every block up and down each step, the two copies at once
     return {
         "block_mb": layout.nbytes / 2**20,
         "upload_ms": up * 1e3,
@@ -122,10 +128,39 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "dual_forward_ms": forward * 1e3,
         "compute_task_ms": task * 1e3,
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
+        "both_directions_ms": both * 1e3,  # one upload and one offload of a block at once
+        "duplex": max(up, down) / both,  # the fraction of its speed each direction keeps while both run
         "floor_step_s": floor,
         "floor_tokens_s": batch * seq / floor,
+        "duplex_floor_step_s": duplex_floor,
+        "duplex_floor_tokens_s": batch * seq / duplex_floor,
         "bound_by": "upload" if up >= task else "compute",
     }
+
+
+def _both_directions(dev: DeviceMeter, host: torch.Tensor, slot: torch.Tensor) -> Callable[[], None]:
+    """One upload and one offload of a block at once (two streams on CUDA), into buffers of their
+    own so the two copies share nothing but the link."""
+    host_other, slot_other = dev.host_buffer(host.numel(), host.dtype), torch.empty_like(slot)
+    if not dev.cuda:
+
+        def one_then_the_other() -> None:  # a CPU has no second link direction
+            slot.copy_(host)
+            host_other.copy_(slot_other)
+
+        return one_then_the_other
+    streams = (torch.cuda.Stream(dev.device), torch.cuda.Stream(dev.device))
+
+    def both() -> None:
+        current = torch.cuda.current_stream(dev.device)
+        for stream, (target, source) in zip(streams, ((slot, host), (host_other, slot_other)), strict=True):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                target.copy_(source, non_blocking=True)
+        for stream in streams:
+            current.wait_stream(stream)
+
+    return both
 
 
 def measure(
@@ -297,13 +332,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms); "
           f"floor {facts['floor_step_s']:.3f} s/step "
           f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
+    print(f"  a block up and one down at once {facts['both_directions_ms']:.2f} ms (each direction keeps "
+          f"{facts['duplex']:.2f} of its speed); floor writing every block back every step "
+          f"{facts['duplex_floor_step_s']:.3f} s/step = {facts['duplex_floor_tokens_s']:,.0f} tokens/s; "
+          "ratios below are to the upload-only floor")  # fmt: skip
 
     if args.save_profile:
         work = Workload(layout, shape_dims(config), args.batch, args.seq)
         gpu_gb = dev.total_bytes() / 1e9
-        profile = profile_from_card(dev.describe(), facts, work, gpu_gb, duplex=0.9,
+        profile = profile_from_card(dev.describe(), facts, work, gpu_gb, duplex=min(1.0, facts["duplex"]),
                                     source=f"zoruntime bench --model {args.model} on {dev.describe()}; {versions}; "
-                                    "duplex assumed 0.9 (the card does not time both directions at once)")  # fmt: skip
+                                    "duplex timed by the card (a block up and one down at once)")  # fmt: skip
         print(f"  profile written to {profile.save(args.save_profile)}")
     free = dev.free_bytes()
     if args.budget_gb:

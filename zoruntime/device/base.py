@@ -41,6 +41,11 @@ class Backend(Protocol):
         """A flat buffer on the compute device."""
         ...
 
+    def staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor the compute lane can copy to the device without the host waiting (CUDA:
+        a pinned copy; a tensor already on the device is returned as it is)."""
+        ...
+
     def free_bytes(self) -> int | None:
         """Free memory on the compute device, where the backend can tell (None otherwise)."""
         ...

@@ -34,6 +34,9 @@ class CPUBackend:
     def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype)
 
+    def staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
     def free_bytes(self) -> int | None:
         return None  # host memory: the operating system decides
 

@@ -131,6 +131,9 @@ class CUDABackend:
     def compute_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, device=self.device)
 
+    def staged(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory() if tensor.device.type == "cpu" else tensor
+
     # -- ordering -------------------------------------------------------------------------------
     def free_bytes(self) -> int | None:
         return int(torch.cuda.mem_get_info(self.device)[0])

@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -32,9 +33,14 @@ class DeviceMeter:
         return f"CPU {platform.machine()}"
 
     def host_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A flat host buffer, pinned at its exact size on CUDA."""
+        """A flat host buffer, pinned at its exact size on CUDA and unpinned when its memory is
+        freed (when the storage goes, not the tensor: views of it, a model's weights, keep it)."""
         flat = torch.empty(numel, dtype=dtype)
-        return pin_in_place(flat) if self.cuda else flat
+        if not self.cuda:
+            return flat
+        pin_in_place(flat)
+        weakref.finalize(flat.untyped_storage(), _unpin, flat.data_ptr())  # the pointer only, not the storage
+        return flat
 
     def seconds(self, fn: Callable[[], object], repeat: int) -> float:
         """Median seconds the device spends on ``fn``, after one warm-up call.
@@ -118,6 +124,12 @@ class DeviceMeter:
         if self.cuda:
             return int(torch.cuda.mem_get_info(self.device)[1])
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _unpin(pointer: int) -> None:
+    """Unregister a buffer pinned in place, once nothing uses it (a copy may still read it: wait)."""
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
 def _host_times(fn: Callable[[], object], repeat: int) -> list[float]:

@@ -47,6 +47,12 @@ class ModelAdapter(Protocol):
 
     def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: Any) -> torch.Tensor: ...
 
+    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """Block ``index`` bound once to ``params``, tensors whose values may change between calls
+        but never their memory: ``run(hidden, inputs)`` equals ``block(index, params, hidden,
+        inputs)`` without rebinding the weights on every call."""
+        ...
+
     def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor: ...
 
     def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:

@@ -8,7 +8,7 @@ tasks. Every error names the problem and the fix.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,19 @@ class Batch:
         return Batch(
             self.input_ids.to(device, non_blocking=True), mask, self.labels.to(device, non_blocking=True), extras
         )
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (through dataclasses, mappings, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in fields(value)})
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    return value
 
 
 LossFn = Callable[[torch.Tensor, "Batch"], torch.Tensor]

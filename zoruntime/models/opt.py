@@ -11,8 +11,9 @@ scheduling.
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,25 @@ class OPTAdapter:
             tie_weights=False,  # a block ties nothing: skip the bookkeeping, twice per block per step
         )
         return out[0] if isinstance(out, tuple) else out
+
+    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
+        """Block ``index`` bound once to ``params``: a copy of the HF layer that shares no weights
+        (each parameter's place holds the given tensor), so a call costs the layer's forward and
+        no per-call swapping of parameters. Same module code, same weights: the same bits."""
+        layer = self.blocks[index]
+        nothing = torch.empty(0)
+        shell = copy.deepcopy(layer, memo={id(p): nothing for p in layer.parameters()})  # copies no weights
+        for name, tensor in params.items():
+            owner, _, attr = name.rpartition(".")
+            shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
+        if any(p is nothing for p in shell.parameters()):
+            raise ValueError(f"bound_block({index}): params lack some of the block's parameters")
+
+        def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+            out = shell(hidden, attention_mask=inputs.causal_mask, position_ids=inputs.position_ids)
+            return out[0] if isinstance(out, tuple) else out
+
+        return run
 
     def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and project_out where the config has them, then the LM head: logits [B, T, V]."""
