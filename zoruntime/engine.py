@@ -122,8 +122,14 @@ class Runtime:
         self.layout = model_layout(self.adapter, self.compute_dtype)
         self.plan: Plan = policy.plan(self.layout)
         self.plan.validate(self.layout.num_units)
+        if not any(layout.trainable for layout in self._layouts):
+            raise ValueError(
+                "every parameter of the model has requires_grad=False: nothing to train; unfreeze some "
+                "(zoruntime trains exactly the parameters with requires_grad=True)"
+            )
+        self.rounding = optimizer.rounding_for(master)
         self._log = UpdateLog()
-        self._estimator = TwoSidedEstimator(optimizer.eps)
+        self._estimator = TwoSidedEstimator.exact(optimizer.eps, self.compute_dtype)
         self._loss_fn = loss_fn  # None: the causal-LM loss, computed in pieces (adapter.head_loss)
         self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
         self.rank, self.world_size = world()
@@ -171,6 +177,7 @@ class Runtime:
                 DirectionSampler(backend.device),
                 self._estimator,
                 self.optimizer.weight_decay,
+                self.rounding,
                 self._log,
                 self._loss_fn,
                 reducer=self._reducer,
@@ -345,7 +352,10 @@ class Runtime:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
         t = self.step_index
         state = self._state(batch, Mode.TRAIN, t)
+        assert self._work is not None
+        self._work.changed.take()  # count this step's updates only (not a failed or an evaluation pass's)
         await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
+        changed = self._work.changed.take()
         assert state.update is not None
         loss_plus, loss_minus = (float(v) for v in state.values)
         grad = float(state.grads[0])
@@ -355,7 +365,7 @@ class Runtime:
         else:
             self._log.add(state.update)
         self.step_index = t + 1
-        return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped)
+        return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped, changed)
 
     async def evaluate(self, batch: Batch | Mapping[str, object], metric: LossFn | None = None) -> float:
         """The loss at the current weights (or ``metric(logits, batch)``, e.g. an accuracy): an

@@ -37,12 +37,13 @@ class Record:
     projected_grad: float
     batch: int  # index of the training batch the step used
     skipped: bool = False  # a loss was not finite: the step made no update
+    rounding: str = "nearest"  # how 16-bit masters took the update (journals before it: nearest)
 
     @classmethod
-    def of(cls, stats: StepStats, eps: float, weight_decay: float, batch: int) -> Record:
+    def of(cls, stats: StepStats, eps: float, weight_decay: float, batch: int, rounding: str) -> Record:
         return cls(
             stats.step, stats.seed, stats.lr, eps, weight_decay, stats.loss_plus, stats.loss_minus,
-            stats.projected_grad, batch, stats.skipped,
+            stats.projected_grad, batch, stats.skipped, rounding,
         )  # fmt: skip
 
 

@@ -29,11 +29,12 @@ from .data.tokenizer import ByteTokenizer
 from .journal import Record, read_header, read_journal
 from .models.adapter import adapter_for
 from .models.fingerprint import weights_fingerprint
+from .models.freeze import freeze
 from .models.groups import adopt_into_flat
 from .models.init import load_pretrained_opt
 from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
-from .zo.update import PendingUpdate, apply_update
+from .zo.update import PendingUpdate, Rounding, apply_update, draw_direction
 
 
 @torch.no_grad()
@@ -52,10 +53,13 @@ def replay(model: nn.Module, records: list[Record], device: torch.device | str =
         if record.skipped:
             continue
         grad = torch.tensor(record.projected_grad, dtype=torch.float32, device=device)
-        update = PendingUpdate.from_gradient(record.step, record.seed, record.lr, record.weight_decay, grad)
+        update = PendingUpdate.from_gradient(
+            record.step, record.seed, record.lr, record.weight_decay, grad, Rounding(record.rounding)
+        )
         for (layout, _), flat in zip(groups, flats, strict=True):
-            direction = sampler.draw(record.seed, layout.group, z[: layout.numel])
-            apply_update(flat, direction, update, layout.decayed_views(flat))
+            if layout.trainable:
+                direction = draw_direction(sampler, record.seed, layout, z[: layout.numel])
+                apply_update(flat, direction, update, layout, sampler)
         applied += 1
     return applied
 
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"the base {base} is not the model this run started from (its weights' fingerprint differs from "
                     "the one the run recorded); replay needs exactly that base"
                 )
+            if header.get("freeze"):  # the parts the run did not train get no update here either
+                freeze(model, header["freeze"])
             out = stack.enter_context(RunLock(Path(args.out), "zoruntime replay"))
             count = replay(model, records, args.device)
             nn.Module.to(model, "cpu")

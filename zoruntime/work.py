@@ -32,7 +32,7 @@ from .storage import Storage
 from .zo.directions import DirectionSampler
 from .zo.estimator import Probe, TwoSidedEstimator
 from .zo.log import UpdateLog
-from .zo.update import PendingUpdate, apply_update, perturb_into
+from .zo.update import ChangeCount, PendingUpdate, Rounding, apply_update, draw_direction, perturb_into
 
 
 class Mode(Enum):
@@ -84,6 +84,7 @@ class TaskWork:
         sampler: DirectionSampler,
         estimator: TwoSidedEstimator,
         weight_decay: float,
+        rounding: Rounding,
         log: UpdateLog,
         loss_fn: LossFn | None,
         reducer: LossReducer | None = None,
@@ -94,6 +95,7 @@ class TaskWork:
         self.sampler = sampler
         self.estimator = estimator
         self.weight_decay = weight_decay
+        self.rounding = rounding
         self.log = log
         self.loss_fn = loss_fn
         self.reducer = reducer  # data-parallel runs: losses are averaged over ranks in the head
@@ -105,6 +107,7 @@ class TaskWork:
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
         self._draws = adapter.units.first_units()
+        self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
         self.state: StepState | None = None
 
@@ -125,8 +128,9 @@ class TaskWork:
         self.state = None
 
     def oldest_held(self) -> int:
-        """The newest step whose update every group's authoritative copy holds."""
-        return min(self.stamps.get(layout.group, -1) for layout in self.storage.layouts)
+        """The newest step whose update every trained group's authoritative copy holds (a frozen
+        group takes no update)."""
+        return min(self.stamps.get(layout.group, -1) for layout in self.storage.layouts if layout.trainable)
 
     # -- groups ------------------------------------------------------------------------------------
     def _upload(self, task: Task) -> None:
@@ -144,13 +148,15 @@ class TaskWork:
         """The group's compute-side weights with every logged update it lacks applied, in order."""
         s, group = self.storage, task.unit.group
         weights, layout = s.weights(group, task.slot), s.layouts[group]
+        if not layout.trainable:  # frozen: no update ever changes it
+            return weights
         holds = self.stamps.get(group, -1)
         missing = self.log.missing(holds)
         if missing:
-            z, decayed = s.direction(group), layout.decayed_views(weights)
+            z = s.direction(group)
             for update in missing:
-                self.sampler.draw(update.seed, group, z)
-                apply_update(weights, z, update, decayed)
+                draw_direction(self.sampler, update.seed, layout, z)
+                apply_update(weights, z, update, layout, self.sampler, self.changed)
             holds = missing[-1].step
         if s.on_device(group):
             self.stamps[group] = holds
@@ -167,20 +173,25 @@ class TaskWork:
             st.inputs = map_tensors(st.inputs, lambda t: t.to(s.device, non_blocking=True))
         weights = self._up_to_date(task)
         scratch = s.scratch(unit.group)
-        if st.mode is Mode.EVAL:
-            self._stage(st, unit, 0, _unperturbed(weights, scratch, layout))
-            return
-        z = s.direction(unit.group)
+        if st.mode is Mode.EVAL or not layout.trainable:  # frozen: every probe runs the weights themselves
+            for i in range(len(st.probes)):
+                self._stage(st, unit, i, _unperturbed(weights, scratch, layout))
+        else:
+            self._perturbed_stages(st, unit, weights)
+        if unit.stage is Stage.HEAD and st.mode is Mode.TRAIN:
+            self._conclude(st)
+
+    def _perturbed_stages(self, st: StepState, unit: Unit, weights: torch.Tensor) -> None:
+        s, layout = self.storage, self.storage.layouts[unit.group]
+        scratch, z = s.scratch(unit.group), s.direction(unit.group)
         if not s.directions_in_scratch and unit.name in self._draws:  # drawn once, kept for the group's units
-            self.sampler.draw(st.seed, unit.group, z)
+            draw_direction(self.sampler, st.seed, layout, z)
         views = s.scratch_views[unit.group]
         for i, probe in enumerate(st.probes):
             if s.directions_in_scratch:  # z lives where the perturbed copy goes: drawn again each time
-                self.sampler.draw(st.seed, unit.group, z)
+                draw_direction(self.sampler, st.seed, layout, z)
             perturb_into(scratch, weights, z, probe.scale)
             self._stage(st, unit, i, views)
-        if unit.stage is Stage.HEAD:
-            self._conclude(st)
 
     def _stage(self, st: StepState, unit: Unit, probe: int, params: Params) -> None:
         if unit.stage is Stage.EMBED:
@@ -227,7 +238,7 @@ class TaskWork:
         if self.reducer is not None:  # every rank now holds the same global losses, hence the same g
             st.values = self.reducer.global_means(st.values, self.loss_weight(st.inputs.batch))
         st.grads = self.estimator.projected_gradients(st.values)
-        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.weight_decay, st.grads[0])
+        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.weight_decay, st.grads[0], self.rounding)
 
     def _current(self) -> StepState:
         assert self.state is not None, "a step task ran outside a step"

@@ -49,7 +49,7 @@ from ..tracing.recorder import Timeline
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
 from ..zo.mezo import MeZOBaseline
-from ..zo.update import PendingUpdate, apply_update, perturb_into
+from ..zo.update import PendingUpdate, apply_update, draw_direction, perturb_into
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MODEL = {"cuda": "opt-1.3b", "cpu": "tiny"}  # a CPU run is a smoke test: seconds, not hours
@@ -97,7 +97,8 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     hidden = torch.randn(batch, seq, shape.hidden_size, dtype=dtype, device=dev.device)
     scratch, z = torch.empty_like(slot), torch.empty_like(slot)
     params, sampler = layout.views(scratch), DirectionSampler(slot.device)
-    pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device))  # lr 0: a no-op
+    rounding = ZOSGD().rounding_for(layout.dtype)  # as the runtime updates these masters by default
+    pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device), rounding)  # lr 0
 
     def dual_forward() -> None:
         with torch.no_grad():
@@ -106,7 +107,7 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
 
     def compute_task() -> None:
         with torch.no_grad():
-            apply_update(slot, sampler.draw(pending.seed, first.group, z), pending, layout.decayed_views(slot))
+            apply_update(slot, draw_direction(sampler, pending.seed, layout, z), pending, layout, sampler)
             sampler.draw(2, first.group, z)
             for eps in (1e-3, -1e-3):
                 perturb_into(scratch, slot, z, eps)

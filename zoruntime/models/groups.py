@@ -70,6 +70,38 @@ class GroupLayout:
             raise ValueError(f"group {group} has no parameters")
         return cls(group, tuple(slices), offset, dtype)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether any of the group's parameters is trained (a frozen group is never updated)."""
+        return any(s.trainable for s in self.slices)
+
+    @property
+    def update_ranges(self) -> tuple[tuple[int, int, bool], ...]:
+        """``(start, end, decayed)`` runs of the flat buffer that an update changes: the trainable
+        parameters, adjacent ones with the same decay merged."""
+        runs: list[tuple[int, int, bool]] = []
+        for s in self.slices:
+            if not s.trainable:
+                continue
+            if runs and runs[-1][1] == s.offset and runs[-1][2] == s.decayed:
+                runs[-1] = (runs[-1][0], s.offset + s.numel, s.decayed)
+            else:
+                runs.append((s.offset, s.offset + s.numel, s.decayed))
+        return tuple(runs)
+
+    @property
+    def frozen_ranges(self) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` runs of the flat buffer holding frozen parameters (z is zero there)."""
+        runs: list[tuple[int, int]] = []
+        for s in self.slices:
+            if s.trainable:
+                continue
+            if runs and runs[-1][1] == s.offset:
+                runs[-1] = (runs[-1][0], s.offset + s.numel)
+            else:
+                runs.append((s.offset, s.offset + s.numel))
+        return tuple(runs)
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Name → view into ``flat`` for every parameter of the group."""
         self._check(flat)

@@ -134,7 +134,7 @@ def materialize_flat(
                 flat.copy_(fill_group(layout, staging, generator, std))
             shared = flat if alias else shared
         for name, view in layout.views(flat).items():
-            replacements[id(params[name])] = nn.Parameter(view, requires_grad=False)
+            replacements[id(params[name])] = nn.Parameter(view)  # trainable, as HF makes them
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and id(param) in replacements:

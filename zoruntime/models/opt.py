@@ -101,12 +101,12 @@ class OPTAdapter:
         ends = self.embed_head_layout
         self.units = UnitTable(
             (
-                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, streamable=False),
+                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, False, ends.trainable),
                 *(
-                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, streamable=True)
+                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, True, lay.trainable)
                     for i, lay in enumerate(self.block_layouts)
                 ),
-                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, streamable=False),
+                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, False, ends.trainable),
             )
         )
 
@@ -131,6 +131,17 @@ class OPTAdapter:
         """Every group's layout and parameters, by group id: embed_head first, then the blocks in order."""
         blocks = [(lay, self.block_parameters(i)) for i, lay in enumerate(self.block_layouts)]
         return [(self.embed_head_layout, self.embed_head_parameters()), *blocks]
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """ "embeddings" (tokens, positions, project_in), "head" (final norm, project_out, LM head)
+        and "block.N"."""
+        ends = {"embeddings": ("embed_tokens", "embed_positions", "project_in"),
+                "head": ("final_layer_norm", "project_out", "lm_head")}  # fmt: skip
+        found = {
+            part: [p for key in keys if (m := self._ends_modules[key]) is not None for p in m.parameters()]
+            for part, keys in ends.items()
+        }
+        return found | {f"block.{i}": list(block.parameters()) for i, block in enumerate(self.blocks)}
 
     # -- inputs -------------------------------------------------------------------------------
     def validate(self, batch: Batch | Mapping[str, object]) -> Batch:

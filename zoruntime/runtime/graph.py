@@ -200,7 +200,8 @@ def _forward(
         window = middle_of.get(j - placed.depth - 1) if placed.depth > 0 else None
         upload = b.add(Kind.UPLOAD, unit, slot_free, window, slot=slot)
         previous = middle_of[j] = b.add(kind, unit, upload, previous, slot=slot)
-        offload_of[j] = b.add(Kind.OFFLOAD, unit, previous, slot=slot) if offload else previous
+        writes_back = offload and unit.trainable  # a frozen unit's master never changes
+        offload_of[j] = b.add(Kind.OFFLOAD, unit, previous, slot=slot) if writes_back else previous
     assert previous is not None
     last_compute = previous
     if ahead:
@@ -229,24 +230,28 @@ def flush_graph(units: UnitTable, plan: Plan, rotation: int = 0) -> TaskGraph:
 
     Streamed groups: upload → update → offload (through the slots, as a step would). Groups on
     the compute device (resident units, then the kept groups): update → offload (a copy; they stay).
-    It returns when all is written back: nothing runs behind it.
+    Frozen groups are left alone. It returns when all is written back: nothing runs behind it.
     """
     b, placed = _Builder("flush"), _Streaming(units, plan, rotation)
-    offload_of: dict[int, int] = {}
+    free_after: dict[int, int] = {}  # slot → the task after which it is free
     updates: dict[str, int] = {}
     for unit in units.streamable:
         j = placed.position.get(unit.name)
+        if not unit.trainable:  # frozen: nothing pending, nothing to write back
+            continue
         if j is None:
             updates[unit.name] = b.add(Kind.UPDATE, unit)
             continue
         slot = placed.slot(j)
-        upload = b.add(Kind.UPLOAD, unit, offload_of.get(j - placed.slots), slot=slot)
+        upload = b.add(Kind.UPLOAD, unit, free_after.get(slot), slot=slot)
         update = b.add(Kind.UPDATE, unit, upload, slot=slot)
-        offload_of[j] = b.add(Kind.OFFLOAD, unit, update, slot=slot)
+        free_after[slot] = b.add(Kind.OFFLOAD, unit, update, slot=slot)
     for unit in placed.resident:
-        b.add(Kind.OFFLOAD, unit, updates[unit.name])
+        if unit.trainable:
+            b.add(Kind.OFFLOAD, unit, updates[unit.name])
     for unit in units.kept:
-        b.add(Kind.OFFLOAD, unit, b.add(Kind.UPDATE, unit))
+        if unit.trainable:
+            b.add(Kind.OFFLOAD, unit, b.add(Kind.UPDATE, unit))
     return b.graph(placed.rotation_after)
 
 

@@ -32,7 +32,9 @@ class Unit:
     ``group_name``: that group's name (the name of group-wide tasks: upload, update, offload);
     ``index``: the adapter's index of the stage (the block index; 0 for the ends);
     ``nbytes``: bytes of the group's master copy; ``streamable``: a plan may stream the group
-    (a group used by units at both ends of the step is kept on the compute device).
+    (a group used by units at both ends of the step is kept on the compute device);
+    ``trainable``: some parameter of the group is trained (a frozen group is uploaded, never
+    updated, perturbed or written back).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Unit:
     index: int
     nbytes: int
     streamable: bool
+    trainable: bool = True  # some parameter of its group is trained; a frozen group is never written back
 
     def __str__(self) -> str:
         return self.name

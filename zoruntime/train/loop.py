@@ -9,6 +9,7 @@ the options, the model and the data. Knows nothing of parsing the command line o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -171,6 +172,34 @@ def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
     (out / "zoruntime.json").write_text(json.dumps(prepared.resolved, indent=2) + "\n")
 
 
+class UpdateWatch:
+    """Warns once when, over ``WINDOW`` steps, the updates changed under ``THRESHOLD`` of the
+    sampled weights (``StepStats.changed_fraction``): the run then learns far slower than its
+    learning rate says."""
+
+    WINDOW, THRESHOLD = 10, 0.10
+
+    def __init__(self) -> None:
+        self.recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self.warned = False
+
+    def see(self, fraction: float | None, rounding: str) -> str | None:
+        if fraction is None or self.warned:
+            return None
+        self.recent.append(fraction)
+        mean = sum(self.recent) / len(self.recent)
+        if len(self.recent) < self.WINDOW or mean >= self.THRESHOLD:
+            return None
+        self.warned = True
+        advice = (
+            "16-bit masters round most ZO updates away to nearest: use --rounding stochastic (the default) or "
+            "--dtype fp32"
+            if rounding == "nearest"
+            else "the steps are too small to move most weights: raise --lr, or train fp32 masters (--dtype fp32)"
+        )
+        return f"warning: in the last {self.WINDOW} steps the updates changed only {mean:.1%} of the weights; {advice}"
+
+
 async def _run(
     config: TrainConfig, prepared: Prepared, rank: int, world_size: int, out: Path, say: Any
 ) -> dict[str, Any]:
@@ -184,6 +213,7 @@ async def _run(
     runtime, base = prepared.runtime, prepared.base
     lead = rank == 0
     tokens, nonfinite, done = 0, 0, start.step
+    watch = UpdateWatch()
     before = start.before
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -212,7 +242,7 @@ async def _run(
                 batch = data.train_batch(step)
                 stats = await rt.step(shard(batch, rank, world_size))
                 if journal is not None:
-                    journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step))
+                    journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step, rounding=rt.rounding))
                 done = step + 1
                 nonfinite = nonfinite + 1 if stats.skipped else 0
                 if nonfinite >= config.stop_after_nonfinite:
@@ -222,6 +252,9 @@ async def _run(
                         f"lower --lr (it is {config.lr:g}) and start again with --overwrite; the checkpoints kept "
                         f"in {out / 'checkpoints'} are from before"
                     )
+                warning = watch.see(stats.changed_fraction, rt.rounding)
+                if warning and lead:
+                    bar.write(warning)
                 tokens += batch["input_ids"].numel()
                 bar.update(1)
                 rate = tokens / (time.perf_counter() - started)

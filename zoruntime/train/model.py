@@ -20,11 +20,11 @@ from ..data.sst2 import candidate_loss
 from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
+from ..models.freeze import freeze
 from ..models.init import load_pretrained_opt, random_opt, tiny_opt_config
 from ..planning.memory import ModelDims, activation_bytes
 from ..policies.base import FixedDepth
-from ..zo.config import ZOSGD
-from .options import DTYPES, TrainConfig, UsageError, parse_policy
+from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy
 
 BUILT_IN = "built-in"
 """The ``base`` of a run of the built-in default model (its copy is saved in ``OUT/base``)."""
@@ -60,8 +60,10 @@ def save_model(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
 
 def base_record(config: TrainConfig, model: PreTrainedModel) -> dict[str, Any]:
     """What the run started from: the built-in default (copied into ``base/``) or a model's name
-    or path, with a fingerprint of its weights (as loaded, in the run's dtype)."""
-    return {"base": config.model or BUILT_IN, "base_fingerprint": weights_fingerprint(model), "dtype": config.dtype}
+    or path, with a fingerprint of its weights (as loaded, in the run's dtype), and the parts it
+    does not train (replay leaves them alone too)."""
+    return {"base": config.model or BUILT_IN, "base_fingerprint": weights_fingerprint(model), "dtype": config.dtype,
+            "freeze": config.freeze}  # fmt: skip
 
 
 def available_bytes(device: str) -> int | None:
@@ -84,10 +86,15 @@ def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_s
             f"--policy {config.policy}: the model has {blocks} blocks, so at most {blocks - 1} uploads can run "
             f"ahead; use depth=1 to {blocks - 1} (or memory=SIZE to keep blocks resident)"
         )
-    optimizer = ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed)
+    if config.freeze is not None:
+        try:
+            freeze(model, config.freeze)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     try:
-        runtime = Runtime(model, optimizer, device=device, policy=policy, compute_dtype=compute, trace=config.trace,
-                          loss_fn=candidate_loss if config.task == "sst2" else None, start_step=start_step)  # fmt: skip
+        runtime = Runtime(model, optimizer(config), device=device, policy=policy, compute_dtype=compute,
+                          trace=config.trace, loss_fn=candidate_loss if config.task == "sst2" else None,
+                          start_step=start_step)  # fmt: skip
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.freeze import parse_freeze
 from ..policies.base import FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
 from ..zo.config import ZOSGD
@@ -58,6 +59,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     stop_after_nonfinite: int = 5
     trace: bool = True
+    freeze: str | None = None
+    rounding: str | None = None
     out: str = "runs/default"
     progress: bool = True
     resume: str | None = None
@@ -108,6 +111,17 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
                    help="full checkpoint every N steps, atomically; always the last (0: only the last)")  # fmt: skip
     p.add_argument("--stop-after-nonfinite", type=int, default=d.stop_after_nonfinite,
                    help="stop when this many steps in a row have a non-finite loss (the run diverged)")  # fmt: skip
+    p.add_argument(
+        "--freeze",
+        default=d.freeze,
+        help="parts not to train: embeddings, head, blocks:A-B, comma-separated (e.g. head,blocks:0-11)",
+    )
+    p.add_argument(
+        "--rounding",
+        default=d.rounding,
+        choices=("stochastic", "nearest"),
+        help="how 16-bit master weights take updates (default: stochastic; fp32 masters: nearest)",
+    )
     p.add_argument("--resume", default=d.resume, help="continue the run in this --out folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
     p.add_argument(
@@ -178,9 +192,11 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} does not exist")
     parse_policy(config.policy)
     try:
-        ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed)
+        optimizer(config).rounding_for(DTYPES[config.dtype])
+        if config.freeze is not None:
+            parse_freeze(config.freeze)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(str(error).replace("rounding=", "--rounding ")) from None
     resolve_device(config.device)
     if config.overwrite and config.resume:
         raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
@@ -189,6 +205,12 @@ def check(config: TrainConfig) -> TrainConfig:
     except RunFolderError as error:
         raise UsageError(str(error)) from None
     return config
+
+
+def optimizer(config: TrainConfig) -> ZOSGD:
+    """The run's ZO-SGD settings."""
+    return ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed,
+                 rounding=config.rounding)  # fmt: skip
 
 
 def resolve_device(text: str) -> str:

@@ -1,7 +1,7 @@
 """ZO-SGD hyper-parameters: a frozen, validated record.
 
 Knows the optimiser's numbers (learning rate and its schedule, perturbation scale, weight
-decay, base seed) and how a step's seed is derived from the base seed. Knows nothing about
+decay, base seed, how 16-bit masters round) and how a step's seed is derived from the base seed. Knows nothing about
 models, devices or scheduling.
 """
 
@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
+
+from .update import Rounding
 
 LRSchedule = Callable[[int], float]
 """Maps a step index (0-based) to that step's learning rate."""
@@ -24,8 +28,11 @@ def _check_lr(lr: float, where: str) -> None:
 class ZOSGD:
     """Zeroth-order SGD (MeZO): ``θ ← θ − lr·(g·z + wd·θ)`` with ``g = (f(θ+εz) − f(θ−εz)) / 2ε``.
 
-    ``weight_decay`` is skipped for biases and layer norms. ``lr_schedule``, when given,
-    replaces ``lr`` with ``lr_schedule(step)`` for each step.
+    ``weight_decay`` is skipped for biases and layer norms, and folded into the step before it
+    is rounded. ``lr_schedule``, when given, replaces ``lr`` with ``lr_schedule(step)`` for
+    each step. ``rounding``: how 16-bit master weights take an update, "stochastic" (the
+    default for them: an update far below half a 16-bit step still moves the weight on
+    average) or "nearest" (most such updates round away); float32 masters round to nearest.
     """
 
     lr: float = 1e-6
@@ -33,6 +40,19 @@ class ZOSGD:
     weight_decay: float = 0.0
     seed: int = 0
     lr_schedule: LRSchedule | None = None
+    rounding: str | None = None  # None: "stochastic" for 16-bit masters, "nearest" for float32
+
+    def rounding_for(self, master: torch.dtype) -> Rounding:
+        """The rounding the updates of ``master`` weights use (a clear error if it cannot apply)."""
+        if self.rounding is None:
+            return Rounding.NEAREST if master == torch.float32 else Rounding.STOCHASTIC
+        rounding = Rounding(self.rounding)
+        if rounding is Rounding.STOCHASTIC and master == torch.float32:
+            raise ValueError(
+                "rounding='stochastic' is for 16-bit master weights; these are float32, whose updates round to "
+                "nearest: leave rounding unset (or 'nearest'), or load the model in float16 or bfloat16"
+            )
+        return rounding
 
     def __post_init__(self) -> None:
         _check_lr(self.lr, "lr")
@@ -42,6 +62,10 @@ class ZOSGD:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.rounding is not None and self.rounding not in tuple(Rounding):
+            raise ValueError(
+                f"rounding must be 'stochastic', 'nearest' or None (by the masters' dtype), got {self.rounding!r}"
+            )
 
     def lr_at(self, step: int) -> float:
         """The learning rate of ``step``, checked: a schedule returning a bad value fails loudly."""

@@ -32,6 +32,10 @@ CHUNK_ELEMENTS = 1 << 24
 """Elements per chunk of a group's direction (the last chunk of a group is shorter); part of
 the scheme: another length draws another z."""
 
+ROUNDING_DIRECTION = (1 << 32) - 1
+"""The direction index whose chunk seeds key stochastic rounding's bits (``rounding_bits``);
+no estimator draws that many directions."""
+
 RESIDENT_GROUP = 0
 """Group id of everything that stays on the compute device (embeddings, final norm, head)."""
 
@@ -134,3 +138,9 @@ class DirectionSampler:
                 whole = torch.randn(length, generator=self._generator, dtype=out.dtype, device=self.device)
                 target.copy_(whole[lo - start : hi - start])
         return out
+
+    def rounding_bits(self, seed: int, group: int, piece: int, length: int) -> torch.Tensor:
+        """``length`` uniform floats in [0, 1) for piece ``piece`` of ``group``'s update in the
+        step whose seed is ``seed``: stochastic rounding's bits, a pure function of that key."""
+        self._generator.manual_seed(chunk_seed(seed, group, piece, ROUNDING_DIRECTION))
+        return torch.rand(length, generator=self._generator, device=self.device)

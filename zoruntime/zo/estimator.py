@@ -35,6 +35,12 @@ class TwoSidedEstimator:
 
     eps: float
 
+    @classmethod
+    def exact(cls, eps: float, compute_dtype: torch.dtype) -> TwoSidedEstimator:
+        """The estimator whose ``eps`` a perturbation in ``compute_dtype`` applies exactly: ``eps``
+        rounded to that dtype (a 16-bit add rounds its scale), so g divides by what was applied."""
+        return cls(float(torch.tensor(eps, dtype=compute_dtype)))
+
     @property
     def directions(self) -> int:
         return 1

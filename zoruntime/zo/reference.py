@@ -23,7 +23,7 @@ from .config import ZOSGD
 from .directions import DirectionSampler, step_seed
 from .estimator import TwoSidedEstimator
 from .stats import StepStats
-from .update import PendingUpdate, apply_update, perturb_into
+from .update import PendingUpdate, apply_update, draw_direction, perturb_into
 
 
 class ReferenceZO:
@@ -38,6 +38,7 @@ class ReferenceZO:
         self.loss_fn = loss_fn  # None: the causal-LM loss in pieces, as the runtime computes it
         self.step_index = 0
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
+        self.rounding = config.rounding_for(next(model.parameters()).dtype)
         device = next(model.parameters()).device
         self.sampler = DirectionSampler(device)
         full_name = {id(p): n for n, p in model.named_parameters()}
@@ -68,13 +69,13 @@ class ReferenceZO:
         """One ZO-SGD step on ``batch``; the weights are updated before this returns."""
         cfg, t = self.config, self.step_index
         seed, lr = step_seed(cfg.seed, t), cfg.lr_at(t)
-        estimator = TwoSidedEstimator(cfg.eps)
+        estimator = TwoSidedEstimator.exact(cfg.eps, self.compute_dtype)
         batch = self.adapter.validate(batch).to(self.sampler.device)
         probes = estimator.probes()
         perturbed: list[dict[str, torch.Tensor]] = [{} for _ in probes]
         heads: list[dict[str, torch.Tensor]] = [{} for _ in probes]
         for layout, flat, names in self._groups:
-            z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
+            z = draw_direction(self.sampler, seed, layout, torch.empty_like(flat))
             for weights, head, probe in zip(perturbed, heads, probes, strict=True):
                 copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, probe.scale)
                 weights.update({names[k]: v for k, v in layout.views(copy).items()})
@@ -85,10 +86,11 @@ class ReferenceZO:
         values = (float(losses[0]), float(losses[1]), float(grad))
         skipped = not all(math.isfinite(v) for v in values)  # a non-finite loss makes no update
         if not skipped:
-            update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad)
+            update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad, self.rounding)
             for layout, flat, _ in self._groups:  # z is regenerated, never stored
-                z = self.sampler.draw(seed, layout.group, torch.empty_like(flat))
-                apply_update(flat, z, update, layout.decayed_views(flat))
+                if layout.trainable:
+                    z = draw_direction(self.sampler, seed, layout, torch.empty_like(flat))
+                    apply_update(flat, z, update, layout, self.sampler)
         self.step_index += 1
         return StepStats(t, seed, lr, *values, skipped=skipped)
 

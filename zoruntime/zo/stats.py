@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
     """Step index (0-based), its seed and lr, both perturbed losses and the projected gradient.
 
-    ``skipped``: a loss was not finite, so the step made no update (training goes on)."""
+    ``skipped``: a loss was not finite, so the step made no update (training goes on).
+    ``changed_fraction``: of a sample of trainable weights, the fraction that the updates applied
+    during this step (the previous step's: updates are applied lazily) actually changed; far
+    below 1 means updates round away (16-bit masters with round-to-nearest). None when no
+    update was applied or the runner does not sample (left out of equality)."""
 
     step: int
     seed: int
@@ -18,6 +22,7 @@ class StepStats:
     loss_minus: float
     projected_grad: float
     skipped: bool = False
+    changed_fraction: float | None = field(default=None, compare=False)
 
     @property
     def loss(self) -> float:

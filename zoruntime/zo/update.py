@@ -1,17 +1,22 @@
-"""The ZO arithmetic on flat group buffers: perturbed copies, projected gradient, update.
+"""The ZO arithmetic on flat group buffers: directions, perturbed copies, projected gradient,
+update, and how the update is rounded.
 
-Every place that perturbs or updates weights (the in-memory reference and every backend of
-the runtime) calls these functions, so the same inputs give the same bits everywhere. The
+Every place that perturbs or updates weights (the in-memory reference, every backend of the
+runtime, replay) calls these functions, so the same inputs give the same bits everywhere. The
 master weights are never perturbed in place: a perturbed copy is written into a scratch
-buffer. Knows nothing about models, devices or scheduling.
+buffer. Frozen parameters have z = 0 and are never updated. Knows a group's layout (which
+elements are trainable and decayed), nothing about models, devices or scheduling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
+
+from ..models.groups import GroupLayout
+from .directions import DirectionSampler
 
 
 def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -23,6 +28,21 @@ def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scal
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
     """``g = (f(θ+εz) − f(θ−εz)) / 2ε`` as a 0-d fp32 tensor on the losses' device (no host sync)."""
     return (loss_plus.float() - loss_minus.float()) / (2.0 * eps)
+
+
+class Rounding(StrEnum):
+    """How an update's exact (float32) result becomes a 16-bit master weight. Float32 masters
+    always round to nearest: there the result is already float32."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"  # up or down with probability by distance: unbiased, so small updates add up
+
+
+ROUNDING_PIECE = 1 << 20
+"""Elements per piece of an update: the size of its float32 temporaries, and the unit whose
+stochastic-rounding bits one generator draws (keyed by step seed, group and piece)."""
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,19 +57,132 @@ class PendingUpdate:
     lr: float
     weight_decay: float
     scaled_grad: torch.Tensor
+    rounding: Rounding = Rounding.NEAREST
 
     @classmethod
-    def from_gradient(cls, step: int, seed: int, lr: float, weight_decay: float, grad: torch.Tensor) -> PendingUpdate:
-        return cls(step=step, seed=seed, lr=lr, weight_decay=weight_decay, scaled_grad=grad * -lr)
+    def from_gradient(
+        cls,
+        step: int,
+        seed: int,
+        lr: float,
+        weight_decay: float,
+        grad: torch.Tensor,
+        rounding: Rounding = Rounding.NEAREST,
+    ) -> PendingUpdate:
+        return cls(step, seed, lr, weight_decay, grad * -lr, Rounding(rounding))
+
+
+def draw_direction(sampler: DirectionSampler, seed: int, layout: GroupLayout, out: torch.Tensor) -> torch.Tensor:
+    """z of ``layout``'s group in the step whose seed is ``seed``, drawn into ``out``: the
+    sampler's draw, zero on frozen parameters (so they are neither perturbed nor updated, and
+    every other element is what it would be with nothing frozen)."""
+    sampler.draw(seed, layout.group, out)
+    for start, end in layout.frozen_ranges:
+        out[start:end].zero_()
+    return out
+
+
+class ChangeCount:
+    """Samples how many elements the applied updates changed: before an update, ``SAMPLE``
+    trainable elements of the group, spread evenly, are copied; after it, those that differ are
+    counted (on the device: reading the count is the caller's one host sync)."""
+
+    SAMPLE = 4096
+
+    def __init__(self) -> None:
+        self._indices: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.changed: torch.Tensor | None = None
+        self.sampled = 0
+
+    def before(self, layout: GroupLayout, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layout.group, weights.device)
+        if key not in self._indices:
+            trainable = torch.cat([torch.arange(a, b) for a, b, _ in layout.update_ranges])
+            stride = max(1, trainable.numel() // self.SAMPLE)
+            self._indices[key] = trainable[::stride][: self.SAMPLE].to(weights.device)
+        index = self._indices[key]
+        return index, weights[index]
+
+    def after(self, weights: torch.Tensor, sample: tuple[torch.Tensor, torch.Tensor]) -> None:
+        index, old = sample
+        differs = (weights[index] != old).sum()
+        self.changed = differs if self.changed is None else self.changed + differs
+        self.sampled += index.numel()
+
+    def take(self) -> float | None:
+        """The fraction changed since the last ``take`` (None if no update was applied)."""
+        if self.changed is None or not self.sampled:
+            return None
+        fraction = float(self.changed) / self.sampled
+        self.changed, self.sampled = None, 0
+        return fraction
 
 
 def apply_update(
-    weights: torch.Tensor, z: torch.Tensor, update: PendingUpdate, decayed: Sequence[torch.Tensor]
+    weights: torch.Tensor,
+    z: torch.Tensor,
+    update: PendingUpdate,
+    layout: GroupLayout,
+    sampler: DirectionSampler,
+    changed: ChangeCount | None = None,
 ) -> None:
-    """``θ ← θ·(1 − lr·wd) − lr·g·z`` in place; decay only on ``decayed`` (views into ``weights``)."""
-    # weights, z: [numel]; decayed: views of weights (not biases, not layer norms)
+    """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
+    those that take it), computed in float32 and rounded once to the masters' dtype.
+
+    The decay is folded into the step before rounding, never a multiplication by
+    ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
+    round to nearest or stochastically (``update.rounding``), with bits from
+    ``sampler.rounding_bits`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``)."""
+    # weights, z: [numel] flat, z zero on frozen parameters
+    stochastic = update.rounding is Rounding.STOCHASTIC
+    if stochastic and weights.dtype not in _SIXTEEN_BIT:
+        raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
+    sample = changed.before(layout, weights) if changed is not None else None
+    scaled_grad = update.scaled_grad.to(device=weights.device)
     decay = update.lr * update.weight_decay
+    for piece_start in range(0, layout.numel, ROUNDING_PIECE):
+        piece_end = min(piece_start + ROUNDING_PIECE, layout.numel)
+        runs = [(max(a, piece_start), min(b, piece_end), d) for a, b, d in layout.update_ranges]
+        runs = [(a, b, d) for a, b, d in runs if a < b]
+        if not runs:
+            continue
+        bits = None
+        if stochastic:
+            bits = sampler.rounding_bits(update.seed, layout.group, piece_start // ROUNDING_PIECE,
+                                         piece_end - piece_start)  # fmt: skip
+        for a, b, decayed in runs:
+            piece_bits = None if bits is None else bits[a - piece_start : b - piece_start]
+            _update_run(weights[a:b], z[a:b], scaled_grad, decay if decayed else 0.0, piece_bits)
+    if changed is not None and sample is not None:
+        changed.after(weights, sample)
+
+
+def _update_run(
+    w: torch.Tensor, z: torch.Tensor, scaled_grad: torch.Tensor, decay: float, bits: torch.Tensor | None
+) -> None:
+    if w.dtype == torch.float32 or (bits is None and not decay):
+        if decay:  # θ + (−lr·g·z − lr·wd·θ): one rounding of the step, one of the sum
+            step = torch.mul(w, -decay).addcmul_(z, scaled_grad)
+            w.add_(step)
+        else:  # one fused multiply-add, rounded once
+            w.addcmul_(z, scaled_grad)
+        return
+    exact = w.float()
+    step = z.float().mul_(scaled_grad)
     if decay:
-        for view in decayed:
-            view.mul_(1.0 - decay)
-    weights.addcmul_(z, update.scaled_grad.to(device=weights.device))
+        step.add_(exact, alpha=-decay)
+    exact.add_(step)
+    w.copy_(exact if bits is None else _stochastic_round(exact, w.dtype, bits))
+
+
+def _stochastic_round(exact: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) -> torch.Tensor:
+    """``exact`` (float32) to ``dtype``: to the nearest value or to its neighbour on the other
+    side of ``exact``, the neighbour with probability (distance to the nearest) / (gap between
+    them), decided by ``bits`` (uniform in [0, 1)). On average the result is ``exact``; a value
+    ``dtype`` holds exactly is returned unchanged."""
+    nearest = exact.to(dtype)
+    below = exact - nearest.float()  # exact in float32: the 16-bit value is a float32 value close by
+    toward = torch.where(below > 0, torch.inf, -torch.inf).to(dtype)
+    other = torch.nextafter(nearest, toward)
+    gap = (other.float() - nearest.float()).abs_()
+    return torch.where(bits * gap < below.abs_(), other, nearest)
