@@ -173,12 +173,12 @@ def test_train_freeze_leaves_those_parts_as_they_were_and_replay_agrees(tmp_path
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stochastic_rounding_keeps_updates_far_below_half_a_step_on_average(dtype: torch.dtype) -> None:
-    """An update of about 1/100 of a 16-bit step: round to nearest changes nothing; stochastic
-    rounding changes about 1 weight in 100 by a full step, and on average moves each weight by
-    the update (within 3% over 200,000 weights)."""
+    """An update of 1/10 of a 16-bit step: round to nearest changes nothing; stochastic rounding
+    changes about 1 weight in 10 by a full step, and on average moves each weight by the update
+    (within 3%, over 4 standard deviations, on 200,000 weights)."""
     numel, layout = 200_000, _layout(200_000, dtype, decayed=False)
     weights = (1.0 + torch.rand(numel, generator=torch.Generator().manual_seed(0))).to(dtype)  # in [1, 2)
-    step = float(torch.finfo(dtype).eps) / 100  # the spacing in [1, 2) is finfo.eps
+    step = float(torch.finfo(dtype).eps) / 10  # the spacing in [1, 2) is finfo.eps
     z = torch.ones(numel, dtype=dtype)
     moved = {}
     for rounding in Rounding:
@@ -190,7 +190,7 @@ def test_stochastic_rounding_keeps_updates_far_below_half_a_step_on_average(dtyp
     assert moved[Rounding.NEAREST][0].abs().max() == 0 and moved[Rounding.NEAREST][1] == 0.0
     mean = float(moved[Rounding.STOCHASTIC][0].mean())
     assert mean == pytest.approx(step, rel=0.03)
-    assert 0.005 < moved[Rounding.STOCHASTIC][1] < 0.02  # the sampled fraction that changed
+    assert 0.08 < moved[Rounding.STOCHASTIC][1] < 0.12  # the sampled fraction that changed
 
 
 def test_stochastic_rounding_bits_are_a_pure_function_of_step_seed_and_group() -> None:

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file")
     parser.add_argument("--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4)")
     parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
+    parser.add_argument(
+        "--rounding",
+        choices=("stochastic", "nearest"),
+        default=None,
+        help="how 16-bit masters take updates (default: stochastic, as ZOSGD; fp32: nearest)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.batch <= 0 or args.seq <= 0:
@@ -59,15 +65,18 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
         layout = model_layout(adapter_for(meta_opt(config, dtype)), dtype)
-        work = Workload(layout, shape_dims(config), args.batch, args.seq)
+        if args.rounding == "stochastic" and args.dtype == "fp32":
+            raise UsageError("--rounding stochastic is for 16-bit masters: use --dtype fp16 or bf16")
+        work = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding)
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
         chosen = predict(work, profile, parse_policy(args.policy)) if args.policy else None
         found = best(work, profile, gpu_bytes)
     except (UsageError, ValueError) as error:
         print(f"zoruntime plan: error: {error}", file=sys.stderr)
         return 2
-    print(f"zoruntime plan: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on the {profile.name} profile "
-          f"({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
+    rounding = args.rounding or ("nearest" if args.dtype == "fp32" else "stochastic")
+    print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}, on the "
+          f"{profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
     if chosen is not None:
         _show("your policy", chosen)
     if found is not None:

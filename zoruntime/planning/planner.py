@@ -24,8 +24,11 @@ from .simulate import simulate
 
 DEPTHS = (0, 1, 2, 3)
 OFFLOAD_EVERY = (1, 2, 3, 4, 6, 8)
-BYTES_PER_COMPUTE_TASK = 11  # × parameters × itemsize: two draws, two perturbed copies, one update
-BYTES_PER_EXTRA_UPDATE = 4  # × parameters × itemsize: a draw and an add
+STOCHASTIC_UPDATE_BYTES = 64
+"""Bytes an update moves per parameter of 16-bit masters with stochastic rounding: the step in
+float32 (the weight widened, the decay, the multiply-add), the noise, its add and mask, the
+narrowing (``zo/update.py``; counted, not measured). Round to nearest is one fused
+multiply-add: three accesses of the masters' width."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +39,24 @@ class Workload:
     dims: ModelDims
     batch: int
     seq: int
+    rounding: str | None = None  # how the masters take updates; None: ZOSGD's default for their dtype
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def update_bytes(self) -> int:
+        """Bytes one update of a block moves per parameter."""
+        itemsize = self.layout.streamable[0].itemsize
+        stochastic = (self.rounding or ("stochastic" if itemsize == 2 else "nearest")) == "stochastic"
+        return STOCHASTIC_UPDATE_BYTES if stochastic else 3 * itemsize
+
+    def compute_task_bytes(self) -> int:
+        """Bytes a block's compute task moves besides its forwards: two draws of z, two perturbed
+        copies (read θ and z, write), one update."""
+        unit = self.layout.streamable[0]
+        return unit.numel * (8 * unit.itemsize + self.update_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +91,13 @@ def profile_from_card(
 ) -> GPUProfile:
     """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
     compute rate from both forwards, the memory rate from the rest of the compute task."""
-    unit = work.layout.streamable[0]
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
     if task_s <= forward_s:
         raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
     return GPUProfile(
         name, upload_gb_s=card["upload_gb_s"], offload_gb_s=card["offload_gb_s"], duplex=duplex,
         tflops=2 * forward_flops(work) / forward_s / 1e12,
-        memory_gb_s=BYTES_PER_COMPUTE_TASK * unit.numel * unit.itemsize / (task_s - forward_s) / 1e9,
+        memory_gb_s=work.compute_task_bytes() / (task_s - forward_s) / 1e9,
         gpu_memory_gb=gpu_memory_gb, source=source,
     )  # fmt: skip
 
@@ -93,7 +109,7 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
     dims, tokens = work.dims, work.tokens
     flops = profile.tflops * 1e12
     memory = profile.memory_gb_s * 1e9
-    compute_s = 2 * forward_flops(work) / flops + BYTES_PER_COMPUTE_TASK * params * itemsize / memory
+    compute_s = 2 * forward_flops(work) / flops + work.compute_task_bytes() / memory
     head_s = 2 * 2 * tokens * dims.hidden * dims.vocab / flops
     op = OpFigures(
         upload_s=unit.nbytes / (profile.upload_gb_s * 1e9),
@@ -101,7 +117,7 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
         offload_s=unit.nbytes / (profile.offload_gb_s * 1e9),
         head_s=head_s,
     )
-    return op, BYTES_PER_EXTRA_UPDATE * params * itemsize / memory
+    return op, params * (itemsize + work.update_bytes) / memory  # a draw, then the update
 
 
 def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | None = None) -> Prediction:

@@ -33,7 +33,7 @@ CHUNK_ELEMENTS = 1 << 24
 the scheme: another length draws another z."""
 
 ROUNDING_DIRECTION = (1 << 32) - 1
-"""The direction index whose chunk seeds key stochastic rounding's bits (``rounding_bits``);
+"""The direction index whose chunk seeds key stochastic rounding's noise (``rounding_noise``);
 no estimator draws that many directions."""
 
 RESIDENT_GROUP = 0
@@ -139,8 +139,8 @@ class DirectionSampler:
                 target.copy_(whole[lo - start : hi - start])
         return out
 
-    def rounding_bits(self, seed: int, group: int, piece: int, length: int) -> torch.Tensor:
-        """``length`` uniform floats in [0, 1) for piece ``piece`` of ``group``'s update in the
-        step whose seed is ``seed``: stochastic rounding's bits, a pure function of that key."""
+    def rounding_noise(self, seed: int, group: int, piece: int, length: int, bits: int) -> torch.Tensor:
+        """``length`` int32 values uniform in [0, 2^bits) for piece ``piece`` of ``group``'s update
+        in the step whose seed is ``seed``: stochastic rounding's noise, a pure function of that key."""
         self._generator.manual_seed(chunk_seed(seed, group, piece, ROUNDING_DIRECTION))
-        return torch.rand(length, generator=self._generator, device=self.device)
+        return torch.randint(0, 1 << bits, (length,), generator=self._generator, dtype=torch.int32, device=self.device)

@@ -42,7 +42,8 @@ ROUNDING_PIECE = 1 << 20
 """Elements per piece of an update: the size of its float32 temporaries, and the unit whose
 stochastic-rounding bits one generator draws (keyed by step seed, group and piece)."""
 
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
+"""float32 mantissa bits each 16-bit type drops (23 − 10 and 23 − 7)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +132,11 @@ def apply_update(
 
     The decay is folded into the step before rounding, never a multiplication by
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
-    round to nearest or stochastically (``update.rounding``), with bits from
-    ``sampler.rounding_bits`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``)."""
+    round to nearest or stochastically (``update.rounding``), with noise from
+    ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``)."""
     # weights, z: [numel] flat, z zero on frozen parameters
     stochastic = update.rounding is Rounding.STOCHASTIC
-    if stochastic and weights.dtype not in _SIXTEEN_BIT:
+    if stochastic and weights.dtype not in DROPPED_BITS:
         raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
     sample = changed.before(layout, weights) if changed is not None else None
     scaled_grad = update.scaled_grad.to(device=weights.device)
@@ -146,43 +147,41 @@ def apply_update(
         runs = [(a, b, d) for a, b, d in runs if a < b]
         if not runs:
             continue
-        bits = None
+        noise = None
         if stochastic:
-            bits = sampler.rounding_bits(update.seed, layout.group, piece_start // ROUNDING_PIECE,
-                                         piece_end - piece_start)  # fmt: skip
+            noise = sampler.rounding_noise(update.seed, layout.group, piece_start // ROUNDING_PIECE,
+                                           piece_end - piece_start, DROPPED_BITS[weights.dtype])  # fmt: skip
         for a, b, decayed in runs:
-            piece_bits = None if bits is None else bits[a - piece_start : b - piece_start]
-            _update_run(weights[a:b], z[a:b], scaled_grad, decay if decayed else 0.0, piece_bits)
+            piece_noise = None if noise is None else noise[a - piece_start : b - piece_start]
+            _update_run(weights[a:b], z[a:b], scaled_grad, decay if decayed else 0.0, piece_noise)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
 
 def _update_run(
-    w: torch.Tensor, z: torch.Tensor, scaled_grad: torch.Tensor, decay: float, bits: torch.Tensor | None
+    w: torch.Tensor, z: torch.Tensor, scaled_grad: torch.Tensor, decay: float, noise: torch.Tensor | None
 ) -> None:
-    if w.dtype == torch.float32 or (bits is None and not decay):
+    if w.dtype == torch.float32 or (noise is None and not decay):
         if decay:  # θ + (−lr·g·z − lr·wd·θ): one rounding of the step, one of the sum
             step = torch.mul(w, -decay).addcmul_(z, scaled_grad)
             w.add_(step)
         else:  # one fused multiply-add, rounded once
             w.addcmul_(z, scaled_grad)
         return
-    exact = w.float()
-    step = z.float().mul_(scaled_grad)
+    exact = w.float()  # the step and the sum in float32, then one rounding to the masters' dtype
     if decay:
-        step.add_(exact, alpha=-decay)
-    exact.add_(step)
-    w.copy_(exact if bits is None else _stochastic_round(exact, w.dtype, bits))
+        exact.add_(torch.mul(exact, -decay).addcmul_(z, scaled_grad))
+    else:
+        exact.addcmul_(z, scaled_grad)
+    w.copy_(exact if noise is None else _stochastic_round(exact, noise, DROPPED_BITS[w.dtype]))
 
 
-def _stochastic_round(exact: torch.Tensor, dtype: torch.dtype, bits: torch.Tensor) -> torch.Tensor:
-    """``exact`` (float32) to ``dtype``: to the nearest value or to its neighbour on the other
-    side of ``exact``, the neighbour with probability (distance to the nearest) / (gap between
-    them), decided by ``bits`` (uniform in [0, 1)). On average the result is ``exact``; a value
-    ``dtype`` holds exactly is returned unchanged."""
-    nearest = exact.to(dtype)
-    below = exact - nearest.float()  # exact in float32: the 16-bit value is a float32 value close by
-    toward = torch.where(below > 0, torch.inf, -torch.inf).to(dtype)
-    other = torch.nextafter(nearest, toward)
-    gap = (other.float() - nearest.float()).abs_()
-    return torch.where(bits * gap < below.abs_(), other, nearest)
+def _stochastic_round(exact: torch.Tensor, noise: torch.Tensor, dropped: int) -> torch.Tensor:
+    """``exact`` (float32, overwritten) with the bits the 16-bit type drops replaced by a random
+    choice between rounding down and up: ``noise``, uniform in [0, 2^dropped), is added to the
+    bit pattern and the dropped bits cleared, which carries into the kept bits with probability
+    equal to the dropped fraction. So the 16-bit value is ``exact`` on average (a value the
+    type holds is unchanged). Exact for bfloat16 everywhere and for float16 in its normal range;
+    below 2^-14 float16's spacing is fixed and the result is rounded to nearest once more."""
+    exact.view(torch.int32).add_(noise).bitwise_and_(-(1 << dropped))  # sign and magnitude: both signs alike
+    return exact
