@@ -43,6 +43,22 @@ async def test_cuda_runtime_equals_the_reference_on_the_same_gpu(policy) -> None
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+async def test_16_bit_masters_round_stochastically_on_cuda_as_the_reference_does(dtype: torch.dtype) -> None:
+    config = zoruntime.ZOSGD(lr=1e-3, eps=1e-2, weight_decay=0.1, seed=5)  # rounding: stochastic by default
+    ref_model = _gpu_model(dtype=dtype).cuda()
+    ref = ReferenceZO(ref_model, config)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]
+    model = _gpu_model(dtype=dtype)
+    async with zoruntime.Runtime(model, config, device="cuda", policy=FixedDepth(1, offload_every=2)) as rt:
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(3)]
+        assert rt.rounding == "stochastic" and got[2].changed_fraction is not None
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.asyncio
 async def test_lr_zero_leaves_fp16_weights_bitwise_unchanged_on_cuda() -> None:
     model = _gpu_model(dtype=torch.float16)
     before = [p.clone() for p in model.parameters()]

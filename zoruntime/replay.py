@@ -31,7 +31,7 @@ from .models.adapter import adapter_for
 from .models.fingerprint import weights_fingerprint
 from .models.freeze import freeze
 from .models.groups import adopt_into_flat
-from .models.init import load_pretrained_opt
+from .models.init import load_pretrained
 from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
 from .zo.update import PendingUpdate, Rounding, apply_update, draw_direction
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("base_fingerprint", "dtype"):  # the run's configuration first, else the journal's header
                 expected[key] = expected.get(key) or header.get(key)
             dtype = _DTYPES[expected["dtype"]] if expected.get("dtype") else None
-            model = load_pretrained_opt(base, dtype)
+            model = load_pretrained(base, dtype)
             if expected.get("base_fingerprint") and weights_fingerprint(model) != expected["base_fingerprint"]:
                 raise ValueError(
                     f"the base {base} is not the model this run started from (its weights' fingerprint differs from "

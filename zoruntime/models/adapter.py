@@ -16,6 +16,7 @@ from torch import nn
 from ..runtime.units import UnitTable
 from .batch import Batch
 from .groups import GroupLayout, Params
+from .llama import LLAMA_LIKE, LlamaLikeAdapter
 from .opt import OPTAdapter
 
 
@@ -68,7 +69,10 @@ class ModelAdapter(Protocol):
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
 
 
-ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {"opt": OPTAdapter}
+ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {
+    "opt": OPTAdapter,
+    **dict.fromkeys(LLAMA_LIKE, LlamaLikeAdapter),
+}
 """``config.model_type`` → the adapter that runs it."""
 
 

@@ -5,7 +5,8 @@ filled from a private ``torch.Generator``: normal(0, init_std) for linear and em
 weights (the padding row zeroed), zeros for biases, ones and zeros for layer norms, as HF
 initialises OPT. Also holds the built-in tiny configuration used by tests and demos,
 ``materialize_flat`` (groups born flat in pinned buffers, for benchmarks of big shapes) and
-``load_pretrained_opt`` (a local folder or a hub name, with errors that say what to do).
+``load_pretrained`` (a local folder or a hub name of any family an adapter runs, with errors
+that say what to do).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
 
 from .groups import GroupLayout
 
@@ -188,10 +189,13 @@ def _offline_options(where: str) -> dict[str, Any]:
     )
 
 
-def load_pretrained_opt(where: str, dtype: torch.dtype | None = None) -> OPTForCausalLM:
-    """``OPTForCausalLM.from_pretrained`` on a local folder or a hub name, in ``dtype`` (None: the
-    dtype it was saved in); every failure becomes a ValueError whose message says what to do."""
-    from transformers import AutoConfig
+def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` on a local folder or a hub name, for a model type
+    an adapter runs (``models.adapter.ADAPTERS``), in ``dtype`` (None: the dtype it was saved in);
+    every failure becomes a ValueError whose message says what to do."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapter import ADAPTERS
 
     if where.startswith((".", "/")) and not Path(where).exists():
         raise ValueError(f"the folder {where!r} does not exist; give the folder the model was saved in")
@@ -204,10 +208,11 @@ def load_pretrained_opt(where: str, dtype: torch.dtype | None = None) -> OPTForC
             f"could not load a model from {where!r} ({kind}; {type(error).__name__}). For a hub model, download "
             f"it first on a machine with network (huggingface-cli download {where}) or pass the folder it is in"
         ) from None
-    if config.model_type != "opt":
-        raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains OPT models (facebook/opt-*)")
+    if config.model_type not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains these model types: {supported}")
     try:
-        model = OPTForCausalLM.from_pretrained(where, **offline)
+        model = AutoModelForCausalLM.from_pretrained(where, **offline)
     except OSError as error:
         raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
     if dtype is None:

@@ -22,9 +22,9 @@ from torch.func import functional_call
 from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from ..planning.memory import LOSS_CHUNK_TOKENS
 from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
+from .causal_lm import loss_in_pieces
 from .groups import GroupLayout, Params
 
 EMBED_HEAD_GROUP = 0
@@ -226,20 +226,10 @@ class OPTAdapter:
         return hidden
 
     def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
-        """The causal-LM loss from hidden states without ever holding the logits of every token:
-        the LM head and a float32 cross-entropy run on ``LOSS_CHUNK_TOKENS`` tokens at a time, summed,
-        then divided by the number of predicted tokens. Equal to HF's loss within float rounding
-        (the sum runs in another order). ``final``: ``hidden`` is already the decoder's last state."""
+        """The causal-LM loss in pieces (``causal_lm.loss_in_pieces``); ``final``: ``hidden`` is
+        already the decoder's last state."""
         hidden = hidden if final else self.final_hidden(params, hidden)
-        # next-token targets: labels shifted left by one, -100 after each row's last token
-        targets = torch.nn.functional.pad(batch.labels, (0, 1), value=-100)[:, 1:].reshape(-1)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, flat.shape[0], LOSS_CHUNK_TOKENS):
-            logits = self._call("lm_head", params, flat[start : start + LOSS_CHUNK_TOKENS]).float()
-            chunk = targets[start : start + LOSS_CHUNK_TOKENS]
-            total = total + torch.nn.functional.cross_entropy(logits, chunk, ignore_index=-100, reduction="sum")
-        return total / (targets != -100).sum()
+        return loss_in_pieces(lambda piece: self._call("lm_head", params, piece), hidden, batch)
 
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over labels != -100, computed by the model's own HF loss."""

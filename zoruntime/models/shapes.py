@@ -1,4 +1,5 @@
-"""OPT shapes by name (facebook/opt-125m ... opt-175b), as configs with no weights attached.
+"""OPT shapes by name (facebook/opt-125m ... opt-175b), as configs with no weights attached, and
+the widths of any supported config.
 
 The numbers are those of the released checkpoints' config.json files: layers, hidden size,
 heads, FFN width; vocabulary 50272 and 2048 positions throughout; opt-350m is the odd one
@@ -7,7 +8,7 @@ heads, FFN width; vocabulary 50272 and 2048 positions throughout; opt-350m is th
 
 from __future__ import annotations
 
-from transformers import OPTConfig
+from transformers import OPTConfig, PretrainedConfig
 
 from ..planning.memory import ModelDims
 
@@ -51,6 +52,8 @@ def opt_config(name: str) -> OPTConfig:
     )
 
 
-def shape_dims(config: OPTConfig) -> ModelDims:
-    """The widths the planner's activation estimate needs, from an OPT config."""
-    return ModelDims(config.hidden_size, config.ffn_dim, config.vocab_size, config.num_attention_heads)
+def shape_dims(config: PretrainedConfig) -> ModelDims:
+    """The widths the planner's activation estimate needs, from the config of any family an
+    adapter runs (OPT calls the feed-forward width ``ffn_dim``, the Llama family ``intermediate_size``)."""
+    ffn = getattr(config, "ffn_dim", None) or config.intermediate_size
+    return ModelDims(config.hidden_size, ffn, config.vocab_size, config.num_attention_heads)

@@ -21,8 +21,9 @@ from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
-from ..models.init import load_pretrained_opt, random_opt, tiny_opt_config
-from ..planning.memory import ModelDims, activation_bytes
+from ..models.init import load_pretrained, random_opt, tiny_opt_config
+from ..models.shapes import shape_dims
+from ..planning.memory import activation_bytes
 from ..policies.base import FixedDepth
 from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy
 
@@ -38,7 +39,7 @@ def load_model(config: TrainConfig, base: Path | None = None) -> tuple[PreTraine
         return random_opt(tiny_opt_config(num_hidden_layers=4, max_position_embeddings=max(128, config.max_length)),
                           seed=config.seed, dtype=dtype), ByteTokenizer()  # fmt: skip
     try:
-        model = load_pretrained_opt(where, dtype)
+        model = load_pretrained(where, dtype)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if ByteTokenizer.saved_in(where):
@@ -98,8 +99,7 @@ def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_s
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate
-    c = model.config
-    dims = ModelDims(c.hidden_size, c.ffn_dim, c.vocab_size, c.num_attention_heads)
+    dims = shape_dims(model.config)
     need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True,
                             chunked_loss=config.task == "lm")  # fmt: skip
     free = available_bytes(device)

@@ -1,0 +1,148 @@
+"""Beyond OPT: Llama, Mistral, Qwen2 and Qwen3 models through the same runtime, equal to HF's own
+forward and to the reference bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import zoruntime
+from zoruntime.models import adapter_for
+from zoruntime.models.freeze import freeze
+from zoruntime.models.llama import LlamaLikeAdapter
+from zoruntime.policies import FixedDepth, MemoryBudget
+from zoruntime.zo.reference import ReferenceZO
+
+SHAPE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=48,
+)  # fmt: skip  (grouped-query: 2 heads share a kv head)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SHAPE),
+    "llama3-rope-scaling-tied": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
+    "mistral-sliding-window": lambda: MistralConfig(**SHAPE, sliding_window=4),
+    "qwen2-sliding-on-some-layers-tied": lambda: Qwen2Config(
+        **SHAPE, use_sliding_window=True, sliding_window=4, max_window_layers=1, tie_word_embeddings=True
+    ),
+    "qwen3-qk-norms": lambda: Qwen3Config(**SHAPE, head_dim=8),
+}
+
+
+def _model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)  # HF's initialiser draws from the global RNG (the test's, not the package's)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+    return model.to(dtype).eval()
+
+
+def _batch(seed: int = 0, rows: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    """Right padding in row 0, left padding in row 1; labels -100 where padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (rows, length), generator=g)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, length - 4 :] = 0
+    mask[1, :3] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@torch.no_grad()
+def test_stages_equal_hf_forward_bitwise(name: str) -> None:
+    model = _model(name)
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlamaLikeAdapter)
+    batch = _batch()
+    hf = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    validated = adapter.validate(batch)
+    inputs = adapter.prepare(validated, torch.device("cpu"), torch.float32)
+    ends = dict(adapter.groups()[0][1])
+    hidden = adapter.embed(ends, inputs)
+    for i in range(adapter.num_blocks):
+        hidden = adapter.block(i, dict(adapter.groups()[i + 1][1]), hidden, inputs)
+    logits = adapter.head(ends, hidden)
+    assert torch.equal(logits, hf.logits)
+    assert torch.equal(adapter.causal_lm_loss(logits, validated), hf.loss)
+    assert abs(float(adapter.head_loss(ends, hidden, validated)) - float(hf.loss)) < 1e-6  # summed in pieces
+
+
+def test_the_families_have_what_they_claim() -> None:
+    scaled = _model("llama3-rope-scaling-tied")
+    assert adapter_for(scaled).tied and not adapter_for(_model("llama")).tied
+    assert scaled.model.rotary_emb.rope_type == "llama3"
+    qwen2 = adapter_for(_model("qwen2-sliding-on-some-layers-tied"))
+    assert qwen2._layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert adapter_for(_model("mistral-sliding-window"))._layer_types == ["sliding_attention"] * 3
+    qwen3 = dict(adapter_for(_model("qwen3-qk-norms")).groups()[1][1])
+    assert "self_attn.q_norm.weight" in qwen3 and "self_attn.k_norm.weight" in qwen3
+    decayed = {s.name for s in adapter_for(_model("qwen3-qk-norms")).block_layouts[0].slices if s.decayed}
+    assert "mlp.gate_proj.weight" in decayed and not any("norm" in n for n in decayed)  # RMSNorms take no decay
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+async def test_the_runtime_equals_the_reference_bitwise(name: str) -> None:
+    model, reference_model = _model(name), _model(name)
+    config = zoruntime.ZOSGD(lr=1e-3, eps=1e-3, weight_decay=0.1, seed=3)
+    reference = ReferenceZO(reference_model, config)
+    block = adapter_for(model).block_layouts[0].nbytes
+    policy = MemoryBudget(6 * block) if "qwen" in name else FixedDepth(1, offload_every=2)
+    async with zoruntime.Runtime(model, config, policy=policy) as rt:
+        for i in range(3):
+            batch = _batch(seed=i)
+            assert await rt.step(batch) == reference.step(batch)
+        assert await rt.evaluate(_batch(seed=9)) == reference.evaluate(_batch(seed=9))
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.asyncio
+async def test_bf16_llama_trains_with_stochastic_rounding_and_a_frozen_block() -> None:
+    model, reference_model = _model("llama", dtype=torch.bfloat16), _model("llama", dtype=torch.bfloat16)
+    for m in (model, reference_model):
+        freeze(m, "blocks:1")
+    config = zoruntime.ZOSGD(lr=1e-3, eps=1e-2)
+    reference = ReferenceZO(reference_model, config)
+    frozen_before = [p.detach().clone() for p in model.model.layers[1].parameters()]
+    async with zoruntime.Runtime(model, config) as rt:
+        for i in range(2):
+            assert await rt.step(_batch(seed=i)) == reference.step(_batch(seed=i))
+    assert all(torch.equal(a, b) for a, b in zip(model.model.layers[1].parameters(), frozen_before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference_model.parameters(), strict=True))
+
+
+def test_zoruntime_train_and_replay_a_locally_saved_qwen3(tmp_path, capsys) -> None:
+    """The command line loads any supported family from a folder (here a tiny Qwen3 with the
+    byte tokenizer, saved by the test), trains it, and replay rebuilds the same weights."""
+    from safetensors.torch import load_file
+
+    from zoruntime.data.tokenizer import ByteTokenizer
+    from zoruntime.replay import main as replay_main
+    from zoruntime.train import main as train_main
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**{**SHAPE, "vocab_size": 260}, head_dim=8))
+    model.save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    args = ["--no-progress", "--eval-every", "0", "--no-trace", "--max-length", "16", "--batch-size", "2",
+            "--steps", "3", "--model", str(tmp_path / "base"), "--out", str(out)]  # fmt: skip
+    assert train_main(args) == 0, capsys.readouterr().err
+    assert replay_main(["--run", str(out), "--out", str(tmp_path / "replayed")]) == 0
+    trained, replayed = (
+        load_file(out / "model" / "model.safetensors"),
+        load_file(tmp_path / "replayed" / "model.safetensors"),
+    )
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert trained.keys() == replayed.keys() and all(torch.equal(trained[k], replayed[k]) for k in trained)
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)

@@ -1,0 +1,210 @@
+"""The Llama-family adapter: decoder-only models built as HF's Llama is (token embedding, rotary
+positions, decoder layers of RMSNorm, attention with grouped-query heads and a gated MLP, a
+final RMSNorm, an LM head), run through HF's own modules, never a copied forward.
+
+Covers ``LlamaForCausalLM`` (Llama 2, Llama 3.x with its rope scaling), ``MistralForCausalLM``
+(a sliding window on every layer), ``Qwen2ForCausalLM`` (a sliding window on the layers
+``config.layer_types`` names) and ``Qwen3ForCausalLM`` (q/k norms inside attention), tied or
+untied heads. Rotary embeddings are computed once per step in the embed stage and passed to
+every block; each layer gets the mask of its attention type, built as HF builds it. Knows these
+families' module names; knows nothing about ZO, devices or scheduling.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ..runtime.units import Stage, Unit, UnitTable
+from .batch import Batch, make_batch
+from .causal_lm import loss_in_pieces
+from .groups import GroupLayout, Params
+
+EMBED_HEAD_GROUP = 0
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+"""``config.model_type`` values this adapter runs."""
+
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+@dataclass(slots=True)
+class StageInputs:
+    """What every stage of one step shares: the batch, positions, one mask per attention type,
+    and the rotary embeddings (filled in by the embed stage, once per step)."""
+
+    batch: Batch
+    position_ids: torch.Tensor  # [1, T] long: HF's forward numbers positions 0 … T − 1
+    masks: dict[str, torch.Tensor | None]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _decayed(module: nn.Module, local_name: str) -> bool:
+    return "norm" not in type(module).__name__.lower() and not local_name.endswith("bias")
+
+
+def _layer_types(config: Any) -> list[str]:
+    """Each layer's attention type, as the HF model picks its mask."""
+    count = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types[:count])
+    return ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * count
+
+
+class LlamaLikeAdapter:
+    """Stages of a Llama-family causal LM. The model is put in eval mode; its parameters'
+    ``requires_grad`` flags are left as the user set them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        config: Any = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in LLAMA_LIKE:
+            raise TypeError(f"LlamaLikeAdapter runs {', '.join(LLAMA_LIKE)} models; got {type(model).__name__}")
+        model.eval()
+        self.model: Any = model  # a HF *ForCausalLM: its submodules are attributes mypy cannot see
+        self.config = config
+        base: Any = self.model.model
+        self.blocks: list[nn.Module] = list(base.layers)
+        self._rotary: Any = base.rotary_emb
+        self._layer_types = _layer_types(config)
+        unknown = sorted(set(self._layer_types) - set(_MASKS))
+        if unknown:
+            raise ValueError(f"{type(model).__name__}: attention types {unknown} are not supported (full or sliding)")
+        self._ends_modules: dict[str, Any] = {"embed_tokens": base.embed_tokens, "norm": base.norm,
+                                              "lm_head": self.model.lm_head}  # fmt: skip
+        self._canonical: dict[int, str] = {}
+        self._ends_params: dict[str, nn.Parameter] = {}
+        ends_entries = []
+        for prefix, module in self._ends_modules.items():
+            for local, param in module.named_parameters():
+                if id(param) in self._canonical:  # a tied head is the token embedding: one entry
+                    continue
+                name = f"{prefix}.{local}"
+                self._canonical[id(param)] = name
+                self._ends_params[name] = param
+                ends_entries.append((name, param, _decayed(module, local)))
+        self.embed_head_layout = GroupLayout.of(EMBED_HEAD_GROUP, ends_entries)
+        self.block_layouts = [
+            GroupLayout.of(
+                EMBED_HEAD_GROUP + 1 + i,
+                [
+                    (name, param, _decayed(block.get_submodule(name.rpartition(".")[0]), name))
+                    for name, param in block.named_parameters()
+                ],
+            )
+            for i, block in enumerate(self.blocks)
+        ]
+        ends = self.embed_head_layout
+        self.units = UnitTable(
+            (
+                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, False, ends.trainable),
+                *(
+                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, True, lay.trainable)
+                    for i, lay in enumerate(self.block_layouts)
+                ),
+                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, False, ends.trainable),
+            )
+        )
+
+    # -- shape facts ------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def tied(self) -> bool:
+        return self.model.lm_head.weight is self._ends_modules["embed_tokens"].weight
+
+    def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
+        blocks = [(lay, dict(block.named_parameters())) for lay, block in zip(self.block_layouts, self.blocks,
+                                                                                strict=True)]  # fmt: skip
+        return [(self.embed_head_layout, dict(self._ends_params)), *blocks]
+
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """ "embeddings" (the token embedding), "head" (final norm, LM head) and "block.N"."""
+        embeddings = list(self._ends_modules["embed_tokens"].parameters())
+        head = [*self._ends_modules["norm"].parameters(), *self._ends_modules["lm_head"].parameters()]
+        return {"embeddings": embeddings, "head": head} | {
+            f"block.{i}": list(block.parameters()) for i, block in enumerate(self.blocks)
+        }
+
+    # -- inputs -------------------------------------------------------------------------------
+    def validate(self, batch: Batch | Mapping[str, object]) -> Batch:
+        return make_batch(batch, vocab_size=self.config.vocab_size, max_positions=self.config.max_position_embeddings)
+
+    def prepare(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> StageInputs:
+        """Positions and each attention type's mask, built where the batch is (HF's mask builders
+        inspect the mask's values, which on a GPU would stall the host), then moved to ``device``."""
+        ids = batch.input_ids
+        position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        probe = torch.empty((ids.shape[0], ids.shape[1], 0), dtype=dtype, device=ids.device)
+        kwargs = {"config": self.config, "inputs_embeds": probe, "attention_mask": batch.attention_mask,
+                  "position_ids": position_ids, **_NO_CACHE}  # fmt: skip
+        masks = {kind: _MASKS[kind](**kwargs) for kind in sorted(set(self._layer_types))}
+        moved = {k: None if m is None else m.to(device, non_blocking=True) for k, m in masks.items()}
+        return StageInputs(batch.to(device), position_ids.to(device, non_blocking=True), moved)
+
+    # -- stages -------------------------------------------------------------------------------
+    def _call(self, key: str, params: Params, *args: object) -> torch.Tensor:
+        module = self._ends_modules[key]
+        local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
+        return functional_call(module, local, args, tie_weights=False)
+
+    def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
+        """Token embeddings [B, T, H]; the rotary embeddings, once per step, into ``inputs``."""
+        hidden = self._call("embed_tokens", params, inputs.batch.input_ids)
+        if inputs.position_embeddings is None:
+            inputs.position_embeddings = self._rotary(hidden, inputs.position_ids)
+        return hidden
+
+    def _layer_kwargs(self, index: int, inputs: StageInputs) -> dict[str, Any]:
+        return {"attention_mask": inputs.masks[self._layer_types[index]], "position_ids": inputs.position_ids,
+                "position_embeddings": inputs.position_embeddings}  # fmt: skip
+
+    def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+        """Decoder layer ``index`` on ``params`` (names relative to the layer): [B, T, H] → [B, T, H]."""
+        out = functional_call(self.blocks[index], dict(params), (hidden,), self._layer_kwargs(index, inputs),
+                              tie_weights=False)  # fmt: skip
+        return out[0] if isinstance(out, tuple) else out
+
+    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
+        """Layer ``index`` bound once to ``params`` (see ``OPTAdapter.bound_block``)."""
+        layer = self.blocks[index]
+        nothing = torch.empty(0)
+        shell = copy.deepcopy(layer, memo={id(p): nothing for p in layer.parameters()})
+        for name, tensor in params.items():
+            owner, _, attr = name.rpartition(".")
+            shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
+        if any(p is nothing for p in shell.parameters()):
+            raise ValueError(f"bound_block({index}): params lack some of the block's parameters")
+
+        def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
+            out = shell(hidden, **self._layer_kwargs(index, inputs))
+            return out[0] if isinstance(out, tuple) else out
+
+        return run
+
+    def final_hidden(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+        return self._call("norm", params, hidden)
+
+    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm, then the LM head: logits [B, T, V]."""
+        return self._call("lm_head", params, self.final_hidden(params, hidden)).contiguous()
+
+    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+        """The causal-LM loss in pieces (``causal_lm.loss_in_pieces``); ``final``: ``hidden`` is
+        already the decoder's last state."""
+        hidden = hidden if final else self.final_hidden(params, hidden)
+        return loss_in_pieces(lambda piece: self._call("lm_head", params, piece), hidden, batch)
+
+    def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.model.loss_function(logits=logits, labels=batch.labels, vocab_size=self.config.vocab_size)
