@@ -58,3 +58,9 @@ def test_the_readme_api_snippet_runs_as_written(capsys: pytest.CaptureFixture[st
     exec(compile(code.group(1).replace("range(200)", "range(5)"), "README.md", "exec"), {})
     loss = float(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < loss < 10
+
+
+def test_llama_like_example_trains_bf16_masters_with_a_frozen_embedding() -> None:
+    out = _run("examples/llama_like.py", "--steps", "50")
+    before, after = _dev_losses(out)
+    assert "LlamaLikeAdapter, stochastic rounding" in out and after < 0.96 * before

@@ -146,3 +146,14 @@ def test_zoruntime_train_and_replay_a_locally_saved_qwen3(tmp_path, capsys) -> N
     base = load_file(tmp_path / "base" / "model.safetensors")
     assert trained.keys() == replayed.keys() and all(torch.equal(trained[k], replayed[k]) for k in trained)
     assert any(not torch.equal(trained[k], base[k]) for k in trained)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+async def test_lr_zero_never_drifts_a_llama_like_model(dtype: torch.dtype) -> None:
+    model = _model("qwen3-qk-norms", dtype=dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=0.0, eps=1e-2, weight_decay=0.3)) as rt:
+        for i in range(4):
+            await rt.step(_batch(seed=i))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
