@@ -432,6 +432,8 @@ class Runtime:
 
     @property
     def timeline(self) -> Timeline:
+        """Every task's span so far. The last step's offloads and uploads ahead run behind it and
+        appear once the next call (or leaving ``async with``) has waited for them."""
         if self._recorder is None:
             raise RuntimeError("tracing is off: create the runtime with Runtime(..., trace=True)")
         return self._recorder.timeline
