@@ -157,3 +157,35 @@ async def test_lr_zero_never_drifts_a_llama_like_model(dtype: torch.dtype) -> No
         for i in range(4):
             await rt.step(_batch(seed=i))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# the parameter counts the model cards publish, in billions
+PUBLISHED_BILLIONS = {"llama-2-7b": 6.74, "llama-2-13b": 13.0, "llama-2-70b": 69.0, "llama-3.1-8b": 8.03,
+                      "llama-3.1-70b": 70.6, "mistral-7b": 7.24, "qwen2.5-7b": 7.62, "qwen2.5-72b": 72.7,
+                      "qwen3-8b": 8.19, "qwen3-32b": 32.8}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_named_shapes_have_the_published_parameter_counts_and_stream(name: str) -> None:
+    """Built on the meta device from the shapes by name: as many parameters as the model card
+    says (within 0.5%), one unit per decoder layer, and a plan the planner can predict."""
+    from zoruntime.models.init import meta_model
+    from zoruntime.models.shapes import named_config
+    from zoruntime.storage import model_layout
+
+    config = named_config(name)
+    model = meta_model(config, torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], rel=5e-3)
+    assert model_layout(adapter_for(model), torch.bfloat16).num_units == config.num_hidden_layers
+
+
+def test_zoruntime_plan_knows_llama_like_shapes_by_name(capsys) -> None:
+    import json
+
+    from zoruntime.plan import main as plan_main
+
+    assert plan_main(["--model", "qwen3-8b", "--policy", "depth=1", "--rounding", "nearest"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "qwen3-8b" and result["ratio_to_floor"] > 0.85
+    assert plan_main(["--model", "llama-5"]) == 2
+    assert "unknown model shape 'llama-5'; known: opt-125m" in capsys.readouterr().err

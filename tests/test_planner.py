@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zoruntime.models.adapter import adapter_for
-from zoruntime.models.init import meta_opt
+from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import opt_config, shape_dims
 from zoruntime.plan import main as plan_main
 from zoruntime.planning.memory import activation_bytes
@@ -22,7 +22,7 @@ from zoruntime.storage import model_layout
 def _work(name: str = "opt-1.3b", batch: int = 1, seq: int = 2048, rounding: str = "nearest") -> Workload:
     """fp16 masters; rounding to nearest unless asked (the transfer-bound case the figures were measured in)."""
     config = opt_config(name)
-    layout = model_layout(adapter_for(meta_opt(config, torch.float16)), torch.float16)
+    layout = model_layout(adapter_for(meta_model(config, torch.float16)), torch.float16)
     return Workload(layout, shape_dims(config), batch, seq, rounding)
 
 

@@ -18,8 +18,8 @@ import sys
 import torch
 
 from .models.adapter import adapter_for
-from .models.init import meta_opt
-from .models.shapes import OPT_NAMES, opt_config, shape_dims
+from .models.init import meta_model
+from .models.shapes import MODEL_NAMES, named_config, shape_dims
 from .planning.planner import Prediction, Workload, best, predict
 from .planning.profiles import BUILT_IN, load_profile
 from .storage import model_layout
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zoruntime plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="opt-13b", help=f"OPT shape: {', '.join(OPT_NAMES)} (default opt-13b)")
+    parser.add_argument(
+        "--model", default="opt-13b", help=f"a shape by name: {', '.join(MODEL_NAMES)} (default opt-13b)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and compute (default fp16)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
@@ -60,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch <= 0 or args.seq <= 0:
             raise UsageError("--batch and --seq must be positive")
         profile = load_profile(args.gpu)
-        config = opt_config(args.model)
+        config = named_config(args.model)
         if args.seq > config.max_position_embeddings:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
-        layout = model_layout(adapter_for(meta_opt(config, dtype)), dtype)
+        layout = model_layout(adapter_for(meta_model(config, dtype)), dtype)
         if args.rounding == "stochastic" and args.dtype == "fp32":
             raise UsageError("--rounding stochastic is for 16-bit masters: use --dtype fp16 or bf16")
         work = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding)

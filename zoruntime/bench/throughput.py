@@ -39,7 +39,7 @@ from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
 from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
-from ..models.init import materialize_flat, meta_opt, tiny_opt_config
+from ..models.init import materialize_flat, meta_model, tiny_opt_config
 from ..models.shapes import OPT_NAMES, opt_config, shape_dims
 from ..planning.cost import OpFigures
 from ..planning.planner import Workload, profile_from_card
@@ -209,7 +209,7 @@ def measure_mezo(
     copy: torch.nn.Module | None = None
     try:
         dtype = next(model.parameters()).dtype
-        copy = meta_opt(config, dtype).to_empty(device=dev.device)
+        copy = meta_model(config, dtype).to_empty(device=dev.device)
         copy.load_state_dict(model.state_dict())
         on_device = {k: v.to(dev.device) for k, v in batch.items()}
         on_device["labels"] = on_device["input_ids"]

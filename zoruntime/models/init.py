@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
+from transformers import OPTConfig, OPTForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .groups import GroupLayout
 
@@ -43,10 +43,13 @@ def tiny_opt_config(**overrides: Any) -> OPTConfig:
     return OPTConfig(**fields)
 
 
-def meta_opt(config: OPTConfig, dtype: torch.dtype) -> OPTForCausalLM:
-    """An ``OPTForCausalLM`` on the meta device: shapes and dtypes, no memory (for planning)."""
+def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """A causal LM of any family ``config`` names, on the meta device: shapes and dtypes, no
+    memory (for planning)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = OPTForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     nn.Module.to(model, dtype=dtype)
     return model
 
