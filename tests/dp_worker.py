@@ -1,6 +1,6 @@
 """A data-parallel training script for tests/test_distributed.py: run it with torchrun (several
-ranks, gloo on CPU) or with plain python (one process, the whole batch). Each rank writes its
-final weights and step statistics to OUT/rank<r>.pt."""
+ranks, gloo on CPU) or with plain python (one process, the whole batch), as ``dp_worker.py OUT
+[opt|llama]``. Each rank writes its final weights and step statistics to OUT/rank<r>.pt."""
 
 from __future__ import annotations
 
@@ -15,9 +15,20 @@ from zoruntime.distributed import init_from_environment, shard
 from zoruntime.models import random_opt, tiny_opt_config
 
 
-async def main(out: Path) -> None:
+def _model(family: str) -> torch.nn.Module:
+    if family == "opt":
+        return random_opt(tiny_opt_config(num_hidden_layers=3), seed=1)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(1)  # HF's initialiser draws from the global RNG (the script's, not the package's)
+    config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+async def main(out: Path, family: str) -> None:
     rank, world, _ = init_from_environment("cpu")
-    model = random_opt(tiny_opt_config(num_hidden_layers=3), seed=1)
+    model = _model(family)
     config = zoruntime.ZOSGD(lr=1e-2, eps=1e-2, weight_decay=0.01, seed=11)
     stats = []
     async with zoruntime.Runtime(model, config, policy=zoruntime.policies.FixedDepth(1)) as rt:
@@ -34,4 +45,4 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    zoruntime.run(main(Path(sys.argv[1])))
+    zoruntime.run(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "opt"))

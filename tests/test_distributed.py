@@ -29,12 +29,13 @@ def _torchrun(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_stay_bitwise_equal_and_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_two_ranks_stay_bitwise_equal_and_match_one_process(tmp_path: Path, family: str) -> None:
     (tmp_path / "dp").mkdir()
     (tmp_path / "single").mkdir()
-    subprocess.run(_torchrun(str(WORKER), str(tmp_path / "dp")), check=True, capture_output=True, timeout=180)
+    subprocess.run(_torchrun(str(WORKER), str(tmp_path / "dp"), family), check=True, capture_output=True, timeout=180)
     subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "single")], check=True, capture_output=True, timeout=180
+        [sys.executable, str(WORKER), str(tmp_path / "single"), family], check=True, capture_output=True, timeout=180
     )
     rank0, rank1 = (torch.load(tmp_path / "dp" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=False)
