@@ -12,7 +12,6 @@ families' module names; knows nothing about ZO, devices or scheduling.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,12 +22,10 @@ from torch import nn
 from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
 from .causal_lm import loss_in_pieces
+from .decoder import DecoderLayout, bind_layer
 from .groups import GroupLayout, Params
-
-EMBED_HEAD_GROUP = 0
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values this adapter runs."""
@@ -81,39 +78,9 @@ class LlamaLikeAdapter:
             raise ValueError(f"{type(model).__name__}: attention types {unknown} are not supported (full or sliding)")
         self._ends_modules: dict[str, Any] = {"embed_tokens": base.embed_tokens, "norm": base.norm,
                                               "lm_head": self.model.lm_head}  # fmt: skip
-        self._canonical: dict[int, str] = {}
-        self._ends_params: dict[str, nn.Parameter] = {}
-        ends_entries = []
-        for prefix, module in self._ends_modules.items():
-            for local, param in module.named_parameters():
-                if id(param) in self._canonical:  # a tied head is the token embedding: one entry
-                    continue
-                name = f"{prefix}.{local}"
-                self._canonical[id(param)] = name
-                self._ends_params[name] = param
-                ends_entries.append((name, param, _decayed(module, local)))
-        self.embed_head_layout = GroupLayout.of(EMBED_HEAD_GROUP, ends_entries)
-        self.block_layouts = [
-            GroupLayout.of(
-                EMBED_HEAD_GROUP + 1 + i,
-                [
-                    (name, param, _decayed(block.get_submodule(name.rpartition(".")[0]), name))
-                    for name, param in block.named_parameters()
-                ],
-            )
-            for i, block in enumerate(self.blocks)
-        ]
-        ends = self.embed_head_layout
-        self.units = UnitTable(
-            (
-                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, False, ends.trainable),
-                *(
-                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, True, lay.trainable)
-                    for i, lay in enumerate(self.block_layouts)
-                ),
-                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, False, ends.trainable),
-            )
-        )
+        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
+        self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
+        self.units = self.layout.units
 
     # -- shape facts ------------------------------------------------------------------------
     @property
@@ -125,9 +92,7 @@ class LlamaLikeAdapter:
         return self.model.lm_head.weight is self._ends_modules["embed_tokens"].weight
 
     def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
-        blocks = [(lay, dict(block.named_parameters())) for lay, block in zip(self.block_layouts, self.blocks,
-                                                                                strict=True)]  # fmt: skip
-        return [(self.embed_head_layout, dict(self._ends_params)), *blocks]
+        return self.layout.groups()
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """ "embeddings" (the token embedding), "head" (final norm, LM head) and "block.N"."""
@@ -155,9 +120,7 @@ class LlamaLikeAdapter:
 
     # -- stages -------------------------------------------------------------------------------
     def _call(self, key: str, params: Params, *args: object) -> torch.Tensor:
-        module = self._ends_modules[key]
-        local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
-        return functional_call(module, local, args, tie_weights=False)
+        return self.layout.call_end(key, params, *args)
 
     def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
         """Token embeddings [B, T, H]; the rotary embeddings, once per step, into ``inputs``."""
@@ -178,14 +141,7 @@ class LlamaLikeAdapter:
 
     def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
         """Layer ``index`` bound once to ``params`` (see ``OPTAdapter.bound_block``)."""
-        layer = self.blocks[index]
-        nothing = torch.empty(0)
-        shell = copy.deepcopy(layer, memo={id(p): nothing for p in layer.parameters()})
-        for name, tensor in params.items():
-            owner, _, attr = name.rpartition(".")
-            shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
-        if any(p is nothing for p in shell.parameters()):
-            raise ValueError(f"bound_block({index}): params lack some of the block's parameters")
+        shell = bind_layer(self.blocks[index], params)
 
         def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
             out = shell(hidden, **self._layer_kwargs(index, inputs))

@@ -11,7 +11,6 @@ scheduling.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,13 +21,10 @@ from torch.func import functional_call
 from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch, make_batch
 from .causal_lm import loss_in_pieces
+from .decoder import DecoderLayout, bind_layer
 from .groups import GroupLayout, Params
-
-EMBED_HEAD_GROUP = 0
-"""Group id of the embeddings, positions, projections, final norm and head; block i is group i + 1."""
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
 _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
@@ -72,43 +68,9 @@ class OPTAdapter:
             "project_out": decoder.project_out,
             "lm_head": model.lm_head,
         }
-        # canonical name of each embed/head parameter, found by identity so a tied head is one entry
-        self._canonical: dict[int, str] = {}
-        self._ends_params: dict[str, nn.Parameter] = {}
-        ends_entries = []
-        for prefix, module in self._ends_modules.items():
-            if module is None:
-                continue
-            for local, param in module.named_parameters():
-                if id(param) in self._canonical:
-                    continue
-                name = f"{prefix}.{local}"
-                self._canonical[id(param)] = name
-                self._ends_params[name] = param
-                ends_entries.append((name, param, _decayed(module, local)))
-        self.embed_head_layout = GroupLayout.of(EMBED_HEAD_GROUP, ends_entries)
-        self.block_layouts = [
-            GroupLayout.of(
-                EMBED_HEAD_GROUP + 1 + i,
-                [
-                    (name, param, _decayed(block.get_submodule(name.rpartition(".")[0]), name))
-                    for name, param in block.named_parameters()
-                ],
-            )
-            for i, block in enumerate(self.blocks)
-        ]
-        self._block_params = [dict(block.named_parameters()) for block in self.blocks]
-        ends = self.embed_head_layout
-        self.units = UnitTable(
-            (
-                Unit("embed", ends.group, "embed_head", Stage.EMBED, 0, ends.nbytes, False, ends.trainable),
-                *(
-                    Unit(f"block.{i}", lay.group, f"block.{i}", Stage.BLOCK, i, lay.nbytes, True, lay.trainable)
-                    for i, lay in enumerate(self.block_layouts)
-                ),
-                Unit("head", ends.group, "embed_head", Stage.HEAD, 0, ends.nbytes, False, ends.trainable),
-            )
-        )
+        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
+        self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
+        self.units = self.layout.units
 
     # -- shape facts ------------------------------------------------------------------------
     @property
@@ -121,16 +83,15 @@ class OPTAdapter:
 
     def embed_head_parameters(self) -> dict[str, nn.Parameter]:
         """Canonical name → parameter for the embed/head group (a tied head appears once)."""
-        return dict(self._ends_params)
+        return dict(self.layout.ends_params)
 
     def block_parameters(self, index: int) -> dict[str, nn.Parameter]:
         """Name (relative to the block) → parameter of decoder block ``index``."""
-        return dict(self._block_params[index])
+        return dict(self.layout.block_params[index])
 
     def groups(self) -> list[tuple[GroupLayout, dict[str, nn.Parameter]]]:
         """Every group's layout and parameters, by group id: embed_head first, then the blocks in order."""
-        blocks = [(lay, self.block_parameters(i)) for i, lay in enumerate(self.block_layouts)]
-        return [(self.embed_head_layout, self.embed_head_parameters()), *blocks]
+        return self.layout.groups()
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """ "embeddings" (tokens, positions, project_in), "head" (final norm, project_out, LM head)
@@ -170,10 +131,7 @@ class OPTAdapter:
 
     # -- stages -------------------------------------------------------------------------------
     def _call(self, key: str, params: Params, *args: object, **kwargs: object) -> torch.Tensor:
-        module = self._ends_modules[key]
-        assert module is not None
-        local = {n: params[self._canonical[id(p)]] for n, p in module.named_parameters()}
-        return functional_call(module, local, args, kwargs, tie_weights=False)
+        return self.layout.call_end(key, params, *args, **kwargs)
 
     def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
         """Token + position embeddings (and project_in): hidden states [B, T, H]."""
@@ -198,14 +156,7 @@ class OPTAdapter:
         """Block ``index`` bound once to ``params``: a copy of the HF layer that shares no weights
         (each parameter's place holds the given tensor), so a call costs the layer's forward and
         no per-call swapping of parameters. Same module code, same weights: the same bits."""
-        layer = self.blocks[index]
-        nothing = torch.empty(0)
-        shell = copy.deepcopy(layer, memo={id(p): nothing for p in layer.parameters()})  # copies no weights
-        for name, tensor in params.items():
-            owner, _, attr = name.rpartition(".")
-            shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
-        if any(p is nothing for p in shell.parameters()):
-            raise ValueError(f"bound_block({index}): params lack some of the block's parameters")
+        shell = bind_layer(self.blocks[index], params)
 
         def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
             out = shell(hidden, attention_mask=inputs.causal_mask, position_ids=inputs.position_ids)
