@@ -29,7 +29,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,7 +89,9 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     slot = torch.empty(layout.numel, dtype=layout.dtype, device=dev.device)
     up = dev.seconds(lambda: slot.copy_(host, non_blocking=True), repeat=10)
     down = dev.seconds(lambda: host.copy_(slot, non_blocking=True), repeat=10)
-    both = dev.seconds(_both_directions(dev, host, slot), repeat=10)
+    host_other, slot_other = dev.host_buffer(layout.numel, layout.dtype), torch.empty_like(slot)  # share only the link
+    both = dev.seconds(dev.at_once([lambda: slot.copy_(host, non_blocking=True),
+                                    lambda: host_other.copy_(slot_other, non_blocking=True)]), repeat=10)  # fmt: skip
     shape: Any = getattr(model, "config")  # noqa: B009 (a HF config; nn.Module's type says nothing of it)
     ids = torch.randint(4, shape.vocab_size, (batch, seq))
     inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
@@ -137,31 +138,6 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "duplex_floor_tokens_s": batch * seq / duplex_floor,
         "bound_by": "upload" if up >= task else "compute",
     }
-
-
-def _both_directions(dev: DeviceMeter, host: torch.Tensor, slot: torch.Tensor) -> Callable[[], None]:
-    """One upload and one offload of a block at once (two streams on CUDA), into buffers of their
-    own so the two copies share nothing but the link."""
-    host_other, slot_other = dev.host_buffer(host.numel(), host.dtype), torch.empty_like(slot)
-    if not dev.cuda:
-
-        def one_then_the_other() -> None:  # a CPU has no second link direction
-            slot.copy_(host)
-            host_other.copy_(slot_other)
-
-        return one_then_the_other
-    streams = (torch.cuda.Stream(dev.device), torch.cuda.Stream(dev.device))
-
-    def both() -> None:
-        current = torch.cuda.current_stream(dev.device)
-        for stream, (target, source) in zip(streams, ((slot, host), (host_other, slot_other)), strict=True):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                target.copy_(source, non_blocking=True)
-        for stream in streams:
-            current.wait_stream(stream)
-
-    return both
 
 
 def measure(

@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -39,8 +39,31 @@ class DeviceMeter:
         if not self.cuda:
             return flat
         pin_in_place(flat)
-        weakref.finalize(flat.untyped_storage(), _unpin, flat.data_ptr())  # the pointer only, not the storage
+        weakref.finalize(flat.untyped_storage(), _unpin, flat.data_ptr(), self.device)  # the pointer, not the storage
         return flat
+
+    def at_once(self, works: Sequence[Callable[[], object]]) -> Callable[[], None]:
+        """One call that issues every work of ``works`` on a CUDA stream of its own, so they run
+        at the same time (the current stream waits for all of them); on a CPU one after another."""
+        if not self.cuda:
+
+            def in_turn() -> None:
+                for work in works:
+                    work()
+
+            return in_turn
+        streams = [torch.cuda.Stream(self.device) for _ in works]
+
+        def together() -> None:
+            current = torch.cuda.current_stream(self.device)
+            for stream, work in zip(streams, works, strict=True):
+                stream.wait_stream(current)
+                with torch.cuda.stream(stream):
+                    work()
+            for stream in streams:
+                current.wait_stream(stream)
+
+        return together
 
     def seconds(self, fn: Callable[[], object], repeat: int) -> float:
         """Median seconds the device spends on ``fn``, after one warm-up call.
@@ -126,9 +149,11 @@ class DeviceMeter:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _unpin(pointer: int) -> None:
-    """Unregister a buffer pinned in place, once nothing uses it (a copy may still read it: wait)."""
-    torch.cuda.synchronize()
+def _unpin(pointer: int, device: torch.device) -> None:
+    """Unregister a buffer pinned in place when its storage is freed. A copy enqueued from it may
+    still be running, so the device is waited for first: never inside a runtime's step, since a
+    runtime holds the buffers it copies from until it closes (after its last flush)."""
+    torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(pointer)
 
 
