@@ -353,7 +353,7 @@ class Runtime:
         t = self.step_index
         state = self._state(batch, Mode.TRAIN, t)
         assert self._work is not None
-        self._work.changed.take()  # count this step's updates only (not a failed or an evaluation pass's)
+        self._work.changed.clear()  # count this step's updates only (not a failed or an evaluation pass's)
         await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
         changed = self._work.changed.take()
         assert state.update is not None

@@ -9,7 +9,7 @@ buffer lives (callers allocate it).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,6 +47,27 @@ class GroupLayout:
     slices: tuple[ParamSlice, ...]
     numel: int
     dtype: torch.dtype
+    # ``(start, end, decayed)`` runs of the flat buffer an update changes: the trainable
+    # parameters, adjacent ones with the same decay merged (made once, read on every update)
+    update_ranges: tuple[tuple[int, int, bool], ...] = field(init=False, compare=False, repr=False)
+    # ``(start, end)`` runs holding frozen parameters (z is zero there)
+    frozen_ranges: tuple[tuple[int, int], ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        updated: list[tuple[int, int, bool]] = []
+        frozen: list[tuple[int, int]] = []
+        for s in self.slices:
+            end = s.offset + s.numel
+            if s.trainable and updated and updated[-1][1] == s.offset and updated[-1][2] == s.decayed:
+                updated[-1] = (updated[-1][0], end, s.decayed)
+            elif s.trainable:
+                updated.append((s.offset, end, s.decayed))
+            elif frozen and frozen[-1][1] == s.offset:
+                frozen[-1] = (frozen[-1][0], end)
+            else:
+                frozen.append((s.offset, end))
+        object.__setattr__(self, "update_ranges", tuple(updated))
+        object.__setattr__(self, "frozen_ranges", tuple(frozen))
 
     @property
     def nbytes(self) -> int:
@@ -73,34 +94,7 @@ class GroupLayout:
     @property
     def trainable(self) -> bool:
         """Whether any of the group's parameters is trained (a frozen group is never updated)."""
-        return any(s.trainable for s in self.slices)
-
-    @property
-    def update_ranges(self) -> tuple[tuple[int, int, bool], ...]:
-        """``(start, end, decayed)`` runs of the flat buffer that an update changes: the trainable
-        parameters, adjacent ones with the same decay merged."""
-        runs: list[tuple[int, int, bool]] = []
-        for s in self.slices:
-            if not s.trainable:
-                continue
-            if runs and runs[-1][1] == s.offset and runs[-1][2] == s.decayed:
-                runs[-1] = (runs[-1][0], s.offset + s.numel, s.decayed)
-            else:
-                runs.append((s.offset, s.offset + s.numel, s.decayed))
-        return tuple(runs)
-
-    @property
-    def frozen_ranges(self) -> tuple[tuple[int, int], ...]:
-        """``(start, end)`` runs of the flat buffer holding frozen parameters (z is zero there)."""
-        runs: list[tuple[int, int]] = []
-        for s in self.slices:
-            if s.trainable:
-                continue
-            if runs and runs[-1][1] == s.offset:
-                runs[-1] = (runs[-1][0], s.offset + s.numel)
-            else:
-                runs.append((s.offset, s.offset + s.numel))
-        return tuple(runs)
+        return bool(self.update_ranges)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Name → view into ``flat`` for every parameter of the group."""

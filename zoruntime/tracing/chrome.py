@@ -75,8 +75,9 @@ def load_chrome_trace(path: str | Path) -> Timeline:
             if e.get("cat") == "step":
                 steps.append(StepMark(a["step"], start, end, a["phase"]))
             else:
+                ahead = a.get("ahead", False)  # traces from before steps overlapped have none
                 spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["unit"], start, end,
-                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], a["ahead"]))  # fmt: skip
+                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], ahead))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error
     return Timeline(spans, steps)

@@ -98,9 +98,7 @@ class ChangeCount:
     def before(self, layout: GroupLayout, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layout.group, weights.device)
         if key not in self._indices:
-            trainable = torch.cat([torch.arange(a, b) for a, b, _ in layout.update_ranges])
-            stride = max(1, trainable.numel() // self.SAMPLE)
-            self._indices[key] = trainable[::stride][: self.SAMPLE].to(weights.device)
+            self._indices[key] = _spread_over(layout.update_ranges, self.SAMPLE).to(weights.device)
         index = self._indices[key]
         return index, weights[index]
 
@@ -110,13 +108,29 @@ class ChangeCount:
         self.changed = differs if self.changed is None else self.changed + differs
         self.sampled += index.numel()
 
+    def clear(self) -> None:
+        """Forget what was counted (without reading it)."""
+        self.changed, self.sampled = None, 0
+
     def take(self) -> float | None:
         """The fraction changed since the last ``take`` (None if no update was applied)."""
         if self.changed is None or not self.sampled:
             return None
         fraction = float(self.changed) / self.sampled
-        self.changed, self.sampled = None, 0
+        self.clear()
         return fraction
+
+
+def _spread_over(runs: tuple[tuple[int, int, bool], ...], count: int) -> torch.Tensor:
+    """About ``count`` flat indices spread evenly over the elements of ``runs`` (start, end, _),
+    without listing every element."""
+    lengths = torch.tensor([end - start for start, end, _ in runs])
+    total = int(lengths.sum())
+    positions = torch.arange(0, total, max(1, total // count))[:count]  # among the runs' elements
+    ends = torch.cumsum(lengths, 0)
+    run = torch.searchsorted(ends, positions, right=True)
+    starts = torch.tensor([start for start, _, _ in runs])
+    return starts[run] + positions - (ends[run] - lengths[run])
 
 
 def apply_update(
@@ -141,19 +155,29 @@ def apply_update(
     sample = changed.before(layout, weights) if changed is not None else None
     scaled_grad = update.scaled_grad.to(device=weights.device)
     decay = update.lr * update.weight_decay
-    for piece_start in range(0, layout.numel, ROUNDING_PIECE):
-        piece_end = min(piece_start + ROUNDING_PIECE, layout.numel)
-        runs = [(max(a, piece_start), min(b, piece_end), d) for a, b, d in layout.update_ranges]
-        runs = [(a, b, d) for a, b, d in runs if a < b]
-        if not runs:
+    noise, noise_piece = None, -1  # a piece's noise is drawn once, whole, even when two runs share it
+    for start, end, decayed in layout.update_ranges:
+        run_decay = decay if decayed else 0.0
+        if not stochastic and not run_decay:  # one fused multiply-add over the run, no temporaries
+            weights[start:end].addcmul_(z[start:end], scaled_grad)
             continue
-        noise = None
-        if stochastic:
-            noise = sampler.rounding_noise(update.seed, layout.group, piece_start // ROUNDING_PIECE,
-                                           piece_end - piece_start, DROPPED_BITS[weights.dtype])  # fmt: skip
-        for a, b, decayed in runs:
-            piece_noise = None if noise is None else noise[a - piece_start : b - piece_start]
-            _update_run(weights[a:b], z[a:b], scaled_grad, decay if decayed else 0.0, piece_noise)
+        lo = start
+        while lo < end:  # pieces bound the float32 temporaries and key the noise
+            piece = lo // ROUNDING_PIECE
+            piece_start = piece * ROUNDING_PIECE
+            hi = min(end, piece_start + ROUNDING_PIECE)
+            run_noise = None
+            if stochastic:
+                if piece != noise_piece:
+                    length = min(ROUNDING_PIECE, layout.numel - piece_start)
+                    noise = sampler.rounding_noise(
+                        update.seed, layout.group, piece, length, DROPPED_BITS[weights.dtype]
+                    )
+                    noise_piece = piece
+                assert noise is not None
+                run_noise = noise[lo - piece_start : hi - piece_start]
+            _update_run(weights[lo:hi], z[lo:hi], scaled_grad, run_decay, run_noise)
+            lo = hi
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
