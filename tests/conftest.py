@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny OPT configurations covering the architectural variants, and batches."""
+"""Shared fixtures: tiny configurations covering OPT's architectural variants and a Llama-family
+model (grouped-query attention, rotary positions, RMSNorm), and batches."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from transformers import OPTConfig
 
 from zoruntime.models import random_opt, tiny_opt_config
+from zoruntime.models.init import materialize_flat, tiny_llama_config
 
 VARIANTS = {
     # like opt-125m: layer norm before attention, final layer norm, tied head
@@ -29,6 +31,15 @@ VARIANTS = {
         tie_word_embeddings=False,
     ),
 }
+
+
+LLAMA_VARIANTS = {
+    # the Llama family: 4 query heads sharing 2 key/value heads, untied head
+    "llama_gqa": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=48),
+}  # fmt: skip
+FAMILIES = ["pre_ln_tied", "llama_gqa"]
+"""One variant per model family, for invariant tests parametrized over families."""
 
 
 def variant_config(name: str, **overrides: object) -> OPTConfig:
@@ -55,4 +66,8 @@ def token_batch(config: OPTConfig, rows: int = 3, length: int = 12, seed: int = 
 
 
 def tiny_model(name: str = "pre_ln_tied", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object):
+    """A random model of variant ``name``, drawn from ``seed`` alone."""
+    if name in LLAMA_VARIANTS:
+        config = tiny_llama_config(**{**LLAMA_VARIANTS[name], **overrides})
+        return materialize_flat(config, lambda n, d: torch.empty(n, dtype=d), seed=seed, dtype=dtype)
     return random_opt(variant_config(name, **overrides), seed=seed, dtype=dtype)

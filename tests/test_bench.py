@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from zoruntime.bench import throughput
-from zoruntime.models import OPTAdapter
-from zoruntime.models.init import materialize_flat, tiny_opt_config
+from zoruntime.models import OPTAdapter, adapter_for
+from zoruntime.models.init import TINY_CONFIGS, materialize_flat, tiny_opt_config
 from zoruntime.models.shapes import OPT_NAMES, opt_config
 
 
@@ -62,7 +62,7 @@ def test_bench_help_states_the_defaults_per_device(capsys: pytest.CaptureFixture
         throughput.main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "or tiny (default: opt-1.3b on cuda, tiny on cpu)" in text
+    assert "qwen3-32b, tiny, tiny-llama (default: opt-1.3b on cuda, tiny on cpu)" in text
     assert "tokens per sequence (default: 2048 on cuda, 128 on cpu)" in text
 
 
@@ -115,6 +115,34 @@ def test_materialized_model_is_flat_tied_and_aliases_blocks_on_request() -> None
     assert float(first.fc1.bias.detach().abs().max()) == 0.0 and 0.015 < float(first.fc1.weight.detach().std()) < 0.025
     assert all(p.requires_grad for p in model.parameters())  # trainable, as HF makes a model
     assert adapter.num_blocks == 3
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@torch.no_grad()
+def test_a_materialized_model_of_any_family_runs_as_hf_builds_it(family: str) -> None:
+    """Born flat (rotary frequencies rebuilt from the config), the model computes what the same
+    weights compute in a model HF builds; a copy made on a device equals it too."""
+    from transformers import AutoModelForCausalLM
+
+    from zoruntime.models.init import copy_to
+
+    config = TINY_CONFIGS[family](num_hidden_layers=2)
+    flat = materialize_flat(config, lambda n, d: torch.empty(n, dtype=d), dtype=torch.float32)
+    built = AutoModelForCausalLM.from_config(config).eval()
+    built.load_state_dict(flat.state_dict())
+    ids = torch.randint(4, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(flat(ids).logits, built(ids).logits)
+    assert torch.equal(copy_to(flat, "cpu")(ids).logits, built(ids).logits)
+    assert len(adapter_for(flat).groups()) == 3
+
+
+def test_bench_takes_llama_family_shapes_by_name(capsys) -> None:
+    assert throughput.main(["--device", "cpu", "--model", "tiny-llama", "--seq", "16", "--steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model"] == "tiny-llama" and all(row["tokens_s"] > 0 for row in result["rows"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", "--model", "llama-5"])
+    assert "unknown model shape 'llama-5'; known: opt-125m" in capsys.readouterr().err
 
 
 def test_filling_on_a_device_draws_the_same_weights_as_filling_in_place() -> None:

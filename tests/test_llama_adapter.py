@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 import zoruntime
 from zoruntime.models import adapter_for
 from zoruntime.models.freeze import freeze
-from zoruntime.models.llama import LlamaLikeAdapter
+from zoruntime.models.llama import FURTHER_FAMILIES, LlamaLikeAdapter
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.zo.reference import ReferenceZO
 
@@ -37,11 +37,54 @@ CONFIGS = {
     "qwen3-qk-norms": lambda: Qwen3Config(**SHAPE, head_dim=8),
 }
 
+# Each further family with what sets it apart switched on; experts kept few and small.
+_EXPERTS = dict(
+    num_experts=4,
+    num_local_experts=4,
+    moe_num_experts=4,
+    n_routed_experts=4,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    moe_k=2,
+)
+FURTHER_SETTINGS: dict[str, dict[str, object]] = {
+    "apertus": {}, "arcee": {}, "ernie4_5": {"head_dim": 8}, "gemma": {"head_dim": 8},
+    "exaone4": {"sliding_window": 4, "sliding_window_pattern": 2},  # sliding on alternate layers
+    "glm": {"head_dim": 8, "partial_rotary_factor": 0.5}, "glm4": {"head_dim": 8, "partial_rotary_factor": 0.5},
+    "helium": {"head_dim": 8}, "nemotron": {"partial_rotary_factor": 0.5}, "olmo": {"clip_qkv": 0.5},
+    "olmo2": {}, "phi3": {"partial_rotary_factor": 0.5}, "seed_oss": {"head_dim": 8},
+    "smollm3": {"no_rope_layer_interval": 2}, "starcoder2": {"sliding_window": 4},
+    "stablelm": {"qk_layernorm": True, "use_parallel_residual": True, "partial_rotary_factor": 0.5},
+    "ernie4_5_moe": _EXPERTS, "glm4_moe": {**_EXPERTS, "first_k_dense_replace": 1, "head_dim": 8},
+    "gpt_oss": {**_EXPERTS, "sliding_window": 4, "head_dim": 8}, "jetmoe": _EXPERTS,
+    "mixtral": {**_EXPERTS, "sliding_window": 4}, "olmoe": _EXPERTS,
+    "qwen2_moe": {**_EXPERTS, "shared_expert_intermediate_size": 32}, "qwen3_moe": {**_EXPERTS, "head_dim": 8},
+}  # fmt: skip
+SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+for _family, _settings in FURTHER_SETTINGS.items():
+    CONFIGS[_family] = lambda f=_family, s=_settings: AutoConfig.for_model(f, **SHAPE, **SPECIAL_IDS, **s)
+
 
 def _model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """HF's random init, then every weight moved a little (norms off 1, biases off 0), so that a
+    norm or bias the adapter ran wrongly would show."""
     torch.manual_seed(seed)  # HF's initialiser draws from the global RNG (the test's, not the package's)
     model = AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
     return model.to(dtype).eval()
+
+
+def test_every_further_family_is_tested_with_its_own_settings() -> None:
+    assert sorted(FURTHER_SETTINGS) == sorted(FURTHER_FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", ["granite", "cohere", "gemma2"])
+def test_families_whose_forward_does_more_are_refused(model_type: str) -> None:
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SHAPE, **SPECIAL_IDS))
+    with pytest.raises(TypeError, match=rf"model_type '{model_type}'\); supported model types: .*llama"):
+        adapter_for(model)
 
 
 def _batch(seed: int = 0, rows: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
@@ -121,9 +164,10 @@ async def test_bf16_llama_trains_with_stochastic_rounding_and_a_frozen_block() -
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference_model.parameters(), strict=True))
 
 
-def test_zoruntime_train_and_replay_a_locally_saved_qwen3(tmp_path, capsys) -> None:
+def test_zoruntime_train_resume_and_replay_a_locally_saved_qwen3(tmp_path, capsys) -> None:
     """The command line loads any supported family from a folder (here a tiny Qwen3 with the
-    byte tokenizer, saved by the test), trains it, and replay rebuilds the same weights."""
+    byte tokenizer, saved by the test) and trains it; a run stopped after 2 steps and resumed ends
+    where the uninterrupted one does, and replay rebuilds the same weights."""
     from safetensors.torch import load_file
 
     from zoruntime.data.tokenizer import ByteTokenizer
@@ -138,25 +182,71 @@ def test_zoruntime_train_and_replay_a_locally_saved_qwen3(tmp_path, capsys) -> N
     args = ["--no-progress", "--eval-every", "0", "--no-trace", "--max-length", "16", "--batch-size", "2",
             "--steps", "3", "--model", str(tmp_path / "base"), "--out", str(out)]  # fmt: skip
     assert train_main(args) == 0, capsys.readouterr().err
+    stopped = tmp_path / "stopped"
+    assert train_main([*args[:-1], str(stopped), "--steps", "2", "--checkpoint-every", "1"]) == 0
+    assert train_main(["--no-progress", "--resume", str(stopped), "--steps", "3"]) == 0, capsys.readouterr().err
     assert replay_main(["--run", str(out), "--out", str(tmp_path / "replayed")]) == 0
-    trained, replayed = (
+    trained, replayed, resumed = (
         load_file(out / "model" / "model.safetensors"),
         load_file(tmp_path / "replayed" / "model.safetensors"),
+        load_file(stopped / "model" / "model.safetensors"),
     )
     base = load_file(tmp_path / "base" / "model.safetensors")
     assert trained.keys() == replayed.keys() and all(torch.equal(trained[k], replayed[k]) for k in trained)
+    assert trained.keys() == resumed.keys() and all(torch.equal(trained[k], resumed[k]) for k in trained)
     assert any(not torch.equal(trained[k], base[k]) for k in trained)
 
 
-@pytest.mark.asyncio
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-async def test_lr_zero_never_drifts_a_llama_like_model(dtype: torch.dtype) -> None:
-    model = _model("qwen3-qk-norms", dtype=dtype)
-    before = [p.detach().clone() for p in model.parameters()]
-    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=0.0, eps=1e-2, weight_decay=0.3)) as rt:
-        for i in range(4):
-            await rt.step(_batch(seed=i))
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+def _family_tokenizer(kind: str, folder) -> object:
+    """The family's own tokenizer pipeline (``LlamaTokenizer``: SentencePiece-style BPE with byte
+    fallback; ``Qwen2Tokenizer``: byte-level BPE), trained here on the generated corpus and saved
+    in ``folder``: nothing is downloaded."""
+    import string
+
+    from transformers import LlamaTokenizer, Qwen2Tokenizer
+
+    from zoruntime.data.corpus import generated_corpus
+
+    text = generated_corpus(0)[0][:200_000] + string.printable
+    untrained = {"llama": LlamaTokenizer, "qwen2": Qwen2Tokenizer}[kind]()
+    tokenizer = untrained.train_new_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], 400)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.parametrize(("family", "tokenizer_kind"), [("llama", "llama"), ("qwen3-qk-norms", "qwen2")])
+def test_lm_and_sst2_tasks_with_the_familys_own_tokenizer(family: str, tokenizer_kind: str, tmp_path,
+                                                          monkeypatch, capsys) -> None:  # fmt: skip
+    """``zoruntime train --model FOLDER`` with the tokenizer saved beside the model: the LM task and
+    SST-2's candidate scoring (its examples given here: the GLUE download needs a network) both run,
+    and the run saves the family's tokenizer with the trained model."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from zoruntime.train import data as train_data
+    from zoruntime.train import main as train_main
+
+    tokenizer = _family_tokenizer(tokenizer_kind, tmp_path / "base")
+    torch.manual_seed(0)
+    config = CONFIGS[family]()
+    config.vocab_size, config.max_position_embeddings = len(tokenizer), 64
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    examples = [("a gripping, funny film", 1), ("dull and far too long", 0), ("I loved it", 1), ("awful", 0)]
+    monkeypatch.setattr(train_data, "load_sst2", lambda **_: (examples, examples[:2]))
+    for task in ("lm", "sst2"):
+        out = tmp_path / task
+        args = ["--no-progress", "--no-trace", "--task", task, "--max-length", "32", "--batch-size", "2",
+                "--steps", "2", "--eval-every", "0", "--model", str(tmp_path / "base"), "--out", str(out)]  # fmt: skip
+        assert train_main(args) == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["dev_loss_after"] > 0
+        assert (summary.get("accuracy_after") is not None) == (task == "sst2")
+        saved = AutoTokenizer.from_pretrained(out / "model")
+        assert type(saved) is type(tokenizer) and saved.encode("It was great.") == tokenizer.encode("It was great.")
+    assert tokenizer.decode(tokenizer.encode("The film was great. It was", add_special_tokens=False)).strip() == (
+        "The film was great. It was"
+    )
 
 
 # the parameter counts the model cards publish, in billions

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import FAMILIES, tiny_model, token_batch
 from safetensors.torch import load_file
 
 import zoruntime
@@ -126,8 +126,9 @@ def test_a_checkpoint_of_another_direction_scheme_is_refused_not_passed_over(tmp
 
 
 @pytest.mark.asyncio
-async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Path) -> None:
-    model, twin = tiny_model(num_hidden_layers=3), tiny_model(num_hidden_layers=3)
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Path, family: str) -> None:
+    model, twin = tiny_model(family, num_hidden_layers=3), tiny_model(family, num_hidden_layers=3)
     config = zoruntime.ZOSGD(lr=1e-2, seed=3)
     async with zoruntime.Runtime(model, config) as rt:
         for i in range(4):

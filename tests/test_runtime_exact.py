@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import FAMILIES, tiny_model, token_batch
 
 import zoruntime
+from zoruntime.models import adapter_for
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.zo.reference import ReferenceZO
 
@@ -15,8 +16,8 @@ BLOCKS = 6
 CONFIG = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3)
 
 
-def _block_bytes() -> int:
-    return zoruntime.OPTAdapter(tiny_model(num_hidden_layers=BLOCKS)).block_layouts[0].nbytes
+def _block_bytes(variant: str = "pre_ln_tied") -> int:
+    return adapter_for(tiny_model(variant, num_hidden_layers=BLOCKS)).block_layouts[0].nbytes
 
 
 def _reference(variant: str, steps: int, config: zoruntime.ZOSGD = CONFIG):
@@ -33,27 +34,33 @@ async def _offloaded(variant: str, steps: int, policy, config: zoruntime.ZOSGD =
     return model, stats, plan
 
 
-POLICIES = {
+def _policies(block: int) -> dict[str, object]:
+    """Every kind of plan; budgets in units of one block's bytes."""
+    return {
     "serial": FixedDepth(0),
     "algorithm1": FixedDepth(1),
     "depth2": FixedDepth(2),
     "depth4": FixedDepth(4),
-    "budget_none_resident": MemoryBudget(4 * _block_bytes()),  # 3 slots + 1 working (z drawn into it)
-    "budget_some_resident": MemoryBudget(6 * _block_bytes()),
-    "budget_all_resident": MemoryBudget(100 * _block_bytes()),
+    "budget_none_resident": MemoryBudget(4 * block),  # 3 slots + 1 working (z drawn into it)
+    "budget_some_resident": MemoryBudget(6 * block),
+    "budget_all_resident": MemoryBudget(100 * block),
     "offload_every_2": FixedDepth(1, offload_every=2),
     "offload_every_3_serial": FixedDepth(0, offload_every=3),
-    "budget_offload_every_2": MemoryBudget(6 * _block_bytes(), offload_every=2),
-}
+    "budget_offload_every_2": MemoryBudget(6 * block, offload_every=2),
+    }  # fmt: skip
+
+
+POLICIES = sorted(_policies(1))
 RESIDENT = {"budget_none_resident": 0, "budget_some_resident": 2, "budget_all_resident": BLOCKS,
             "budget_offload_every_2": 2}  # fmt: skip
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-async def test_runtime_equals_reference_bitwise(policy: str) -> None:
-    ref_model, ref_stats, _ = _reference("pre_ln_tied", 5)
-    model, stats, plan = await _offloaded("pre_ln_tied", 5, POLICIES[policy])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_runtime_equals_reference_bitwise(policy: str, family: str) -> None:
+    ref_model, ref_stats, _ = _reference(family, 5)
+    model, stats, plan = await _offloaded(family, 5, _policies(_block_bytes(family))[policy])
     assert len(plan.resident_units) == RESIDENT.get(policy, 0)
     assert stats == ref_stats
     for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
@@ -73,9 +80,10 @@ async def test_runtime_equals_reference_on_other_architectures(variant: str) -> 
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-async def test_lr_zero_never_drifts_through_the_runtime(dtype: torch.dtype) -> None:
-    model = tiny_model(seed=2, dtype=dtype, num_hidden_layers=BLOCKS)
+async def test_lr_zero_never_drifts_through_the_runtime(dtype: torch.dtype, family: str) -> None:
+    model = tiny_model(family, seed=2, dtype=dtype, num_hidden_layers=BLOCKS)
     before = {n: p.clone() for n, p in model.named_parameters()}
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=0.0, eps=1e-2, weight_decay=0.3)) as rt:
         for i in range(8):

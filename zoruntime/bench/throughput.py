@@ -33,13 +33,14 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import PreTrainedModel
 
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
 from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
-from ..models.init import materialize_flat, meta_model, tiny_opt_config
-from ..models.shapes import OPT_NAMES, opt_config, shape_dims
+from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
+from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.cost import OpFigures
 from ..planning.planner import Workload, profile_from_card
 from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
@@ -95,7 +96,11 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     shape: Any = getattr(model, "config")  # noqa: B009 (a HF config; nn.Module's type says nothing of it)
     ids = torch.randint(4, shape.vocab_size, (batch, seq))
     inputs = adapter.prepare(adapter.validate({"input_ids": ids}), dev.device, dtype)
-    hidden = torch.randn(batch, seq, shape.hidden_size, dtype=dtype, device=dev.device)
+    embed = adapter.units.units[0]  # the embed stage, run once: real hidden states, and what a family
+    ends = {k: p.detach().to(dev.device) for k, p in adapter.groups()[embed.group][1].items()}  # computes there
+    with torch.no_grad():
+        hidden = adapter.embed(ends, inputs)  # (rotary embeddings) for every block
+    del ends
     scratch, z = torch.empty_like(slot), torch.empty_like(slot)
     params, sampler = layout.views(scratch), DirectionSampler(slot.device)
     rounding = ZOSGD().rounding_for(layout.dtype)  # as the runtime updates these masters by default
@@ -176,17 +181,14 @@ def measure(
 
 
 def measure_mezo(
-    model: torch.nn.Module, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
+    model: PreTrainedModel, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
 ) -> dict[str, Any]:
     """MeZO as its users run it (``zo.mezo``): a copy of the model on the device, median step time
     after one warm-up step, as ``measure``."""
     dev.release()
-    config: Any = getattr(model, "config")  # noqa: B009
     copy: torch.nn.Module | None = None
     try:
-        dtype = next(model.parameters()).dtype
-        copy = meta_model(config, dtype).to_empty(device=dev.device)
-        copy.load_state_dict(model.state_dict())
+        copy = copy_to(model, dev.device)
         on_device = {k: v.to(dev.device) for k, v in batch.items()}
         on_device["labels"] = on_device["input_ids"]
         baseline = MeZOBaseline(copy, lr=1e-7, eps=1e-3)
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         default=None,
-        help=f"OPT shape: {', '.join(OPT_NAMES)} or tiny (default: opt-1.3b on cuda, tiny on cpu)",
+        help=f"a shape by name: {', '.join(MODEL_NAMES + tuple(TINY_CONFIGS))} (default: opt-1.3b on cuda, tiny "
+        "on cpu)",
     )
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=None,
@@ -284,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
 
     dev = DeviceMeter(args.device)
     dtype = DTYPES[args.dtype]
-    config = tiny_opt_config(max_position_embeddings=args.seq) if args.model == "tiny" else opt_config(args.model)
+    if args.model in TINY_CONFIGS:
+        config = TINY_CONFIGS[args.model](max_position_embeddings=args.seq)
+    else:
+        try:
+            config = named_config(args.model)
+        except ValueError as error:
+            parser.error(str(error))
     if args.seq > config.max_position_embeddings:
         parser.error(f"--seq {args.seq} is longer than {args.model}'s {config.max_position_embeddings} positions")
     t0 = time.perf_counter()

@@ -1,10 +1,11 @@
-"""Random-init OPT models built without HF's slow initialiser and without the global RNG.
+"""Random-init models built without HF's slow initialiser and without the global RNG.
 
 The model is built on the meta device (no memory, no random draws), materialised empty and
 filled from a private ``torch.Generator``: normal(0, init_std) for linear and embedding
 weights (the padding row zeroed), zeros for biases, ones and zeros for layer norms, as HF
-initialises OPT. Also holds the built-in tiny configuration used by tests and demos,
-``materialize_flat`` (groups born flat in pinned buffers, for benchmarks of big shapes) and
+initialises OPT. Also holds the built-in tiny configurations used by tests and demos (OPT, and
+a Llama for the Llama family), ``materialize_flat`` (groups born flat in pinned buffers, for
+benchmarks of big shapes of any family an adapter runs) and
 ``load_pretrained`` (a local folder or a hub name of any family an adapter runs, with errors
 that say what to do).
 """
@@ -43,6 +44,30 @@ def tiny_opt_config(**overrides: Any) -> OPTConfig:
     return OPTConfig(**fields)
 
 
+def tiny_llama_config(**overrides: Any) -> PretrainedConfig:
+    """A 2-block Llama with grouped-query attention, on the byte vocabulary of ``tiny_opt_config``."""
+    from transformers import LlamaConfig
+
+    fields: dict[str, Any] = dict(
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+TINY_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {"tiny": tiny_opt_config, "tiny-llama": tiny_llama_config}
+"""The built-in tiny shapes by name, for CPU smoke runs of the benchmarks."""
+
+
 def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
     """A causal LM of any family ``config`` names, on the meta device: shapes and dtypes, no
     memory (for planning)."""
@@ -52,6 +77,18 @@ def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(config)
     nn.Module.to(model, dtype=dtype)
     return model
+
+
+@torch.no_grad()
+def copy_to(model: PreTrainedModel, device: torch.device | str) -> PreTrainedModel:
+    """A copy of ``model`` made straight on ``device`` (no second host copy): its weights and every
+    buffer, computed ones (rotary frequencies, which a state dict leaves out) included."""
+    dtype = next(model.parameters()).dtype
+    copy = meta_model(model.config, dtype).to_empty(device=device)
+    copy.load_state_dict(model.state_dict())
+    for name, buffer in model.named_buffers():
+        copy.get_buffer(name).copy_(buffer)
+    return copy.eval()
 
 
 @torch.no_grad()
@@ -95,17 +132,30 @@ def fill_group(layout: GroupLayout, flat: torch.Tensor, generator: torch.Generat
     return flat
 
 
+def _rebuild_meta_buffers(model: PreTrainedModel) -> None:
+    """Modules that hold computed buffers and no weights (rotary embeddings' frequencies) are
+    built anew on the host from the config: a meta-device model has no values for them."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(f"{name} ({type(module).__name__}) holds both weights and computed buffers")
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, type(module)(config=model.config))
+
+
 @torch.no_grad()
 def materialize_flat(
-    config: OPTConfig,
+    config: PretrainedConfig,
     allocate: Callable[[int, torch.dtype], torch.Tensor],
     *,
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     alias_blocks: bool = False,
     fill_device: torch.device | str | None = None,
-) -> OPTForCausalLM:
-    """Build an OPT whose groups are born flat in buffers from ``allocate(numel, dtype)``.
+) -> PreTrainedModel:
+    """Build a model of any family an adapter runs, its groups born flat in buffers from
+    ``allocate(numel, dtype)``.
 
     No full-size intermediate model and no HF init: each group is allocated once (pinned memory
     on CUDA, so a 30B model needs its 60 GB once) and filled in place. With ``alias_blocks`` every
@@ -114,15 +164,13 @@ def materialize_flat(
     group is drawn there and copied into its buffer: a CPU draws normals at a few hundred MB/s,
     so a 30B model would take minutes to fill on the host and takes seconds this way.
     """
-    from .opt import OPTAdapter
+    from .adapter import adapter_for
 
-    with torch.device("meta"):
-        model = OPTForCausalLM(config)
-    nn.Module.to(model, dtype=dtype)
-    adapter = OPTAdapter(model)
+    model = meta_model(config, dtype)
+    adapter = adapter_for(model)
     fill_on = torch.device(fill_device) if fill_device is not None else None
     generator = torch.Generator(device=fill_on or "cpu").manual_seed(seed)
-    std = float(config.init_std)
+    std = float(getattr(config, "init_std", None) or config.initializer_range)  # OPT's name, then everyone else's
     replacements: dict[int, nn.Parameter] = {}
     shared: torch.Tensor | None = None
     for index, (layout, params) in enumerate(adapter.groups()):
@@ -143,6 +191,7 @@ def materialize_flat(
         for name, param in list(module._parameters.items()):
             if param is not None and id(param) in replacements:
                 module._parameters[name] = replacements[id(param)]
+    _rebuild_meta_buffers(model)
     return model.eval()
 
 

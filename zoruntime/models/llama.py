@@ -5,7 +5,11 @@ final RMSNorm, an LM head), run through HF's own modules, never a copied forward
 Covers ``LlamaForCausalLM`` (Llama 2, Llama 3.x with its rope scaling), ``MistralForCausalLM``
 (a sliding window on every layer), ``Qwen2ForCausalLM`` (a sliding window on the layers
 ``config.layer_types`` names) and ``Qwen3ForCausalLM`` (q/k norms inside attention), tied or
-untied heads. Rotary embeddings are computed once per step in the embed stage and passed to
+untied heads; and, with no code of their own, the further families ``FURTHER_FAMILIES`` lists,
+each admitted because its stages equal HF's forward bitwise with its distinctive settings on
+(``tests/test_llama_adapter.py``). A family whose model forward does more than embed, run the
+layers, norm and project (Granite's multipliers, Cohere's logit scale, Gemma 2's soft-capping)
+is not one of them. Rotary embeddings are computed once per step in the embed stage and passed to
 every block; each layer gets the mask of its attention type, built as HF builds it. Knows these
 families' module names; knows nothing about ZO, devices or scheduling.
 """
@@ -27,7 +31,15 @@ from .causal_lm import loss_in_pieces
 from .decoder import DecoderLayout, bind_layer
 from .groups import GroupLayout, Params
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+FURTHER_FAMILIES = (
+    "apertus", "arcee", "ernie4_5", "exaone4", "gemma", "glm", "glm4", "helium", "nemotron", "olmo", "olmo2",
+    "phi3", "seed_oss", "smollm3", "stablelm", "starcoder2",  # dense
+    "ernie4_5_moe", "glm4_moe", "gpt_oss", "jetmoe", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",  # mixture of experts
+)  # fmt: skip
+"""Families built as Llama is, down to the module names, whose differences (partial rotary, parallel
+residuals, q/k/v clipping, no-rope layers, attention sinks, experts) live inside HF's own layers."""
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", *FURTHER_FAMILIES)
 """``config.model_type`` values this adapter runs."""
 
 _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
