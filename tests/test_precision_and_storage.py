@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import FAMILIES, tiny_model, token_batch
 
 import zoruntime
 from zoruntime.models import OPTAdapter, adopt_into_flat
@@ -59,15 +59,23 @@ def test_cuda_without_a_gpu_says_so() -> None:
         zoruntime.run(rt.open())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("vocab_chunk", [None, 300])  # None: the whole table is one chunk
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("policy", ["serial", "depth2", "some_resident", "all_resident"])
-def test_the_memory_model_is_what_storage_allocates(compute_dtype: torch.dtype, policy: str) -> None:
+def test_the_memory_model_is_what_storage_allocates(
+    compute_dtype: torch.dtype, policy: str, vocab_chunk: int | None, family: str, monkeypatch
+) -> None:
     from zoruntime.device.cpu import CPUBackend
-    from zoruntime.models import adapter_for
+    from zoruntime.models import adapter_for, vocab
+    from zoruntime.planning import memory
     from zoruntime.policies import MemoryBudget
     from zoruntime.storage import Storage, model_layout
 
-    adapter = adapter_for(tiny_model(num_hidden_layers=6))
+    if vocab_chunk is not None:
+        monkeypatch.setattr(vocab, "VOCAB_CHUNK_ELEMENTS", vocab_chunk)
+        monkeypatch.setattr(memory, "KEPT_SPAN_ELEMENTS", 512)
+    adapter = adapter_for(tiny_model(family, num_hidden_layers=6))
     layout = model_layout(adapter, compute_dtype)
     chosen = {"serial": FixedDepth(0), "depth2": FixedDepth(2), "some_resident": MemoryBudget(6 * layout.unit_bytes),
               "all_resident": MemoryBudget(100 * layout.unit_bytes)}[policy]  # fmt: skip

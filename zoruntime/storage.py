@@ -4,24 +4,65 @@
   so the model always sees the master weights (a model whose groups are already flat host
   buffers is used as it is, pinned in place on CUDA);
 - compute side, exactly as ``zoruntime.planning.memory`` counts it: the groups kept there (the
-  embedding and head) with their own perturbed copy, the groups the plan keeps resident, the
-  streaming slots, and one perturbed copy shared by the streamable groups; z is drawn into the
-  perturbed copy's buffer, or into direction buffers of its own when the compute dtype is not
-  the masters'.
+  embedding and head) with the buffers that perturb them a piece at a time (``KeptBuffers``),
+  the groups the plan keeps resident, the streaming slots, and one perturbed copy shared by the
+  streamable groups; their z is drawn into the perturbed copy's buffer, or into a direction
+  buffer of its own when the compute dtype is not the masters'.
 
 Knows layouts, units, the plan and the backend's allocators; knows nothing about tasks or ZO math.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from .device.base import Backend
 from .models.adapter import ModelAdapter
-from .models.groups import GroupLayout, adopt_into_flat, existing_flat
+from .models.groups import GroupLayout, ParamSlice, adopt_into_flat, existing_flat
+from .models.vocab import rows_per_chunk
+from .planning import memory
 from .planning.memory import GroupSize, ModelLayout
 from .policies.base import Plan
+
+
+def _chunk_numel(piece: ParamSlice) -> int:
+    """Elements of one chunk of rows of a vocabulary-sized parameter (all of it when smaller)."""
+    width = piece.numel // piece.shape[0]
+    return min(piece.shape[0], rows_per_chunk(width)) * width
+
+
+@dataclass(frozen=True, slots=True)
+class KeptBuffers:
+    """What a kept group is perturbed with, never the whole group at once: ``rest`` holds the
+    perturbed copy of its parameters that are not vocabulary-sized (``rest_slices``: each one's
+    slice of the group and its offset in ``rest``; ``rest_views``: them by name), ``rows`` one
+    chunk of rows of each vocabulary-sized parameter (in the compute dtype), and ``z`` a span of
+    the direction (in the masters' dtype)."""
+
+    rest: torch.Tensor
+    rest_slices: tuple[tuple[ParamSlice, int], ...]
+    rest_views: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    z: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, layout: GroupLayout, vocab: frozenset[str], dtype: torch.dtype, empty: Callable[..., torch.Tensor]
+    ) -> KeptBuffers:
+        rest_slices, packed = [], 0
+        for piece in layout.slices:
+            if piece.name not in vocab:
+                rest_slices.append((piece, packed))
+                packed += piece.numel
+        rest = empty(packed, dtype)
+        views = {p.name: rest[at : at + p.numel].view(p.shape) for p, at in rest_slices}
+        rows = {p.name: empty(_chunk_numel(p), dtype) for p in layout.slices if p.name in vocab}
+        z = empty(min(layout.numel, memory.KEPT_SPAN_ELEMENTS), layout.dtype)
+        return cls(rest, tuple(rest_slices), views, rows, z)
 
 
 def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: Backend) -> torch.Tensor:
@@ -34,8 +75,12 @@ def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: 
 def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype) -> ModelLayout:
     """The sizes the planner and the memory model see: each group, and whether a plan may stream it."""
     streamable = {u.group for u in adapter.units.streamable}
-    groups = tuple(GroupSize(lay.numel, lay.dtype.itemsize, lay.group in streamable) for lay, _ in adapter.groups())
-    return ModelLayout(groups, compute_dtype.itemsize)
+    groups = []
+    for layout, _ in adapter.groups():
+        vocab = [p for p in layout.slices if p.name in adapter.vocab_names and layout.group not in streamable]
+        chunked, rows = sum(p.numel for p in vocab), sum(_chunk_numel(p) for p in vocab)
+        groups.append(GroupSize(layout.numel, layout.dtype.itemsize, layout.group in streamable, chunked, rows))
+    return ModelLayout(tuple(groups), compute_dtype.itemsize)
 
 
 class Storage:
@@ -59,20 +104,16 @@ class Storage:
 
         self._on_device = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept + resident}
         self.slots = [empty(numel, dtype) for _ in range(plan.slots(len(streamable)))]
-        # kept groups run at both ends of a step: each keeps its perturbed copy (and its direction)
-        self._scratch = {g: empty(self.layouts[g].numel, compute_dtype) for g in kept}
+        # kept groups run at both ends of a step, perturbed a piece at a time
+        self.kept = {g: KeptBuffers.allocate(self.layouts[g], adapter.vocab_names, compute_dtype, empty) for g in kept}
         self._shared_scratch = empty(numel, compute_dtype)
         # z is drawn in the masters' dtype: into the perturbed copy's buffer when that is the
-        # compute dtype too, else into buffers of its own (the memory model counts the same)
-        self.directions_in_scratch = all(lay.dtype == compute_dtype for lay in self.layouts)
-        if self.directions_in_scratch:
-            self._direction, self._shared_direction = self._scratch, self._shared_scratch
-        else:
-            self._direction = {g: empty(self.layouts[g].numel, self.layouts[g].dtype) for g in kept}
-            self._shared_direction = empty(numel, dtype)
-        # the parameter views of each group's perturbed copy, made once: the host builds them per
-        # parameter, which costs more than launching a small kernel
-        self.scratch_views = {lay.group: lay.views(self.scratch(lay.group)) for lay in self.layouts}
+        # compute dtype too, else into a buffer of its own (the memory model counts the same)
+        self.directions_in_scratch = dtype == compute_dtype
+        self._shared_direction = self._shared_scratch if self.directions_in_scratch else empty(numel, dtype)
+        # the parameter views of each streamable group's perturbed copy, made once: the host builds
+        # them per parameter, which costs more than launching a small kernel
+        self.scratch_views = {lay.group: lay.views(self.scratch(lay.group)) for lay in streamable}
 
     def on_device(self, group: int) -> bool:
         """Whether ``group`` stays on the compute device for the whole run (kept or resident)."""
@@ -87,10 +128,10 @@ class Storage:
         return self.slots[slot][: self.layouts[group].numel]
 
     def scratch(self, group: int) -> torch.Tensor:
-        """Where ``group``'s perturbed copy is written, in the compute dtype."""
-        return self._scratch.get(group, self._shared_scratch)[: self.layouts[group].numel]
+        """Where streamable ``group``'s perturbed copy is written, in the compute dtype."""
+        return self._shared_scratch[: self.layouts[group].numel]
 
     def direction(self, group: int) -> torch.Tensor:
-        """Where ``group``'s direction is drawn (its perturbed copy's buffer when
+        """Where streamable ``group``'s direction is drawn (its perturbed copy's buffer when
         ``directions_in_scratch``)."""
-        return self._direction.get(group, self._shared_direction)[: self.layouts[group].numel]
+        return self._shared_direction[: self.layouts[group].numel]

@@ -1,11 +1,13 @@
 """The work of each task: the torch side of a step, handed to whichever lane runs the task.
 
-One path for every unit. A unit's task first brings its group's weights up to date (every
-update in the log that the group's copy does not hold yet, oldest first), then runs the
-unit's stage once per probe: in a step, on each perturbed copy ``θ + scale·z`` written into a
-scratch buffer (z drawn into that same buffer and overwritten in place, so drawn again for each
-probe; or, with 16-bit compute over fp32 masters, drawn once into a buffer of its own when the
-group's first unit runs); in an evaluation, on the weights themselves. The embed unit also
+A unit's task first brings its group's weights up to date (every update in the log that the
+group's copy does not hold yet, oldest first), then runs the unit's stage once per probe: in a
+step on ``θ + scale·z``, in an evaluation on the weights themselves. A block's perturbed copy is
+written whole into a scratch buffer (z drawn into that same buffer and overwritten in place, so
+drawn again for each probe; or, with 16-bit compute over fp32 masters, drawn once into a buffer
+of its own). The embed and head units (the kept group) never make a whole copy: the
+vocabulary-sized parameters reach the stage as ``PerturbedRows``, built a chunk of rows at a
+time, the rest of the group is perturbed whole, and their updates draw z a span at a time. The embed unit also
 moves the batch's stage inputs (prepared and pinned on the host by the call) to the device;
 the head unit turns the probes' losses into projected gradients and the step's update (on
 CUDA on the compute stream, so the next step's updates are ordered after it). Uploads and
@@ -25,6 +27,7 @@ import torch
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
 from .models.batch import Batch, LossFn, map_tensors
+from .models.decoder import EndParams
 from .models.groups import GroupLayout
 from .runtime.graph import Kind, Task
 from .runtime.units import Stage, Unit
@@ -32,7 +35,16 @@ from .storage import Storage
 from .zo.directions import DirectionSampler
 from .zo.estimator import Probe, TwoSidedEstimator
 from .zo.log import UpdateLog
-from .zo.update import ChangeCount, PendingUpdate, Rounding, apply_update, draw_direction, perturb_into
+from .zo.update import (
+    ChangeCount,
+    PendingUpdate,
+    PerturbedRows,
+    Rounding,
+    apply_update,
+    draw_direction,
+    perturb_into,
+    update_in_spans,
+)
 
 
 class Mode(Enum):
@@ -152,11 +164,13 @@ class TaskWork:
             return weights
         holds = self.stamps.get(group, -1)
         missing = self.log.missing(holds)
+        for update in missing:
+            if group in s.kept:  # z a span at a time: never the whole group's
+                update_in_spans(weights, s.kept[group].z, update, layout, self.sampler, self.changed)
+                continue
+            z = draw_direction(self.sampler, update.seed, layout, s.direction(group))
+            apply_update(weights, z, update, layout, self.sampler, self.changed)
         if missing:
-            z = s.direction(group)
-            for update in missing:
-                draw_direction(self.sampler, update.seed, layout, z)
-                apply_update(weights, z, update, layout, self.sampler, self.changed)
             holds = missing[-1].step
         if s.on_device(group):
             self.stamps[group] = holds
@@ -172,10 +186,14 @@ class TaskWork:
         if unit.stage is Stage.EMBED:  # the inputs were prepared (and pinned) on the host by the call
             st.inputs = map_tensors(st.inputs, lambda t: t.to(s.device, non_blocking=True))
         weights = self._up_to_date(task)
-        scratch = s.scratch(unit.group)
-        if st.mode is Mode.EVAL or not layout.trainable:  # frozen: every probe runs the weights themselves
+        unperturbed = st.mode is Mode.EVAL or not layout.trainable  # frozen: every probe runs the weights
+        if unit.group in s.kept:
+            for i, probe in enumerate(st.probes):
+                scale = None if unperturbed else probe.scale
+                self._stage(st, unit, i, self._kept_params(st, unit.group, weights, scale))
+        elif unperturbed:
             for i in range(len(st.probes)):
-                self._stage(st, unit, i, _unperturbed(weights, scratch, layout))
+                self._stage(st, unit, i, _unperturbed(weights, s.scratch(unit.group), layout))
         else:
             self._perturbed_stages(st, unit, weights)
         if unit.stage is Stage.HEAD and st.mode is Mode.TRAIN:
@@ -193,7 +211,28 @@ class TaskWork:
             perturb_into(scratch, weights, z, probe.scale)
             self._stage(st, unit, i, views)
 
-    def _stage(self, st: StepState, unit: Unit, probe: int, params: Params) -> None:
+    def _kept_params(self, st: StepState, group: int, weights: torch.Tensor, scale: float | None) -> EndParams:
+        """The kept group's parameters for one probe, ``θ + scale·z`` (``scale`` None: θ in the
+        compute dtype): the parameters that are not vocabulary-sized perturbed whole into their
+        buffer, z drawn a span at a time; each vocabulary-sized one as rows built on demand."""
+        s, layout, kept = self.storage, self.storage.layouts[group], self.storage.kept[group]
+        if scale is None and weights.dtype == s.compute_dtype:
+            return layout.views(weights)
+        span = kept.z.numel()
+        for piece, at in kept.rest_slices:
+            for start in range(0, piece.numel, span):
+                first, count = piece.offset + start, min(span, piece.numel - start)
+                out, master = kept.rest[at + start : at + start + count], weights[first : first + count]
+                if scale is None:
+                    out.copy_(master)
+                else:
+                    z = draw_direction(self.sampler, st.seed, layout, kept.z[:count], offset=first)
+                    perturb_into(out, master, z, scale)
+        rows = {p.name: PerturbedRows(weights, p, layout, self.sampler, st.seed, scale, kept.z, kept.rows[p.name])
+                for p in layout.slices if p.name in kept.rows}  # fmt: skip
+        return {**kept.rest_views, **rows}
+
+    def _stage(self, st: StepState, unit: Unit, probe: int, params: EndParams) -> None:
         if unit.stage is Stage.EMBED:
             st.hidden[probe] = self.adapter.embed(params, st.inputs)
             return
@@ -203,7 +242,7 @@ class TaskWork:
             if params is self.storage.scratch_views[unit.group]:  # the perturbed copies: always these tensors
                 st.hidden[probe] = self._bound_block(unit)(hidden, st.inputs)
             else:
-                st.hidden[probe] = self.adapter.block(unit.index, params, hidden, st.inputs)
+                st.hidden[probe] = self.adapter.block(unit.index, _tensors(params), hidden, st.inputs)
             return
         batch = st.inputs.batch
         if st.mode is Mode.TRAIN:
@@ -227,7 +266,7 @@ class TaskWork:
             run = self._bound[unit.name] = self.adapter.bound_block(unit.index, self.storage.scratch_views[unit.group])
         return run
 
-    def _loss(self, params: Params, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""
         if self.loss_fn is None:
             return self.adapter.head_loss(params, hidden, batch)
@@ -243,6 +282,12 @@ class TaskWork:
     def _current(self) -> StepState:
         assert self.state is not None, "a step task ran outside a step"
         return self.state
+
+
+def _tensors(params: EndParams) -> Params:
+    """A block's parameters: always tensors (only the kept group's may be row sources)."""
+    assert all(isinstance(p, torch.Tensor) for p in params.values())
+    return params  # type: ignore[return-value]
 
 
 def _unperturbed(weights: torch.Tensor, scratch: torch.Tensor, layout: GroupLayout) -> dict[str, torch.Tensor]:

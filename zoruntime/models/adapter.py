@@ -15,6 +15,7 @@ from torch import nn
 
 from ..runtime.units import UnitTable
 from .batch import Batch
+from .decoder import EndParams
 from .groups import GroupLayout, Params
 from .llama import LLAMA_LIKE, LlamaLikeAdapter
 from .opt import OPTAdapter
@@ -40,6 +41,11 @@ class ModelAdapter(Protocol):
         """Every group's layout and the parameters it lays out, indexed by group id."""
         ...
 
+    @property
+    def vocab_names(self) -> frozenset[str]:
+        """The embed_head group's parameters with a row per vocabulary entry (read in chunks)."""
+        ...
+
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """The parameters of each part a user may freeze by name: "embeddings", "head" and
         "block.N" (a tied head and the token embedding are one tensor, in both)."""
@@ -49,7 +55,9 @@ class ModelAdapter(Protocol):
 
     def prepare(self, batch: Batch, device: torch.device, dtype: torch.dtype) -> Any: ...
 
-    def embed(self, params: Params, inputs: Any) -> torch.Tensor: ...
+    def embed(self, params: EndParams, inputs: Any) -> torch.Tensor:
+        """The embedding stage; vocabulary-sized parameters may come as row sources (``vocab``)."""
+        ...
 
     def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: Any) -> torch.Tensor: ...
 
@@ -59,11 +67,14 @@ class ModelAdapter(Protocol):
         inputs)`` without rebinding the weights on every call."""
         ...
 
-    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor: ...
+    def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """Every token's logits from the last block's hidden states (``final``: from the decoder's
+        last state), a chunk of the vocabulary at a time."""
+        ...
 
-    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+    def head_loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
         """The causal-LM loss from the last block's hidden states (``final``: from the decoder's
-        last state), without materialising every token's logits."""
+        last state), without materialising every token's logits nor the head's whole weight."""
         ...
 
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...

@@ -27,9 +27,9 @@ from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .batch import Batch, make_batch
-from .causal_lm import loss_in_pieces
-from .decoder import DecoderLayout, bind_layer
+from .decoder import DecoderLayout, EndParams, bind_layer
 from .groups import GroupLayout, Params
+from .vocab import TokenLookup
 
 FURTHER_FAMILIES = (
     "apertus", "arcee", "ernie4_5", "exaone4", "gemma", "glm", "glm4", "helium", "nemotron", "olmo", "olmo2",
@@ -54,6 +54,7 @@ class StageInputs:
     batch: Batch
     position_ids: torch.Tensor  # [1, T] long: HF's forward numbers positions 0 … T − 1
     masks: dict[str, torch.Tensor | None]
+    tokens: TokenLookup  # the batch's tokens as the embedding's chunks see them
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -92,6 +93,7 @@ class LlamaLikeAdapter:
                                               "lm_head": self.model.lm_head}  # fmt: skip
         self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
         self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
+        self.vocab_names = self.layout.vocab_names
         self.units = self.layout.units
 
     # -- shape facts ------------------------------------------------------------------------
@@ -128,15 +130,16 @@ class LlamaLikeAdapter:
                   "position_ids": position_ids, **_NO_CACHE}  # fmt: skip
         masks = {kind: _MASKS[kind](**kwargs) for kind in sorted(set(self._layer_types))}
         moved = {k: None if m is None else m.to(device, non_blocking=True) for k, m in masks.items()}
-        return StageInputs(batch.to(device), position_ids.to(device, non_blocking=True), moved)
+        tokens = self.layout.token_lookup(ids).to(device)
+        return StageInputs(batch.to(device), position_ids.to(device, non_blocking=True), moved, tokens)
 
     # -- stages -------------------------------------------------------------------------------
-    def _call(self, key: str, params: Params, *args: object) -> torch.Tensor:
+    def _call(self, key: str, params: EndParams, *args: object) -> torch.Tensor:
         return self.layout.call_end(key, params, *args)
 
-    def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
+    def embed(self, params: EndParams, inputs: StageInputs) -> torch.Tensor:
         """Token embeddings [B, T, H]; the rotary embeddings, once per step, into ``inputs``."""
-        hidden = self._call("embed_tokens", params, inputs.batch.input_ids)
+        hidden = self.layout.embed_tokens(params, inputs.batch.input_ids, inputs.tokens)
         if inputs.position_embeddings is None:
             inputs.position_embeddings = self._rotary(hidden, inputs.position_ids)
         return hidden
@@ -161,18 +164,18 @@ class LlamaLikeAdapter:
 
         return run
 
-    def final_hidden(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, params: EndParams, hidden: torch.Tensor) -> torch.Tensor:
         return self._call("norm", params, hidden)
 
-    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm, then the LM head: logits [B, T, V]."""
-        return self._call("lm_head", params, self.final_hidden(params, hidden)).contiguous()
+    def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """The final norm (unless ``final``: ``hidden`` is already the decoder's last state), then
+        the LM head: logits [B, T, V]."""
+        return self.layout.logits(params, hidden if final else self.final_hidden(params, hidden))
 
-    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
-        """The causal-LM loss in pieces (``causal_lm.loss_in_pieces``); ``final``: ``hidden`` is
-        already the decoder's last state."""
-        hidden = hidden if final else self.final_hidden(params, hidden)
-        return loss_in_pieces(lambda piece: self._call("lm_head", params, piece), hidden, batch)
+    def head_loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+        """The causal-LM loss over vocabulary chunks (``vocab.loss_over_chunks``); ``final``:
+        ``hidden`` is already the decoder's last state."""
+        return self.layout.loss(params, hidden if final else self.final_hidden(params, hidden), batch)
 
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return self.model.loss_function(logits=logits, labels=batch.labels, vocab_size=self.config.vocab_size)

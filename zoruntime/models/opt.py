@@ -22,9 +22,9 @@ from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from .batch import Batch, make_batch
-from .causal_lm import loss_in_pieces
-from .decoder import DecoderLayout, bind_layer
+from .decoder import DecoderLayout, EndParams, bind_layer
 from .groups import GroupLayout, Params
+from .vocab import TokenLookup
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
 _NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
@@ -38,6 +38,7 @@ class StageInputs:
     position_ids: torch.Tensor  # [B, T] long
     position_mask: torch.Tensor  # [B, T], ones where no mask was given (as HF builds it)
     causal_mask: torch.Tensor | None  # as HF's create_causal_mask returns it for this config
+    tokens: TokenLookup  # the batch's tokens as the embedding's chunks see them
 
 
 def _decayed(module: nn.Module, local_name: str) -> bool:
@@ -70,6 +71,7 @@ class OPTAdapter:
         }
         self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
         self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
+        self.vocab_names = self.layout.vocab_names
         self.units = self.layout.units
 
     # -- shape facts ------------------------------------------------------------------------
@@ -127,15 +129,16 @@ class OPTAdapter:
             move(position_ids),
             move(position_mask),
             None if causal_mask is None else move(causal_mask),
+            self.layout.token_lookup(ids).to(device),
         )
 
     # -- stages -------------------------------------------------------------------------------
-    def _call(self, key: str, params: Params, *args: object, **kwargs: object) -> torch.Tensor:
+    def _call(self, key: str, params: EndParams, *args: object, **kwargs: object) -> torch.Tensor:
         return self.layout.call_end(key, params, *args, **kwargs)
 
-    def embed(self, params: Params, inputs: StageInputs) -> torch.Tensor:
+    def embed(self, params: EndParams, inputs: StageInputs) -> torch.Tensor:
         """Token + position embeddings (and project_in): hidden states [B, T, H]."""
-        tokens = self._call("embed_tokens", params, inputs.batch.input_ids)
+        tokens = self.layout.embed_tokens(params, inputs.batch.input_ids, inputs.tokens)
         positions = self._call("embed_positions", params, inputs.position_mask, 0, position_ids=inputs.position_ids)
         if self._ends_modules["project_in"] is not None:
             tokens = self._call("project_in", params, tokens)
@@ -164,11 +167,12 @@ class OPTAdapter:
 
         return run
 
-    def head(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and project_out where the config has them, then the LM head: logits [B, T, V]."""
-        return self._call("lm_head", params, self.final_hidden(params, hidden)).contiguous()
+    def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """Final norm and project_out where the config has them (``final``: ``hidden`` is already the
+        decoder's last state), then the LM head: logits [B, T, V]."""
+        return self.layout.logits(params, hidden if final else self.final_hidden(params, hidden))
 
-    def final_hidden(self, params: Params, hidden: torch.Tensor) -> torch.Tensor:
+    def final_hidden(self, params: EndParams, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden state: the final norm and project_out where the config has them."""
         if self._ends_modules["final_layer_norm"] is not None:
             hidden = self._call("final_layer_norm", params, hidden)
@@ -176,11 +180,10 @@ class OPTAdapter:
             hidden = self._call("project_out", params, hidden)
         return hidden
 
-    def head_loss(self, params: Params, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
-        """The causal-LM loss in pieces (``causal_lm.loss_in_pieces``); ``final``: ``hidden`` is
-        already the decoder's last state."""
-        hidden = hidden if final else self.final_hidden(params, hidden)
-        return loss_in_pieces(lambda piece: self._call("lm_head", params, piece), hidden, batch)
+    def head_loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch, final: bool = False) -> torch.Tensor:
+        """The causal-LM loss over vocabulary chunks (``vocab.loss_over_chunks``); ``final``:
+        ``hidden`` is already the decoder's last state."""
+        return self.layout.loss(params, hidden if final else self.final_hidden(params, hidden), batch)
 
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy over labels != -100, computed by the model's own HF loss."""

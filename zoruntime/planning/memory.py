@@ -4,15 +4,18 @@ A model is seen as groups (flat buffers of one dtype). A group is either streama
 decoder block: it may be streamed through a slot or kept resident, as the plan says) or kept
 (the embedding and head group: always on the compute device). For a plan the compute side holds
 
-- every kept group, with its own perturbed copy (in the compute dtype), because its units run
-  at both ends of the step;
+- every kept group's weights, and beside them never a whole perturbed copy nor a whole
+  direction: its vocabulary-sized parameters (``chunked_numel`` elements) are perturbed a chunk
+  of rows at a time into buffers of one chunk each (``rows_numel`` in all), the rest of the
+  group whole (in the compute dtype), and z is drawn ``KEPT_SPAN_ELEMENTS`` at a time into a
+  span buffer in the masters' dtype;
 - the streamable groups the plan keeps resident, the streaming slots (each the size of the
   largest streamable group), and one perturbed copy shared by all of them.
 
-Where the compute dtype is the masters' dtype, z is drawn straight into the perturbed copy's
-buffer (and drawn again for each probe and for the update), so no direction buffer exists.
-With 16-bit compute over fp32 masters z must be drawn in fp32: then each kept group has its own
-direction buffer and the streamable groups share one.
+Where the compute dtype is the masters' dtype, a streamed group's z is drawn straight into the
+perturbed copy's buffer (and drawn again for each probe and for the update), so no direction
+buffer exists. With 16-bit compute over fp32 masters z must be drawn in fp32: then the
+streamable groups share a direction buffer.
 
 Activations come on top and are not counted here. Policies (``MemoryBudget``), ``Storage``, the
 runtime's statistics, the out-of-memory advice and the benchmark all read this model; a test
@@ -28,14 +31,28 @@ if TYPE_CHECKING:
     from ..policies.base import Plan
 
 
+KEPT_SPAN_ELEMENTS = 1 << 24
+"""Elements of a kept group's z drawn at a time: one chunk of the direction scheme
+(``zo.directions.CHUNK_ELEMENTS``), so a span is one whole draw."""
+
+
 @dataclass(frozen=True, slots=True)
 class GroupSize:
     """One group as the planner sees it: elements, bytes per element of its master copy, and
-    whether a plan may stream it."""
+    whether a plan may stream it; for a kept group, the elements of its vocabulary-sized
+    parameters and of one chunk of rows of each (see the module's docstring)."""
 
     numel: int
     itemsize: int
     streamable: bool
+    chunked_numel: int = 0
+    rows_numel: int = 0
+
+    def kept_bytes(self, compute_itemsize: int) -> int:
+        """Compute-side bytes of a kept group: its weights, the rest of it perturbed whole, one
+        chunk of rows of each vocabulary-sized parameter, and z's span buffer."""
+        perturbed = (self.numel - self.chunked_numel + self.rows_numel) * compute_itemsize
+        return self.nbytes + perturbed + min(self.numel, KEPT_SPAN_ELEMENTS) * self.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +63,7 @@ class GroupSize:
 class MemoryBreakdown:
     """Compute-side bytes of a plan, by what they hold."""
 
-    kept: int  # kept groups: their weights, perturbed copy (and direction, with mixed dtypes)
+    kept: int  # kept groups: their weights, and their perturbed rows and z a chunk at a time
     resident: int  # streamable groups the plan keeps on the compute device
     slots: int  # streaming slots
     working: int  # the perturbed copy (and direction, with mixed dtypes) shared by the streamable groups
@@ -99,18 +116,16 @@ class ModelLayout:
 
     @property
     def needs_directions(self) -> bool:
-        """Whether z needs buffers of its own: it is drawn in the masters' dtype, so only when the
-        compute dtype differs (else it is drawn into the perturbed copy's buffer)."""
-        return any(g.itemsize != self.compute_itemsize for g in self.groups)
+        """Whether the streamed groups' z needs a buffer of its own: it is drawn in the masters'
+        dtype, so only when the compute dtype differs (else it is drawn into the perturbed copy's buffer)."""
+        return any(g.itemsize != self.compute_itemsize for g in self.streamable)
 
     def breakdown(self, plan: Plan) -> MemoryBreakdown:
         """Compute-side bytes ``plan`` takes (before activations)."""
         plan.validate(self.num_units)
         units = self.streamable
         direction = self.needs_directions
-        kept = sum(
-            g.numel * (g.itemsize * (1 + direction) + self.compute_itemsize) for g in self.groups if not g.streamable
-        )
+        kept = sum(g.kept_bytes(self.compute_itemsize) for g in self.groups if not g.streamable)
         numel, itemsize = max(g.numel for g in units), max(g.itemsize for g in units)
         working = numel * (itemsize * direction + self.compute_itemsize)  # a perturbed copy (and a direction)
         return MemoryBreakdown(

@@ -53,16 +53,14 @@ class ReferenceZO:
     def _loss(
         self, batch: Batch, perturbed: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        """The model's own forward on ``perturbed``; the loss from its logits (a user's loss) or, by
-        default, from its last hidden state through the adapter's ``head_loss`` on ``head`` (the
-        head unit's group, by the adapter's names), as the runtime computes it."""
-        kwargs: dict[str, object] = {"attention_mask": batch.attention_mask}
-        if self.loss_fn is None:
-            kwargs |= {"output_hidden_states": True, "logits_to_keep": 1}
-        out = functional_call(self.model, dict(perturbed), (batch.input_ids,), kwargs)
-        if self.loss_fn is not None:
-            return self.loss_fn(out.logits, batch)
-        return self.adapter.head_loss(head, out.hidden_states[-1], batch, final=True)
+        """The model's own forward on ``perturbed`` to its last hidden state; from there the
+        adapter's head on ``head`` (the head unit's group, by the adapter's names), as the runtime
+        computes it: the logits for a user's loss, or by default ``head_loss``."""
+        kwargs = {"attention_mask": batch.attention_mask, "output_hidden_states": True, "logits_to_keep": 1}
+        final = functional_call(self.model, dict(perturbed), (batch.input_ids,), kwargs).hidden_states[-1]
+        if self.loss_fn is not None:  # the logits a chunk of the vocabulary at a time, as the runtime makes them
+            return self.loss_fn(self.adapter.head(head, final, final=True), batch)
+        return self.adapter.head_loss(head, final, batch, final=True)
 
     @torch.no_grad()
     def step(self, batch: Batch | Mapping[str, object]) -> StepStats:

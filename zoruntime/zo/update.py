@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import torch
 
-from ..models.groups import GroupLayout
+from ..models.groups import GroupLayout, ParamSlice
 from .directions import DirectionSampler
 
 
@@ -23,6 +23,42 @@ def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scal
     """``out = weights + scale·z`` for flat tensors; ``weights`` is left untouched."""
     # out, weights, z: [numel]
     return torch.add(weights, z, alpha=scale, out=out)
+
+
+class PerturbedRows:
+    """Rows of one parameter of a group as ``θ + scale·z`` (``scale`` None: θ itself, in ``out``'s
+    dtype), built on demand into ``out`` (one chunk of rows; a call overwrites the last), z drawn
+    into ``z``: a ``models.vocab.RowSource`` whose rows equal, bitwise, those of a whole
+    perturbed copy of the group."""
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        piece: ParamSlice,
+        layout: GroupLayout,
+        sampler: DirectionSampler,
+        seed: int,
+        scale: float | None,
+        z: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        self.weights, self.piece, self.layout, self.sampler = weights, piece, layout, sampler
+        self.seed, self.scale, self.z, self.out = seed, scale, z, out
+        self.width = piece.numel // piece.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.piece.shape)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        first, count = self.piece.offset + start * self.width, (stop - start) * self.width
+        out = self.out[:count]
+        if self.scale is None:
+            out.copy_(self.weights[first : first + count])
+        else:
+            z = draw_direction(self.sampler, self.seed, self.layout, self.z[:count], offset=first)
+            perturb_into(out, self.weights[first : first + count], z, self.scale)
+        return out.view(stop - start, *self.piece.shape[1:])
 
 
 def projected_gradient(loss_plus: torch.Tensor, loss_minus: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,14 +109,39 @@ class PendingUpdate:
         return cls(step, seed, lr, weight_decay, grad * -lr, Rounding(rounding))
 
 
-def draw_direction(sampler: DirectionSampler, seed: int, layout: GroupLayout, out: torch.Tensor) -> torch.Tensor:
-    """z of ``layout``'s group in the step whose seed is ``seed``, drawn into ``out``: the
-    sampler's draw, zero on frozen parameters (so they are neither perturbed nor updated, and
-    every other element is what it would be with nothing frozen)."""
-    sampler.draw(seed, layout.group, out)
-    for start, end in layout.frozen_ranges:
-        out[start:end].zero_()
+def draw_direction(
+    sampler: DirectionSampler, seed: int, layout: GroupLayout, out: torch.Tensor, offset: int = 0
+) -> torch.Tensor:
+    """Elements ``[offset, offset + out.numel())`` of z of ``layout``'s group in the step whose
+    seed is ``seed``, drawn into ``out``: the sampler's draw, zero on frozen parameters (so they
+    are neither perturbed nor updated, and every other element is what it would be with nothing
+    frozen)."""
+    sampler.draw(seed, layout.group, out, offset=offset, group_numel=layout.numel)
+    end = offset + out.numel()
+    for start, stop in layout.frozen_ranges:
+        if start < end and stop > offset:
+            out[max(start, offset) - offset : min(stop, end) - offset].zero_()
     return out
+
+
+def update_in_spans(
+    weights: torch.Tensor,
+    buffer: torch.Tensor,
+    update: PendingUpdate,
+    layout: GroupLayout,
+    sampler: DirectionSampler,
+    changed: ChangeCount | None = None,
+) -> None:
+    """``apply_update`` with z drawn a span of ``buffer.numel()`` elements at a time into
+    ``buffer``, never for the whole group at once: the same bits (every element's arithmetic is
+    its own), a buffer of one span."""
+    sample = changed.before(layout, weights) if changed is not None else None
+    span = buffer.numel()
+    for start in range(0, layout.numel, span):
+        z = draw_direction(sampler, update.seed, layout, buffer[: min(span, layout.numel - start)], offset=start)
+        apply_update(weights, z, update, layout, sampler, offset=start)
+    if changed is not None and sample is not None:
+        changed.after(weights, sample)
 
 
 class ChangeCount:
@@ -140,9 +201,11 @@ def apply_update(
     layout: GroupLayout,
     sampler: DirectionSampler,
     changed: ChangeCount | None = None,
+    offset: int = 0,
 ) -> None:
     """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
-    those that take it), computed in float32 and rounded once to the masters' dtype.
+    those that take it), computed in float32 and rounded once to the masters' dtype. ``z`` holds
+    elements ``[offset, offset + z.numel())`` of the direction, and only those are updated.
 
     The decay is folded into the step before rounding, never a multiplication by
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
@@ -156,10 +219,14 @@ def apply_update(
     scaled_grad = update.scaled_grad.to(device=weights.device)
     decay = update.lr * update.weight_decay
     noise, noise_piece = None, -1  # a piece's noise is drawn once, whole, even when two runs share it
-    for start, end, decayed in layout.update_ranges:
+    span_end = offset + z.numel()
+    for run_start, run_end, decayed in layout.update_ranges:
+        start, end = max(run_start, offset), min(run_end, span_end)
+        if start >= end:
+            continue
         run_decay = decay if decayed else 0.0
         if not stochastic and not run_decay:  # one fused multiply-add over the run, no temporaries
-            weights[start:end].addcmul_(z[start:end], scaled_grad)
+            weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
             continue
         lo = start
         while lo < end:  # pieces bound the float32 temporaries and key the noise
@@ -176,7 +243,7 @@ def apply_update(
                     noise_piece = piece
                 assert noise is not None
                 run_noise = noise[lo - piece_start : hi - piece_start]
-            _update_run(weights[lo:hi], z[lo:hi], scaled_grad, run_decay, run_noise)
+            _update_run(weights[lo:hi], z[lo - offset : hi - offset], scaled_grad, run_decay, run_noise)
             lo = hi
     if changed is not None and sample is not None:
         changed.after(weights, sample)

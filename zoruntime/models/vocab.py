@@ -1,0 +1,163 @@
+"""The vocabulary-sized parameters (the token embedding, the LM head) read a chunk of rows at a
+time, and the causal-LM loss accumulated over those chunks.
+
+A perturbed copy of a 50,272-row embedding is 1.2 GB at OPT-175B's width; neither the embedding
+stage nor the head needs one whole. The embedding stage needs the rows of the batch's tokens,
+the head needs every row but one chunk at a time: its logits for that chunk go into an online
+log-sum-exp (a running maximum and sum per token), and the chunk is dropped. So a stage takes
+each vocabulary-sized parameter as a ``RowSource``, anything that hands out rows
+``[start, stop)``: a plain tensor sliced, or (``zo.rows``) rows of ``θ + scale·z`` built on
+demand. The chunk boundaries are fixed by the row width alone (``rows_per_chunk``), so every
+caller (the runtime, the in-memory reference, an evaluation) multiplies the same shapes and
+gets the same bits.
+
+Knows rows, token ids, next-token targets and cross-entropy; nothing of model families, ZO or
+devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..planning.memory import LOSS_CHUNK_TOKENS
+from .batch import IGNORE_INDEX, Batch
+
+VOCAB_CHUNK_ELEMENTS = 1 << 24
+"""Elements per chunk of a vocabulary-sized parameter (whole rows: ``rows_per_chunk``)."""
+
+
+def rows_per_chunk(width: int) -> int:
+    """Rows of ``width`` elements in one chunk (at least one)."""
+    return max(1, VOCAB_CHUNK_ELEMENTS // width)
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """A [V, W] parameter handed out a block of rows at a time. A block is valid until the next
+    call (it may live in a reused buffer)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+class TensorRows:
+    """A whole tensor, sliced."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+
+def as_rows(param: torch.Tensor | RowSource) -> RowSource:
+    return TensorRows(param) if isinstance(param, torch.Tensor) else param
+
+
+def chunks(total_rows: int, width: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk of a ``total_rows`` × ``width`` parameter."""
+    step = rows_per_chunk(width)
+    return [(start, min(start + step, total_rows)) for start in range(0, total_rows, step)]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLookup:
+    """A batch's distinct token ids (sorted), each token's index among them, and for each chunk
+    of the embedding holding some of them, which ones: ``(start row, stop row, lo, hi)`` with
+    ``distinct[lo:hi]`` in rows ``[start, stop)``. Built on the host with the batch, so that
+    gathering rows never waits for the device."""
+
+    distinct: torch.Tensor  # [U] long
+    local_ids: torch.Tensor  # [B, T] long: input_ids[b, t] == distinct[local_ids[b, t]]
+    spans: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, vocab: int, width: int) -> TokenLookup:
+        distinct, local_ids = torch.unique(input_ids, sorted=True, return_inverse=True)
+        ends = torch.tensor([stop for _, stop in chunks(vocab, width)])
+        where = torch.searchsorted(ends, distinct, right=True).tolist()  # the chunk of each distinct id
+        spans, lo = [], 0
+        for hi in range(1, len(where) + 1):
+            if hi == len(where) or where[hi] != where[lo]:
+                start, stop = chunks(vocab, width)[where[lo]]
+                spans.append((start, stop, lo, hi))
+                lo = hi
+        return cls(distinct, local_ids, tuple(spans))
+
+    def to(self, device: torch.device) -> TokenLookup:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return TokenLookup(move(self.distinct), move(self.local_ids), self.spans)
+
+
+def gather_rows(source: RowSource, lookup: TokenLookup) -> torch.Tensor:
+    """The rows of ``lookup.distinct``, in that order: [U, W], one chunk of ``source`` at a time."""
+    out: torch.Tensor | None = None
+    for start, stop, lo, hi in lookup.spans:
+        block = source.rows(start, stop)
+        if out is None:
+            out = torch.empty((lookup.distinct.numel(), *block.shape[1:]), dtype=block.dtype, device=block.device)
+        torch.index_select(block, 0, lookup.distinct[lo:hi] - start, out=out[lo:hi])
+    assert out is not None, "a batch has at least one token"
+    return out
+
+
+def logits_in_chunks(
+    logits_of: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    head: dict[str, torch.Tensor | RowSource],
+    hidden: torch.Tensor,
+) -> torch.Tensor:
+    """Every token's logits [..., V]: ``logits_of(params, hidden)`` (the LM head module on one
+    chunk of its parameters), chunk after chunk, in the compute dtype."""
+    sources = {name: as_rows(p) for name, p in head.items()}
+    vocab, width = next(iter(sources.values())).shape[:2]
+    parts = [logits_of({n: s.rows(a, b) for n, s in sources.items()}, hidden) for a, b in chunks(vocab, width)]
+    return torch.cat(parts, dim=-1)
+
+
+def loss_over_chunks(
+    logits_of: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    head: dict[str, torch.Tensor | RowSource],
+    hidden: torch.Tensor,
+    batch: Batch,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels != -100 from the decoder's last hidden state
+    ``hidden`` [B, T, H], never holding every token's logits nor the head's whole (perturbed)
+    weight: for each chunk of the vocabulary, its rows once, then its float32 logits for
+    ``LOSS_CHUNK_TOKENS`` tokens at a time into a running maximum and sum per token (an online
+    log-sum-exp) and the logit of each token's target where the chunk holds it. Equal to HF's
+    loss within float rounding (the sums run in another order)."""
+    targets = torch.nn.functional.pad(batch.labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    sources = {name: as_rows(p) for name, p in head.items()}
+    vocab, width = next(iter(sources.values())).shape[:2]
+    tokens = flat.shape[0]
+    running_max = torch.full((tokens,), -torch.inf, dtype=torch.float32, device=flat.device)
+    running_sum = torch.zeros(tokens, dtype=torch.float32, device=flat.device)
+    target_logit = torch.zeros(tokens, dtype=torch.float32, device=flat.device)
+    for start, stop in chunks(vocab, width):
+        params = {n: s.rows(start, stop) for n, s in sources.items()}
+        for lo in range(0, tokens, LOSS_CHUNK_TOKENS):
+            hi = min(tokens, lo + LOSS_CHUNK_TOKENS)
+            logits = logits_of(params, flat[lo:hi]).float()  # [piece, rows of the chunk]
+            peak = torch.maximum(running_max[lo:hi], logits.amax(dim=1))
+            running_sum[lo:hi] = running_sum[lo:hi] * torch.exp(running_max[lo:hi] - peak) + torch.exp(
+                logits - peak[:, None]
+            ).sum(dim=1)
+            running_max[lo:hi] = peak
+            wanted = targets[lo:hi]
+            here = (wanted >= start) & (wanted < stop)
+            picked = logits.gather(1, (wanted - start).clamp(0, stop - start - 1)[:, None]).squeeze(1)
+            target_logit[lo:hi] += torch.where(here, picked, 0.0)
+    counted = targets != IGNORE_INDEX
+    per_token = running_max + torch.log(running_sum) - target_logit
+    return torch.where(counted, per_token, 0.0).sum() / counted.sum()
