@@ -106,7 +106,7 @@ class Runtime:
         policy = policy if policy is not None else FixedDepth(1)
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must have a plan(layout) method (see zoruntime.policies), got {policy!r}")
-        self.adapter: ModelAdapter = adapter_for(model)
+        self.adapter: ModelAdapter = adapter_for(model, unit=getattr(policy, "unit", "block"))
         self.model = model
         self.optimizer = optimizer
         self.policy = policy

@@ -38,9 +38,10 @@ from .zo.update import PendingUpdate, Rounding, apply_update, draw_direction
 
 
 @torch.no_grad()
-def replay(model: nn.Module, records: list[Record], device: torch.device | str = "cpu") -> int:
-    """Apply every non-skipped record to ``model`` (in place, on ``device``); returns how many."""
-    adapter = adapter_for(model)
+def replay(model: nn.Module, records: list[Record], device: torch.device | str = "cpu", unit: str = "block") -> int:
+    """Apply every non-skipped record to ``model`` (in place, on ``device``), its blocks cut into
+    ``unit``s as the run cut them; returns how many."""
+    adapter = adapter_for(model, unit)
     device = torch.device(device)
     sampler = DirectionSampler(device)
     groups = adapter.groups()
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if header.get("freeze"):  # the parts the run did not train get no update here either
                 freeze(model, header["freeze"])
             out = stack.enter_context(RunLock(Path(args.out), "zoruntime replay"))
-            count = replay(model, records, args.device)
+            count = replay(model, records, args.device, header.get("unit", "block"))
             nn.Module.to(model, "cpu")
             model.save_pretrained(out.folder, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
             if ByteTokenizer.saved_in(base):

@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
+from .device.base import same_stream
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
 from .models.batch import Batch, LossFn, map_tensors
-from .models.decoder import EndParams
+from .models.decoder import EndParams, SegmentStarter
 from .models.groups import GroupLayout
+from .models.segments import SegmentRun
 from .runtime.graph import Kind, Task
 from .runtime.units import Stage, Unit
 from .storage import Storage
@@ -71,6 +73,7 @@ class StepState:
     values: list[torch.Tensor] = field(default_factory=list)
     grads: tuple[torch.Tensor, ...] = ()
     update: PendingUpdate | None = None
+    runs: dict[tuple[int, int], SegmentRun] = field(default_factory=dict)  # (block, probe): paused forwards
 
     def __post_init__(self) -> None:
         self.hidden = [None] * len(self.probes)
@@ -121,6 +124,10 @@ class TaskWork:
         self._draws = adapter.units.first_units()
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
+        self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
+        self._groups_of_block: dict[int, list[int]] = {}
+        for u in adapter.units.streamable:
+            self._groups_of_block.setdefault(u.index, []).append(u.group)
         self.state: StepState | None = None
 
     def for_task(self, task: Task) -> Callable[[], None]:
@@ -134,9 +141,15 @@ class TaskWork:
 
     def begin(self, state: StepState | None) -> None:
         """The tasks that follow belong to ``state`` (None: a flush or a load)."""
+        self.end()
         self.state = state
 
     def end(self) -> None:
+        """The step is over; a forward a failure left paused inside a block is ended."""
+        if self.state is not None:
+            for run in self.state.runs.values():
+                run.cancel()
+            self.state.runs.clear()
         self.state = None
 
     def oldest_held(self) -> int:
@@ -193,7 +206,11 @@ class TaskWork:
                 self._stage(st, unit, i, self._kept_params(st, unit.group, weights, scale))
         elif unperturbed:
             for i in range(len(st.probes)):
-                self._stage(st, unit, i, _unperturbed(weights, s.scratch(unit.group), layout))
+                if unit.parts > 1:  # a segmented block reads its units' weights where its copy is bound
+                    s.scratch(unit.group).copy_(weights)
+                    self._stage(st, unit, i, s.scratch_views[unit.group])
+                else:
+                    self._stage(st, unit, i, _unperturbed(weights, s.scratch(unit.group), layout))
         else:
             self._perturbed_stages(st, unit, weights)
         if unit.stage is Stage.HEAD and st.mode is Mode.TRAIN:
@@ -239,7 +256,9 @@ class TaskWork:
         hidden = st.hidden[probe]
         assert hidden is not None
         if unit.stage is Stage.BLOCK:
-            if params is self.storage.scratch_views[unit.group]:  # the perturbed copies: always these tensors
+            if unit.parts > 1:
+                self._run_segment(st, unit, probe)
+            elif params is self.storage.scratch_views[unit.group]:  # the perturbed copies: always these tensors
                 st.hidden[probe] = self._bound_block(unit)(hidden, st.inputs)
             else:
                 st.hidden[probe] = self.adapter.block(unit.index, _tensors(params), hidden, st.inputs)
@@ -258,6 +277,27 @@ class TaskWork:
             for i, metric in enumerate(st.metrics):
                 weight = row_weight(batch) if metric is not None else self.loss_weight(batch)
                 (st.values[i],) = self.reducer.global_means([st.values[i]], weight)
+
+    def _run_segment(self, st: StepState, unit: Unit, probe: int) -> None:
+        """One unit of a block streamed as several: the probe's forward through the block, begun
+        at its first unit, runs up to the next one (its weights are in the scratch buffer now);
+        after the last, its output is the probe's hidden state."""
+        key = (unit.index, probe)
+        if unit.part == 0:
+            hidden = st.hidden[probe]
+            assert hidden is not None
+            start = self._bound_segments.get(unit.index)
+            if start is None:
+                params = {
+                    k: v for g in self._groups_of_block[unit.index] for k, v in self.storage.scratch_views[g].items()
+                }
+                start = self._bound_segments[unit.index] = self.adapter.segmented_block(unit.index, params)
+            st.runs[key] = start(hidden, st.inputs, same_stream())
+        out = st.runs[key].resume()
+        if unit.part == unit.parts - 1:
+            del st.runs[key]
+            assert out is not None, "a block's forward ends at its last unit"
+            st.hidden[probe] = out
 
     def _bound_block(self, unit: Unit) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         """The unit's block bound to its group's scratch views, made on first use."""

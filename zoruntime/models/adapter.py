@@ -15,7 +15,7 @@ from torch import nn
 
 from ..runtime.units import UnitTable
 from .batch import Batch
-from .decoder import EndParams
+from .decoder import EndParams, SegmentStarter
 from .groups import GroupLayout, Params
 from .llama import LLAMA_LIKE, LlamaLikeAdapter
 from .opt import OPTAdapter
@@ -67,6 +67,11 @@ class ModelAdapter(Protocol):
         inputs)`` without rebinding the weights on every call."""
         ...
 
+    def segmented_block(self, index: int, params: Params) -> SegmentStarter:
+        """Block ``index``, streamed as several units, bound once to ``params`` (all of its units'):
+        ``start(hidden, inputs, context)`` gives a forward that runs a unit at a time."""
+        ...
+
     def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
         """Every token's logits from the last block's hidden states (``final``: from the decoder's
         last state), a chunk of the vocabulary at a time."""
@@ -80,15 +85,16 @@ class ModelAdapter(Protocol):
     def causal_lm_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor: ...
 
 
-ADAPTERS: dict[str, Callable[[nn.Module], ModelAdapter]] = {
+ADAPTERS: dict[str, Callable[..., ModelAdapter]] = {
     "opt": OPTAdapter,
     **dict.fromkeys(LLAMA_LIKE, LlamaLikeAdapter),
 }
 """``config.model_type`` → the adapter that runs it."""
 
 
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, chosen by its ``config.model_type``; a clear error otherwise."""
+def adapter_for(model: nn.Module, unit: str = "block") -> ModelAdapter:
+    """The adapter for ``model``, chosen by its ``config.model_type``, its blocks streamed as
+    ``unit`` ("block", "half" or "linear"); a clear error otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     adapter = ADAPTERS.get(model_type) if isinstance(model_type, str) else None
     if adapter is None:
@@ -97,4 +103,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
             f"zoruntime has no adapter for {type(model).__name__} (model_type {model_type!r}); supported model "
             f"types: {supported} (e.g. facebook/opt-125m via transformers.AutoModelForCausalLM.from_pretrained)"
         )
-    return adapter(model)
+    return adapter(model, unit)

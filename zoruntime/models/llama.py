@@ -27,7 +27,7 @@ from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .batch import Batch, make_batch
-from .decoder import DecoderLayout, EndParams, bind_layer
+from .decoder import DecoderLayout, EndParams, SegmentStarter, bind_layer
 from .groups import GroupLayout, Params
 from .vocab import TokenLookup
 
@@ -75,7 +75,7 @@ class LlamaLikeAdapter:
     """Stages of a Llama-family causal LM. The model is put in eval mode; its parameters'
     ``requires_grad`` flags are left as the user set them."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, unit: str = "block") -> None:
         config: Any = getattr(model, "config", None)
         if getattr(config, "model_type", None) not in LLAMA_LIKE:
             raise TypeError(f"LlamaLikeAdapter runs {', '.join(LLAMA_LIKE)} models; got {type(model).__name__}")
@@ -91,7 +91,7 @@ class LlamaLikeAdapter:
             raise ValueError(f"{type(model).__name__}: attention types {unknown} are not supported (full or sliding)")
         self._ends_modules: dict[str, Any] = {"embed_tokens": base.embed_tokens, "norm": base.norm,
                                               "lm_head": self.model.lm_head}  # fmt: skip
-        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
+        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed, unit, self._trace)
         self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
         self.vocab_names = self.layout.vocab_names
         self.units = self.layout.units
@@ -130,7 +130,7 @@ class LlamaLikeAdapter:
                   "position_ids": position_ids, **_NO_CACHE}  # fmt: skip
         masks = {kind: _MASKS[kind](**kwargs) for kind in sorted(set(self._layer_types))}
         moved = {k: None if m is None else m.to(device, non_blocking=True) for k, m in masks.items()}
-        tokens = self.layout.token_lookup(ids).to(device)
+        tokens = TokenLookup.of(ids, *self._ends_modules["embed_tokens"].weight.shape).to(device)
         return StageInputs(batch.to(device), position_ids.to(device, non_blocking=True), moved, tokens)
 
     # -- stages -------------------------------------------------------------------------------
@@ -153,6 +153,21 @@ class LlamaLikeAdapter:
         out = functional_call(self.blocks[index], dict(params), (hidden,), self._layer_kwargs(index, inputs),
                               tie_weights=False)  # fmt: skip
         return out[0] if isinstance(out, tuple) else out
+
+    def _trace(self, index: int, shell: nn.Module) -> object:
+        """Block ``index``'s forward on ``shell`` for a two-token batch on the meta device (the
+        rotary embeddings as meta tensors of their width)."""
+        dtype = next(self.blocks[index].parameters()).dtype
+        inputs = self.prepare(self.validate({"input_ids": torch.tensor([[2, 3]])}), torch.device("meta"), dtype)
+        width = 2 * self._rotary.inv_freq.numel()
+        cos, sin = (torch.empty(1, 2, width, dtype=dtype, device="meta") for _ in range(2))
+        inputs.position_embeddings = (cos, sin)
+        return shell(torch.empty(1, 2, self.config.hidden_size, dtype=dtype, device="meta"),
+                     **self._layer_kwargs(index, inputs))  # fmt: skip
+
+    def segmented_block(self, index: int, params: Params) -> SegmentStarter:
+        """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
+        return self.layout.segmented(index, params, lambda inputs: self._layer_kwargs(index, inputs))
 
     def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
         """Layer ``index`` bound once to ``params`` (see ``OPTAdapter.bound_block``)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from .batch import Batch, make_batch
-from .decoder import DecoderLayout, EndParams, bind_layer
+from .decoder import DecoderLayout, EndParams, SegmentStarter, bind_layer
 from .groups import GroupLayout, Params
 from .vocab import TokenLookup
 
@@ -49,7 +50,7 @@ class OPTAdapter:
     """Stages of an OPT causal LM. The model is put in eval mode (dropout never runs); its
     parameters' ``requires_grad`` flags are left as the user set them."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, unit: str = "block") -> None:
         if not isinstance(model, OPTForCausalLM):
             raise TypeError(
                 f"zoruntime runs OPT causal LMs (OPTForCausalLM, e.g. facebook/opt-125m); got "
@@ -69,7 +70,7 @@ class OPTAdapter:
             "project_out": decoder.project_out,
             "lm_head": model.lm_head,
         }
-        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed)
+        self.layout = DecoderLayout(self._ends_modules, self.blocks, _decayed, unit, self._trace)
         self.embed_head_layout, self.block_layouts = self.layout.embed_head_layout, self.layout.block_layouts
         self.vocab_names = self.layout.vocab_names
         self.units = self.layout.units
@@ -129,7 +130,7 @@ class OPTAdapter:
             move(position_ids),
             move(position_mask),
             None if causal_mask is None else move(causal_mask),
-            self.layout.token_lookup(ids).to(device),
+            TokenLookup.of(ids, *self._decoder.embed_tokens.weight.shape).to(device),
         )
 
     # -- stages -------------------------------------------------------------------------------
@@ -154,6 +155,20 @@ class OPTAdapter:
             tie_weights=False,  # a block ties nothing: skip the bookkeeping, twice per block per step
         )
         return out[0] if isinstance(out, tuple) else out
+
+    def _layer_kwargs(self, inputs: StageInputs) -> dict[str, Any]:
+        return {"attention_mask": inputs.causal_mask, "position_ids": inputs.position_ids}
+
+    def _trace(self, index: int, shell: nn.Module) -> object:
+        """Block ``index``'s forward on ``shell`` for a two-token batch on the meta device."""
+        dtype = next(self.blocks[index].parameters()).dtype
+        inputs = self.prepare(self.validate({"input_ids": torch.tensor([[2, 3]])}), torch.device("meta"), dtype)
+        hidden = torch.empty(1, 2, self.config.hidden_size, dtype=dtype, device="meta")
+        return shell(hidden, **self._layer_kwargs(inputs))
+
+    def segmented_block(self, index: int, params: Params) -> SegmentStarter:
+        """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
+        return self.layout.segmented(index, params, self._layer_kwargs)
 
     def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
         """Block ``index`` bound once to ``params``: a copy of the HF layer that shares no weights

@@ -6,7 +6,9 @@ uploads may run ahead of the unit being computed (``depth``) and which units sta
 compute device for the whole run (``resident``). The runtime turns a plan into a task graph
 (``zoruntime.runtime.graph``); a policy knows nothing about tasks, lanes, devices or tensors.
 
-Writing your own: any object with ``plan(layout: ModelLayout) -> Plan`` is a policy.
+Writing your own: any object with ``plan(layout: ModelLayout) -> Plan`` is a policy; one with a
+``unit`` attribute ("block", "half" or "linear") also chooses how finely the runtime cuts the
+decoder blocks into units (see ``UNIT_KINDS``), before ``plan`` sees the layout.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..planning.memory import ModelLayout
+
+UNIT_KINDS = ("block", "half", "linear")
+"""How finely decoder blocks are streamed: whole, as their attention and MLP halves, or a unit
+per linear layer (norms and biases riding with a neighbour). Finer units need smaller slots."""
+
+
+def check_unit(unit: object) -> None:
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"unit must be one of {', '.join(map(repr, UNIT_KINDS))}, not {unit!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +91,15 @@ class Policy(Protocol):
 @dataclass(frozen=True, slots=True)
 class FixedDepth:
     """Stream every unit with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1),
-    writing them back every ``offload_every`` steps (see ``Plan``)."""
+    writing them back every ``offload_every`` steps (see ``Plan``); blocks cut into ``unit``s."""
 
     depth: int = 1
     offload_every: int = 1
+    unit: str = "block"
 
     def __post_init__(self) -> None:
         Plan(self.depth, offload_every=self.offload_every)  # validates
+        check_unit(self.unit)
 
     def plan(self, layout: ModelLayout) -> Plan:
         return Plan(self.depth, offload_every=self.offload_every)
@@ -116,9 +129,11 @@ class MemoryBudget:
     budget_bytes: int
     depth: int = 1
     offload_every: int = 1
+    unit: str = "block"
 
     def __post_init__(self) -> None:
         Plan(self.depth, offload_every=self.offload_every)
+        check_unit(self.unit)
         if not isinstance(self.budget_bytes, int) or self.budget_bytes < 0:
             raise ValueError(f"memory budget must be a whole number of bytes >= 0, got {self.budget_bytes!r}")
 

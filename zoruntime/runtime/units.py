@@ -3,10 +3,12 @@
 A model adapter yields an ordered table of units. Each unit is one stage of the forward
 (the embedding stage, a decoder block, the head and loss) over the parameters of one group, a
 flat buffer with one direction per step. A group is moved, updated and written back as a whole;
-a unit is what runs on the compute lane. Today a decoder block is one unit and one group, and
-the embedding stage and the head are two units of one group (``embed_head``: a tied head shares
-the token embedding), which stays on the compute device. Task graphs, storage, the task work
-and policies speak in units; they know nothing of the model family behind them.
+a unit is what runs on the compute lane. By default a decoder block is one unit and one group;
+a policy may ask for it to be streamed as several units, each a group of its own (its halves,
+or its linear layers). The embedding stage and the head are two units of one group
+(``embed_head``: a tied head shares the token embedding), which stays on the compute device.
+Task graphs, storage, the task work and policies speak in units; they know nothing of the
+model family behind them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class Unit:
     ``nbytes``: bytes of the group's master copy; ``streamable``: a plan may stream the group
     (a group used by units at both ends of the step is kept on the compute device);
     ``trainable``: some parameter of the group is trained (a frozen group is uploaded, never
-    updated, perturbed or written back).
+    updated, perturbed or written back); ``part`` of ``parts``: where the unit falls in its
+    block when the block is streamed as several units (its attention and MLP halves, or its
+    linear layers), else 0 of 1.
     """
 
     name: str
@@ -45,6 +49,8 @@ class Unit:
     nbytes: int
     streamable: bool
     trainable: bool = True  # some parameter of its group is trained; a frozen group is never written back
+    part: int = 0
+    parts: int = 1
 
     def __str__(self) -> str:
         return self.name

@@ -61,10 +61,11 @@ def save_model(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
 
 def base_record(config: TrainConfig, model: PreTrainedModel) -> dict[str, Any]:
     """What the run started from: the built-in default (copied into ``base/``) or a model's name
-    or path, with a fingerprint of its weights (as loaded, in the run's dtype), and the parts it
-    does not train (replay leaves them alone too)."""
+    or path, with a fingerprint of its weights (as loaded, in the run's dtype), the parts it
+    does not train (replay leaves them alone too) and the unit its blocks were cut into (each
+    unit draws its own z, so replay cuts them the same way)."""
     return {"base": config.model or BUILT_IN, "base_fingerprint": weights_fingerprint(model), "dtype": config.dtype,
-            "freeze": config.freeze}  # fmt: skip
+            "freeze": config.freeze, "unit": getattr(parse_policy(config.policy), "unit", "block")}  # fmt: skip
 
 
 def available_bytes(device: str) -> int | None:

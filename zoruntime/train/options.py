@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..models.freeze import parse_freeze
-from ..policies.base import FixedDepth, MemoryBudget, Policy
+from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
 from ..zo.config import ZOSGD
 
@@ -151,22 +151,29 @@ def parse_size(text: str) -> int:
 
 def parse_policy(text: str) -> Policy:
     """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB,
-    1.5GiB); either followed by ``,offload=N`` writes streamed blocks back every N steps."""
-    main, _, extra = text.partition(",")
-    offload_every = 1
-    if extra:
-        name, _, count = extra.partition("=")
-        if name != "offload" or not count.isdigit() or int(count) < 1:
-            raise UsageError(f"--policy {text!r}: after the comma give offload=N with N >= 1 (e.g. depth=1,offload=4)")
-        offload_every = int(count)
+    1.5GiB); either followed by ``,offload=N`` (write streamed units back every N steps) and
+    ``,unit=block|half|linear`` (stream each block whole, as its halves, or a unit per linear)."""
+    main, *extras = text.split(",")
+    options: dict[str, str] = {}
+    for extra in extras:
+        name, _, value = extra.partition("=")
+        if name in options or not (
+            (name == "offload" and value.isdigit() and int(value) >= 1) or (name == "unit" and value in UNIT_KINDS)
+        ):
+            raise UsageError(
+                f"--policy {text!r}: after the comma give offload=N with N >= 1 and/or unit= one of "
+                f"{', '.join(UNIT_KINDS)} (e.g. depth=1,offload=4,unit=linear)"
+            )
+        options[name] = value
+    offload_every, unit = int(options.get("offload", 1)), options.get("unit", "block")
     key, _, value = main.partition("=")
     if key == "depth" and value.isdigit():
-        return FixedDepth(int(value), offload_every=offload_every)
+        return FixedDepth(int(value), offload_every=offload_every, unit=unit)
     if key == "memory" and (size := _size(value)) is not None:
-        return MemoryBudget(size, offload_every=offload_every)
+        return MemoryBudget(size, offload_every=offload_every, unit=unit)
     raise UsageError(
-        f"--policy {text!r} is not depth=K or memory=SIZE, optionally with ,offload=N (e.g. depth=2, memory=20GB, "
-        "depth=1,offload=4)"
+        f"--policy {text!r} is not depth=K or memory=SIZE, optionally with ,offload=N and ,unit=U (e.g. depth=2, "
+        "memory=20GB, depth=1,offload=4, depth=1,unit=linear)"
     )
 
 

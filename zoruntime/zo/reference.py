@@ -27,12 +27,18 @@ from .update import PendingUpdate, apply_update, draw_direction, perturb_into
 
 
 class ReferenceZO:
-    """ZO-SGD on a whole model in memory. The model's parameters become views of flat group buffers."""
+    """ZO-SGD on a whole model in memory. The model's parameters become views of flat group buffers,
+    cut as a runtime whose policy has this ``unit`` cuts them (so both draw the same z)."""
 
     def __init__(
-        self, model: nn.Module, config: ZOSGD, loss_fn: LossFn | None = None, compute_dtype: torch.dtype | None = None
+        self,
+        model: nn.Module,
+        config: ZOSGD,
+        loss_fn: LossFn | None = None,
+        compute_dtype: torch.dtype | None = None,
+        unit: str = "block",
     ) -> None:
-        self.adapter = adapter_for(model)
+        self.adapter = adapter_for(model, unit)  # its groups, one direction each: the runtime's with the same unit
         self.model = model
         self.config = config
         self.loss_fn = loss_fn  # None: the causal-LM loss in pieces, as the runtime computes it

@@ -1,0 +1,181 @@
+"""A decoder layer cut into streaming units finer than the layer, and its forward run one unit at
+a time without copying the forward.
+
+Cutting: the layer's modules that own parameters, in the order its forward calls them (traced
+once per layer shape on the meta device: no memory, no arithmetic), are cut into contiguous
+segments. ``"half"``: before the first module after the attention; ``"linear"``: before each
+module with a matrix, small norms riding with the linear before them. A segment's weights are
+needed only while its modules run, so a unit that holds just them can be uploaded, used and
+dropped before the next one arrives.
+
+Running: ``SegmentedLayer`` is a copy of the layer bound to given tensors (``decoder.bind_layer``)
+with a pre-hook on the first module of every segment but the first. ``SegmentRun`` runs one
+forward of it in a thread of its own and pauses at those hooks: ``resume()`` lets it run up to
+the next segment (or to its end) and returns when it has paused, so the caller can swap the
+weights the next segment reads between two calls. It is HF's own forward, paused: the same
+kernels on the same values, so the same bits as the whole layer run at once.
+
+Knows modules, hooks and threads; nothing of ZO, groups or model families.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..policies.base import UNIT_KINDS
+
+
+def call_order(layer: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
+    """The names of ``layer``'s modules that own parameters, in the order ``run(shell)`` calls
+    them on a meta-device copy (modules never called come last)."""
+    meta = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in layer.named_parameters()}
+    from .decoder import bind_layer
+
+    shell = bind_layer(layer, meta)
+    owners = [name for name, module in shell.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    order: list[str] = []
+    handles = [
+        shell.get_submodule(name).register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
+        for name in owners
+    ]
+    try:
+        with torch.no_grad():
+            run(shell)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen: list[str] = []
+    for name in order:
+        if name in seen and seen[-1] != name:
+            raise ValueError(f"{type(layer).__name__} calls {name} twice, apart: it cannot be cut into units")
+        if name not in seen:
+            seen.append(name)
+    return seen + [name for name in owners if name not in seen]
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def cut(layer: nn.Module, order: Sequence[str], unit: str) -> list[list[str]]:
+    """``order`` (module names in call order) cut into segments for ``unit`` (see the module's docstring)."""
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"unit must be one of {', '.join(UNIT_KINDS)}, not {unit!r}")
+    if unit == "block":
+        return [list(order)]
+    if unit == "half":
+        attention = [i for i, name in enumerate(order) if "attn" in name.split(".")[0]]
+        if not attention or attention[-1] == len(order) - 1:
+            raise ValueError(f"{type(layer).__name__} has no attention module followed by others: no halves")
+        return [list(order[: attention[-1] + 1]), list(order[attention[-1] + 1 :])]
+    segments: list[list[str]] = [[]]
+    for name in order:
+        matrix = _has_matrix(layer.get_submodule(name))
+        if matrix and any(_has_matrix(layer.get_submodule(n)) for n in segments[-1]):
+            segments.append([])
+        segments[-1].append(name)
+    return segments
+
+
+def segment_params(layer: nn.Module, segments: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The layer's parameter names (relative to it) of each segment, in the layer's own order."""
+    owner = {name: i for i, modules in enumerate(segments) for name in modules}
+    found: list[list[str]] = [[] for _ in segments]
+    for name, _ in layer.named_parameters():
+        found[owner[name.rpartition(".")[0]]].append(name)
+    return found
+
+
+_RUNNING = threading.local()
+
+Context = Callable[[], AbstractContextManager[Any]]
+"""Entered in a forward's thread (the CUDA stream its work goes on)."""
+
+
+class SegmentedLayer:
+    """``layer`` bound to ``params`` (names relative to it) and paused before each segment after
+    the first; ``start`` begins one forward."""
+
+    def __init__(self, layer: nn.Module, params: Mapping[str, torch.Tensor], segments: Sequence[Sequence[str]]) -> None:
+        from .decoder import bind_layer
+
+        self.shell = bind_layer(layer, params)
+        self.segments = len(segments)
+        for index, modules in enumerate(segments[1:], start=1):
+            self.shell.get_submodule(modules[0]).register_forward_pre_hook(_pause_before(index))
+
+    def start(self, call: Callable[[nn.Module], torch.Tensor], context: Context) -> SegmentRun:
+        """A forward ``call(shell)``, not yet running; ``context`` is entered in its thread (the
+        caller's CUDA stream, say)."""
+        return SegmentRun(lambda: call(self.shell), context)
+
+
+def _pause_before(index: int) -> Callable[..., None]:
+    def hook(_module: nn.Module, _args: object) -> None:
+        run = getattr(_RUNNING, "run", None)
+        if run is not None:
+            run._pause(index)
+
+    return hook
+
+
+class SegmentRun:
+    """One forward in a thread of its own, run a segment at a time by ``resume``."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], context: Context = nullcontext) -> None:
+        self._forward, self._context = forward, context
+        self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
+        self._thread: threading.Thread | None = None
+        self.output: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.next_segment = 0
+        self.cancelled = False
+
+    def _main(self) -> None:
+        _RUNNING.run = self
+        try:
+            with self._context(), torch.no_grad():
+                self.output = self._forward()
+        except BaseException as error:  # handed to the caller of resume
+            self.error = error
+        finally:
+            self.next_segment = -1
+            self._paused.release()
+
+    def _pause(self, index: int) -> None:
+        self.next_segment = index
+        self._paused.release()
+        self._go.acquire()
+        if self.cancelled:
+            raise _Cancelled
+
+    def resume(self) -> torch.Tensor | None:
+        """Run up to the next segment's start; the layer's output once it has run to its end."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="zoruntime-segment", daemon=True)
+            self._thread.start()
+        else:
+            self._go.release()
+        self._paused.acquire()
+        if self.error is not None:
+            if isinstance(self.error, _Cancelled):
+                return None
+            raise self.error
+        return self.output if self.next_segment == -1 else None
+
+    def cancel(self) -> None:
+        """End a paused forward (its step failed): its thread raises at the pause and exits."""
+        if self._thread is not None and self.next_segment > 0:
+            self.cancelled = True
+            self._go.release()
+            self._paused.acquire()
+
+
+class _Cancelled(Exception):
+    """Raised inside a paused forward that is not to be resumed."""
