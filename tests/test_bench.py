@@ -145,6 +145,30 @@ def test_bench_takes_llama_family_shapes_by_name(capsys) -> None:
     assert "unknown model shape 'llama-5'; known: opt-125m" in capsys.readouterr().err
 
 
+def test_bench_streams_the_units_it_is_told_and_takes_policies_as_train_does(capsys) -> None:
+    args = ["--device", "cpu", "--seq", "16", "--steps", "1", "--skip-mezo", "--alias", "--unit", "linear"]
+    assert throughput.main([*args, "--policy", "depth=1,offload=2,unit=linear"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runners = [row["runner"] for row in result["rows"]]
+    assert runners[:3] == [
+        "FixedDepth(0, unit='linear')",
+        "FixedDepth(1, unit='linear')",
+        "FixedDepth(2, unit='linear')",
+    ]
+    assert runners[-1] == "depth=1,offload=2,unit=linear" and all(row["tokens_s"] > 0 for row in result["rows"])
+    with pytest.raises(SystemExit):
+        throughput.main([*args, "--policy", "depth=1"])
+    assert "--policy depth=1: its unit differs from --unit linear" in capsys.readouterr().err
+
+
+def test_aliased_units_share_one_buffer_per_place_in_the_block() -> None:
+    model = materialize_flat(tiny_opt_config(num_hidden_layers=3), lambda n, d: torch.empty(n, dtype=d),
+                             alias_blocks=True, unit="linear")  # fmt: skip
+    layers = model.model.decoder.layers
+    assert layers[0].fc1.weight.data_ptr() == layers[2].fc1.weight.data_ptr() != layers[0].fc2.weight.data_ptr()
+    assert len(adapter_for(model, "linear").groups()) == 1 + 3 * 6
+
+
 def test_filling_on_a_device_draws_the_same_weights_as_filling_in_place() -> None:
     # The benchmark fills big models on the GPU (a CPU draws normals at a few hundred MB/s);
     # with the device being the CPU the two paths must agree bit for bit.

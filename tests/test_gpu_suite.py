@@ -59,12 +59,14 @@ def test_environment_report_has_versions_and_no_gpu_here() -> None:
 def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path), "--device", "cpu",
-         "--models", "tiny", "--seq", "32", "--trace", "tiny", "--skip", "pytest"],
+         "--models", "tiny,tiny-llama:linear", "--seq", "32", "--trace", "tiny", "--skip", "pytest"],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
-    assert list(results) == ["env", "tiny"] and all(r["status"] == "ok" for r in results.values())
+    assert list(results) == ["env", "tiny", "tiny-llama:linear"] and all(r["status"] == "ok" for r in results.values())
+    linear = [row["runner"] for row in results["tiny-llama:linear"]["result"]["rows"]]
+    assert "FixedDepth(1, unit='linear')" in linear
     bench = results["tiny"]["result"]
     runners = [row["runner"] for row in bench["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",

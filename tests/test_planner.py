@@ -19,11 +19,13 @@ from zoruntime.policies import FixedDepth, Plan
 from zoruntime.storage import model_layout
 
 
-def _work(name: str = "opt-1.3b", batch: int = 1, seq: int = 2048, rounding: str = "nearest") -> Workload:
+def _work(
+    name: str = "opt-1.3b", batch: int = 1, seq: int = 2048, rounding: str | None = "nearest", unit: str = "block"
+) -> Workload:
     """fp16 masters; rounding to nearest unless asked (the transfer-bound case the figures were measured in)."""
     config = opt_config(name)
-    layout = model_layout(adapter_for(meta_model(config, torch.float16)), torch.float16)
-    return Workload(layout, shape_dims(config), batch, seq, rounding)
+    layout = model_layout(adapter_for(meta_model(config, torch.float16), unit), torch.float16)
+    return Workload(layout, shape_dims(config), batch, seq, rounding, unit, config.num_hidden_layers)
 
 
 def test_plan_prints_a_json_line_whose_memory_is_the_memory_model_plus_activations(capsys) -> None:
@@ -35,7 +37,7 @@ def test_plan_prints_a_json_line_whose_memory_is_the_memory_model_plus_activatio
     activations = activation_bytes(work.dims, 1, 2048, 2, attention_scores=False)
     assert result["gpu_bytes"] == work.layout.bytes_needed(Plan(1, offload_every=4)) + activations
     assert result["tokens_per_s"] == pytest.approx(2048 / result["step_s"])
-    assert "your policy: FixedDepth(depth=1, offload_every=4)" in out and "fastest that fits" in out
+    assert "your policy: FixedDepth(depth=1, offload_every=4, unit='block')" in out and "fastest that fits" in out
 
 
 def test_the_fastest_plan_found_fits_in_the_memory_given() -> None:
@@ -101,3 +103,23 @@ def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:
         assert err.count("\n") == 1 and message in err, err
     with pytest.raises(ValueError, match="duplex must be in"):
         GPUProfile("x", 1, 1, 1.5, 1, 1, 1)
+
+
+@pytest.mark.parametrize(("name", "gigabytes"), [("opt-175b", 8), ("opt-66b", 6), ("opt-30b", 4), ("opt-1.3b", 0.6)])
+def test_big_models_fit_small_cards_near_the_floor_with_a_unit_per_linear_layer(name: str, gigabytes: float) -> None:
+    """fp16 with ZOSGD's stochastic rounding, batch 1 x 2048, the H200 profile (predictions)."""
+    work = _work(name, rounding=None, unit="linear")
+    prediction = predict(work, BUILT_IN["h200"], FixedDepth(1, unit="linear"))
+    assert prediction.gpu_bytes <= gigabytes * 1e9 and prediction.ratio_to_floor >= 0.9
+    whole = predict(_work(name, rounding=None), BUILT_IN["h200"], FixedDepth(1))
+    assert whole.gpu_bytes > gigabytes * 1e9  # whole blocks do not fit
+
+
+def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> None:
+    assert plan_main(["--model", "opt-1.3b", "--gpu-memory", "0.6GB"]) == 0
+    small = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "unit='linear'" in small["policy"] and small["gpu_bytes"] <= 0.6e9 and small["ratio_to_floor"] >= 0.9
+    works = [_work("opt-1.3b", unit=unit) for unit in ("block", "half", "linear")]
+    roomy = best(works, BUILT_IN["h200"], int(24e9))
+    assert roomy is not None and roomy.plan.resident  # more room: units kept resident, faster than streaming
+    assert roomy.tokens_per_s > predict(works[0], BUILT_IN["h200"], FixedDepth(1)).tokens_per_s

@@ -26,7 +26,7 @@ from zoruntime.zo.update import PendingUpdate, Rounding, apply_update, draw_dire
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vocab_module, "VOCAB_CHUNK_ELEMENTS", 300)  # 9 rows of 32: 8 chunks of a 64-word vocabulary
+    monkeypatch.setattr(memory, "VOCAB_CHUNK_ELEMENTS", 300)  # 9 rows of 32: 8 chunks of a 64-word vocabulary
     monkeypatch.setattr(memory, "KEPT_SPAN_ELEMENTS", 512)
 
 

@@ -5,8 +5,10 @@
 Prints the GPU memory a policy needs, part by part (the memory model, the figure the runtime
 allocates, plus activations), its predicted step time and tokens/s (the real scheduler on the
 simulator, with times from a GPU profile), the upload-only floor, and the fastest policy the
-search finds within the memory given. The last line is one JSON object. Predictions, not
-measurements: ``zoruntime bench`` measures, and ``--save-profile`` turns its card into a profile.
+search finds within the memory given, over every depth, offload interval, resident set and
+unit (whole blocks, halves, a unit per linear layer). The last line is one JSON object.
+Predictions, not measurements: ``zoruntime bench`` measures, and ``--save-profile`` turns its
+card into a profile.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 import torch
 
@@ -22,6 +25,7 @@ from .models.init import meta_model
 from .models.shapes import MODEL_NAMES, named_config, shape_dims
 from .planning.planner import Prediction, Workload, best, predict
 from .planning.profiles import BUILT_IN, load_profile
+from .policies.base import UNIT_KINDS
 from .storage import model_layout
 from .train.options import UsageError, parse_policy, parse_size
 
@@ -38,6 +42,20 @@ def _show(title: str, prediction: Prediction) -> None:
           "(predicted)")  # fmt: skip
 
 
+def _workloads(config: Any, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Workload]:
+    """The model cut into each unit it can be (whole blocks always; halves and linear layers
+    where its blocks' forward can be paused between them)."""
+    model, works = meta_model(config, dtype), {}
+    for unit in UNIT_KINDS:
+        try:
+            layout = model_layout(adapter_for(model, unit), dtype)
+        except ValueError:  # blocks that route tokens (experts) stream whole
+            continue
+        works[unit] = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding, unit,
+                               config.num_hidden_layers)  # fmt: skip
+    return works
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zoruntime plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file")
-    parser.add_argument("--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4)")
+    parser.add_argument(
+        "--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4,unit=linear)"
+    )
     parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
     parser.add_argument(
         "--rounding",
@@ -66,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq > config.max_position_embeddings:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
-        layout = model_layout(adapter_for(meta_model(config, dtype)), dtype)
         if args.rounding == "stochastic" and args.dtype == "fp32":
             raise UsageError("--rounding stochastic is for 16-bit masters: use --dtype fp16 or bf16")
-        work = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding)
+        works = _workloads(config, dtype, args)
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
-        chosen = predict(work, profile, parse_policy(args.policy)) if args.policy else None
-        found = best(work, profile, gpu_bytes)
+        policy = parse_policy(args.policy) if args.policy else None
+        unit = getattr(policy, "unit", "block")
+        if policy is not None and unit not in works:
+            raise UsageError(f"--policy {args.policy}: {args.model}'s blocks cannot be cut into unit={unit!r}")
+        chosen = predict(works[unit], profile, policy) if policy is not None else None
+        found = best(list(works.values()), profile, gpu_bytes)
     except (UsageError, ValueError) as error:
         print(f"zoruntime plan: error: {error}", file=sys.stderr)
         return 2

@@ -162,14 +162,17 @@ def default_parts(
         junit = out / "logs" / "pytest.xml"
         pytest = (python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}")
         parts.append(Part("pytest", (*pytest, str(tests)), 180, junit))
-    for model in models:
+    for entry in models:  # a model, or model:unit (opt-175b:linear streams a unit per linear layer)
+        model, _, unit = entry.partition(":")
         argv = [python, "-m", "zoruntime.bench.throughput", "--model", model, "--device", device, "--dtype", "fp16"]
         argv += ["--batch", "1", "--seq", str(seq), "--steps", str(BENCH_STEPS.get(model, 1))]
         if model in ALIASED:
             argv.append("--alias")
-        if model in traced:
-            argv += ["--trace-out", str(out / f"trace_{model}")]
-        parts.append(Part(model, tuple(argv), BENCH_LIMIT_S.get(model, 120)))
+        if unit:
+            argv += ["--unit", unit]
+        if entry in traced:
+            argv += ["--trace-out", str(out / f"trace_{entry.replace(':', '_')}")]
+        parts.append(Part(entry, tuple(argv), BENCH_LIMIT_S.get(model, 120)))
     return parts
 
 

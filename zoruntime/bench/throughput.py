@@ -9,7 +9,8 @@ the upload-only floor. Then one row per runner, when the whole model fits on the
 paper)", MeZO as its users run it (``zo.mezo``: all weights on the GPU, in-place perturbation,
 one z per tensor from a reseeded generator), and "zoruntime, all resident" (this runtime with
 every block on the GPU, no transfers); then the offloaded runtime under FixedDepth(0),
-FixedDepth(1), FixedDepth(2) and MemoryBudget (and ``--offload-every`` rows). Columns:
+FixedDepth(1), FixedDepth(2) and MemoryBudget (and ``--offload-every`` and ``--policy`` rows),
+each streaming ``--unit``s (whole blocks, halves, or a unit per linear layer). Columns:
 tokens/s, step seconds, peak allocated MB, device memory used MB (as nvidia-smi counts it),
 ratio to the floor and to MeZO. The last line is one JSON document.
 
@@ -43,9 +44,10 @@ from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
 from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.cost import OpFigures
 from ..planning.planner import Workload, profile_from_card
-from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
+from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
+from ..train.options import UsageError, parse_policy
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
 from ..zo.mezo import MeZOBaseline
@@ -56,10 +58,10 @@ DEFAULT_MODEL = {"cuda": "opt-1.3b", "cpu": "tiny"}  # a CPU run is a smoke test
 DEFAULT_SEQ = {"cuda": 2048, "cpu": 128}
 
 
-def budget_name(budget: int) -> str:
+def budget_name(budget: int, named: str = "") -> str:
     """``MemoryBudget(39.00 GB)``, or in MB below 1 GB (a CPU smoke run's budget is a few hundred kB)."""
     size = f"{budget / 2**30:.2f} GB" if budget >= 2**30 else f"{budget / 2**20:.2f} MB"
-    return f"MemoryBudget({size})"
+    return f"MemoryBudget({size}{named})"
 
 
 def link_line(cuda: bool, facts: dict[str, Any]) -> str:
@@ -272,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the card as a GPU profile for zoruntime plan --gpu FILE")  # fmt: skip
     parser.add_argument("--offload-every", type=int, nargs="*", default=[], metavar="K",
                         help="also run FixedDepth(1, offload_every=K) for each K (timed over full cycles)")  # fmt: skip
+    parser.add_argument("--unit", choices=UNIT_KINDS, default="block",
+                        help="how runners stream a block: whole (default), halves, a unit per linear")  # fmt: skip
+    parser.add_argument("--policy", nargs="*", default=[], metavar="P",
+                        help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear); "
+                        "their unit must be --unit's")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         kind = torch.device(args.device).type
@@ -284,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     counts = (args.batch, args.seq, args.steps, args.trace_steps, *args.offload_every)
     if min(counts) <= 0:
         parser.error("--batch, --seq, --steps, --trace-steps and --offload-every must be positive")
+
+    try:
+        extra = [(text, parse_policy(text)) for text in args.policy]
+    except UsageError as error:
+        parser.error(str(error))
+    for text, policy in extra:
+        if getattr(policy, "unit", "block") != args.unit:
+            parser.error(f"--policy {text}: its unit differs from --unit {args.unit} (the model is laid out once)")
 
     dev = DeviceMeter(args.device)
     dtype = DTYPES[args.dtype]
@@ -298,12 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seq {args.seq} is longer than {args.model}'s {config.max_position_embeddings} positions")
     t0 = time.perf_counter()
     fill_device = dev.device if dev.cuda else None  # a GPU draws the random weights ~100x faster than a CPU
-    model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias, fill_device=fill_device)
+    model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias, fill_device=fill_device,
+                             unit=args.unit)  # fmt: skip
     dev.release()
     init_s = time.perf_counter() - t0
     ids = torch.randint(4, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids}
-    layout = model_layout(adapter_for(model), dtype)
+    layout = model_layout(adapter_for(model, args.unit), dtype)  # the runners' units
     block_bytes, blocks = layout.unit_bytes, layout.num_units
 
     facts = card(model, dev, args.batch, args.seq, dtype)
@@ -340,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_mezo and not args.alias and (free is None or everything < 0.8 * free):
         runners.append(("MeZO (after the paper)", None))  # all on the GPU, in place: what users run
         runners.append(("zoruntime, all resident", MemoryBudget(10 * everything)))
-    runners += [(f"FixedDepth({k})", FixedDepth(k)) for k in (0, 1, 2)]
-    runners.append((budget_name(budget), MemoryBudget(budget)))
-    runners += [(f"FixedDepth(1, offload_every={k})", FixedDepth(1, offload_every=k)) for k in args.offload_every]
+    unit, named = args.unit, ("" if args.unit == "block" else f", unit={args.unit!r}")
+    runners += [(f"FixedDepth({k}{named})", FixedDepth(k, unit=unit)) for k in (0, 1, 2)]
+    runners.append((budget_name(budget, named), MemoryBudget(budget, unit=unit)))
+    runners += [(f"FixedDepth(1, offload_every={k}{named})", FixedDepth(1, k, unit)) for k in args.offload_every]
+    runners += extra
 
     print(f"\n{'runner':<32}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []

@@ -153,30 +153,33 @@ def materialize_flat(
     dtype: torch.dtype = torch.float16,
     alias_blocks: bool = False,
     fill_device: torch.device | str | None = None,
+    unit: str = "block",
 ) -> PreTrainedModel:
     """Build a model of any family an adapter runs, its groups born flat in buffers from
-    ``allocate(numel, dtype)``.
+    ``allocate(numel, dtype)``, one per group of a runtime streaming ``unit``s.
 
     No full-size intermediate model and no HF init: each group is allocated once (pinned memory
-    on CUDA, so a 30B model needs its 60 GB once) and filled in place. With ``alias_blocks`` every
-    decoder block shares one buffer: timing and GPU memory are real, the weights are not, and a
-    175B shape runs on a machine with far less host memory. With ``fill_device`` (a GPU) each
-    group is drawn there and copied into its buffer: a CPU draws normals at a few hundred MB/s,
-    so a 30B model would take minutes to fill on the host and takes seconds this way.
+    on CUDA, so a 30B model needs its 60 GB once) and filled in place. With ``alias_blocks``
+    every decoder block shares one buffer (each unit with the same unit of every other block):
+    timing and GPU memory are real, the weights are not, and a 175B shape runs on a machine
+    with far less host memory. With ``fill_device`` (a GPU) each group is drawn there and
+    copied into its buffer: a CPU draws normals at a few hundred MB/s, so a 30B model would take
+    minutes to fill on the host and takes seconds this way.
     """
     from .adapter import adapter_for
 
     model = meta_model(config, dtype)
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, unit)
     fill_on = torch.device(fill_device) if fill_device is not None else None
     generator = torch.Generator(device=fill_on or "cpu").manual_seed(seed)
     std = float(getattr(config, "init_std", None) or config.initializer_range)  # OPT's name, then everyone else's
     replacements: dict[int, nn.Parameter] = {}
-    shared: torch.Tensor | None = None
+    shared: dict[tuple[str, ...], torch.Tensor] = {}  # aliased groups by their parameters' names
     for index, (layout, params) in enumerate(adapter.groups()):
         alias = alias_blocks and index > 0  # the embed/head group is never aliased
-        if alias and shared is not None:
-            flat = shared
+        key = tuple(p.name for p in layout.slices)
+        if alias and key in shared:
+            flat = shared[key]
         else:
             flat = allocate(layout.numel, layout.dtype)
             if fill_on is None:
@@ -184,7 +187,8 @@ def materialize_flat(
             else:
                 staging = torch.empty(layout.numel, dtype=layout.dtype, device=fill_on)
                 flat.copy_(fill_group(layout, staging, generator, std))
-            shared = flat if alias else shared
+            if alias:
+                shared[key] = flat
         for name, view in layout.views(flat).items():
             replacements[id(params[name])] = nn.Parameter(view)  # trainable, as HF makes them
     for module in model.modules():

@@ -23,16 +23,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..planning import memory
 from ..planning.memory import LOSS_CHUNK_TOKENS
 from .batch import IGNORE_INDEX, Batch
 
-VOCAB_CHUNK_ELEMENTS = 1 << 24
-"""Elements per chunk of a vocabulary-sized parameter (whole rows: ``rows_per_chunk``)."""
-
 
 def rows_per_chunk(width: int) -> int:
-    """Rows of ``width`` elements in one chunk (at least one)."""
-    return max(1, VOCAB_CHUNK_ELEMENTS // width)
+    """Rows of ``width`` elements in one chunk of ``memory.VOCAB_CHUNK_ELEMENTS`` (at least one)."""
+    return max(1, memory.VOCAB_CHUNK_ELEMENTS // width)
 
 
 @runtime_checkable

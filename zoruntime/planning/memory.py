@@ -144,6 +144,9 @@ LOSS_CHUNK_TOKENS = 256
 """Tokens per piece of the head's causal-LM loss: at 2,048 tokens and a 50,272-word vocabulary
 the full logits with their float32 copies would take about 1 GB; a piece takes 1/8 of that."""
 
+VOCAB_CHUNK_ELEMENTS = 1 << 24
+"""Elements per chunk of a vocabulary-sized parameter (whole rows: ``models.vocab.rows_per_chunk``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ModelDims:
@@ -156,15 +159,29 @@ class ModelDims:
 
 
 def activation_bytes(
-    dims: ModelDims, rows: int, length: int, itemsize: int, *, attention_scores: bool, chunked_loss: bool = True
+    dims: ModelDims,
+    rows: int,
+    length: int,
+    itemsize: int,
+    *,
+    attention_scores: bool,
+    chunked_loss: bool = True,
+    paused: bool = False,
 ) -> int:
     """A generous estimate of a step's working memory beside the buffers: the logits with the
-    loss's float32 copies (of ``LOSS_CHUNK_TOKENS`` tokens at a time for the causal-LM loss, of
-    every token for a user's loss), the two hidden-state streams, one block's largest
-    intermediate, and the attention scores where the kernel materialises them (a CPU; not CUDA's
-    fused attention)."""
+    loss's float32 copies (for the causal-LM loss, of ``LOSS_CHUNK_TOKENS`` tokens and one chunk
+    of the vocabulary at a time; for a user's loss, of every token and word), the two
+    hidden-state streams, one block's largest intermediate, the attention scores where the kernel
+    materialises them (a CPU; not CUDA's fused attention), and with ``paused`` (blocks streamed
+    as several units) a second probe's forward held inside a block."""
     tokens = rows * length
-    logits = (min(tokens, LOSS_CHUNK_TOKENS) if chunked_loss else tokens) * dims.vocab * (itemsize + 8)
+    if chunked_loss:
+        words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
+        logits = min(tokens, LOSS_CHUNK_TOKENS) * words * (itemsize + 8)
+    else:
+        logits = tokens * dims.vocab * (itemsize + 8)
     hidden = tokens * (4 * dims.hidden + dims.ffn) * itemsize
+    if paused:
+        hidden += tokens * (2 * dims.hidden + dims.ffn) * itemsize
     scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
     return logits + hidden + scores

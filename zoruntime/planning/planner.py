@@ -1,10 +1,12 @@
 """Predictions for a plan on a GPU profile, and the search for the fastest plan that fits. No torch.
 
 For a model (its groups' sizes and its widths), a batch and a profile, each task's time follows
-from the profile: a block's upload and offload from the link speeds; its compute task from the
+from the profile: a unit's upload and offload from the link speeds; its compute task from the
 flops of both forwards (two per parameter and token, plus causal attention) at the profile's
 rate and the bytes its draws, perturbed copies and update touch at the memory rate; one more
 missed update (a draw and an add) for offloads every k steps; the head from the logits' flops.
+Units finer than a block (halves, linear layers) differ in size; the simulator takes one size,
+their mean, so a prediction for them is coarser than for whole blocks.
 The simulator then runs the real scheduler on those times for two offload cycles, and the step
 time is the second cycle's mean: steps overlap, as the runtime's do when the caller calls again
 at once (the host's own time between calls is not modelled). The GPU memory a plan needs is the
@@ -13,10 +15,11 @@ memory model's figure plus the activations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..policies.base import FixedDepth, MemoryBudget, Plan, Policy
+from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from .cost import OpFigures
 from .memory import ModelDims, ModelLayout, activation_bytes
 from .profiles import GPUProfile
@@ -40,10 +43,21 @@ class Workload:
     batch: int
     seq: int
     rounding: str | None = None  # how the masters take updates; None: ZOSGD's default for their dtype
+    unit: str = "block"  # how finely ``layout`` cuts the blocks
+    blocks: int | None = None  # decoder blocks (None: one unit each)
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def units_per_block(self) -> float:
+        return self.layout.num_units / (self.blocks or self.layout.num_units)
+
+    @property
+    def unit_numel(self) -> float:
+        """Elements of the mean streamable unit."""
+        return sum(g.numel for g in self.layout.streamable) / self.layout.num_units
 
     @property
     def update_bytes(self) -> int:
@@ -52,11 +66,10 @@ class Workload:
         stochastic = (self.rounding or ("stochastic" if itemsize == 2 else "nearest")) == "stochastic"
         return STOCHASTIC_UPDATE_BYTES if stochastic else 3 * itemsize
 
-    def compute_task_bytes(self) -> int:
-        """Bytes a block's compute task moves besides its forwards: two draws of z, two perturbed
+    def compute_task_bytes(self) -> float:
+        """Bytes a unit's compute task moves besides its forwards: two draws of z, two perturbed
         copies (read θ and z, write), one update."""
-        unit = self.layout.streamable[0]
-        return unit.numel * (8 * unit.itemsize + self.update_bytes)
+        return self.unit_numel * (8 * self.layout.streamable[0].itemsize + self.update_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +95,10 @@ class Prediction:
 
 
 def forward_flops(work: Workload) -> float:
-    """Flops of one forward of a block: two per parameter and token, and causal attention."""
-    return 2 * work.layout.streamable[0].numel * work.tokens + 2 * work.batch * work.seq**2 * work.dims.hidden
+    """Flops of one forward of a unit: two per parameter and token, and its share of its block's
+    causal attention."""
+    attention = 2 * work.batch * work.seq**2 * work.dims.hidden / work.units_per_block
+    return 2 * work.unit_numel * work.tokens + attention
 
 
 def profile_from_card(
@@ -103,18 +118,17 @@ def profile_from_card(
 
 
 def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
-    """Seconds of a block's upload, compute task and offload, and the head; and of one extra update."""
-    unit = work.layout.streamable[0]
-    params, itemsize = unit.numel, unit.itemsize
+    """Seconds of a unit's upload, compute task and offload, and the head; and of one extra update."""
+    params, itemsize = work.unit_numel, work.layout.streamable[0].itemsize
     dims, tokens = work.dims, work.tokens
     flops = profile.tflops * 1e12
     memory = profile.memory_gb_s * 1e9
     compute_s = 2 * forward_flops(work) / flops + work.compute_task_bytes() / memory
     head_s = 2 * 2 * tokens * dims.hidden * dims.vocab / flops
     op = OpFigures(
-        upload_s=unit.nbytes / (profile.upload_gb_s * 1e9),
+        upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
         compute_s=compute_s,
-        offload_s=unit.nbytes / (profile.offload_gb_s * 1e9),
+        offload_s=params * itemsize / (profile.offload_gb_s * 1e9),
         head_s=head_s,
     )
     return op, params * (itemsize + work.update_bytes) / memory  # a draw, then the update
@@ -126,7 +140,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     plan = policy.plan(layout)
     parts = layout.breakdown(plan)
     memory = {
-        "kept on the device (embed_head and its perturbed copy)": parts.kept,
+        "kept on the device (embed_head; perturbed a chunk at a time)": parts.kept,
         "resident units": parts.resident,
         "streaming slots": parts.slots,
         "working buffers (a perturbed copy)": parts.working,
@@ -157,24 +171,26 @@ class _Fixed:
 
 
 def candidates(work: Workload, gpu_bytes: int) -> list[tuple[str, Policy]]:
-    """Every policy the search tries: each depth and offload interval streamed, and with as many
-    blocks resident as ``gpu_bytes`` leaves room for."""
+    """Every policy the search tries for ``work``'s unit: each depth and offload interval
+    streamed, and with as many units resident as ``gpu_bytes`` leaves room for."""
     tried: list[tuple[str, Policy]] = []
+    unit = "" if work.unit == "block" else f", unit={work.unit!r}"
     for depth in DEPTHS:
         for every in OFFLOAD_EVERY:
-            name = f"FixedDepth({depth})" if every == 1 else f"FixedDepth({depth}, offload_every={every})"
-            tried.append((name, FixedDepth(depth, offload_every=every)))
+            offload = "" if every == 1 else f", offload_every={every}"
+            tried.append((f"FixedDepth({depth}{offload}{unit})", FixedDepth(depth, every, work.unit)))
             streaming = predict_memory(work, Plan(depth, offload_every=every))
             budget = work.layout.breakdown(Plan(depth)).units + gpu_bytes - streaming
             if budget > 0:
-                name = f"MemoryBudget({budget / 1e9:.2f} GB, depth={depth}, offload_every={every})"
-                tried.append((name, MemoryBudget(budget, depth, every)))
+                name = f"MemoryBudget({budget / 1e9:.2f} GB, depth={depth}, offload_every={every}{unit})"
+                tried.append((name, MemoryBudget(budget, depth, every, work.unit)))
     return tried
 
 
 def _activations(work: Workload) -> int:
     """On CUDA: fused attention, no materialised scores."""
-    return activation_bytes(work.dims, work.batch, work.seq, work.layout.compute_itemsize, attention_scores=False)
+    return activation_bytes(work.dims, work.batch, work.seq, work.layout.compute_itemsize, attention_scores=False,
+                            paused=work.unit != "block")  # fmt: skip
 
 
 def predict_memory(work: Workload, plan: Plan) -> int:
@@ -182,14 +198,18 @@ def predict_memory(work: Workload, plan: Plan) -> int:
     return work.layout.bytes_needed(plan) + _activations(work)
 
 
-def best(work: Workload, profile: GPUProfile, gpu_bytes: int) -> Prediction | None:
-    """The fastest candidate whose GPU memory fits in ``gpu_bytes`` (None if none does)."""
+def best(works: Workload | Sequence[Workload], profile: GPUProfile, gpu_bytes: int) -> Prediction | None:
+    """The fastest candidate whose GPU memory fits in ``gpu_bytes`` (None if none does), over
+    ``works``: the same model cut into each unit (``UNIT_KINDS``); on a tie, the least memory,
+    then the coarsest unit."""
     fitting = []
-    for name, policy in candidates(work, gpu_bytes):
-        try:
-            prediction = predict(work, profile, policy, name)
-        except ValueError:  # a budget too small for its depth
-            continue
-        if prediction.gpu_bytes <= gpu_bytes:
-            fitting.append(prediction)
-    return max(fitting, key=lambda p: (p.tokens_per_s, -p.gpu_bytes), default=None)
+    for work in [works] if isinstance(works, Workload) else works:
+        for name, policy in candidates(work, gpu_bytes):
+            try:
+                if predict_memory(work, policy.plan(work.layout)) > gpu_bytes:
+                    continue  # does not fit: not worth simulating
+            except ValueError:  # a budget too small for its depth
+                continue
+            fitting.append((predict(work, profile, policy, name), -UNIT_KINDS.index(work.unit)))
+    found = max(fitting, key=lambda p: (p[0].tokens_per_s, -p[0].gpu_bytes, p[1]), default=None)
+    return found[0] if found else None
