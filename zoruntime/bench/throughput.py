@@ -293,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch, --seq, --steps, --trace-steps and --offload-every must be positive")
 
     try:
-        extra = [(text, parse_policy(text)) for text in args.policy]
+        extra: list[tuple[str, Policy | None]] = [(text, parse_policy(text)) for text in args.policy]
     except UsageError as error:
         parser.error(str(error))
-    for text, policy in extra:
-        if getattr(policy, "unit", "block") != args.unit:
+    for text, asked in extra:
+        if getattr(asked, "unit", "block") != args.unit:
             parser.error(f"--policy {text}: its unit differs from --unit {args.unit} (the model is laid out once)")
 
     dev = DeviceMeter(args.device)
