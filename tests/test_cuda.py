@@ -43,6 +43,28 @@ async def test_cuda_runtime_equals_the_reference_on_the_same_gpu(policy) -> None
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(("family", "unit"), [("pre_ln_tied", "linear"), ("llama_gqa", "half")])
+async def test_finer_units_and_chunked_ends_on_cuda_equal_the_reference_on_the_same_gpu(
+    family: str, unit: str, monkeypatch
+) -> None:
+    """Each unit's forward runs in a thread of its own that must enqueue on the compute stream;
+    small vocabulary chunks make the head and the embedding cross chunk boundaries."""
+    from zoruntime.planning import memory
+
+    monkeypatch.setattr(memory, "VOCAB_CHUNK_ELEMENTS", 300)
+    monkeypatch.setattr(memory, "KEPT_SPAN_ELEMENTS", 512)
+    ref_model = tiny_model(family, seed=1, num_hidden_layers=BLOCKS).cuda()
+    ref = ReferenceZO(ref_model, CONFIG, unit=unit)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]
+    model = tiny_model(family, seed=1, num_hidden_layers=BLOCKS)
+    async with zoruntime.Runtime(model, CONFIG, device="cuda", policy=FixedDepth(2, unit=unit)) as rt:
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(3)]
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 async def test_16_bit_masters_round_stochastically_on_cuda_as_the_reference_does(dtype: torch.dtype) -> None:
     config = zoruntime.ZOSGD(lr=1e-3, eps=1e-2, weight_decay=0.1, seed=5)  # rounding: stochastic by default

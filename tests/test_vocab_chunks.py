@@ -73,7 +73,7 @@ def test_opts_embedding_from_the_rows_of_one_token_equals_the_whole_tables() -> 
     layout, table = adapter_for(model).layout, model.model.decoder.embed_tokens.weight
     ids = torch.full((2, 3), 7)
     from_rows = layout.embed_tokens(
-        {"embed_tokens.weight": vocab_module.TensorRows(table)}, ids, layout.token_lookup(ids)
+        {"embed_tokens.weight": vocab_module.TensorRows(table)}, ids, TokenLookup.of(ids, *table.shape)
     )
     assert torch.equal(from_rows, model.model.decoder.embed_tokens(ids))
 

@@ -200,8 +200,10 @@ def predict_memory(work: Workload, plan: Plan) -> int:
 
 def best(works: Workload | Sequence[Workload], profile: GPUProfile, gpu_bytes: int) -> Prediction | None:
     """The fastest candidate whose GPU memory fits in ``gpu_bytes`` (None if none does), over
-    ``works``: the same model cut into each unit (``UNIT_KINDS``); on a tie, the least memory,
-    then the coarsest unit."""
+    ``works``: the same model cut into each unit (``UNIT_KINDS``). Among those within 0.1% of the
+    fastest (a compute-bound step is as fast streamed as resident, on paper): the coarsest unit,
+    then the most units resident (fewer bytes over a link the model may think faster than it is),
+    then the least memory."""
     fitting = []
     for work in [works] if isinstance(works, Workload) else works:
         for name, policy in candidates(work, gpu_bytes):
@@ -211,5 +213,8 @@ def best(works: Workload | Sequence[Workload], profile: GPUProfile, gpu_bytes: i
             except ValueError:  # a budget too small for its depth
                 continue
             fitting.append((predict(work, profile, policy, name), -UNIT_KINDS.index(work.unit)))
-    found = max(fitting, key=lambda p: (p[0].tokens_per_s, -p[0].gpu_bytes, p[1]), default=None)
-    return found[0] if found else None
+    if not fitting:
+        return None
+    fastest = max(p.tokens_per_s for p, _ in fitting)
+    ties = [(p, coarse) for p, coarse in fitting if p.tokens_per_s >= 0.999 * fastest]
+    return max(ties, key=lambda t: (t[1], len(t[0].plan.resident), -t[0].gpu_bytes))[0]
