@@ -157,6 +157,42 @@ def test_trace_cli_summary_and_plot(cpu_timeline: Timeline, tmp_path: Path) -> N
     assert bad.returncode == 2 and "is not a zoruntime Chrome trace" in bad.stderr
 
 
+def _long_trace(tmp_path: Path, steps: int = 30) -> Path:
+    timeline = simulate(4, 2.0, 1.0, 1.0, FixedDepth(1), steps=steps, host_gap_s=0.5)
+    return timeline.save_chrome_trace(tmp_path / "long.json")
+
+
+def test_a_long_trace_is_drawn_as_a_few_labelled_steps_that_the_picture_names(tmp_path: Path) -> None:
+    from zoruntime.tracing.plot import draw
+
+    timeline = Timeline.load(_long_trace(tmp_path))
+    assert timeline.training_step_numbers == list(range(30))
+    window = timeline.training_steps(10, 13)
+    figure = draw(window, (800, 300), recorded=30)
+    axes = figure.axes[0]
+    assert axes.get_title(loc="left").startswith("steps 10-12 of the 30 recorded")
+    assert [t.get_text() for t in axes.texts] == ["step 10", "step 11", "step 12"]
+    assert len(axes.lines) == 4  # where each step starts, and where the last one ends
+    whole = draw(timeline, (800, 300)).axes[0]
+    assert whole.get_title(loc="left").startswith("steps 0-29,") and len(whole.lines) == 31
+
+
+def test_trace_plot_takes_a_window_of_steps_and_defaults_to_the_last_few(tmp_path: Path, capsys) -> None:
+    from zoruntime.cli import main as cli_main
+
+    trace, png = _long_trace(tmp_path), tmp_path / "w.png"
+    assert cli_main(["trace", "plot", str(trace), "-o", str(png), "--steps", "10:13"]) == 0
+    assert f"wrote {png} (steps 10-12 of 30)" in capsys.readouterr().out and png.stat().st_size > 0
+    assert cli_main(["trace", "plot", str(trace), "-o", str(png)]) == 0
+    assert "(steps 27-29 of 30)" in capsys.readouterr().out
+    assert cli_main(["trace", "plot", str(trace), "-o", str(png), "--steps", "25:"]) == 0
+    assert "(steps 25-29 of 30)" in capsys.readouterr().out
+    for bad, message in [("5", "give A:B, the steps A to B-1"), ("40:50", "no training step there: the trace holds "
+                         "steps 0-29"), ("a:b", "give A:B")]:  # fmt: skip
+        assert cli_main(["trace", "plot", str(trace), "-o", str(png), "--steps", bad]) == 2
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.asyncio
 async def test_with_tracing_off_no_recorder_exists_and_no_hook_is_called(monkeypatch) -> None:
     class Forbidden:

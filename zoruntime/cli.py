@@ -4,7 +4,7 @@ zoruntime train                         fine-tune the built-in default (see zoru
 zoruntime bench --model opt-1.3b        offloaded throughput vs MeZO and the transfer floor
 zoruntime plan --model opt-13b         GPU memory and predicted speed of a plan
 zoruntime trace summary TRACE.json      busy lanes, achieved GB/s, overlap efficiency, gaps
-zoruntime trace plot TRACE.json -o OUT.png
+zoruntime trace plot TRACE.json -o OUT.png [--steps 10:13]
 zoruntime replay --base MODEL --journal journal.jsonl --out DIR
 """
 
@@ -62,6 +62,9 @@ def trace(argv: list[str]) -> int:
     plot.add_argument("trace", help="a trace written by Timeline.save_chrome_trace")
     plot.add_argument("-o", "--out", required=True, help="the PNG to write")
     plot.add_argument("--size", default="1600x480", help="width x height in pixels (default 1600x480)")
+    plot.add_argument("--steps", default=None, metavar="A:B",
+                      help=f"the training steps A … B-1 to draw (default: all, or the last {PLOTTED_STEPS} of a "
+                      f"trace of more than {MOST_PLOTTED} steps)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from .tracing import Timeline
@@ -74,14 +77,42 @@ def trace(argv: list[str]) -> int:
     if args.action == "summary":
         timeline.summary(show=True)
         return 0
+    numbers = timeline.training_step_numbers
+    try:
+        first, stop = _step_window(args.steps, numbers)
+    except ValueError as error:
+        print(f"zoruntime trace: --steps {args.steps}: {error}", file=sys.stderr)
+        return 2
+    shown = timeline.training_steps(first, stop) if numbers else timeline
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
-        path = timeline.save_png(args.out, (width, height))
+        path = shown.save_png(args.out, (width, height), recorded=len(numbers))
     except ValueError as error:
         print(f"zoruntime trace: bad --size {args.size!r}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    drawn = shown.training_step_numbers
+    which = f"steps {drawn[0]}-{drawn[-1]} of {len(numbers)}" if drawn else "the whole trace"
+    print(f"wrote {path} ({which})")
     return 0
+
+
+MOST_PLOTTED, PLOTTED_STEPS = 12, 3
+"""A trace of more training steps than ``MOST_PLOTTED`` is drawn, by default, as its last
+``PLOTTED_STEPS``: a thousand steps in one picture are a wall of boundaries."""
+
+
+def _step_window(text: str | None, numbers: list[int]) -> tuple[int, int | None]:
+    """``A:B`` (either side may be left out) as (first, stop); the default window otherwise."""
+    if text is None:
+        return (numbers[-PLOTTED_STEPS], None) if len(numbers) > MOST_PLOTTED else (0, None)
+    start, colon, stop = text.partition(":")
+    if not colon or not all(part.strip().isdigit() for part in (start, stop) if part.strip()):
+        raise ValueError("give A:B, the steps A to B-1 (e.g. 10:13; A: or :B leave a side open)")
+    first, end = int(start or 0), int(stop) if stop.strip() else None
+    if not any(first <= n and (end is None or n < end) for n in numbers):
+        raise ValueError(f"no training step there: the trace holds steps {numbers[0]}-{numbers[-1]}" if numbers
+                         else "the trace holds no training steps")  # fmt: skip
+    return first, end
 
 
 if __name__ == "__main__":

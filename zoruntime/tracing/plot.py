@@ -1,5 +1,6 @@
-"""A timeline as a picture: lanes as rows over time, one colour per task kind, step boundaries
-as vertical lines. Headless (matplotlib's Agg canvas, no pyplot and no global state)."""
+"""A timeline as a picture: lanes as rows over time, one colour per task kind, each step's start
+as a labelled vertical line; the title says which steps it shows. Headless (matplotlib's Agg
+canvas, no pyplot and no global state)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,26 @@ COLOURS = {
 LANE_ORDER = ("upload", "compute", "offload")
 
 
-def save_png(timeline: Timeline, path: str | Path, size: tuple[int, int] = (1600, 480)) -> Path:
-    """Draw ``timeline`` into a PNG of exactly ``size`` pixels (width, height)."""
+def save_png(
+    timeline: Timeline, path: str | Path, size: tuple[int, int] = (1600, 480), recorded: int | None = None
+) -> Path:
+    """Draw ``timeline`` into a PNG of exactly ``size`` pixels (width, height); ``recorded``: how
+    many training steps the whole trace holds, when ``timeline`` is a window of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw(timeline, size, recorded).savefig(path, dpi=DPI)
+    return path
+
+
+DPI = 100
+
+
+def draw(timeline: Timeline, size: tuple[int, int] = (1600, 480), recorded: int | None = None) -> Figure:
+    """The figure ``save_png`` writes."""
     width, height = size
     if width < 200 or height < 120:
         raise ValueError(f"a timeline picture needs at least 200 x 120 pixels, got {width} x {height}")
-    dpi = 100
-    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     lanes = [lane for lane in LANE_ORDER if any(s.lane == lane for s in timeline.spans)]
@@ -45,9 +59,13 @@ def save_png(timeline: Timeline, path: str | Path, size: tuple[int, int] = (1600
             edgecolors="white",
             linewidth=0.3,
         )
-    for mark in timeline.steps:
-        for edge in (mark.start, mark.end):
+    marks = sorted(timeline.steps, key=lambda m: m.start)
+    for i, mark in enumerate(marks):  # a step's start; the last one's end too (steps overlap: ends would crowd)
+        edges = (mark.start, mark.end) if i == len(marks) - 1 else (mark.start,)
+        for edge in edges:
             axes.axvline((edge - origin) * unit, color="black", linewidth=0.6, linestyle="--")
+        axes.annotate(mark.name, ((mark.start - origin) * unit, 0), xycoords=("data", "axes fraction"),
+                      xytext=(2, 2), textcoords="offset points", fontsize=8)  # fmt: skip
     axes.set_yticks(range(len(lanes)), lanes)
     axes.set_ylim(len(lanes) - 0.5, -0.5)
     axes.set_xlabel(f"time ({label})")
@@ -59,12 +77,11 @@ def save_png(timeline: Timeline, path: str | Path, size: tuple[int, int] = (1600
         ncols=len(kinds),
         frameon=False,
     )
-    steps = len({s.step for s in timeline.spans if s.phase == "step"})
+    steps = sorted({s.step for s in timeline.spans if s.phase == "step"})
     others = sorted({s.phase for s in timeline.spans} - {"step"})
     extra = f" (+ {', '.join(others)})" if others else ""
-    axes.set_title(f"{steps} training step(s){extra}, {len(timeline.spans)} tasks; dashed: boundaries", loc="left")
+    which = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}" if steps else "no steps"
+    of = f" of the {recorded} recorded" if recorded is not None and recorded != len(steps) else ""
+    axes.set_title(f"{which}{of}{extra}, {len(timeline.spans)} tasks; dashed: where each step starts", loc="left")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    return path
+    return figure

@@ -78,10 +78,19 @@ class Timeline:
 
     def training_steps_from(self, first: int) -> Timeline:
         """A timeline of the training steps from ``first`` on (no eval, flush or load runs)."""
+        return self.training_steps(first, None)
+
+    def training_steps(self, first: int, stop: int | None) -> Timeline:
+        """A timeline of the training steps ``first`` … ``stop − 1`` (None: to the last)."""
+        keep = lambda step: step >= first and (stop is None or step < stop)  # noqa: E731
         return Timeline(
-            [s for s in self.spans if s.phase == "step" and s.step >= first],
-            [m for m in self.steps if m.phase == "step" and m.step >= first],
+            [s for s in self.spans if s.phase == "step" and keep(s.step)],
+            [m for m in self.steps if m.phase == "step" and keep(m.step)],
         )
+
+    @property
+    def training_step_numbers(self) -> list[int]:
+        return sorted({m.step for m in self.steps if m.phase == "step"})
 
     @property
     def makespan(self) -> float:
@@ -97,11 +106,12 @@ class Timeline:
 
         return save_chrome_trace(self, path)
 
-    def save_png(self, path: str | Path, size: tuple[int, int] = (1600, 480)) -> Path:
-        """Lanes as rows over time, coloured by task kind, step boundaries marked; ``size`` in pixels."""
+    def save_png(self, path: str | Path, size: tuple[int, int] = (1600, 480), recorded: int | None = None) -> Path:
+        """Lanes as rows over time, coloured by task kind, each step's start labelled; ``size`` in
+        pixels; ``recorded``: the training steps of the whole trace, when this is a window of it."""
         from .plot import save_png
 
-        return save_png(self, path, size)
+        return save_png(self, path, size, recorded)
 
     def summary(self, show: bool = False) -> TimelineSummary:
         """Busy fraction per lane, achieved GB/s, overlap efficiency, largest compute-lane gaps.

@@ -34,6 +34,7 @@ from ..runs import RunLock, clear_run, describe_run, holds_run
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, load_model, save_model
 from .options import TrainConfig, UsageError, check, resolve_device
+from .watch import MetricsLog, save_curves, summary_table
 
 
 class Interrupted(Exception):
@@ -223,6 +224,9 @@ async def _run(
     try:
         async with contextlib.AsyncExitStack() as stack:
             journal = stack.enter_context(Journal(out / "journal.jsonl", header=base)) if lead else None
+            metrics = MetricsLog(out, config.log == "tensorboard", start.step) if lead else None
+            if metrics is not None:
+                stack.callback(metrics.close)
             rt = await stack.enter_async_context(runtime)
 
             async def checkpoint(reason: str = "") -> None:
@@ -236,6 +240,9 @@ async def _run(
             if before is None:
                 before = await evaluate(rt, data, loss_fn)
                 say(f"before: {before}")
+                if metrics is not None:
+                    metrics.dev(start.step, before.loss, before.perplexity, before.accuracy)
+            dev_shown: dict[str, str] = {}  # the last dev figure, shown on the bar
             bar = tqdm(total=config.steps, initial=start.step, desc="train", unit="step",
                        disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
             for step in range(start.step, config.steps):
@@ -258,7 +265,9 @@ async def _run(
                 tokens += batch["input_ids"].numel()
                 bar.update(1)
                 rate = tokens / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                if metrics is not None:
+                    metrics.train(done, stats, rate)
+                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", **dev_shown, refresh=False)
                 if interrupted.is_set():
                     bar.close()
                     if lead:
@@ -268,6 +277,9 @@ async def _run(
                     )
                 if done < config.steps and config.eval_every and done % config.eval_every == 0:
                     evaluation = await evaluate(rt, data, loss_fn)
+                    dev_shown = _dev_postfix(evaluation)
+                    if metrics is not None:
+                        metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.accuracy)
                     if lead:
                         bar.write(f"step {done}: {evaluation}")
                 if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -277,6 +289,8 @@ async def _run(
                 await checkpoint()  # the last step, always: a finished run can be extended or checked
             after = await evaluate(rt, data, loss_fn)
             say(f"after:  {after}")
+            if metrics is not None:
+                metrics.dev(config.steps, after.loss, after.perplexity, after.accuracy)
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
     finally:
@@ -292,7 +306,8 @@ async def _run(
     save_model(model, tokenizer, model_dir)
     if timeline is not None and timeline.spans:
         timeline.save_chrome_trace(out / "trace.json")
-        timeline.training_steps_from(max(start.step, config.steps - 3)).save_png(out / "timeline.png")
+        last = timeline.training_steps_from(max(start.step, config.steps - 3))  # a few steps: readable
+        last.save_png(out / "timeline.png", recorded=len(timeline.training_step_numbers))
     summary = {
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
@@ -300,11 +315,19 @@ async def _run(
         "steps": config.steps, "skipped_steps": skipped, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "out": str(out),
     }  # fmt: skip
+    save_curves(out, out / "curves.png")
+    print(summary_table(summary))
     drop = 1 - after.loss / before.loss
     print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({drop:.1%} lower) in {seconds:.0f} s; saved {model_dir}"
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _dev_postfix(evaluation: Evaluation) -> dict[str, str]:
+    if evaluation.accuracy is not None:
+        return {"dev_acc": f"{evaluation.accuracy:.1%}"}
+    return {"dev_loss": f"{evaluation.loss:.3f}"}
 
 
 def _silent(*args: object, **kwargs: object) -> None:

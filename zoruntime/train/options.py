@@ -25,6 +25,7 @@ from ..models.freeze import parse_freeze
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
 from ..zo.config import ZOSGD
+from .watch import tensorboard_missing
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -63,12 +64,13 @@ class TrainConfig:
     rounding: str | None = None
     out: str = "runs/default"
     progress: bool = True
+    log: str | None = None  # "tensorboard": metrics to TensorBoard too (metrics.jsonl always)
     resume: str | None = None
     overwrite: bool = False
 
 
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonfinite", "trace", "progress", "resume",
-                     "out", "overwrite")  # fmt: skip
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonfinite", "trace", "progress", "log",
+                     "resume", "out", "overwrite")  # fmt: skip
 """Options a resumed run may change; every other one must match the run it continues."""
 
 
@@ -129,6 +131,8 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=d.out, help="output folder; one run per folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show a progress bar")
+    p.add_argument("--log", default=d.log, choices=("tensorboard",),
+                   help="metrics to TensorBoard too (OUT/tensorboard; OUT/metrics.jsonl always)")  # fmt: skip
     if only_given:
         for action in p._actions:
             action.default = argparse.SUPPRESS
@@ -181,6 +185,8 @@ def check(config: TrainConfig) -> TrainConfig:
     """Every option on its own (before anything is loaded or written)."""
     if config.task not in ("lm", "sst2"):
         raise UsageError(f"unknown --task {config.task!r}; choose lm or sst2")
+    if config.log == "tensorboard" and (missing := tensorboard_missing()):
+        raise UsageError(missing)
     for name in ("steps", "batch_size", "stop_after_nonfinite"):
         if getattr(config, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(config, name)}")

@@ -1,0 +1,80 @@
+"""Watching a run: every step and evaluation in metrics.jsonl (cut back and continued on resume),
+curves.png and a table at the end, TensorBoard on request, the dev figure on the progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zoruntime.journal import read_journal
+from zoruntime.train import main as train_main
+from zoruntime.train.data import Evaluation
+from zoruntime.train.loop import _dev_postfix
+from zoruntime.train.watch import smoothed, tensorboard_missing
+
+FAST = ["--no-progress", "--no-trace", "--max-length", "32", "--batch-size", "4", "--eval-every", "3"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_logs_every_step_and_evaluation_and_ends_with_curves_and_a_table(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert train_main([*FAST, "--steps", "7", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    lines = _metrics(run)
+    assert [(m["kind"], m["step"]) for m in lines] == [("dev", 0), *[("train", s) for s in (1, 2, 3)], ("dev", 3),
+                                                       *[("train", s) for s in (4, 5, 6)], ("dev", 6), ("train", 7),
+                                                       ("dev", 7)]  # fmt: skip
+    records = read_journal(run / "journal.jsonl")
+    train = [m for m in lines if m["kind"] == "train"]
+    assert [(m["loss_plus"], m["loss_minus"], m["projected_grad"], m["lr"]) for m in train] == [
+        (r.loss_plus, r.loss_minus, r.projected_grad, r.lr) for r in records
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert lines[0]["loss"] == summary["dev_loss_before"] and lines[-1]["loss"] == summary["dev_loss_after"]
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert f"dev loss    {summary['dev_loss_before']:>12.4f}{summary['dev_loss_after']:>12.4f}" in out
+    assert "7 steps in " in out
+
+
+def test_a_resumed_run_continues_its_metrics_from_the_checkpoint(tmp_path: Path) -> None:
+    clean, stopped = tmp_path / "clean", tmp_path / "stopped"
+    assert train_main([*FAST, "--steps", "6", "--out", str(clean)]) == 0
+    assert train_main([*FAST, "--steps", "4", "--checkpoint-every", "2", "--out", str(stopped)]) == 0
+    (stopped / "metrics.jsonl").open("a").write('{"kind": "train", "step": 5, "loss"')  # torn by a crash
+    assert train_main(["--no-progress", "--resume", str(stopped), "--steps", "6"]) == 0
+    timeless = lambda run: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _metrics(run)]  # noqa: E731
+    resumed = timeless(stopped)
+    ended = resumed.pop(6)  # the first run ended at step 4 and was evaluated there: that stays in its history
+    assert (ended["kind"], ended["step"]) == ("dev", 4)
+    assert resumed == timeless(clean)
+
+
+def test_smoothing_is_an_exponential_moving_average() -> None:
+    assert smoothed([4.0, 1.0, 7.0], span=3) == [4.0, 4.0 + 0.5 * (1.0 - 4.0), 2.5 + 0.5 * (7.0 - 2.5)]
+    assert smoothed([2.0, 9.0], span=1) == [2.0, 9.0]
+
+
+def test_the_progress_bar_shows_the_dev_figure_the_task_has() -> None:
+    assert _dev_postfix(Evaluation(2.3456)) == {"dev_loss": "2.346"}
+    assert _dev_postfix(Evaluation(0.7, accuracy=0.8125)) == {"dev_acc": "81.2%"}
+
+
+def test_tensorboard_is_asked_for_and_said_when_missing(tmp_path: Path, capsys) -> None:
+    code = train_main([*FAST, "--steps", "2", "--log", "tensorboard", "--out", str(tmp_path / "tb")])
+    if tensorboard_missing():
+        assert code == 2 and "pip install 'zoruntime[tensorboard]'" in capsys.readouterr().err
+        assert not (tmp_path / "tb").exists()  # refused before anything was written
+        return
+    assert code == 0 and any((tmp_path / "tb" / "tensorboard").iterdir())  # pragma: no cover (tensorboard here)
+
+
+@pytest.mark.parametrize("bad", ["wandb"])
+def test_an_unknown_log_is_refused(bad: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        train_main(["--log", bad])
+    assert "invalid choice: 'wandb'" in capsys.readouterr().err
