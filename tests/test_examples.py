@@ -64,3 +64,16 @@ def test_llama_like_example_trains_bf16_masters_with_a_frozen_embedding() -> Non
     out = _run("examples/llama_like.py", "--steps", "50")
     before, after = _dev_losses(out)
     assert "LlamaLikeAdapter, stochastic rounding" in out and after < 0.96 * before
+
+
+def test_your_data_example_lowers_the_candidates_dev_loss() -> None:
+    before, after = _dev_losses(_run("examples/finetune_your_data.py", "--steps", "150"))
+    assert after < 0.7 * before
+
+
+def test_custom_task_example_runs_through_zoruntime_train(tmp_path: Path) -> None:
+    import json
+
+    out = _run("examples/custom_task.py", str(tmp_path / "run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["dev_loss_after"] < summary["dev_loss_before"], out

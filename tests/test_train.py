@@ -117,7 +117,7 @@ async def test_candidate_loss_trains_through_the_runtime() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--task", "qa"], "unknown --task 'qa'; choose lm or sst2"),
+        (["--task", "qa"], "unknown --task 'qa'; choose lm, sst2, classify, choice or generate"),
         (["--text-file", "/no/such/file.txt"], "--text-file /no/such/file.txt does not exist"),
         (["--steps", "0"], "--steps must be > 0, got 0"),
         (["--batch-size", "-2"], "--batch-size must be > 0, got -2"),

@@ -42,13 +42,13 @@ def one_run(dtype: str, rounding: str | None, seed: int, steps: int, lr: float) 
 
     async def go() -> dict[str, float]:
         async with engine.Runtime(model, optimizer, policy=FixedDepth(1), compute_dtype=DTYPES[dtype]) as rt:
-            before = await evaluate(rt, data, None)
+            before = await evaluate(rt, data)
             changed = []
             for step in range(steps):
                 stats = await rt.step(data.train_batch(step))
                 if stats.changed_fraction is not None:
                     changed.append(stats.changed_fraction)
-            after = await evaluate(rt, data, None)
+            after = await evaluate(rt, data)
         return {"before": before.loss, "after": after.loss, "changed": statistics.fmean(changed)}
 
     return engine.run(go())

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from ..models.batch import LossFn
+from .tasks import Metric
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,16 @@ class LMData:
     max_length: int
     batch_size: int
     seed: int = 0
+    rows_per_example: ClassVar[int] = 1
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The causal-LM loss (as a ``data.tasks.Task``)."""
+        return None
+
+    @property
+    def metric(self) -> Metric | None:
+        return None
 
     def __post_init__(self) -> None:
         for name, ids in (("training", self.train_ids), ("dev", self.dev_ids)):

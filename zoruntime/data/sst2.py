@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -32,40 +31,61 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
-def prompt_rows(sentence: str, tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """One (token ids, labels) row per candidate word: ``<sentence> It was <word>.``; labels are
-    -100 except on the word's tokens. The sentence is cut from the left to fit ``max_length``."""
-    prefix = tokenizer.encode(f"{sentence.strip()} It was", add_special_tokens=True)
+def candidate_rows(
+    prefix: str, candidates: Sequence[str], tokenizer: Tokenizer, max_length: int, suffix: str = "."
+) -> list[tuple[list[int], list[int]]]:
+    """One (token ids, labels) row per candidate: ``<prefix> <candidate><suffix>``; labels are
+    -100 except on the candidate's tokens. The prefix is cut from the left to fit ``max_length``."""
+    head_ids = tokenizer.encode(prefix, add_special_tokens=True)
+    tail = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
     rows = []
-    for word in WORDS:
+    for word in candidates:
         candidate = tokenizer.encode(f" {word}", add_special_tokens=False)
-        suffix = tokenizer.encode(".", add_special_tokens=False)
-        room = max_length - len(candidate) - len(suffix)
+        room = max_length - len(candidate) - len(tail)
         if room < 2:
-            raise ValueError(f"--max-length {max_length} leaves no room for the SST-2 prompt")
-        head = prefix if len(prefix) <= room else prefix[:1] + prefix[len(prefix) - room + 1 :]
-        ids = head + candidate + suffix
-        labels = [IGNORE_INDEX] * len(head) + candidate + [IGNORE_INDEX] * len(suffix)
+            raise ValueError(f"--max-length {max_length} leaves no room for the prompt before {word!r}")
+        head = head_ids if len(head_ids) <= room else head_ids[:1] + head_ids[len(head_ids) - room + 1 :]
+        ids = head + candidate + tail
+        labels = [IGNORE_INDEX] * len(head) + candidate + [IGNORE_INDEX] * len(tail)
         rows.append((ids, labels))
     return rows
 
 
-def candidate_batch(
-    examples: Sequence[tuple[str, int]], tokenizer: Tokenizer, max_length: int
-) -> dict[str, torch.Tensor]:
-    """Rows for every (sentence, label): [examples × candidates, T], right-padded, plus ``label``."""
-    rows = [row for sentence, _ in examples for row in prompt_rows(sentence, tokenizer, max_length)]
+def prompt_rows(sentence: str, tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """SST-2's rows: ``<sentence> It was <word>.`` for each of ``WORDS``."""
+    return candidate_rows(f"{sentence.strip()} It was", WORDS, tokenizer, max_length)
+
+
+def padded(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """Rows of (ids, labels), right-padded into ``input_ids``, ``attention_mask`` and ``labels``."""
     width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 1
-    ids = torch.full((len(rows), width), pad)
+    ids = torch.full((len(rows), width), pad_token_id if pad_token_id is not None else 1)
     labels = torch.full((len(rows), width), IGNORE_INDEX)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for r, (row_ids, row_labels) in enumerate(rows):
         ids[r, : len(row_ids)] = torch.tensor(row_ids)
         labels[r, : len(row_labels)] = torch.tensor(row_labels)
         mask[r, : len(row_ids)] = 1
-    gold = torch.tensor([label for _, label in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "label": gold}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def scored_batch(
+    examples: Sequence[tuple[str, Sequence[str], int]], tokenizer: Tokenizer, max_length: int, suffix: str = "."
+) -> dict[str, torch.Tensor]:
+    """Rows for every (prefix, candidates, gold index): [examples × candidates, T], plus ``label``."""
+    counts = {len(candidates) for _, candidates, _ in examples}
+    if len(counts) != 1:
+        raise ValueError(f"every example of a batch needs as many candidates; these have {sorted(counts)}")
+    rows = [row for prefix, candidates, _ in examples for row in candidate_rows(prefix, candidates, tokenizer,
+                                                                                  max_length, suffix)]  # fmt: skip
+    return {**padded(rows, tokenizer.pad_token_id), "label": torch.tensor([gold for _, _, gold in examples])}
+
+
+def candidate_batch(
+    examples: Sequence[tuple[str, int]], tokenizer: Tokenizer, max_length: int
+) -> dict[str, torch.Tensor]:
+    """SST-2 rows for every (sentence, label): [examples × candidates, T], right-padded, plus ``label``."""
+    return scored_batch([(f"{s.strip()} It was", WORDS, label) for s, label in examples], tokenizer, max_length)
 
 
 def candidate_scores(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -74,7 +94,7 @@ def candidate_scores(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     targets = batch.labels[:, 1:]
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     per_row = (picked * (targets != IGNORE_INDEX)).sum(dim=1)
-    return per_row.view(-1, len(WORDS))
+    return per_row.view(batch.extras["label"].numel(), -1)  # each example's rows are consecutive
 
 
 def candidate_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -107,26 +127,3 @@ def load_sst2(train_examples: int, dev_examples: int, seed: int) -> tuple[list[t
     dev = [(row["sentence"], int(row["label"])) for row in glue["validation"]]
     random.Random(seed).shuffle(train)
     return train[:train_examples], dev[:dev_examples]
-
-
-@dataclass(frozen=True)
-class SST2Data:
-    train: list[tuple[str, int]]
-    dev: list[tuple[str, int]]
-    tokenizer: Tokenizer
-    max_length: int
-    batch_size: int
-    seed: int = 0
-
-    def train_batch(self, step: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(self.seed * 1_000_003 + step)
-        return candidate_batch(
-            [rng.choice(self.train) for _ in range(self.batch_size)], self.tokenizer, self.max_length
-        )
-
-    def dev_batches(self, max_rows: int = 10**9) -> list[dict[str, torch.Tensor]]:
-        dev = self.dev[:max_rows]
-        return [
-            candidate_batch(dev[i : i + self.batch_size], self.tokenizer, self.max_length)
-            for i in range(0, len(dev), self.batch_size)
-        ]

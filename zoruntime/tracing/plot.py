@@ -64,8 +64,9 @@ def draw(timeline: Timeline, size: tuple[int, int] = (1600, 480), recorded: int 
         edges = (mark.start, mark.end) if i == len(marks) - 1 else (mark.start,)
         for edge in edges:
             axes.axvline((edge - origin) * unit, color="black", linewidth=0.6, linestyle="--")
-        axes.annotate(mark.name, ((mark.start - origin) * unit, 0), xycoords=("data", "axes fraction"),
-                      xytext=(2, 2), textcoords="offset points", fontsize=8)  # fmt: skip
+        at_top = mark.phase != "step"  # flush, eval, load: above, apart from the steps' labels
+        axes.annotate(mark.name, ((mark.start - origin) * unit, 1 if at_top else 0), xycoords=("data", "axes fraction"),
+                      xytext=(2, -9 if at_top else 2), textcoords="offset points", fontsize=8)  # fmt: skip
     axes.set_yticks(range(len(lanes)), lanes)
     axes.set_ylim(len(lanes) - 0.5, -0.5)
     axes.set_xlabel(f"time ({label})")

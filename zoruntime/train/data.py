@@ -1,4 +1,5 @@
-"""What a run trains and evaluates on: the data of --task (causal LM or SST-2) and the dev evaluation.
+"""What a run trains and evaluates on: the task --task names (the causal LM, SST-2, your own
+records, or a task of your own) and the dev evaluation.
 
 Knows the options, the data (``zoruntime.data``) and how to evaluate with a ``Runtime`` on each
 rank's shard. Knows nothing of loading models, the run folder, checkpoints or the loop.
@@ -12,32 +13,42 @@ from pathlib import Path
 from typing import Any
 
 from ..data.corpus import generated_corpus
+from ..data.files import file_task
 from ..data.lm import LMData
-from ..data.sst2 import DataUnavailable, SST2Data, candidate_accuracy, candidate_loss, load_sst2
+from ..data.sst2 import DataUnavailable, candidate_accuracy, candidate_batch, candidate_loss, load_sst2
+from ..data.tasks import ExampleTask, Task, load_task_factory
 from ..distributed import examples_in, shard
 from ..engine import Runtime
 from ..models.batch import LossFn
 from .options import TrainConfig, UsageError
 
 
-def build_data(config: TrainConfig, tokenizer: Any) -> LMData | SST2Data:
+def build_data(config: TrainConfig, tokenizer: Any) -> Task:
     """The task ``config`` names, train and dev, encoded with ``tokenizer`` (a text file: its last 10% is dev)."""
-    if config.task == "sst2":
-        try:
-            train, dev = load_sst2(train_examples=1000, dev_examples=500, seed=config.seed)
-        except DataUnavailable as error:
-            raise UsageError(str(error)) from None
-        return SST2Data(train, dev, tokenizer, config.max_length, config.batch_size, config.seed)
-    if config.text_file is not None:
-        text = Path(config.text_file).read_text(encoding="utf-8", errors="replace")
-        cut = int(len(text) * 0.9)
-        train_text, dev_text = text[:cut], text[cut:]
-    else:
-        train_text, dev_text = generated_corpus(config.seed)
     try:
+        if ":" in config.task:
+            task = load_task_factory(config.task)(config, tokenizer)
+            if not isinstance(task, Task):
+                raise ValueError(f"--task {config.task}: it returned a {type(task).__name__}, not a task (see "
+                                 "zoruntime.data.tasks.Task)")  # fmt: skip
+            return task
+        if config.task == "sst2":
+            train, dev = load_sst2(train_examples=1000, dev_examples=500, seed=config.seed)
+            length = config.max_length
+            return ExampleTask(train, dev, lambda examples: candidate_batch(examples, tokenizer, length),
+                               config.batch_size, config.seed, candidate_loss, ("accuracy", candidate_accuracy),
+                               2)  # fmt: skip
+        if config.data is not None:
+            return file_task(config.task, config, tokenizer)
+        if config.text_file is not None:
+            text = Path(config.text_file).read_text(encoding="utf-8", errors="replace")
+            cut = int(len(text) * 0.9)
+            train_text, dev_text = text[:cut], text[cut:]
+        else:
+            train_text, dev_text = generated_corpus(config.seed)
         return LMData(tokenizer.encode(train_text), tokenizer.encode(dev_text), config.max_length,
                       config.batch_size, config.seed)  # fmt: skip
-    except ValueError as error:
+    except (ValueError, DataUnavailable) as error:
         raise UsageError(str(error)) from None
 
 
@@ -55,14 +66,15 @@ class Evaluation:
         return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{acc}"
 
 
-async def evaluate(rt: Runtime, data: LMData | SST2Data, loss_fn: LossFn | None) -> Evaluation:
-    """Dev loss (and accuracy for SST-2); with several ranks each evaluates its shard of every batch."""
+async def evaluate(rt: Runtime, data: Task) -> Evaluation:
+    """Dev loss (and the task's metric, as ``accuracy``); with several ranks each evaluates its
+    shard of every batch."""
     batches = [b for b in data.dev_batches() if examples_in(b) >= rt.world_size]
     sizes = [b["input_ids"].shape[0] for b in batches]
     batches = [shard(b, rt.rank, rt.world_size) for b in batches]
     metrics: dict[str, LossFn | None] = {"loss": None}
-    if loss_fn is candidate_loss:
-        metrics["accuracy"] = candidate_accuracy  # from the same forward as the loss
+    if data.metric is not None:
+        metrics["accuracy"] = data.metric[1]  # from the same forward as the loss
     try:
         values = [await rt.measure(b, metrics) for b in batches]
     except FloatingPointError:

@@ -24,12 +24,10 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..checkpoint import CheckpointError, checkpoints, restore_checkpoint
-from ..data.lm import LMData
-from ..data.sst2 import SST2Data, candidate_loss
+from ..data.tasks import Task
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
-from ..models.batch import LossFn
 from ..runs import RunLock, clear_run, describe_run, holds_run
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, load_model, save_model
@@ -121,8 +119,7 @@ class Prepared:
 
     model: PreTrainedModel
     tokenizer: Any
-    data: LMData | SST2Data
-    loss_fn: LossFn | None
+    data: Task
     start: Start
     base: dict[str, Any]
     resolved: dict[str, Any]
@@ -152,10 +149,9 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
     resolved = {**asdict(config), "device": device, "parameters": sum(p.numel() for p in model.parameters()), **base}
     if world_size > 1:
         resolved["world_size"] = world_size
-    runtime = check_plan(model, config, device, world_size, start.step)
+    runtime = check_plan(model, config, device, world_size, start.step, data)
     say("zoruntime train " + json.dumps(resolved))
-    loss_fn: LossFn | None = candidate_loss if config.task == "sst2" else None
-    return Prepared(model, tokenizer, data, loss_fn, start, base, resolved, runtime)
+    return Prepared(model, tokenizer, data, start, base, resolved, runtime)
 
 
 def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
@@ -204,13 +200,7 @@ class UpdateWatch:
 async def _run(
     config: TrainConfig, prepared: Prepared, rank: int, world_size: int, out: Path, say: Any
 ) -> dict[str, Any]:
-    model, tokenizer, data, loss_fn, start = (
-        prepared.model,
-        prepared.tokenizer,
-        prepared.data,
-        prepared.loss_fn,
-        prepared.start,
-    )
+    model, tokenizer, data, start = prepared.model, prepared.tokenizer, prepared.data, prepared.start
     runtime, base = prepared.runtime, prepared.base
     lead = rank == 0
     tokens, nonfinite, done = 0, 0, start.step
@@ -238,7 +228,7 @@ async def _run(
                     raise UsageError(str(error)) from None
 
             if before is None:
-                before = await evaluate(rt, data, loss_fn)
+                before = await evaluate(rt, data)
                 say(f"before: {before}")
                 if metrics is not None:
                     metrics.dev(start.step, before.loss, before.perplexity, before.accuracy)
@@ -276,7 +266,7 @@ async def _run(
                         f"interrupted at step {done}: checkpointed; continue with zoruntime train --resume {out}"
                     )
                 if done < config.steps and config.eval_every and done % config.eval_every == 0:
-                    evaluation = await evaluate(rt, data, loss_fn)
+                    evaluation = await evaluate(rt, data)
                     dev_shown = _dev_postfix(evaluation)
                     if metrics is not None:
                         metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.accuracy)
@@ -287,7 +277,7 @@ async def _run(
             bar.close()
             if lead and start.step < config.steps:
                 await checkpoint()  # the last step, always: a finished run can be extended or checked
-            after = await evaluate(rt, data, loss_fn)
+            after = await evaluate(rt, data)
             say(f"after:  {after}")
             if metrics is not None:
                 metrics.dev(config.steps, after.loss, after.perplexity, after.accuracy)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..data.sst2 import candidate_loss
+from ..data.tasks import Task
 from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
@@ -78,8 +78,11 @@ def available_bytes(device: str) -> int | None:
         return None
 
 
-def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_size: int, start_step: int) -> Runtime:
-    """The runtime for ``model``, with the policy checked against it and the batch against memory."""
+def check_plan(
+    model: PreTrainedModel, config: TrainConfig, device: str, world_size: int, start_step: int, task: Task
+) -> Runtime:
+    """The runtime for ``model`` and ``task``'s loss, with the policy checked against the model and
+    the batch against memory."""
     compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
     policy = parse_policy(config.policy)
     blocks = model.config.num_hidden_layers
@@ -95,14 +98,14 @@ def check_plan(model: PreTrainedModel, config: TrainConfig, device: str, world_s
             raise UsageError(str(error)) from None
     try:
         runtime = Runtime(model, optimizer(config), device=device, policy=policy, compute_dtype=compute,
-                          trace=config.trace, loss_fn=candidate_loss if config.task == "sst2" else None,
+                          trace=config.trace, loss_fn=task.loss_fn,
                           start_step=start_step)  # fmt: skip
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
-    rows = -(-config.batch_size // world_size) * (2 if config.task == "sst2" else 1)  # sst2: a row per candidate
+    rows = -(-config.batch_size // world_size) * task.rows_per_example  # a candidate-scored task: a row per candidate
     dims = shape_dims(model.config)
     need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True,
-                            chunked_loss=config.task == "lm")  # fmt: skip
+                            chunked_loss=task.loss_fn is None)  # fmt: skip
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise UsageError(

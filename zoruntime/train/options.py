@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.files import FILE_TASKS, check_template, parse_labels
 from ..models.freeze import parse_freeze
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
@@ -45,6 +46,15 @@ class TrainConfig:
     model: str | None = None
     task: str = "lm"
     text_file: str | None = None
+    data: str | None = None  # your own records (JSON Lines, CSV, Parquet, or a hub dataset) for --task
+    dev: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    template: str = "{text} It was"
+    labels: str | None = None
+    options_field: str = "options"
+    prompt_field: str = "prompt"
+    target_field: str = "target"
     steps: int = 1000
     lr: float = 2e-3
     eps: float = 1e-3
@@ -85,8 +95,20 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=d.model, help="local folder or hub name of an OPT model; none: the built-in tiny one"
     )
-    p.add_argument("--task", default=d.task, help="lm (causal LM) or sst2 (GLUE SST-2, MeZO's prompt)")
+    p.add_argument("--task", default=d.task,
+                   help="lm (causal LM), sst2 (GLUE SST-2, MeZO's prompt), classify, choice or generate (on --data), "
+                   "or your own: module:function or file.py:function making a zoruntime.data.tasks.Task")  # fmt: skip
     p.add_argument("--text-file", default=d.text_file, help="text to train on with --task lm; none: a generated corpus")
+    p.add_argument("--data", default=d.data, help="your records: a .jsonl, .csv or .parquet file, or a hub dataset")
+    p.add_argument("--dev", default=d.dev, help="dev records (default: the last tenth of --data)")
+    p.add_argument("--text-field", default=d.text_field, help="the text (classify, lm) or question (choice) field")
+    p.add_argument("--label-field", default=d.label_field, help="the label (classify) or answer (choice) field")
+    p.add_argument("--template", default=d.template, help="classify's prompt, with {text} (default '{text} It was')")
+    p.add_argument("--labels", default=d.labels,
+                   help="classify's labels and the word for each, e.g. negative:terrible,positive:great")  # fmt: skip
+    p.add_argument("--options-field", default=d.options_field, help="choice's list of options")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="generate's prompt (no loss on it)")
+    p.add_argument("--target-field", default=d.target_field, help="generate's target (the loss is on it)")
     p.add_argument("--steps", type=int, default=d.steps, help="ZO-SGD steps")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--eps", type=float, default=d.eps, help="perturbation scale ε")
@@ -183,8 +205,26 @@ def parse_policy(text: str) -> Policy:
 
 def check(config: TrainConfig) -> TrainConfig:
     """Every option on its own (before anything is loaded or written)."""
-    if config.task not in ("lm", "sst2"):
-        raise UsageError(f"unknown --task {config.task!r}; choose lm or sst2")
+    if config.task not in ("lm", "sst2", *FILE_TASKS) and ":" not in config.task:
+        raise UsageError(
+            f"unknown --task {config.task!r}; choose lm, sst2, classify, choice or generate, or give "
+            "module:function for a task of your own"
+        )
+    if config.task in FILE_TASKS and config.task != "lm" and config.data is None:
+        raise UsageError(f"--task {config.task} trains on your records: give --data FILE (.jsonl, .csv, .parquet)")
+    if config.data is not None and (config.task not in FILE_TASKS or config.text_file is not None):
+        raise UsageError("--data goes with --task classify, choice, lm or generate (and not with --text-file)")
+    for option, where in (("--data", config.data), ("--dev", config.dev)):
+        if where is not None and Path(where).suffix and not Path(where).is_file():
+            raise UsageError(f"{option} {where} does not exist")
+    try:
+        if config.task == "classify":
+            check_template(config.template)
+            if config.labels is None:
+                raise ValueError("--task classify needs --labels, e.g. negative:terrible,positive:great")
+            parse_labels(config.labels)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if config.log == "tensorboard" and (missing := tensorboard_missing()):
         raise UsageError(missing)
     for name in ("steps", "batch_size", "stop_after_nonfinite"):

@@ -1,0 +1,152 @@
+"""Your own data: JSON Lines, CSV and Parquet records as classify, choice, lm and generate tasks,
+each problem refused up front in one line, and a task of your own from a file of yours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoruntime.data.files import file_task
+from zoruntime.data.tokenizer import ByteTokenizer
+from zoruntime.train import main as train_main
+from zoruntime.train.options import TrainConfig
+
+FAST = ["--no-progress", "--no-trace", "--eval-every", "0", "--max-length", "48", "--batch-size", "2", "--steps", "2"]
+REVIEWS = [("a gripping, funny film", "positive"), ("dull and far too long", "negative"), ("I loved it", "positive"),
+           ("a mess", "negative"), ("warm and clever", "positive"), ("tedious", "negative")]  # fmt: skip
+LABELS = "negative:terrible,positive:great"
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _reviews(path: Path) -> Path:
+    return _jsonl(path, [{"text": t, "label": label} for t, label in REVIEWS])
+
+
+def _train(capsys, tmp_path: Path, *args: str) -> tuple[int, dict | None, str]:
+    code = train_main([*FAST, "--out", str(tmp_path / "run"), *args])
+    summary = tmp_path / "run" / "summary.json"
+    return code, json.loads(summary.read_text()) if code == 0 else None, capsys.readouterr().err
+
+
+def test_classify_json_lines_with_a_template_and_label_words(tmp_path: Path, capsys) -> None:
+    data, dev = _reviews(tmp_path / "train.jsonl"), _reviews(tmp_path / "dev.jsonl")
+    code, summary, err = _train(capsys, tmp_path, "--task", "classify", "--data", str(data), "--dev", str(dev),
+                                "--template", "Review: {text} It was", "--labels", LABELS)  # fmt: skip
+    assert code == 0, err
+    assert summary is not None and summary["accuracy_after"] in {i / 6 for i in range(7)}
+    options = TrainConfig(data=str(data), dev=str(dev), labels=LABELS, template="Review: {text} It was", batch_size=2)
+    task = file_task("classify", options, ByteTokenizer())
+    batch = task.dev_batches()[0]
+    assert batch["label"].tolist() == [1, 0] and batch["input_ids"].shape[0] == 4  # a row per label word
+    rows = [bytes(i - 4 for i in row.tolist() if i >= 4).decode() for row in batch["input_ids"][:2]]
+    assert rows == ["Review: a gripping, funny film It was terrible.", "Review: a gripping, funny film It was great."]
+
+
+def test_classify_reads_csv_and_parquet_too(tmp_path: Path, capsys) -> None:
+    import datasets
+
+    rows = {"text": [t for t, _ in REVIEWS], "label": [label for _, label in REVIEWS]}
+    datasets.Dataset.from_dict(rows).to_csv(str(tmp_path / "r.csv"))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "r.parquet"))
+    for name in ("r.csv", "r.parquet"):
+        task = file_task("classify", TrainConfig(data=str(tmp_path / name), labels=LABELS), ByteTokenizer())
+        assert len(task.dev_batches()) == 1 and task.rows_per_example == 2
+    code, _, err = _train(capsys, tmp_path, "--task", "classify", "--data", str(tmp_path / "r.csv"), "--labels", LABELS)
+    assert code == 0, err
+
+
+def test_choice_scores_each_records_options_and_takes_the_answer_as_text_or_index(tmp_path: Path, capsys) -> None:
+    records = [{"question": "The sky is", "options": ["blue", "loud", "salty"], "answer": "blue"},
+               {"question": "Fire is", "options": ["cold", "hot", "square"], "answer": 1}] * 3  # fmt: skip
+    data = _jsonl(tmp_path / "q.jsonl", records)
+    options = TrainConfig(data=str(data), text_field="question", label_field="answer", batch_size=2)
+    task = file_task("choice", options, ByteTokenizer())
+    batch = task.train_batch(0)
+    assert task.rows_per_example == 3 and batch["input_ids"].shape[0] == 6
+    assert sorted(task.dev_batches()[0]["label"].tolist()) == [1]  # the last tenth: one record
+    code, summary, err = _train(capsys, tmp_path, "--task", "choice", "--data", str(data), "--text-field", "question",
+                                "--label-field", "answer")  # fmt: skip
+    assert code == 0 and summary is not None and summary["accuracy_after"] in (0.0, 1.0), err
+
+
+def test_lm_on_a_json_lines_text_field_and_on_a_plain_text_file(tmp_path: Path, capsys) -> None:
+    notes = _jsonl(tmp_path / "notes.jsonl", [{"body": f"note {i}: the cat sat on the mat " * 3} for i in range(20)])
+    code, summary, err = _train(capsys, tmp_path, "--task", "lm", "--data", str(notes), "--text-field", "body")
+    assert code == 0 and summary is not None and summary["accuracy_after"] is None, err
+    plain = tmp_path / "notes.txt"
+    plain.write_text("the cat sat on the mat. " * 60)
+    assert train_main([*FAST, "--out", str(tmp_path / "plain"), "--task", "lm", "--data", str(plain)]) == 0
+
+
+def test_generate_puts_the_loss_on_the_target_alone(tmp_path: Path, capsys) -> None:
+    records = [{"prompt": f"Q: {a}+{a}? A:", "target": f" {2 * a}"} for a in range(12)]
+    data = _jsonl(tmp_path / "g.jsonl", records)
+    task = file_task("generate", TrainConfig(data=str(data), batch_size=3), ByteTokenizer())
+    batch = task.dev_batches()[0]
+    row, labels = batch["input_ids"][0], batch["labels"][0]
+    counted = labels[labels != -100]
+    assert bytes(int(i) - 4 for i in counted).decode() == " 22"  # the dev record's target, nothing of its prompt
+    assert torch.equal(counted, row[labels != -100])
+    code, _, err = _train(capsys, tmp_path, "--task", "generate", "--data", str(data))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("records", "extra", "message"),
+    [
+        ([{"sentence": "x", "label": "positive"}], [], "record 1: no field 'text' (give --text-field; its fields: "
+                                                       "label, sentence)"),
+        ([{"text": "x", "label": "neutral"}] * 3, [], "record 1: label 'neutral' is not one of --labels (negative, "
+                                                      "positive)"),
+        (None, [], "is empty"),
+        ([{"text": "x", "label": "positive"}], ["--template", "It was"], "--template 'It was' has no {text}"),
+        ([{"text": "x", "label": "positive"}], ["--labels", "great"], "--labels 'great': give label:word pairs"),
+    ],
+)  # fmt: skip
+def test_each_problem_with_your_data_is_one_line_before_anything_is_written(
+    tmp_path: Path, capsys, records, extra, message
+) -> None:
+    data = tmp_path / "d.jsonl"
+    _jsonl(data, records) if records is not None else data.write_text("")
+    code, _, err = _train(capsys, tmp_path, "--task", "classify", "--data", str(data), "--labels", LABELS, *extra)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_that_do_not_go_together_are_refused(tmp_path: Path, capsys) -> None:
+    for args, message in [
+        (["--task", "classify", "--labels", LABELS], "--task classify trains on your records: give --data FILE"),
+        (["--task", "sst2", "--data", "x.jsonl"], "--data goes with --task classify, choice, lm or generate"),
+        (["--task", "classify", "--data", str(tmp_path / "no.jsonl"), "--labels", LABELS], "no.jsonl does not exist"),
+        (["--task", "classify", "--data", str(_reviews(tmp_path / "r.jsonl"))], "--task classify needs --labels"),
+        (["--task", "poems"], "unknown --task 'poems'; choose lm, sst2, classify, choice or generate"),
+    ]:
+        code, _, err = _train(capsys, tmp_path, *args)
+        assert code == 2 and message in err, err
+
+
+def test_a_task_of_your_own_from_a_file_of_yours(tmp_path: Path, capsys) -> None:
+    """The protocol in a few lines: examples, a batch function, the loss (None: the causal LM's)."""
+    (tmp_path / "mytask.py").write_text(
+        "import torch\n"
+        "from zoruntime.data.tasks import ExampleTask\n"
+        "def make(config, tokenizer):\n"
+        "    rows = [tokenizer.encode(f'{n:02d} {n + 1:02d} {n + 2:02d}') for n in range(40)]\n"
+        "    batch = lambda rs: {'input_ids': torch.tensor([r[:6] for r in rs])}\n"
+        "    return ExampleTask(rows[:30], rows[30:], batch, config.batch_size, config.seed)\n"
+        "def wrong(config, tokenizer):\n"
+        "    return 42\n"
+    )
+    code, summary, err = _train(capsys, tmp_path, "--task", f"{tmp_path / 'mytask.py'}:make")
+    assert code == 0 and summary is not None and summary["dev_loss_after"] > 0, err
+    code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", f"{tmp_path / 'mytask.py'}:wrong")
+    assert code == 2 and "it returned a int, not a task" in err
+    code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", "nowhere_module:make")
+    assert code == 2 and "cannot import nowhere_module" in err
