@@ -64,13 +64,27 @@ def test_the_progress_bar_shows_the_dev_figure_the_task_has() -> None:
     assert _dev_postfix(Evaluation(0.7, accuracy=0.8125)) == {"dev_acc": "81.2%"}
 
 
-def test_tensorboard_is_asked_for_and_said_when_missing(tmp_path: Path, capsys) -> None:
-    code = train_main([*FAST, "--steps", "2", "--log", "tensorboard", "--out", str(tmp_path / "tb")])
-    if tensorboard_missing():
-        assert code == 2 and "pip install 'zoruntime[tensorboard]'" in capsys.readouterr().err
-        assert not (tmp_path / "tb").exists()  # refused before anything was written
-        return
-    assert code == 0 and any((tmp_path / "tb" / "tensorboard").iterdir())  # pragma: no cover (tensorboard here)
+def test_tensorboard_gets_the_same_figures_when_asked_for(tmp_path: Path, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train_main([*FAST, "--steps", "4", "--log", "tensorboard", "--out", str(tmp_path / "tb")]) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, round(e.value, 4)) for e in events.Scalars("train/loss")]
+    expected = [(m["step"], round(m["loss"], 4)) for m in _metrics(tmp_path / "tb") if m["kind"] == "train"]
+    assert logged == expected and len(logged) == 4
+    assert {"dev/loss", "dev/perplexity", "train/projected_grad", "train/lr"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_missing_is_one_line_before_anything_is_written(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    assert tensorboard_missing() is not None
+    assert train_main([*FAST, "--steps", "2", "--log", "tensorboard", "--out", str(tmp_path / "tb")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'zoruntime[tensorboard]'" in err
+    assert not (tmp_path / "tb").exists()
 
 
 @pytest.mark.parametrize("bad", ["wandb"])
