@@ -116,7 +116,8 @@ def save_curves(folder: Path, png: Path) -> Path:
     axes = figure.add_subplot(1, 2 if accuracy else 1, 1)
     steps, losses = [line["step"] for line in train], [line["loss"] for line in train]
     span = max(1, len(train) // 20)
-    axes.plot(steps, losses, color="#4C72B0", alpha=0.25, linewidth=0.8, label="train loss (mean of L+ and L-)")
+    (raw,) = axes.plot(steps, losses, color="#4C72B0", linewidth=0.8, label="train loss (mean of L+ and L-)")
+    raw.set_alpha(0.25)  # faint: the smoothed line is the one to read
     axes.plot(steps, smoothed(losses, span), color="#4C72B0", label=f"train loss, smoothed over ~{span} steps")
     axes.plot([line["step"] for line in dev], [line["loss"] for line in dev], "o-", color="#C44E52", label="dev loss")
     axes.set_xlabel("step")
