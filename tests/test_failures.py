@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_model, token_batch
 
 import zoruntime
+from zoruntime.models import adapter_for
 from zoruntime.models.opt import OPTAdapter
 from zoruntime.policies import FixedDepth, MemoryBudget, Plan, out_of_memory_advice
 from zoruntime.runtime import Task
@@ -152,6 +153,31 @@ def test_out_of_memory_advice_names_the_need_and_a_policy_that_fits() -> None:
     assert "FixedDepth(0) needs" in text and "would fit" in text
     hopeless = out_of_memory_advice(layout, plan, free_bytes=1000, what="FixedDepth(2)")
     assert "even FixedDepth(0) needs" in hopeless
+    linear = model_layout(adapter_for(model, "linear"), torch.float32)
+    free = int(linear.bytes_needed(Plan(1)) / 0.85)  # a unit per linear layer fits at depth 1; whole blocks not at 0
+    assert layout.bytes_needed(Plan(0)) > 0.9 * free
+    finer = out_of_memory_advice(layout, plan, free_bytes=free, what="FixedDepth(2)", finer={"linear": linear})
+    assert (
+        f"FixedDepth(1, unit='linear') streams smaller units and needs {linear.bytes_needed(Plan(1)) / 2**30:.2f}"
+        in finer
+    )
+
+
+@pytest.mark.asyncio
+async def test_out_of_memory_at_open_suggests_finer_units_when_no_depth_fits(monkeypatch) -> None:
+    from zoruntime import storage
+    from zoruntime.device.cpu import CPUBackend
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model = tiny_model(num_hidden_layers=4)
+    linear = model_layout(adapter_for(model, "linear"), torch.float32).bytes_needed(Plan(1))
+    monkeypatch.setattr(storage.Storage, "__init__", no_memory)
+    monkeypatch.setattr(CPUBackend, "free_bytes", lambda self: int(linear / 0.85))  # linears fit at depth 1
+    runtime = zoruntime.Runtime(model, CONFIG, policy=FixedDepth(1))
+    with pytest.raises(MemoryError, match=r"FixedDepth\(1, unit='linear'\) streams smaller units"):
+        await runtime.open()
 
 
 def test_injected_faults_raise_the_documented_error() -> None:

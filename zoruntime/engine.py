@@ -30,7 +30,8 @@ from .device.cpu import CPUBackend
 from .distributed import LossReducer, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
-from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
+from .planning.memory import ModelLayout
+from .policies.base import UNIT_KINDS, FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler, TaskFailed
@@ -160,7 +161,19 @@ class Runtime:
         except torch.OutOfMemoryError as error:
             free = backend.free_bytes() or 0
             what = f"{type(self.policy).__name__} (depth {self.plan.depth}, {len(self.plan.resident)} resident)"
-            raise MemoryError(out_of_memory_advice(self.layout, self.plan, free, what)) from error
+            raise MemoryError(
+                out_of_memory_advice(self.layout, self.plan, free, what, self._finer_layouts())
+            ) from error
+
+    def _finer_layouts(self) -> dict[str, ModelLayout]:
+        """The model cut into each unit finer than the policy's, where its blocks can be."""
+        current, found = getattr(self.policy, "unit", "block"), {}
+        for unit in UNIT_KINDS[UNIT_KINDS.index(current) + 1 :]:
+            try:
+                found[unit] = model_layout(adapter_for(self.model, unit), self.compute_dtype)
+            except ValueError:  # blocks that route tokens stream whole
+                continue
+        return found
 
     async def open(self) -> Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""

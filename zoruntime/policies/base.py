@@ -13,6 +13,7 @@ decoder blocks into units (see ``UNIT_KINDS``), before ``plan`` sees the layout.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -154,8 +155,11 @@ class MemoryBudget:
         return Plan(self.depth, spread(resident, n), self.offload_every)
 
 
-def out_of_memory_advice(layout: ModelLayout, plan: Plan, free_bytes: int, what: str) -> str:
-    """Says how much ``plan`` needed, how much was free, and which plan would fit."""
+def out_of_memory_advice(
+    layout: ModelLayout, plan: Plan, free_bytes: int, what: str, finer: Mapping[str, ModelLayout] | None = None
+) -> str:
+    """Says how much ``plan`` needed, how much was free, and which plan would fit: a smaller depth,
+    else the same model cut into finer units (``finer``: its layout for each unit it can be cut into)."""
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
     need = layout.bytes_needed(plan)
     text = f"out of device memory: {what} needs {gib(need)} for its buffers, {gib(free_bytes)} is free"
@@ -164,4 +168,10 @@ def out_of_memory_advice(layout: ModelLayout, plan: Plan, free_bytes: int, what:
             fits = layout.bytes_needed(Plan(depth))
             if fits < 0.9 * free_bytes:
                 return f"{text}; FixedDepth({depth}) needs {gib(fits)} and would fit (activations come on top)"
+    for depth in (1, 0):  # overlap first: finer units at depth 1 beat coarser ones streamed serially
+        for unit, cut in (finer or {}).items():
+            fits = cut.bytes_needed(Plan(depth))
+            if fits < 0.9 * free_bytes:
+                return (f"{text}; FixedDepth({depth}, unit={unit!r}) streams smaller units and needs {gib(fits)}: it "
+                        "would fit (activations come on top)")  # fmt: skip
     return f"{text}; even FixedDepth(0) needs {gib(layout.bytes_needed(Plan(0)))}: use a bigger GPU"
