@@ -125,6 +125,7 @@ class TaskWork:
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
         self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
+        self._compute_stream: Callable[[], Any] | None = None  # entered by a segmented block's forward thread
         self._groups_of_block: dict[int, list[int]] = {}
         for u in adapter.units.streamable:
             self._groups_of_block.setdefault(u.index, []).append(u.group)
@@ -292,7 +293,9 @@ class TaskWork:
                     k: v for g in self._groups_of_block[unit.index] for k, v in self.storage.scratch_views[g].items()
                 }
                 start = self._bound_segments[unit.index] = self.adapter.segmented_block(unit.index, params)
-            st.runs[key] = start(hidden, st.inputs, same_stream())
+            if self._compute_stream is None:  # taken on the compute lane's thread, where this runs
+                self._compute_stream = same_stream()
+            st.runs[key] = start(hidden, st.inputs, self._compute_stream)
         out = st.runs[key].resume()
         if unit.part == unit.parts - 1:
             del st.runs[key]

@@ -1,6 +1,7 @@
 """What every decoder-only adapter shares: laying a model out as groups and units, running one
 of its modules on given weights, the token embedding and the LM head a chunk of the
-vocabulary at a time (``vocab``), and binding a block to weights once.
+vocabulary at a time (``vocab``), and a block bound once to weights, whole or a unit at a time
+(``segments``).
 
 A decoder has end modules (the embedding stage's and the head's, one group, ``embed_head``,
 where a tied head is one entry) and a list of blocks (a group each). The end modules named
@@ -11,7 +12,6 @@ decay, is the adapter's call; this module knows nothing of any model family.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.func import functional_call
 from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch
 from .groups import GroupLayout, Params
-from .segments import SegmentedLayer, SegmentRun, call_order, cut, segment_params
+from .segments import SegmentedLayer, SegmentRun, call_order, cut, segment_params, shell_of
 from .vocab import RowSource, TokenLookup, gather_rows, logits_in_chunks, loss_over_chunks
 
 SegmentStarter = Callable[[torch.Tensor, Any, Callable[[], Any]], SegmentRun]
@@ -99,7 +99,7 @@ class DecoderLayout:
         self.vocab_names = frozenset(
             self.canonical[id(p)] for key in VOCAB_MODULES if key in self.ends for p in self.ends[key].parameters()
         )
-        self._row_embedding = _shell(self.ends["embed_tokens"])
+        self._row_embedding = shell_of(self.ends["embed_tokens"])
         setattr(self._row_embedding, "padding_idx", None)  # noqa: B010 (rows of part of the table: forward only)
         shared, kept = self.embed_head_layout, (self.embed_head_layout.group, "embed_head")  # one group, two units
         self.units = UnitTable(
@@ -177,25 +177,3 @@ class DecoderLayout:
     def loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The causal-LM loss from the decoder's last state (``vocab.loss_over_chunks``)."""
         return loss_over_chunks(self._lm_head, self._local("lm_head", params), hidden, batch)
-
-
-_NOTHING = torch.empty(0)
-"""What a shell holds in place of each weight until it is given one."""
-
-
-def _shell(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` without its weights (each parameter's place holds ``_NOTHING``)."""
-    return copy.deepcopy(module, memo={id(p): _NOTHING for p in module.parameters()})
-
-
-def bind_layer(layer: nn.Module, params: Params) -> nn.Module:
-    """A copy of ``layer`` that shares no weights: each parameter's place holds the tensor of the
-    same name in ``params``, so calling it runs the layer's own code on those tensors (as they are
-    at the call) without rebinding them each time. Refuses params that lack one."""
-    shell = _shell(layer)
-    for name, tensor in params.items():
-        owner, _, attr = name.rpartition(".")
-        shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
-    if any(p is _NOTHING for p in shell.parameters()):
-        raise ValueError("params lack some of the block's parameters")
-    return shell

@@ -27,8 +27,9 @@ from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .batch import Batch, make_batch
-from .decoder import DecoderLayout, EndParams, SegmentStarter, bind_layer
+from .decoder import DecoderLayout, EndParams, SegmentStarter
 from .groups import GroupLayout, Params
+from .segments import bind_layer
 from .vocab import TokenLookup
 
 FURTHER_FAMILIES = (

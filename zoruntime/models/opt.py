@@ -23,8 +23,9 @@ from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
 from .batch import Batch, make_batch
-from .decoder import DecoderLayout, EndParams, SegmentStarter, bind_layer
+from .decoder import DecoderLayout, EndParams, SegmentStarter
 from .groups import GroupLayout, Params
+from .segments import bind_layer
 from .vocab import TokenLookup
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)

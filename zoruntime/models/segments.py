@@ -8,18 +8,20 @@ module with a matrix, small norms riding with the linear before them. A segment'
 needed only while its modules run, so a unit that holds just them can be uploaded, used and
 dropped before the next one arrives.
 
-Running: ``SegmentedLayer`` is a copy of the layer bound to given tensors (``decoder.bind_layer``)
+Running: ``SegmentedLayer`` is a copy of the layer bound to given tensors (``bind_layer``)
 with a pre-hook on the first module of every segment but the first. ``SegmentRun`` runs one
 forward of it in a thread of its own and pauses at those hooks: ``resume()`` lets it run up to
 the next segment (or to its end) and returns when it has paused, so the caller can swap the
 weights the next segment reads between two calls. It is HF's own forward, paused: the same
 kernels on the same values, so the same bits as the whole layer run at once.
 
-Knows modules, hooks and threads; nothing of ZO, groups or model families.
+Also binding itself: ``bind_layer`` (a copy of a layer whose weights are given tensors), used for
+whole blocks too. Knows modules, hooks and threads; nothing of ZO, groups or model families.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -29,14 +31,13 @@ import torch
 from torch import nn
 
 from ..policies.base import UNIT_KINDS
+from .groups import Params
 
 
 def call_order(layer: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
     """The names of ``layer``'s modules that own parameters, in the order ``run(shell)`` calls
     them on a meta-device copy (modules never called come last)."""
     meta = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in layer.named_parameters()}
-    from .decoder import bind_layer
-
     shell = bind_layer(layer, meta)
     owners = [name for name, module in shell.named_modules() if any(True for _ in module.parameters(recurse=False))]
     order: list[str] = []
@@ -92,6 +93,28 @@ def segment_params(layer: nn.Module, segments: Sequence[Sequence[str]]) -> list[
     return found
 
 
+_NOTHING = torch.empty(0)
+"""What a shell holds in place of each weight until it is given one."""
+
+
+def shell_of(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` without its weights (each parameter's place holds ``_NOTHING``)."""
+    return copy.deepcopy(module, memo={id(p): _NOTHING for p in module.parameters()})
+
+
+def bind_layer(layer: nn.Module, params: Params) -> nn.Module:
+    """A copy of ``layer`` that shares no weights: each parameter's place holds the tensor of the
+    same name in ``params``, so calling it runs the layer's own code on those tensors (as they are
+    at the call) without rebinding them each time. Refuses params that lack one."""
+    shell = shell_of(layer)
+    for name, tensor in params.items():
+        owner, _, attr = name.rpartition(".")
+        shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
+    if any(p is _NOTHING for p in shell.parameters()):
+        raise ValueError("params lack some of the block's parameters")
+    return shell
+
+
 _RUNNING = threading.local()
 
 Context = Callable[[], AbstractContextManager[Any]]
@@ -103,8 +126,6 @@ class SegmentedLayer:
     the first; ``start`` begins one forward."""
 
     def __init__(self, layer: nn.Module, params: Mapping[str, torch.Tensor], segments: Sequence[Sequence[str]]) -> None:
-        from .decoder import bind_layer
-
         self.shell = bind_layer(layer, params)
         self.segments = len(segments)
         for index, modules in enumerate(segments[1:], start=1):

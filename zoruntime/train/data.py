@@ -8,8 +8,7 @@ rank's shard. Knows nothing of loading models, the run folder, checkpoints or th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..data.corpus import generated_corpus
@@ -38,14 +37,9 @@ def build_data(config: TrainConfig, tokenizer: Any) -> Task:
             return ExampleTask(train, dev, lambda examples: candidate_batch(examples, tokenizer, length),
                                config.batch_size, config.seed, candidate_loss, ("accuracy", candidate_accuracy),
                                2)  # fmt: skip
-        if config.data is not None:
-            return file_task(config.task, config, tokenizer)
-        if config.text_file is not None:
-            text = Path(config.text_file).read_text(encoding="utf-8", errors="replace")
-            cut = int(len(text) * 0.9)
-            train_text, dev_text = text[:cut], text[cut:]
-        else:
-            train_text, dev_text = generated_corpus(config.seed)
+        if config.data is not None or config.text_file is not None:  # --text-file F is --task lm --data F
+            return file_task(config.task, replace(config, data=config.data or config.text_file), tokenizer)
+        train_text, dev_text = generated_corpus(config.seed)
         return LMData(tokenizer.encode(train_text), tokenizer.encode(dev_text), config.max_length,
                       config.batch_size, config.seed)  # fmt: skip
     except (ValueError, DataUnavailable) as error:
