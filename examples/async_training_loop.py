@@ -34,7 +34,7 @@ async def train(steps: int, lr: float) -> tuple[float, float]:
         async for batch in batches(steps):
             stats = await rt.step(batch)
             if (stats.step + 1) % 50 == 0:
-                print(f"step {stats.step + 1:4d}  loss {stats.loss:.3f}  projected grad {stats.projected_grad:+.3f}")
+                print(f"step {stats.step + 1:4d}  loss {stats.loss:.3f}  g {stats.projected_grads[0]:+.3f}")
         after = await rt.evaluate(dev)
         print(f"dev loss after:  {after:.3f}")
     return before, after  # leaving the `async with` wrote the trained weights into `model`

@@ -115,9 +115,9 @@ async def test_a_non_finite_loss_skips_the_update_and_training_goes_on() -> None
         got = [await rt.step(b) for b in batches]
         assert rt.statistics().skipped_steps == 1
     assert [s.skipped for s in got] == [False, False, True, False, False]
-    assert math.isnan(got[2].loss_plus) and got[3].step == 3
-    assert [(s.step, s.loss_plus, s.projected_grad) for s in got if not s.skipped] == [
-        (s.step, s.loss_plus, s.projected_grad) for s in expected if not s.skipped
+    assert math.isnan(got[2].losses[0]) and got[3].step == 3
+    assert [(s.step, s.losses, s.projected_grads) for s in got if not s.skipped] == [
+        (s.step, s.losses, s.projected_grads) for s in expected if not s.skipped
     ]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(_weights(ref_model), _weights(model), strict=True))

@@ -84,8 +84,8 @@ async def test_g_is_the_loss_difference_over_twice_the_applied_eps_in_fp16() -> 
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3, eps=1e-3)) as rt:
         stats = await rt.step(token_batch(model.config))
     eps = float(torch.tensor(1e-3, dtype=torch.float16))
-    expected = (torch.tensor(stats.loss_plus) - torch.tensor(stats.loss_minus)) / (2.0 * eps)
-    assert stats.projected_grad == float(expected)
+    expected = (torch.tensor(stats.losses[0]) - torch.tensor(stats.losses[1])) / (2.0 * eps)
+    assert stats.projected_grads == (float(expected),)
 
 
 # -- frozen parameters -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ async def test_fp32_masters_with_16_bit_compute_equal_the_reference(compute_dtyp
         assert a.dtype == torch.float32 and torch.equal(a, b)
     # and the 16-bit forward really differs from the fp32 one
     full = ReferenceZO(tiny_model(seed=3, num_hidden_layers=3), CONFIG).step(token_batch(model.config, seed=0))
-    assert full.loss_plus != expected[0].loss_plus
+    assert full.losses[0] != expected[0].losses[0]
 
 
 def test_compute_dtype_wider_than_the_masters_is_refused() -> None:

@@ -22,7 +22,7 @@ def test_lr_zero_leaves_weights_bitwise_unchanged_after_20_steps(dtype: torch.dt
     ref = ReferenceZO(model, ZOSGD(lr=0.0, eps=1e-2, weight_decay=0.1))
     for step in range(20):
         stats = ref.step(token_batch(model.config, seed=step))
-        assert stats.loss_plus != stats.loss_minus  # the forwards really were perturbed
+        assert stats.losses[0] != stats.losses[1]  # the forwards really were perturbed
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
 
@@ -33,7 +33,7 @@ def test_one_step_follows_the_zo_sgd_formula(variant: str) -> None:
     cfg = ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.5, seed=11)
     stats = ReferenceZO(model, cfg).step(token_batch(model.config))
     assert isinstance(stats, StepStats) and stats.step == 0 and stats.seed == step_seed(11, 0)
-    assert stats.projected_grad == pytest.approx((stats.loss_plus - stats.loss_minus) / (2 * cfg.eps), rel=1e-5)
+    assert stats.projected_grads[0] == pytest.approx((stats.losses[0] - stats.losses[1]) / (2 * cfg.eps), rel=1e-5)
     adapter = OPTAdapter(model)
     sampler = DirectionSampler("cpu")
     full = {id(p): n for n, p in model.named_parameters()}
@@ -42,7 +42,7 @@ def test_one_step_follows_the_zo_sgd_formula(variant: str) -> None:
         for piece in layout.slices:
             name = full[id(params[piece.name])]
             wd = cfg.weight_decay if piece.decayed else 0.0
-            expected = before[name] - cfg.lr * (stats.projected_grad * z[piece.name] + wd * before[name])
+            expected = before[name] - cfg.lr * (stats.projected_grads[0] * z[piece.name] + wd * before[name])
             torch.testing.assert_close(params[piece.name], expected, rtol=0, atol=1e-6)
 
 
@@ -57,7 +57,8 @@ def test_tied_weight_gets_one_direction_and_one_update() -> None:
         DirectionSampler("cpu").draw(stats.seed, 0, torch.empty(adapter.embed_head_layout.numel))
     )["embed_tokens.weight"]
     # applied twice (once as embedding, once as head) the change would be twice as large
-    torch.testing.assert_close(model.lm_head.weight - before, -cfg.lr * stats.projected_grad * z, rtol=1e-4, atol=1e-7)
+    change = -cfg.lr * stats.projected_grads[0] * z
+    torch.testing.assert_close(model.lm_head.weight - before, change, rtol=1e-4, atol=1e-7)
 
 
 def test_weight_decay_skips_biases_and_layer_norms() -> None:
@@ -80,7 +81,7 @@ def test_direction_of_a_block_matches_its_group_id() -> None:
     layout = OPTAdapter(model).block_layouts[1]
     z = layout.views(DirectionSampler("cpu").draw(stats.seed, block_group(1), torch.empty(layout.numel)))
     for n, p in model.model.decoder.layers[1].named_parameters():
-        torch.testing.assert_close(p - block_before[n], -cfg.lr * stats.projected_grad * z[n], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p - block_before[n], -cfg.lr * stats.projected_grads[0] * z[n], rtol=1e-4, atol=1e-7)
 
 
 def test_custom_loss_function_replaces_the_causal_lm_loss() -> None:
@@ -93,7 +94,7 @@ def test_custom_loss_function_replaces_the_causal_lm_loss() -> None:
 
     stats = ReferenceZO(model, ZOSGD(lr=1e-3, eps=1e-3), loss_fn=last_token_loss).step(token_batch(model.config))
     assert len(calls) == 2 and calls[0][-1] == model.config.vocab_size
-    assert stats.loss_plus != stats.loss_minus
+    assert stats.losses[0] != stats.losses[1]
 
 
 def _pattern_batch(index: int, rows: int = 8, length: int = 32) -> dict[str, torch.Tensor]:

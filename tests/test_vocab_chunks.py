@@ -21,7 +21,7 @@ from zoruntime.planning import memory
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.zo.directions import CHUNK_ELEMENTS, DirectionSampler
 from zoruntime.zo.reference import ReferenceZO
-from zoruntime.zo.update import PendingUpdate, Rounding, apply_update, draw_direction, update_in_spans
+from zoruntime.zo.update import PendingUpdate, Rounding, apply_update, draw_direction, update_group
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_an_update_drawn_a_span_at_a_time_equals_the_whole_update(dtype: torch.d
     whole = weights.clone()
     apply_update(whole, draw_direction(sampler, 1234, layout, torch.empty_like(whole)), update, layout, sampler)
     spans = weights.clone()
-    update_in_spans(spans, torch.empty(512, dtype=dtype), update, layout, sampler)
+    update_group(spans, update, layout, sampler, torch.empty(512, dtype=dtype))
     assert torch.equal(spans, whole) and not torch.equal(spans, weights)
 
 

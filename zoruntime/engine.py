@@ -30,7 +30,11 @@ from .device.cpu import CPUBackend
 from .distributed import LossReducer, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
+from .models.shapes import shape_dims
+from .planning.directions import auto_directions
 from .planning.memory import ModelLayout
+from .planning.planner import Workload
+from .planning.profiles import GPUProfile, load_profile, profile_for_device
 from .policies.base import UNIT_KINDS, FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
@@ -40,7 +44,7 @@ from .tracing.recorder import Timeline, TimelineRecorder
 from .work import Mode, StepState, TaskWork
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
-from .zo.estimator import UNPERTURBED, TwoSidedEstimator
+from .zo.estimator import UNPERTURBED, Estimator, estimator_for
 from .zo.log import UpdateLog
 from .zo.stats import StepStats
 
@@ -101,6 +105,7 @@ class Runtime:
         trace: bool = False,
         instruments: Iterable[object] = (),
         start_step: int = 0,
+        profile: GPUProfile | str | None = None,
     ) -> None:
         if not isinstance(optimizer, ZOSGD):
             raise TypeError(f"optimizer must be zoruntime.ZOSGD(lr=..., eps=...), got {type(optimizer).__name__}")
@@ -120,7 +125,7 @@ class Runtime:
                 f"compute_dtype {self.compute_dtype} must be a floating type no wider than the master weights' "
                 f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
             )
-        self.layout = model_layout(self.adapter, self.compute_dtype)
+        self.layout = model_layout(self.adapter, self.compute_dtype, several_directions=optimizer.directions != 1)
         self.plan: Plan = policy.plan(self.layout)
         self.plan.validate(self.layout.num_units)
         if not any(layout.trainable for layout in self._layouts):
@@ -130,7 +135,12 @@ class Runtime:
             )
         self.rounding = optimizer.rounding_for(master)
         self._log = UpdateLog()
-        self._estimator = TwoSidedEstimator.exact(optimizer.eps, self.compute_dtype)
+        # the GPU profile directions="auto" predicts with (None: the device's built-in one)
+        self._profile = load_profile(profile) if isinstance(profile, str) else profile
+        self._estimator: Estimator | None = None  # directions="auto": decided at the first step
+        if optimizer.directions != "auto":
+            self._estimator = estimator_for(optimizer.estimator, optimizer.eps, self.compute_dtype,
+                                            int(optimizer.directions))  # fmt: skip
         self._loss_fn = loss_fn  # None: the causal-LM loss, computed in pieces (adapter.head_loss)
         self._loss_weight = causal_lm_weight if loss_fn is None else row_weight
         self.rank, self.world_size = world()
@@ -157,7 +167,7 @@ class Runtime:
     # -- lifetime ---------------------------------------------------------------------------
     def _allocate(self, backend: Backend) -> Storage:
         try:
-            return Storage(self.adapter, self.plan, backend, self.compute_dtype)
+            return Storage(self.adapter, self.plan, backend, self.compute_dtype, self.layout.step_span)
         except torch.OutOfMemoryError as error:
             free = backend.free_bytes() or 0
             what = f"{type(self.policy).__name__} (depth {self.plan.depth}, {len(self.plan.resident)} resident)"
@@ -188,7 +198,6 @@ class Runtime:
                 self.adapter,
                 storage,
                 DirectionSampler(backend.device),
-                self._estimator,
                 self.optimizer.weight_decay,
                 self.rounding,
                 self._log,
@@ -358,27 +367,66 @@ class Runtime:
         staged = map_tensors(self.adapter.prepare(validated, validated.input_ids.device, self.compute_dtype),
                              self._backend.staged)  # fmt: skip
         seed, lr = step_seed(self.optimizer.seed, step), self.optimizer.lr_at(step)
-        probes = self._estimator.probes() if mode is Mode.TRAIN else UNPERTURBED
-        return StepState(mode, step, seed, lr, validated, probes, inputs=staged)
+        if mode is Mode.EVAL:
+            return StepState(mode, step, seed, lr, validated, UNPERTURBED, inputs=staged)
+        assert self._estimator is not None, "directions='auto' is decided before the first step's state"
+        estimator = self._estimator
+        return StepState(mode, step, seed, lr, validated, estimator.probes(), estimator, inputs=staged)
+
+    @property
+    def directions(self) -> int | None:
+        """Directions per step (None: "auto", not decided before the first step)."""
+        return self._estimator.directions if self._estimator is not None else None
+
+    def _decide_directions(self, device: torch.device, rows: int, length: int) -> Estimator:
+        """``directions="auto"`` for batches of ``rows`` × ``length`` tokens: the planner's
+        ``auto_directions`` on the profile given, or the GPU's built-in one; on a CPU nothing
+        crosses a link to hide forwards under, so the fewest directions the estimator takes.
+        Runs in a worker thread (the planner's simulator runs an event loop of its own)."""
+        profile = self._profile
+        if profile is None and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            profile = profile_for_device(name)
+            if profile is None:
+                raise ValueError(
+                    f"directions='auto' predicts from a GPU profile, and the {name} has no built-in one: write one "
+                    "with `zoruntime bench --save-profile FILE` and pass Runtime(..., profile=FILE) (zoruntime train "
+                    "--gpu-profile FILE), or give directions a number"
+                )
+        kind = self.optimizer.estimator
+        if profile is None:
+            q = 2 if kind == "one-sided" else 1
+        else:
+            blocks = len({u.index for u in self.adapter.units.streamable})
+            work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, self.rounding.value,
+                            getattr(self.policy, "unit", "block"), blocks)  # fmt: skip
+            q = auto_directions(work, profile, self.plan, kind)
+        return estimator_for(kind, self.optimizer.eps, self.compute_dtype, q)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
         t = self.step_index
+        if self._estimator is None:  # directions="auto": decided once, for the first batch's shape
+            self._ready("rt.step()")
+            assert self._backend is not None
+            rows, length = self.adapter.validate(batch).input_ids.shape
+            self._estimator = await asyncio.to_thread(self._decide_directions, self._backend.device, rows, length)
         state = self._state(batch, Mode.TRAIN, t)
         assert self._work is not None
         self._work.changed.clear()  # count this step's updates only (not a failed or an evaluation pass's)
         await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
         changed = self._work.changed.take()
-        assert state.update is not None
-        loss_plus, loss_minus = (float(v) for v in state.values)
-        grad = float(state.grads[0])
-        skipped = not all(math.isfinite(v) for v in (loss_plus, loss_minus, grad))
+        assert state.update is not None and state.grads is not None and state.estimator is not None
+        probes, directions = len(state.probes), state.grads.numel()
+        read = torch.cat([torch.stack(state.values).float(), state.grads, state.update.scaled_grads]).tolist()
+        losses, grads = tuple(read[:probes]), tuple(read[probes : probes + directions])
+        skipped = not all(math.isfinite(v) for v in read)  # the coefficients too: σ = 0 makes them inf
         if skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
             self.skipped_steps += 1
         else:
             self._log.add(state.update)
         self.step_index = t + 1
-        return StepStats(t, state.seed, state.lr, loss_plus, loss_minus, grad, skipped, changed)
+        return StepStats(t, state.seed, state.lr, losses, grads, skipped, changed, state.estimator.name)
 
     async def evaluate(self, batch: Batch | Mapping[str, object], metric: LossFn | None = None) -> float:
         """The loss at the current weights (or ``metric(logits, batch)``, e.g. an accuracy): an

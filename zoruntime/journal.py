@@ -1,5 +1,7 @@
-"""The step journal: one JSON line per step (step, seed, projected gradient, lr, eps, losses,
-which batch), appended, flushed and fsynced, so a crash loses at most the step in flight.
+"""The step journal: one JSON line per step (step, seed, lr, eps, every probe's loss, each
+direction's projected gradient and the estimator, which batch), appended, flushed and fsynced,
+so a crash loses at most the step in flight. Records written before steps had several
+directions (``loss_plus``, ``loss_minus``, ``projected_grad``) are read as one two-sided direction.
 
 With the base weights, the journal alone rebuilds the trained weights (z comes from the
 seeds). Its first line is a header saying what the run started from (the base model and a
@@ -32,23 +34,32 @@ class Record:
     lr: float
     eps: float
     weight_decay: float
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
+    losses: list[float]  # in probe order (zo.stats.StepStats)
+    projected_grads: list[float]  # one per direction
     batch: int  # index of the training batch the step used
     skipped: bool = False  # a loss was not finite: the step made no update
     rounding: str = "nearest"  # how 16-bit masters took the update (journals before it: nearest)
+    estimator: str = "two-sided"  # what turns the projected gradients into the step (zo.estimator)
 
     @classmethod
     def of(cls, stats: StepStats, eps: float, weight_decay: float, batch: int, rounding: str) -> Record:
         return cls(
-            stats.step, stats.seed, stats.lr, eps, weight_decay, stats.loss_plus, stats.loss_minus,
-            stats.projected_grad, batch, stats.skipped, rounding,
+            stats.step, stats.seed, stats.lr, eps, weight_decay, list(stats.losses), list(stats.projected_grads),
+            batch, stats.skipped, rounding, stats.estimator,
         )  # fmt: skip
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Record:
+        """A record from its JSON fields, those of a journal written before several directions too."""
+        if "projected_grad" in fields:
+            fields = dict(fields)
+            fields["losses"] = [fields.pop("loss_plus"), fields.pop("loss_minus")]
+            fields["projected_grads"] = [fields.pop("projected_grad")]
+        return cls(**fields)
 
 
 HEADER_KEY = "zoruntime_journal"
-VERSION = 1
+VERSION = 2  # 2: losses and projected_grads as lists, one g per direction
 SCHEME_KEY = "direction_scheme"
 
 
@@ -161,8 +172,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 def _parse(path: Path, number: int, line: str) -> Record:
     try:
         fields: dict[str, Any] = json.loads(line)
-        return Record(**fields)
-    except (ValueError, TypeError):
+        return Record.from_fields(fields)
+    except (ValueError, TypeError, KeyError):
         raise JournalError(
             f"{path}, line {number}: damaged record before the last line; the steps from there on cannot be "
             "replayed: restore the file from a copy, or resume from a checkpoint taken before that step"

@@ -1,7 +1,8 @@
 """``zoruntime replay``: rebuild fine-tuned weights from the base weights and the step journal alone.
 
-Each journal record holds what an update needs (its seed, projected gradient, lr and weight
-decay); z is regenerated from the seed, one draw per group on the chosen device, and the
+Each journal record holds what an update needs (its seed, the projected gradient of each of its
+directions and the estimator that turns them into the step, lr and weight decay); z is
+regenerated from the seed, one draw per group and direction on the chosen device, and the
 update is applied with the same arithmetic as training, in step order. On the same kind of
 device the result equals the trained weights bit for bit. A journal written under another
 direction scheme (``zo.directions.DIRECTION_SCHEME``; scheme 1 journals record none) is refused
@@ -32,9 +33,11 @@ from .models.fingerprint import weights_fingerprint
 from .models.freeze import freeze
 from .models.groups import adopt_into_flat
 from .models.init import load_pretrained
+from .planning.memory import STEP_SPAN_ELEMENTS
 from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
-from .zo.update import PendingUpdate, Rounding, apply_update, draw_direction
+from .zo.estimator import coefficients
+from .zo.update import PendingUpdate, Rounding, update_group
 
 
 @torch.no_grad()
@@ -48,19 +51,21 @@ def replay(model: nn.Module, records: list[Record], device: torch.device | str =
     flats = [
         adopt_into_flat(lay, params, torch.empty(lay.numel, dtype=lay.dtype, device=device)) for lay, params in groups
     ]
-    z = torch.empty(max(lay.numel for lay, _ in groups), dtype=groups[0][0].dtype, device=device)
+    numel = max(lay.numel for lay, _ in groups)
+    z = torch.empty(numel, dtype=groups[0][0].dtype, device=device)
+    summed = torch.empty(min(numel, STEP_SPAN_ELEMENTS), dtype=torch.float32, device=device)
     applied = 0
     for record in sorted(records, key=lambda r: r.step):
         if record.skipped:
             continue
-        grad = torch.tensor(record.projected_grad, dtype=torch.float32, device=device)
+        grads = torch.tensor(record.projected_grads, dtype=torch.float32, device=device)
+        coeffs = coefficients(record.estimator, grads)
         update = PendingUpdate.from_gradient(
-            record.step, record.seed, record.lr, record.weight_decay, grad, Rounding(record.rounding)
+            record.step, record.seed, record.lr, record.weight_decay, coeffs, Rounding(record.rounding)
         )
         for (layout, _), flat in zip(groups, flats, strict=True):
             if layout.trainable:
-                direction = draw_direction(sampler, record.seed, layout, z[: layout.numel])
-                apply_update(flat, direction, update, layout, sampler)
+                update_group(flat, update, layout, sampler, z[: layout.numel], summed)
         applied += 1
     return applied
 

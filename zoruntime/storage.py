@@ -7,7 +7,8 @@
   embedding and head) with the buffers that perturb them a piece at a time (``KeptBuffers``),
   the groups the plan keeps resident, the streaming slots, and one perturbed copy shared by the
   streamable groups; their z is drawn into the perturbed copy's buffer, or into a direction
-  buffer of its own when the compute dtype is not the masters'.
+  buffer of its own when the compute dtype is not the masters'; with several directions per
+  step, the float32 buffer their updates are summed in.
 
 Knows layouts, units, the plan and the backend's allocators; knows nothing about tasks or ZO math.
 """
@@ -72,22 +73,25 @@ def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: 
     return adopt_into_flat(layout, params, backend.host_empty(layout.numel, layout.dtype))
 
 
-def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype) -> ModelLayout:
-    """The sizes the planner and the memory model see: each group, and whether a plan may stream it."""
+def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype, several_directions: bool = False) -> ModelLayout:
+    """The sizes the planner and the memory model see: each group, and whether a plan may stream
+    it; ``several_directions``: steps may use more than one direction."""
     streamable = {u.group for u in adapter.units.streamable}
     groups = []
     for layout, _ in adapter.groups():
         vocab = [p for p in layout.slices if p.name in adapter.vocab_names and layout.group not in streamable]
         chunked, rows = sum(p.numel for p in vocab), sum(_chunk_numel(p) for p in vocab)
         groups.append(GroupSize(layout.numel, layout.dtype.itemsize, layout.group in streamable, chunked, rows))
-    return ModelLayout(tuple(groups), compute_dtype.itemsize)
+    return ModelLayout(tuple(groups), compute_dtype.itemsize, several_directions)
 
 
 class Storage:
     """Buffers of one run, by group id. Masters keep the model's dtype; perturbed copies are in
     ``compute_dtype``."""
 
-    def __init__(self, adapter: ModelAdapter, plan: Plan, backend: Backend, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, plan: Plan, backend: Backend, compute_dtype: torch.dtype, step_span: int = 0
+    ) -> None:
         groups = adapter.groups()
         self.layouts = [lay for lay, _ in groups]
         self.plan = plan
@@ -111,6 +115,8 @@ class Storage:
         # compute dtype too, else into a buffer of its own (the memory model counts the same)
         self.directions_in_scratch = dtype == compute_dtype
         self._shared_direction = self._shared_scratch if self.directions_in_scratch else empty(numel, dtype)
+        # an update of several directions sums their z here, a span at a time (None: one direction)
+        self.step = empty(step_span, torch.float32) if step_span else None
         # the parameter views of each streamable group's perturbed copy, made once: the host builds
         # them per parameter, which costs more than launching a small kernel
         self.scratch_views = {lay.group: lay.views(self.scratch(lay.group)) for lay in streamable}

@@ -2,14 +2,16 @@
 
 A unit's task first brings its group's weights up to date (every update in the log that the
 group's copy does not hold yet, oldest first), then runs the unit's stage once per probe: in a
-step on ``θ + scale·z``, in an evaluation on the weights themselves. A block's perturbed copy is
-written whole into a scratch buffer (z drawn into that same buffer and overwritten in place, so
-drawn again for each probe; or, with 16-bit compute over fp32 masters, drawn once into a buffer
-of its own). The embed and head units (the kept group) never make a whole copy: the
-vocabulary-sized parameters reach the stage as ``PerturbedRows``, built a chunk of rows at a
-time, the rest of the group is perturbed whole, and their updates draw z a span at a time. The embed unit also
-moves the batch's stage inputs (prepared and pinned on the host by the call) to the device;
-the head unit turns the probes' losses into projected gradients and the step's update (on
+step on ``θ + scale·z_d`` (the step's estimator says which probes: two per direction, or one at
+θ and one per direction), in an evaluation on the weights themselves. A block's perturbed copy
+is written whole into a scratch buffer (z drawn into that same buffer and overwritten in place,
+so drawn again for each probe; or, with 16-bit compute over fp32 masters, drawn once per
+direction into a buffer of its own). The embed and head units (the kept group) never make a
+whole copy: the vocabulary-sized parameters reach the stage as ``PerturbedRows``, built a chunk
+of rows at a time, the rest of the group is perturbed whole, and their updates draw z a span at
+a time. The embed unit also moves the batch's stage inputs (prepared and pinned on the host by
+the call) to the device; the head unit turns the probes' losses into projected gradients and the
+step's update (on
 CUDA on the compute stream, so the next step's updates are ordered after it). Uploads and
 offloads are single copies of a group. Knows nothing about scheduling or lanes, nor which
 model family runs.
@@ -35,18 +37,9 @@ from .runtime.graph import Kind, Task
 from .runtime.units import Stage, Unit
 from .storage import Storage
 from .zo.directions import DirectionSampler
-from .zo.estimator import Probe, TwoSidedEstimator
+from .zo.estimator import Estimator, Probe, coefficients
 from .zo.log import UpdateLog
-from .zo.update import (
-    ChangeCount,
-    PendingUpdate,
-    PerturbedRows,
-    Rounding,
-    apply_update,
-    draw_direction,
-    perturb_into,
-    update_in_spans,
-)
+from .zo.update import ChangeCount, PendingUpdate, PerturbedRows, Rounding, draw_direction, perturb_into, update_group
 
 
 class Mode(Enum):
@@ -59,7 +52,8 @@ class StepState:
     """What the tasks of one step (or evaluation) share; hidden states flow through the compute lane.
 
     ``hidden[i]`` is the hidden state of probe ``i``; ``values`` are the probes' losses in a
-    step and the metrics' values in an evaluation (``None`` in ``metrics``: the training loss)."""
+    step and the metrics' values in an evaluation (``None`` in ``metrics``: the training loss);
+    ``estimator`` (a step's) turns the losses into ``grads`` and the update."""
 
     mode: Mode
     step: int
@@ -67,11 +61,12 @@ class StepState:
     lr: float
     batch: Batch  # validated, on the host
     probes: Sequence[Probe]
+    estimator: Estimator | None = None
     metrics: Sequence[LossFn | None] = ()
     inputs: Any = None  # the adapter's stage inputs: staged on the host, moved to the device by the embed unit
     hidden: list[torch.Tensor | None] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
-    grads: tuple[torch.Tensor, ...] = ()
+    grads: torch.Tensor | None = None  # one projected gradient per direction
     update: PendingUpdate | None = None
     runs: dict[tuple[int, int], SegmentRun] = field(default_factory=dict)  # (block, probe): paused forwards
 
@@ -97,7 +92,6 @@ class TaskWork:
         adapter: ModelAdapter,
         storage: Storage,
         sampler: DirectionSampler,
-        estimator: TwoSidedEstimator,
         weight_decay: float,
         rounding: Rounding,
         log: UpdateLog,
@@ -108,7 +102,6 @@ class TaskWork:
         self.adapter = adapter
         self.storage = storage
         self.sampler = sampler
-        self.estimator = estimator
         self.weight_decay = weight_decay
         self.rounding = rounding
         self.log = log
@@ -121,7 +114,6 @@ class TaskWork:
         # keep an update from being lost or applied twice.
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
-        self._draws = adapter.units.first_units()
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
         self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
@@ -178,12 +170,9 @@ class TaskWork:
             return weights
         holds = self.stamps.get(group, -1)
         missing = self.log.missing(holds)
+        z = s.kept[group].z if group in s.kept else s.direction(group)  # a kept group's: a span at a time
         for update in missing:
-            if group in s.kept:  # z a span at a time: never the whole group's
-                update_in_spans(weights, s.kept[group].z, update, layout, self.sampler, self.changed)
-                continue
-            z = draw_direction(self.sampler, update.seed, layout, s.direction(group))
-            apply_update(weights, z, update, layout, self.sampler, self.changed)
+            update_group(weights, update, layout, self.sampler, z, s.step, self.changed)
         if missing:
             holds = missing[-1].step
         if s.on_device(group):
@@ -203,36 +192,48 @@ class TaskWork:
         unperturbed = st.mode is Mode.EVAL or not layout.trainable  # frozen: every probe runs the weights
         if unit.group in s.kept:
             for i, probe in enumerate(st.probes):
-                scale = None if unperturbed else probe.scale
-                self._stage(st, unit, i, self._kept_params(st, unit.group, weights, scale))
+                scale = None if unperturbed or not probe.perturbed else probe.scale
+                self._stage(st, unit, i, self._kept_params(st, unit.group, weights, scale, probe.direction))
         elif unperturbed:
             for i in range(len(st.probes)):
-                if unit.parts > 1:  # a segmented block reads its units' weights where its copy is bound
-                    s.scratch(unit.group).copy_(weights)
-                    self._stage(st, unit, i, s.scratch_views[unit.group])
-                else:
-                    self._stage(st, unit, i, _unperturbed(weights, s.scratch(unit.group), layout))
+                self._unperturbed_stage(st, unit, i, weights)
         else:
             self._perturbed_stages(st, unit, weights)
         if unit.stage is Stage.HEAD and st.mode is Mode.TRAIN:
             self._conclude(st)
 
+    def _unperturbed_stage(self, st: StepState, unit: Unit, probe: int, weights: torch.Tensor) -> None:
+        s = self.storage
+        if unit.parts > 1:  # a segmented block reads its units' weights where its copy is bound
+            s.scratch(unit.group).copy_(weights)
+            self._stage(st, unit, probe, s.scratch_views[unit.group])
+        else:
+            self._stage(st, unit, probe, _unperturbed(weights, s.scratch(unit.group), s.layouts[unit.group]))
+
     def _perturbed_stages(self, st: StepState, unit: Unit, weights: torch.Tensor) -> None:
+        """Each probe's stage on its perturbed copy; z drawn for each probe where it lives in the
+        copy's buffer, else once per direction into its own (the probes come direction by direction)."""
         s, layout = self.storage, self.storage.layouts[unit.group]
         scratch, z = s.scratch(unit.group), s.direction(unit.group)
-        if not s.directions_in_scratch and unit.name in self._draws:  # drawn once, kept for the group's units
-            draw_direction(self.sampler, st.seed, layout, z)
         views = s.scratch_views[unit.group]
+        drawn = None
         for i, probe in enumerate(st.probes):
-            if s.directions_in_scratch:  # z lives where the perturbed copy goes: drawn again each time
-                draw_direction(self.sampler, st.seed, layout, z)
+            if not probe.perturbed:  # a one-sided step's forward at θ
+                self._unperturbed_stage(st, unit, i, weights)
+                continue
+            if s.directions_in_scratch or probe.direction != drawn:
+                draw_direction(self.sampler, st.seed, layout, z, direction=probe.direction)
+                drawn = probe.direction
             perturb_into(scratch, weights, z, probe.scale)
             self._stage(st, unit, i, views)
 
-    def _kept_params(self, st: StepState, group: int, weights: torch.Tensor, scale: float | None) -> EndParams:
-        """The kept group's parameters for one probe, ``θ + scale·z`` (``scale`` None: θ in the
-        compute dtype): the parameters that are not vocabulary-sized perturbed whole into their
-        buffer, z drawn a span at a time; each vocabulary-sized one as rows built on demand."""
+    def _kept_params(
+        self, st: StepState, group: int, weights: torch.Tensor, scale: float | None, direction: int
+    ) -> EndParams:
+        """The kept group's parameters for one probe, ``θ + scale·z`` (z the step's direction
+        ``direction``; ``scale`` None: θ in the compute dtype): the parameters that are not
+        vocabulary-sized perturbed whole into their buffer, z drawn a span at a time; each
+        vocabulary-sized one as rows built on demand."""
         s, layout, kept = self.storage, self.storage.layouts[group], self.storage.kept[group]
         if scale is None and weights.dtype == s.compute_dtype:
             return layout.views(weights)
@@ -244,9 +245,10 @@ class TaskWork:
                 if scale is None:
                     out.copy_(master)
                 else:
-                    z = draw_direction(self.sampler, st.seed, layout, kept.z[:count], offset=first)
+                    z = draw_direction(self.sampler, st.seed, layout, kept.z[:count], first, direction)
                     perturb_into(out, master, z, scale)
-        rows = {p.name: PerturbedRows(weights, p, layout, self.sampler, st.seed, scale, kept.z, kept.rows[p.name])
+        rows = {p.name: PerturbedRows(weights, p, layout, self.sampler, st.seed, scale, kept.z, kept.rows[p.name],
+                                      direction)
                 for p in layout.slices if p.name in kept.rows}  # fmt: skip
         return {**kept.rest_views, **rows}
 
@@ -319,8 +321,10 @@ class TaskWork:
         """The head of a step: losses averaged over ranks, projected gradients, the step's update."""
         if self.reducer is not None:  # every rank now holds the same global losses, hence the same g
             st.values = self.reducer.global_means(st.values, self.loss_weight(st.inputs.batch))
-        st.grads = self.estimator.projected_gradients(st.values)
-        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.weight_decay, st.grads[0], self.rounding)
+        assert st.estimator is not None, "a step's state names its estimator"
+        st.grads = st.estimator.projected_gradients(st.values)
+        step = coefficients(st.estimator.name, st.grads)
+        st.update = PendingUpdate.from_gradient(st.step, st.seed, st.lr, self.weight_decay, step, self.rounding)
 
     def _current(self) -> StepState:
         assert self.state is not None, "a step task ran outside a step"

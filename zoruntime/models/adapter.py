@@ -33,6 +33,11 @@ class ModelAdapter(Protocol):
         ...
 
     @property
+    def config(self) -> Any:
+        """The model's HF config (its widths, vocabulary and positions)."""
+        ...
+
+    @property
     def units(self) -> UnitTable:
         """The units in the order the forward runs them."""
         ...

@@ -15,7 +15,9 @@ decoder block: it may be streamed through a slot or kept resident, as the plan s
 Where the compute dtype is the masters' dtype, a streamed group's z is drawn straight into the
 perturbed copy's buffer (and drawn again for each probe and for the update), so no direction
 buffer exists. With 16-bit compute over fp32 masters z must be drawn in fp32: then the
-streamable groups share a direction buffer.
+streamable groups share a direction buffer. A run of several directions per step sums their
+z for an update in a float32 buffer of ``STEP_SPAN_ELEMENTS`` (or the largest group, if less),
+shared by every group.
 
 Activations come on top and are not counted here. Policies (``MemoryBudget``), ``Storage``, the
 runtime's statistics, the out-of-memory advice and the benchmark all read this model; a test
@@ -34,6 +36,11 @@ if TYPE_CHECKING:
 KEPT_SPAN_ELEMENTS = 1 << 24
 """Elements of a kept group's z drawn at a time: one chunk of the direction scheme
 (``zo.directions.CHUNK_ELEMENTS``), so a span is one whole draw."""
+
+
+STEP_SPAN_ELEMENTS = 1 << 24
+"""Elements of an update of several directions summed at a time (float32): one chunk of the
+direction scheme, so each direction's span is one whole draw."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +73,7 @@ class MemoryBreakdown:
     kept: int  # kept groups: their weights, and their perturbed rows and z a chunk at a time
     resident: int  # streamable groups the plan keeps on the compute device
     slots: int  # streaming slots
-    working: int  # the perturbed copy (and direction, with mixed dtypes) shared by the streamable groups
+    working: int  # the perturbed copy (and direction, with mixed dtypes; the step of several directions)
 
     @property
     def units(self) -> int:
@@ -80,11 +87,13 @@ class MemoryBreakdown:
 
 @dataclass(frozen=True, slots=True)
 class ModelLayout:
-    """What a policy may know about a model: its groups' sizes (in group order) and the compute
-    dtype's width. The streamable groups are the units a plan places, numbered in model order."""
+    """What a policy may know about a model: its groups' sizes (in group order), the compute
+    dtype's width, and whether a step may use several directions (its updates then need a step
+    buffer). The streamable groups are the units a plan places, numbered in model order."""
 
     groups: tuple[GroupSize, ...]
     compute_itemsize: int
+    several_directions: bool = False
 
     def __post_init__(self) -> None:
         if not self.streamable:
@@ -128,12 +137,18 @@ class ModelLayout:
         kept = sum(g.kept_bytes(self.compute_itemsize) for g in self.groups if not g.streamable)
         numel, itemsize = max(g.numel for g in units), max(g.itemsize for g in units)
         working = numel * (itemsize * direction + self.compute_itemsize)  # a perturbed copy (and a direction)
+        working += self.step_span * 4
         return MemoryBreakdown(
             kept=kept,
             resident=sum(units[i].nbytes for i in plan.resident),
             slots=plan.slots(len(units)) * self.unit_bytes,
             working=working,
         )
+
+    @property
+    def step_span(self) -> int:
+        """Elements of the float32 buffer an update of several directions is summed in (0: none)."""
+        return min(max(g.numel for g in self.groups), STEP_SPAN_ELEMENTS) if self.several_directions else 0
 
     def bytes_needed(self, plan: Plan) -> int:
         """Every compute-side byte of ``plan``: what ``Storage`` allocates."""
@@ -167,21 +182,22 @@ def activation_bytes(
     attention_scores: bool,
     chunked_loss: bool = True,
     paused: bool = False,
+    probes: int = 2,
 ) -> int:
     """A generous estimate of a step's working memory beside the buffers: the logits with the
     loss's float32 copies (for the causal-LM loss, of ``LOSS_CHUNK_TOKENS`` tokens and one chunk
-    of the vocabulary at a time; for a user's loss, of every token and word), the two
-    hidden-state streams, one block's largest intermediate, the attention scores where the kernel
-    materialises them (a CPU; not CUDA's fused attention), and with ``paused`` (blocks streamed
-    as several units) a second probe's forward held inside a block."""
+    of the vocabulary at a time; for a user's loss, of every token and word), a hidden-state
+    stream per probe (two for MeZO's step), one block's largest intermediate, the attention
+    scores where the kernel materialises them (a CPU; not CUDA's fused attention), and with
+    ``paused`` (blocks streamed as several units) the other probes' forwards held inside a block."""
     tokens = rows * length
     if chunked_loss:
         words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
         logits = min(tokens, LOSS_CHUNK_TOKENS) * words * (itemsize + 8)
     else:
         logits = tokens * dims.vocab * (itemsize + 8)
-    hidden = tokens * (4 * dims.hidden + dims.ffn) * itemsize
+    hidden = tokens * ((probes + 2) * dims.hidden + dims.ffn) * itemsize
     if paused:
-        hidden += tokens * (2 * dims.hidden + dims.ffn) * itemsize
+        hidden += (probes - 1) * tokens * (2 * dims.hidden + dims.ffn) * itemsize
     scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
     return logits + hidden + scores

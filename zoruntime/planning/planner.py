@@ -2,9 +2,10 @@
 
 For a model (its groups' sizes and its widths), a batch and a profile, each task's time follows
 from the profile: a unit's upload and offload from the link speeds; its compute task from the
-flops of both forwards (two per parameter and token, plus causal attention) at the profile's
-rate and the bytes its draws, perturbed copies and update touch at the memory rate; one more
-missed update (a draw and an add) for offloads every k steps; the head from the logits' flops.
+flops of its forwards (one per probe: two for MeZO's step, 2q or q + 1 with q directions; two
+flops per parameter and token, plus causal attention) at the profile's rate and the bytes its
+draws, perturbed copies and update touch at the memory rate; one more missed update (its
+draws and the add) for offloads every k steps; the head from the logits' flops.
 Units finer than a block (halves, linear layers) differ in size; the simulator takes one size,
 their mean, so a prediction for them is coarser than for whole blocks.
 The simulator then runs the real scheduler on those times for two offload cycles, and the step
@@ -34,6 +35,11 @@ narrowing (``zo/update.py``; counted, not measured). Round to nearest is one fus
 multiply-add: three accesses of the masters' width."""
 
 
+def probe_count(estimator: str, directions: int) -> int:
+    """Forwards per unit and step: two per direction (two-sided), or one at θ and one per direction."""
+    return 2 * directions if estimator == "two-sided" else directions + 1
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """What a step does: the model's groups and widths, and the batch."""
@@ -45,6 +51,17 @@ class Workload:
     rounding: str | None = None  # how the masters take updates; None: ZOSGD's default for their dtype
     unit: str = "block"  # how finely ``layout`` cuts the blocks
     blocks: int | None = None  # decoder blocks (None: one unit each)
+    directions: int = 1
+    estimator: str = "two-sided"
+
+    @property
+    def probes(self) -> int:
+        return probe_count(self.estimator, self.directions)
+
+    @property
+    def perturbed_probes(self) -> int:
+        """Probes on a perturbed copy (a one-sided step's forward at θ reads the weights)."""
+        return 2 * self.directions if self.estimator == "two-sided" else self.directions
 
     @property
     def tokens(self) -> int:
@@ -61,15 +78,20 @@ class Workload:
 
     @property
     def update_bytes(self) -> int:
-        """Bytes one update of a block moves per parameter."""
+        """Bytes one update of a block moves per parameter, besides drawing z (with several
+        directions: each one's z read into the float32 sum, which is written and read again)."""
         itemsize = self.layout.streamable[0].itemsize
         stochastic = (self.rounding or ("stochastic" if itemsize == 2 else "nearest")) == "stochastic"
-        return STOCHASTIC_UPDATE_BYTES if stochastic else 3 * itemsize
+        applied = STOCHASTIC_UPDATE_BYTES if stochastic else 3 * itemsize
+        return applied if self.directions == 1 else applied + 4 + self.directions * (itemsize + 8)
 
     def compute_task_bytes(self) -> float:
-        """Bytes a unit's compute task moves besides its forwards: two draws of z, two perturbed
-        copies (read θ and z, write), one update."""
-        return self.unit_numel * (8 * self.layout.streamable[0].itemsize + self.update_bytes)
+        """Bytes a unit's compute task moves besides its forwards: a draw of z and a perturbed copy
+        (read θ and z, write) per perturbed probe, one update (with several directions, its
+        draws too)."""
+        itemsize = self.layout.streamable[0].itemsize
+        draws = 0 if self.directions == 1 else self.directions * itemsize
+        return self.unit_numel * (4 * itemsize * self.perturbed_probes + draws + self.update_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,15 +145,15 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
     dims, tokens = work.dims, work.tokens
     flops = profile.tflops * 1e12
     memory = profile.memory_gb_s * 1e9
-    compute_s = 2 * forward_flops(work) / flops + work.compute_task_bytes() / memory
-    head_s = 2 * 2 * tokens * dims.hidden * dims.vocab / flops
+    compute_s = work.probes * forward_flops(work) / flops + work.compute_task_bytes() / memory
+    head_s = work.probes * 2 * tokens * dims.hidden * dims.vocab / flops
     op = OpFigures(
         upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
         compute_s=compute_s,
         offload_s=params * itemsize / (profile.offload_gb_s * 1e9),
         head_s=head_s,
     )
-    return op, params * (itemsize + work.update_bytes) / memory  # a draw, then the update
+    return op, params * (itemsize * work.directions + work.update_bytes) / memory  # the draws, then the update
 
 
 def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | None = None) -> Prediction:
@@ -149,7 +171,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     op, update_s = figures(work, profile)
     cycle = plan.offload_every
     timeline = simulate(
-        layout.num_units, op.upload_s, op.compute_s, op.offload_s, _Fixed(plan), head_s=op.head_s,
+        layout.num_units, op.upload_s, op.compute_s, op.offload_s, PlanGiven(plan), head_s=op.head_s,
         steps=2 * cycle + 1, duplex=profile.duplex, update_s=update_s,
     )  # fmt: skip
     starts = [mark.start for mark in timeline.steps]  # a step starts when the one before returns
@@ -161,7 +183,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
 
 
 @dataclass(frozen=True, slots=True)
-class _Fixed:
+class PlanGiven:
     """A policy that returns a plan already made (the simulator asks a policy)."""
 
     fixed: Plan
@@ -190,7 +212,7 @@ def candidates(work: Workload, gpu_bytes: int) -> list[tuple[str, Policy]]:
 def _activations(work: Workload) -> int:
     """On CUDA: fused attention, no materialised scores."""
     return activation_bytes(work.dims, work.batch, work.seq, work.layout.compute_itemsize, attention_scores=False,
-                            paused=work.unit != "block")  # fmt: skip
+                            paused=work.unit != "block", probes=work.probes)  # fmt: skip
 
 
 def predict_memory(work: Workload, plan: Plan) -> int:

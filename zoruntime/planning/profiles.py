@@ -68,3 +68,9 @@ def load_profile(name_or_path: str) -> GPUProfile:
         return GPUProfile(**json.loads(path.read_text()))
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a GPU profile ({type(error).__name__}: {error})") from None
+
+
+def profile_for_device(device_name: str) -> GPUProfile | None:
+    """The built-in profile of a GPU by the name CUDA gives it ("NVIDIA H200" → h200), or None."""
+    name = device_name.lower()
+    return next((profile for key, profile in BUILT_IN.items() if key in name), None)

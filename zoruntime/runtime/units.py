@@ -93,13 +93,6 @@ class UnitTable:
                 seen.setdefault(u.group, u)
         return tuple(seen.values())
 
-    def first_units(self) -> frozenset[str]:
-        """The names of the units that come first in their group (each draws its group's direction)."""
-        first: dict[int, str] = {}
-        for u in self.units:
-            first.setdefault(u.group, u.name)
-        return frozenset(first.values())
-
 
 def uniform_units(num_blocks: int, block_bytes: int = 1, ends_bytes: int = 1) -> UnitTable:
     """The table of a model with ``num_blocks`` equal blocks: embed, the blocks, head (for simulations)."""

@@ -24,6 +24,7 @@ from ..models.freeze import freeze
 from ..models.init import load_pretrained, random_opt, tiny_opt_config
 from ..models.shapes import shape_dims
 from ..planning.memory import activation_bytes
+from ..planning.planner import probe_count
 from ..policies.base import FixedDepth
 from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy
 
@@ -98,14 +99,16 @@ def check_plan(
             raise UsageError(str(error)) from None
     try:
         runtime = Runtime(model, optimizer(config), device=device, policy=policy, compute_dtype=compute,
-                          trace=config.trace, loss_fn=task.loss_fn,
-                          start_step=start_step)  # fmt: skip
+                          trace=config.trace, loss_fn=task.loss_fn, start_step=start_step,
+                          profile=config.gpu_profile)  # fmt: skip
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * task.rows_per_example  # a candidate-scored task: a row per candidate
     dims = shape_dims(model.config)
+    directions = config.directions if isinstance(config.directions, int) else 1 + (config.estimator == "one-sided")
     need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True,
-                            chunked_loss=task.loss_fn is None)  # fmt: skip
+                            chunked_loss=task.loss_fn is None,
+                            probes=probe_count(config.estimator, directions))  # fmt: skip
     free = available_bytes(device)
     if free is not None and need > 0.8 * free:
         raise UsageError(

@@ -23,6 +23,7 @@ import torch
 
 from ..data.files import FILE_TASKS, check_template, parse_labels
 from ..models.freeze import parse_freeze
+from ..planning.profiles import load_profile
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
 from ..zo.config import ZOSGD
@@ -72,6 +73,9 @@ class TrainConfig:
     trace: bool = True
     freeze: str | None = None
     rounding: str | None = None
+    directions: int | str = 1  # or "auto"
+    estimator: str = "two-sided"
+    gpu_profile: str | None = None  # for --directions auto: a built-in profile or a file (default: the GPU's)
     out: str = "runs/default"
     progress: bool = True
     log: str | None = None  # "tensorboard": metrics to TensorBoard too (metrics.jsonl always)
@@ -146,6 +150,15 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
         choices=("stochastic", "nearest"),
         help="how 16-bit master weights take updates (default: stochastic; fp32 masters: nearest)",
     )
+    p.add_argument("--directions", type=_directions, default=d.directions,
+                   help="directions per step (per upload of each block), or auto: as many as hide under the "
+                   "transfers of the plan")  # fmt: skip
+    p.add_argument("--estimator", default=d.estimator, choices=("two-sided", "one-sided"),
+                   help="two-sided: 2 forwards per direction (MeZO); one-sided: 1 per direction and 1 at the weights, "
+                   "the step normalised by their spread (FZOO; needs --directions 2 or more)")  # fmt: skip
+    p.add_argument("--gpu-profile", default=d.gpu_profile,
+                   help="for --directions auto: h200, h100 or a file from zoruntime bench --save-profile "
+                   "(default: the GPU's built-in profile)")  # fmt: skip
     p.add_argument("--resume", default=d.resume, help="continue the run in this --out folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
     p.add_argument(
@@ -159,6 +172,15 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
+
+
+def _directions(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of directions or auto") from None
 
 
 def _size(text: str) -> int | None:
@@ -249,7 +271,13 @@ def check(config: TrainConfig) -> TrainConfig:
         if config.freeze is not None:
             parse_freeze(config.freeze)
     except ValueError as error:
-        raise UsageError(str(error).replace("rounding=", "--rounding ")) from None
+        message = str(error).replace("rounding=", "--rounding ").replace("directions=", "--directions ")
+        raise UsageError(message.replace("estimator=", "--estimator ")) from None
+    if config.gpu_profile is not None:
+        try:
+            load_profile(config.gpu_profile)
+        except ValueError as error:
+            raise UsageError(str(error).replace("--gpu ", "--gpu-profile ")) from None
     resolve_device(config.device)
     if config.overwrite and config.resume:
         raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
@@ -263,7 +291,7 @@ def check(config: TrainConfig) -> TrainConfig:
 def optimizer(config: TrainConfig) -> ZOSGD:
     """The run's ZO-SGD settings."""
     return ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed,
-                 rounding=config.rounding)  # fmt: skip
+                 rounding=config.rounding, directions=config.directions, estimator=config.estimator)  # fmt: skip
 
 
 def resolve_device(text: str) -> str:

@@ -51,9 +51,9 @@ class MetricsLog:
     def train(self, done: int, stats: StepStats, tokens_per_s: float) -> None:
         """Step ``done`` (counted from 1); ``skipped_steps`` counts the run's, from its start."""
         self.skipped_steps += stats.skipped
-        self._write({"kind": "train", "step": done, "loss": stats.loss, "loss_plus": stats.loss_plus,
-                     "loss_minus": stats.loss_minus, "projected_grad": stats.projected_grad, "lr": stats.lr,
-                     "tokens_per_s": tokens_per_s, "skipped_steps": self.skipped_steps})  # fmt: skip
+        self._write({"kind": "train", "step": done, "loss": stats.loss, "losses": list(stats.losses),
+                     "projected_grads": list(stats.projected_grads), "lr": stats.lr, "tokens_per_s": tokens_per_s,
+                     "skipped_steps": self.skipped_steps})  # fmt: skip
 
     def dev(self, done: int, loss: float, perplexity: float, accuracy: float | None) -> None:
         line: dict[str, Any] = {"kind": "dev", "step": done, "loss": loss, "perplexity": perplexity}
@@ -67,7 +67,7 @@ class MetricsLog:
         self._file.flush()
         if self._writer is not None:
             for name, value in line.items():
-                if name not in ("kind", "step") and value is not None:
+                if name not in ("kind", "step") and isinstance(value, int | float):  # not the lists
                     self._writer.add_scalar(f"{line['kind']}/{name}", value, line["step"])
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .estimator import ESTIMATORS
 from .update import Rounding
 
 LRSchedule = Callable[[int], float]
@@ -28,6 +29,14 @@ def _check_lr(lr: float, where: str) -> None:
 class ZOSGD:
     """Zeroth-order SGD (MeZO): ``θ ← θ − lr·(g·z + wd·θ)`` with ``g = (f(θ+εz) − f(θ−εz)) / 2ε``.
 
+    ``directions`` (q) and ``estimator`` use several directions per step, hence per upload of
+    each block: "two-sided" averages q such estimates (2q forwards); "one-sided" runs the
+    forward at θ once and one at ``θ + εz_d`` per direction (q + 1 forwards, q >= 2), its step
+    normalised by the spread of their losses (after FZOO; ``zo/estimator.py`` says exactly
+    what). ``directions="auto"``: the largest q whose forwards still hide under the transfers
+    of the runtime's plan (decided at its first step; ``planning/directions.py``). q = 1
+    two-sided is MeZO's step.
+
     ``weight_decay`` is skipped for biases and layer norms, and folded into the step before it
     is rounded. ``lr_schedule``, when given, replaces ``lr`` with ``lr_schedule(step)`` for
     each step. ``rounding``: how 16-bit master weights take an update, "stochastic" (the
@@ -41,6 +50,8 @@ class ZOSGD:
     seed: int = 0
     lr_schedule: LRSchedule | None = None
     rounding: str | None = None  # None: "stochastic" for 16-bit masters, "nearest" for float32
+    directions: int | str = 1  # or "auto"
+    estimator: str = "two-sided"  # or "one-sided"
 
     def rounding_for(self, master: torch.dtype) -> Rounding:
         """The rounding the updates of ``master`` weights use (a clear error if it cannot apply)."""
@@ -62,6 +73,16 @@ class ZOSGD:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be 'two-sided' or 'one-sided', got {self.estimator!r}")
+        q = self.directions
+        if q != "auto" and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
+            raise ValueError(f"directions must be an int >= 1 or 'auto', got {q!r}")
+        if self.estimator == "one-sided" and isinstance(q, int) and q < 2:
+            raise ValueError(
+                "estimator='one-sided' needs directions >= 2 (its step is normalised by the spread of the directions' "
+                f"losses), got directions={self.directions}; pass directions=2 or more, or estimator='two-sided'"
+            )
         if self.rounding is not None and self.rounding not in tuple(Rounding):
             raise ValueError(
                 f"rounding must be 'stochastic', 'nearest' or None (by the masters' dtype), got {self.rounding!r}"

@@ -1,6 +1,7 @@
 """The in-memory reference ZO-SGD step: the oracle every offloaded configuration must equal.
 
-Whole model in memory, no offload, no scheduler: both perturbed forwards run through the
+Whole model in memory, no offload, no scheduler: each probe's forward (both perturbed ones of
+MeZO's step; with several directions, every probe the estimator lists) runs through the
 unmodified HF model (``functional_call`` on perturbed copies), then every group is updated.
 It shares the flat group layout, the direction sampler and the arithmetic of ``update.py``
 with the runtime, so equal inputs give equal bits. Kept short on purpose: read it to know
@@ -19,11 +20,12 @@ from torch.func import functional_call
 from ..models.adapter import adapter_for
 from ..models.batch import Batch, LossFn
 from ..models.groups import GroupLayout, adopt_into_flat
+from ..planning.memory import STEP_SPAN_ELEMENTS
 from .config import ZOSGD
 from .directions import DirectionSampler, step_seed
-from .estimator import TwoSidedEstimator
+from .estimator import Probe, coefficients, estimator_for
 from .stats import StepStats
-from .update import PendingUpdate, apply_update, draw_direction, perturb_into
+from .update import PendingUpdate, draw_direction, perturb_into, update_group
 
 
 class ReferenceZO:
@@ -45,6 +47,9 @@ class ReferenceZO:
         self.step_index = 0
         self.compute_dtype = compute_dtype or next(model.parameters()).dtype
         self.rounding = config.rounding_for(next(model.parameters()).dtype)
+        if config.directions == "auto":
+            raise ValueError("the reference runs a number of directions; give ZOSGD(directions=q) the runtime decided")
+        self.estimator = estimator_for(config.estimator, config.eps, self.compute_dtype, int(config.directions))
         device = next(model.parameters()).device
         self.sampler = DirectionSampler(device)
         full_name = {id(p): n for n, p in model.named_parameters()}
@@ -68,35 +73,43 @@ class ReferenceZO:
             return self.loss_fn(self.adapter.head(head, final, final=True), batch)
         return self.adapter.head_loss(head, final, batch, final=True)
 
+    def _probe_loss(self, batch: Batch, seed: int, probe: Probe) -> torch.Tensor:
+        """The loss at ``θ + scale·z`` of the probe's direction (at θ, cast, for scale 0)."""
+        weights: dict[str, torch.Tensor] = {}
+        head: dict[str, torch.Tensor] = {}
+        for layout, flat, names in self._groups:
+            if probe.perturbed:
+                z = draw_direction(self.sampler, seed, layout, torch.empty_like(flat), direction=probe.direction)
+                copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, probe.scale)
+            else:
+                copy = flat.to(self.compute_dtype)
+            weights.update({names[k]: v for k, v in layout.views(copy).items()})
+            if layout.group == self._head_group:
+                head = layout.views(copy)
+        return self._loss(batch, weights, head)
+
     @torch.no_grad()
     def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step on ``batch``; the weights are updated before this returns."""
-        cfg, t = self.config, self.step_index
+        cfg, t, estimator = self.config, self.step_index, self.estimator
         seed, lr = step_seed(cfg.seed, t), cfg.lr_at(t)
-        estimator = TwoSidedEstimator.exact(cfg.eps, self.compute_dtype)
         batch = self.adapter.validate(batch).to(self.sampler.device)
-        probes = estimator.probes()
-        perturbed: list[dict[str, torch.Tensor]] = [{} for _ in probes]
-        heads: list[dict[str, torch.Tensor]] = [{} for _ in probes]
-        for layout, flat, names in self._groups:
-            z = draw_direction(self.sampler, seed, layout, torch.empty_like(flat))
-            for weights, head, probe in zip(perturbed, heads, probes, strict=True):
-                copy = perturb_into(torch.empty_like(flat, dtype=self.compute_dtype), flat, z, probe.scale)
-                weights.update({names[k]: v for k, v in layout.views(copy).items()})
-                if layout.group == self._head_group:
-                    head.update(layout.views(copy))
-        losses = [self._loss(batch, weights, head) for weights, head in zip(perturbed, heads, strict=True)]
-        (grad,) = estimator.projected_gradients(losses)
-        values = (float(losses[0]), float(losses[1]), float(grad))
+        losses = [self._probe_loss(batch, seed, probe) for probe in estimator.probes()]
+        grads = estimator.projected_gradients(losses)
+        update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, coefficients(estimator.name, grads),
+                                             self.rounding)  # fmt: skip
+        values = torch.cat([torch.stack(losses).float(), grads, update.scaled_grads]).tolist()
         skipped = not all(math.isfinite(v) for v in values)  # a non-finite loss makes no update
         if not skipped:
-            update = PendingUpdate.from_gradient(t, seed, lr, cfg.weight_decay, grad, self.rounding)
+            step = torch.empty(min(max(lay.numel for lay, _, _ in self._groups), STEP_SPAN_ELEMENTS),
+                               dtype=torch.float32, device=self.sampler.device)  # fmt: skip
             for layout, flat, _ in self._groups:  # z is regenerated, never stored
                 if layout.trainable:
-                    z = draw_direction(self.sampler, seed, layout, torch.empty_like(flat))
-                    apply_update(flat, z, update, layout, self.sampler)
+                    update_group(flat, update, layout, self.sampler, torch.empty_like(flat), step)
         self.step_index += 1
-        return StepStats(t, seed, lr, *values, skipped=skipped)
+        probes = len(losses)
+        return StepStats(t, seed, lr, tuple(values[:probes]), tuple(values[probes : probes + grads.numel()]),
+                         skipped=skipped, estimator=estimator.name)  # fmt: skip
 
     @torch.no_grad()
     def evaluate(self, batch: Batch | Mapping[str, object]) -> float:

@@ -7,24 +7,35 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """Step index (0-based), its seed and lr, both perturbed losses and the projected gradient.
+    """Step index (0-based), its seed and lr, every probe's loss and each direction's projected
+    gradient.
 
-    ``skipped``: a loss was not finite, so the step made no update (training goes on).
-    ``changed_fraction``: of a sample of trainable weights, the fraction that the updates applied
-    during this step (the previous step's: updates are applied lazily) actually changed; far
-    below 1 means updates round away (16-bit masters with round-to-nearest). None when no
-    update was applied or the runner does not sample (left out of equality)."""
+    ``losses`` come in probe order: for the two-sided estimator ``L+_0, L−_0, L+_1, L−_1, ...``,
+    for the one-sided one ``L_θ, L_0, L_1, ...`` (``zo/estimator.py``). ``projected_grads`` holds
+    one g per direction. ``skipped``: a loss, g or the step's coefficients were not finite, so
+    the step made no update (training goes on). ``changed_fraction``: of a sample of trainable
+    weights, the fraction that the updates applied during this step (the previous step's: updates
+    are applied lazily) actually changed; far below 1 means updates round away (16-bit masters
+    with round-to-nearest). None when no update was applied or the runner does not sample (left
+    out of equality)."""
 
     step: int
     seed: int
     lr: float
-    loss_plus: float
-    loss_minus: float
-    projected_grad: float
+    losses: tuple[float, ...]
+    projected_grads: tuple[float, ...]
     skipped: bool = False
     changed_fraction: float | None = field(default=None, compare=False)
+    estimator: str = "two-sided"
+
+    @property
+    def directions(self) -> int:
+        return len(self.projected_grads)
 
     @property
     def loss(self) -> float:
-        """The mean of the two perturbed losses: an estimate of the loss at the unperturbed weights."""
-        return (self.loss_plus + self.loss_minus) / 2
+        """An estimate of the loss at the unperturbed weights: the mean of a two-sided step's
+        losses, a one-sided step's loss at θ."""
+        if self.estimator == "one-sided":
+            return self.losses[0]
+        return sum(self.losses) / len(self.losses)

@@ -1,5 +1,5 @@
 """The ZO arithmetic on flat group buffers: directions, perturbed copies, projected gradient,
-update, and how the update is rounded.
+update (of one direction or the sum of several), and how the update is rounded.
 
 Every place that perturbs or updates weights (the in-memory reference, every backend of the
 runtime, replay) calls these functions, so the same inputs give the same bits everywhere. The
@@ -26,10 +26,10 @@ def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scal
 
 
 class PerturbedRows:
-    """Rows of one parameter of a group as ``θ + scale·z`` (``scale`` None: θ itself, in ``out``'s
-    dtype), built on demand into ``out`` (one chunk of rows; a call overwrites the last), z drawn
-    into ``z``: a ``models.vocab.RowSource`` whose rows equal, bitwise, those of a whole
-    perturbed copy of the group."""
+    """Rows of one parameter of a group as ``θ + scale·z`` (z the step's direction ``direction``;
+    ``scale`` None: θ itself, in ``out``'s dtype), built on demand into ``out`` (one chunk of
+    rows; a call overwrites the last), z drawn into ``z``: a ``models.vocab.RowSource`` whose rows
+    equal, bitwise, those of a whole perturbed copy of the group."""
 
     def __init__(
         self,
@@ -41,9 +41,10 @@ class PerturbedRows:
         scale: float | None,
         z: torch.Tensor,
         out: torch.Tensor,
+        direction: int = 0,
     ) -> None:
         self.weights, self.piece, self.layout, self.sampler = weights, piece, layout, sampler
-        self.seed, self.scale, self.z, self.out = seed, scale, z, out
+        self.seed, self.scale, self.z, self.out, self.direction = seed, scale, z, out, direction
         self.width = piece.numel // piece.shape[0]
 
     @property
@@ -56,7 +57,7 @@ class PerturbedRows:
         if self.scale is None:
             out.copy_(self.weights[first : first + count])
         else:
-            z = draw_direction(self.sampler, self.seed, self.layout, self.z[:count], offset=first)
+            z = draw_direction(self.sampler, self.seed, self.layout, self.z[:count], first, self.direction)
             perturb_into(out, self.weights[first : first + count], z, self.scale)
         return out.view(stop - start, *self.piece.shape[1:])
 
@@ -84,16 +85,18 @@ DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
 
 @dataclass(frozen=True, slots=True)
 class PendingUpdate:
-    """An update computed at ``step`` and not yet applied to every group.
+    """An update computed at ``step`` and not yet applied to every group:
+    ``θ ← θ − lr·(Σ_d c_d·z_d + wd·θ)`` over the step's directions ``d``.
 
-    ``scaled_grad`` is ``−lr·g``: a 0-d fp32 tensor that may stay on the compute device.
+    ``scaled_grads`` holds ``−lr·c_d``, one per direction: a 1-d fp32 tensor that may stay on
+    the compute device (with one direction, ``c_0`` is MeZO's projected gradient g).
     """
 
     step: int
     seed: int
     lr: float
     weight_decay: float
-    scaled_grad: torch.Tensor
+    scaled_grads: torch.Tensor
     rounding: Rounding = Rounding.NEAREST
 
     @classmethod
@@ -106,17 +109,27 @@ class PendingUpdate:
         grad: torch.Tensor,
         rounding: Rounding = Rounding.NEAREST,
     ) -> PendingUpdate:
-        return cls(step, seed, lr, weight_decay, grad * -lr, Rounding(rounding))
+        """The update of coefficients ``grad``: one per direction (a 0-d tensor: one direction)."""
+        return cls(step, seed, lr, weight_decay, grad.reshape(-1) * -lr, Rounding(rounding))
+
+    @property
+    def directions(self) -> int:
+        return self.scaled_grads.numel()
 
 
 def draw_direction(
-    sampler: DirectionSampler, seed: int, layout: GroupLayout, out: torch.Tensor, offset: int = 0
+    sampler: DirectionSampler,
+    seed: int,
+    layout: GroupLayout,
+    out: torch.Tensor,
+    offset: int = 0,
+    direction: int = 0,
 ) -> torch.Tensor:
-    """Elements ``[offset, offset + out.numel())`` of z of ``layout``'s group in the step whose
-    seed is ``seed``, drawn into ``out``: the sampler's draw, zero on frozen parameters (so they
-    are neither perturbed nor updated, and every other element is what it would be with nothing
-    frozen)."""
-    sampler.draw(seed, layout.group, out, offset=offset, group_numel=layout.numel)
+    """Elements ``[offset, offset + out.numel())`` of direction ``direction`` of ``layout``'s
+    group in the step whose seed is ``seed``, drawn into ``out``: the sampler's draw, zero on
+    frozen parameters (so they are neither perturbed nor updated, and every other element is
+    what it would be with nothing frozen)."""
+    sampler.draw(seed, layout.group, out, direction=direction, offset=offset, group_numel=layout.numel)
     end = offset + out.numel()
     for start, stop in layout.frozen_ranges:
         if start < end and stop > offset:
@@ -124,22 +137,44 @@ def draw_direction(
     return out
 
 
-def update_in_spans(
+def update_group(
     weights: torch.Tensor,
-    buffer: torch.Tensor,
     update: PendingUpdate,
     layout: GroupLayout,
     sampler: DirectionSampler,
+    z: torch.Tensor,
+    step: torch.Tensor | None = None,
     changed: ChangeCount | None = None,
 ) -> None:
-    """``apply_update`` with z drawn a span of ``buffer.numel()`` elements at a time into
-    ``buffer``, never for the whole group at once: the same bits (every element's arithmetic is
-    its own), a buffer of one span."""
+    """Apply ``update`` to a group's flat ``weights``: the one way every runner updates.
+
+    One direction: z drawn into ``z`` (the masters' dtype) and ``apply_update``, the whole group
+    at once when ``z`` holds it, else a span of ``z.numel()`` elements at a time. Several: a span
+    of ``step.numel()`` elements at a time (``step``: float32), each direction's z drawn into
+    ``z``, their sum ``Σ_d −lr·c_d·z_d`` accumulated in ``step`` in direction order, then applied.
+    Every element's arithmetic is its own, so the span lengths do not change the bits."""
+    if update.directions == 1:
+        span = min(z.numel(), layout.numel)
+    else:
+        if step is None or step.dtype != torch.float32:
+            raise ValueError("an update of several directions needs a float32 step buffer")
+        span = min(step.numel(), z.numel(), layout.numel)
     sample = changed.before(layout, weights) if changed is not None else None
-    span = buffer.numel()
     for start in range(0, layout.numel, span):
-        z = draw_direction(sampler, update.seed, layout, buffer[: min(span, layout.numel - start)], offset=start)
-        apply_update(weights, z, update, layout, sampler, offset=start)
+        count = min(span, layout.numel - start)
+        if update.directions == 1:
+            direction = draw_direction(sampler, update.seed, layout, z[:count], start)
+            apply_update(weights, direction, update, layout, sampler, offset=start)
+            continue
+        assert step is not None
+        total = step[:count]
+        for d in range(update.directions):
+            direction = draw_direction(sampler, update.seed, layout, z[:count], start, d)
+            if d == 0:  # widened exactly, then scaled in float32
+                total.copy_(direction).mul_(update.scaled_grads[0])
+            else:
+                total.addcmul_(direction, update.scaled_grads[d])
+        apply_update(weights, total, update, layout, sampler, offset=start, combined=True)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
@@ -202,10 +237,13 @@ def apply_update(
     sampler: DirectionSampler,
     changed: ChangeCount | None = None,
     offset: int = 0,
+    combined: bool = False,
 ) -> None:
     """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
     those that take it), computed in float32 and rounded once to the masters' dtype. ``z`` holds
-    elements ``[offset, offset + z.numel())`` of the direction, and only those are updated.
+    elements ``[offset, offset + z.numel())`` of the direction, and only those are updated; with
+    ``combined`` it holds the float32 sum ``Σ_d −lr·c_d·z_d`` of several directions instead
+    (``update_group`` makes it), which takes the place of ``−lr·g·z``.
 
     The decay is folded into the step before rounding, never a multiplication by
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
@@ -216,7 +254,12 @@ def apply_update(
     if stochastic and weights.dtype not in DROPPED_BITS:
         raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
     sample = changed.before(layout, weights) if changed is not None else None
-    scaled_grad = update.scaled_grad.to(device=weights.device)
+    if combined:
+        scaled_grad = torch.ones((), dtype=torch.float32, device=weights.device)
+    elif update.directions == 1:
+        scaled_grad = update.scaled_grads[0].to(device=weights.device)
+    else:
+        raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
     noise, noise_piece = None, -1  # a piece's noise is drawn once, whole, even when two runs share it
     span_end = offset + z.numel()

@@ -1,0 +1,43 @@
+"""``directions="auto"``: how many directions a step can evaluate while a plan's blocks cross the
+link, predicted by the planner. No torch.
+
+A streamed, transfer-bound step leaves the compute lane idle while the next block uploads; the
+forwards of more directions fill that time for free until compute catches up with the
+transfers. ``auto_directions`` predicts the step time of ``plan`` for q = 1, 2, ... on the
+profile, and answers the largest q whose step is no slower than MeZO's (one direction,
+two-sided) by more than ``HIDDEN_WITHIN``. A one-sided estimator needs two directions at least,
+and gets them even where they do not hide. Predictions, not measurements: the planner does not
+model the host (``planner.py``), so a small model, whose host time per block dominates, gets
+more directions on paper than pay off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..policies.base import Plan
+from .planner import PlanGiven, Workload, predict
+from .profiles import GPUProfile
+
+MAX_DIRECTIONS = 16
+HIDDEN_WITHIN = 0.02
+"""How much slower than MeZO's step a step of more directions may be predicted and still count
+as hidden under the transfers."""
+
+
+def auto_directions(work: Workload, profile: GPUProfile, plan: Plan, estimator: str) -> int:
+    """The largest q (at most ``MAX_DIRECTIONS``) whose predicted step time for ``plan`` is within
+    ``HIDDEN_WITHIN`` of one two-sided direction's; at least 1 (2 for ``estimator="one-sided"``)."""
+    least = 2 if estimator == "one-sided" else 1
+    policy = PlanGiven(plan)
+
+    def step_s(q: int, kind: str) -> float:
+        return predict(replace(work, directions=q, estimator=kind), profile, policy).step_s
+
+    limit = step_s(1, "two-sided") * (1 + HIDDEN_WITHIN)
+    chosen = least
+    for q in range(least + 1, MAX_DIRECTIONS + 1):
+        if step_s(q, estimator) > limit:
+            break
+        chosen = q
+    return chosen
