@@ -13,7 +13,8 @@ Two tasks, both generated: ``default`` is what ``zoruntime train`` runs with no 
 causal LM on the generated corpus); ``subject`` is a generated question: a sentence of the
 corpus, then "Subject:", and the loss on the answer alone ("animal" or "person", by the
 sentence's subject). For each task, estimator and q, each learning rate of the estimator's
-grid runs on the first seed and the one with the lowest final dev loss runs on the others. The
+grid runs on the first seed and the one with the lowest final dev loss runs on the others (a
+run whose dev loss stops being finite has diverged: its final loss counts as infinite). The
 target is the mean final dev loss of one two-sided direction (MeZO) at its chosen rate; a row
 reports the steps each seed took to reach it (dev loss every ``--eval-every`` steps), their
 mean over the seeds that reached it, and that mean times the predicted opt-13b step time.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -47,7 +49,7 @@ from ..policies.base import FixedDepth
 from ..storage import model_layout
 from ..train.data import build_data, evaluate
 from ..train.model import load_model
-from ..train.options import TrainConfig
+from ..train.options import TrainConfig, UsageError
 from ..zo.config import ZOSGD
 
 LR_GRIDS = {"two-sided": (2e-3, 4e-3, 8e-3, 1.6e-2), "one-sided": (5e-3, 1e-2, 2e-2, 4e-2)}
@@ -104,7 +106,11 @@ def one_run(task: str, estimator: str, q: int, lr: float, seed: int, steps: int,
             for step in range(steps):
                 await rt.step(data.train_batch(step))
                 if (step + 1) % eval_every == 0 or step + 1 == steps:
-                    curve.append((step + 1, (await evaluate(rt, data)).loss))
+                    try:
+                        curve.append((step + 1, (await evaluate(rt, data)).loss))
+                    except UsageError:  # diverged: the dev loss is not finite, and stays so
+                        curve.append((step + 1, math.inf))
+                        break
         return Run(curve, time.perf_counter() - started)
 
     return engine.run(go())

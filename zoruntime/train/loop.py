@@ -238,6 +238,9 @@ async def _run(
             for step in range(start.step, config.steps):
                 batch = data.train_batch(step)
                 stats = await rt.step(shard(batch, rank, world_size))
+                if step == start.step and config.directions == "auto" and lead:
+                    bar.write(f"--directions auto: {rt.directions} {config.estimator} direction(s) per step "
+                              "(as many as the plan's transfers hide, predicted)")  # fmt: skip
                 if journal is not None:
                     journal.append(Record.of(stats, config.eps, config.weight_decay, batch=step, rounding=rt.rounding))
                 done = step + 1
@@ -283,6 +286,7 @@ async def _run(
                 metrics.dev(config.steps, after.loss, after.perplexity, after.accuracy)
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
+            directions = rt.directions
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
@@ -302,7 +306,7 @@ async def _run(
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
-        "steps": config.steps, "skipped_steps": skipped, "seconds": seconds,
+        "steps": config.steps, "directions": directions, "skipped_steps": skipped, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "out": str(out),
     }  # fmt: skip
     save_curves(out, out / "curves.png")

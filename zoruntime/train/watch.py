@@ -144,6 +144,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         if summary.get(before) is not None:
             lines.append(f"{name:<12}{form.format(summary[before]):>12}{form.format(summary[after]):>12}")
     skipped = f" ({summary['skipped_steps']} skipped)" if summary.get("skipped_steps") else ""
+    if (summary.get("directions") or 1) > 1:
+        skipped += f" of {summary['directions']} directions"
     lines.append(f"{summary['steps']} steps{skipped} in {summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} "
                  "tokens/s")  # fmt: skip
     return "\n".join(lines)
