@@ -23,7 +23,7 @@ from zoruntime import checkpoint
 from zoruntime.bench.soak import soak
 from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_checkpoint
 from zoruntime.data.tokenizer import ByteTokenizer
-from zoruntime.journal import Journal, JournalError, Record, read_header, read_journal, truncate_journal
+from zoruntime.journal import VERSION, Journal, JournalError, Record, read_header, read_journal, truncate_journal
 from zoruntime.models import random_opt, tiny_opt_config
 from zoruntime.zo import DIRECTION_SCHEME
 
@@ -31,7 +31,7 @@ ARGS = ["--steps", "150", "--checkpoint-every", "15", "--eval-every", "0", "--no
 
 
 def _record(step: int) -> Record:
-    return Record(step, 1000 + step, 1e-3, 1e-3, 0.0, 2.0, 1.9, 50.0, step)
+    return Record(step, 1000 + step, 1e-3, 1e-3, 0.0, [2.0, 1.9], [50.0], step)
 
 
 def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_pat
     with open(path, "a") as file:
         file.write('{"step": 3, "seed": 10')  # the process died mid-write
     assert [r.step for r in read_journal(path)] == [0, 1, 2]
-    assert read_header(path) == {"zoruntime_journal": 1, "base": "here", "direction_scheme": DIRECTION_SCHEME}
+    assert read_header(path) == {"zoruntime_journal": VERSION, "base": "here", "direction_scheme": DIRECTION_SCHEME}
     lines = path.read_text().split("\n")
     path.write_text("\n".join([lines[0], lines[1], "not json", lines[3], ""]))
     with pytest.raises(JournalError, match=r"journal.jsonl, line 3: damaged record before the last line"):
@@ -59,7 +59,7 @@ def test_truncating_the_journal_keeps_the_header_and_earlier_steps(tmp_path: Pat
     path.write_text("\n".join(lines))
     assert truncate_journal(path, 6) == 6
     assert [r.step for r in read_journal(path)] == list(range(6))
-    assert read_header(path) == {"zoruntime_journal": 1, "base": "here", "direction_scheme": DIRECTION_SCHEME}
+    assert read_header(path) == {"zoruntime_journal": VERSION, "base": "here", "direction_scheme": DIRECTION_SCHEME}
     lines = path.read_text().split("\n")
     lines[3] = "damaged"  # step 2: before it, so the resumed run cannot be rebuilt
     path.write_text("\n".join(lines))
