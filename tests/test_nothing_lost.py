@@ -77,7 +77,7 @@ def test_a_journal_of_another_direction_scheme_is_refused_everywhere_it_is_read(
     path = tmp_path / "journal.jsonl"
     with Journal(path) as journal:  # even without a header of the caller's, the scheme is recorded
         journal.append(_record(0))
-    assert read_header(path) == {"zoruntime_journal": 1, "direction_scheme": DIRECTION_SCHEME}
+    assert read_header(path) == {"zoruntime_journal": VERSION, "direction_scheme": DIRECTION_SCHEME}
     with Journal(path) as journal:  # appending to a journal of this scheme
         journal.append(_record(1))
     assert [r.step for r in read_journal(path)] == [0, 1]
