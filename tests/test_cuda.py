@@ -81,6 +81,24 @@ async def test_16_bit_masters_round_stochastically_on_cuda_as_the_reference_does
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("q", "estimator", "dtype"), [(4, "two-sided", torch.float32), (3, "one-sided", torch.bfloat16)]
+)
+async def test_several_directions_on_cuda_equal_the_reference_on_the_same_gpu(q, estimator, dtype) -> None:
+    """The directions' sum is made in float32 on the device; the coefficients stay device tensors."""
+    config = zoruntime.ZOSGD(lr=1e-3, eps=1e-2, weight_decay=0.1, seed=5, directions=q, estimator=estimator)
+    ref_model = tiny_model("llama_gqa", seed=1, dtype=dtype, num_hidden_layers=BLOCKS).cuda()
+    ref = ReferenceZO(ref_model, config)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]
+    model = tiny_model("llama_gqa", seed=1, dtype=dtype, num_hidden_layers=BLOCKS)
+    async with zoruntime.Runtime(model, config, device="cuda", policy=FixedDepth(1, offload_every=2)) as rt:
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(3)]
+    assert got == expected and all(len(s.projected_grads) == q for s in got)
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.asyncio
 async def test_lr_zero_leaves_fp16_weights_bitwise_unchanged_on_cuda() -> None:
     model = _gpu_model(dtype=torch.float16)
     before = [p.clone() for p in model.parameters()]

@@ -316,3 +316,18 @@ def test_a_gpu_is_matched_to_its_built_in_profile_by_name() -> None:
 def test_the_reference_needs_a_number_of_directions() -> None:
     with pytest.raises(ValueError, match="the reference runs a number of directions"):
         ReferenceZO(tiny_model(num_hidden_layers=1), _config("auto", "two-sided"))  # type: ignore[arg-type]
+
+
+def test_plan_predicts_several_directions_and_auto_as_train_would(capsys) -> None:
+    from zoruntime.plan import main as plan_main
+
+    args = ["--model", "opt-13b", "--seq", "512", "--rounding", "nearest", "--policy", "depth=1"]
+    assert plan_main([*args, "--directions", "auto", "--estimator", "one-sided"]) == 0
+    auto = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
+    work = replace(_opt13b(seq=512), rounding="nearest")
+    assert auto["directions"] == auto_directions(work, BUILT_IN["h200"], Plan(1), "one-sided")
+    assert plan_main([*args, "--directions", "4"]) == 0
+    four = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
+    assert four["step_s"] == predict(replace(work, directions=4), BUILT_IN["h200"], FixedDepth(1)).step_s
+    assert plan_main([*args, "--directions", "1", "--estimator", "one-sided"]) == 2
+    assert "--directions must be a number >= 1 (>= 2 with --estimator one-sided) or auto" in capsys.readouterr().err

@@ -1,12 +1,16 @@
 """``zoruntime plan``: what a plan needs and how fast it should run, before any GPU is touched.
 
     zoruntime plan --model opt-13b --dtype fp16 --batch 1 --seq 2048 --gpu h200 --gpu-memory 24GB
+    zoruntime plan --model opt-13b --policy depth=1 --directions auto --estimator one-sided
 
 Prints the GPU memory a policy needs, part by part (the memory model, the figure the runtime
 allocates, plus activations), its predicted step time and tokens/s (the real scheduler on the
 simulator, with times from a GPU profile), the upload-only floor, and the fastest policy the
 search finds within the memory given, over every depth, offload interval, resident set and
-unit (whole blocks, halves, a unit per linear layer). The last line is one JSON object.
+unit (whole blocks, halves, a unit per linear layer). With ``--directions q`` (and
+``--estimator``) a step evaluates q directions per upload; ``--directions auto`` takes the
+largest q whose forwards the transfers of ``--policy`` (default depth=1) hide, as ``zoruntime
+train --directions auto`` would. The last line is one JSON object.
 Predictions, not measurements: ``zoruntime bench`` measures, and ``--save-profile`` turns its
 card into a profile.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,11 +28,13 @@ import torch
 from .models.adapter import adapter_for
 from .models.init import meta_model
 from .models.shapes import MODEL_NAMES, named_config, shape_dims
+from .planning.directions import auto_directions
 from .planning.planner import Prediction, Workload, best, predict
 from .planning.profiles import BUILT_IN, load_profile
-from .policies.base import UNIT_KINDS
+from .policies.base import UNIT_KINDS, FixedDepth
 from .storage import model_layout
 from .train.options import UsageError, parse_policy, parse_size
+from .zo.estimator import ESTIMATORS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -48,11 +55,11 @@ def _workloads(config: Any, dtype: torch.dtype, args: argparse.Namespace) -> dic
     model, works = meta_model(config, dtype), {}
     for unit in UNIT_KINDS:
         try:
-            layout = model_layout(adapter_for(model, unit), dtype)
+            layout = model_layout(adapter_for(model, unit), dtype, several_directions=args.directions != 1)
         except ValueError:  # blocks that route tokens (experts) stream whole
             continue
         works[unit] = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding, unit,
-                               config.num_hidden_layers)  # fmt: skip
+                               config.num_hidden_layers, args.directions, args.estimator)  # fmt: skip
     return works
 
 
@@ -77,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="how 16-bit masters take updates (default: stochastic, as ZOSGD; fp32: nearest)",
     )
+    parser.add_argument("--directions", default="1", help="directions per step, or auto (default 1)")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="(default two-sided)")
     args = parser.parse_args(argv)
     try:
         if args.batch <= 0 or args.seq <= 0:
             raise UsageError("--batch and --seq must be positive")
+        auto = args.directions == "auto"
+        args.directions = 2 if auto else int(args.directions) if args.directions.isdigit() else 0
+        if args.directions < 1 or (args.estimator == "one-sided" and args.directions < 2):
+            raise UsageError("--directions must be a number >= 1 (>= 2 with --estimator one-sided) or auto")
         profile = load_profile(args.gpu)
         config = named_config(args.model)
         if args.seq > config.max_position_embeddings:
@@ -94,14 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         unit = getattr(policy, "unit", "block")
         if policy is not None and unit not in works:
             raise UsageError(f"--policy {args.policy}: {args.model}'s blocks cannot be cut into unit={unit!r}")
+        if auto:  # for the policy given, else the runtime's default, FixedDepth(1)
+            work = works[unit]
+            args.directions = auto_directions(work, profile, (policy or FixedDepth(1)).plan(work.layout),
+                                              args.estimator)  # fmt: skip
+            works = {u: replace(w, directions=args.directions) for u, w in works.items()}
         chosen = predict(works[unit], profile, policy) if policy is not None else None
         found = best(list(works.values()), profile, gpu_bytes)
     except (UsageError, ValueError) as error:
         print(f"zoruntime plan: error: {error}", file=sys.stderr)
         return 2
     rounding = args.rounding or ("nearest" if args.dtype == "fp32" else "stochastic")
-    print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}, on the "
-          f"{profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
+    several = f", {args.directions} {args.estimator} direction(s) a step{' (auto)' if auto else ''}"
+    print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}{several}, "
+          f"on the {profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
     if chosen is not None:
         _show("your policy", chosen)
     if found is not None:
@@ -109,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
     result = chosen or found
-    print(json.dumps({"model": args.model, "gpu": profile.name, **(result.summary() if result else {"policy": None})}))
+    print(json.dumps({"model": args.model, "gpu": profile.name, "directions": args.directions,
+                      "estimator": args.estimator, **(result.summary() if result else {"policy": None})}))  # fmt: skip
     return 0 if result is not None else 1
 
 
