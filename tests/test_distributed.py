@@ -58,10 +58,13 @@ def test_two_ranks_stay_bitwise_equal_and_match_one_process(tmp_path: Path, fami
 def test_torchrun_train_writes_files_from_rank_zero_only(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = subprocess.run(_torchrun("-m", "zoruntime", "train", "--steps", "6", "--eval-every", "3",
-                                    "--checkpoint-every", "3", "--no-progress", "--out", str(out)),
+                                    "--checkpoint-every", "3", "--no-progress", "--out", str(out),
+                                    "--batch-size", "7", "--directions", "auto", "--gpu-profile", "h200"),
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert [r.step for r in read_journal(out / "journal.jsonl")] == list(range(6))  # not twice
+    records = read_journal(out / "journal.jsonl")
+    assert [r.step for r in records] == list(range(6))  # not twice
+    assert len({len(r.projected_grads) for r in records}) == 1  # shards of 4 and 3 rows: one q for both ranks
     assert done.stdout.count("after:  dev loss") == 1
     assert json.loads((out / "zoruntime.json").read_text())["world_size"] == 2
     assert (out / "model" / "model.safetensors").exists()

@@ -1,11 +1,13 @@
 """Data-parallel ZO over ``torch.distributed``: the few scalars that cross ranks each step.
 
-Every rank uses the same step seed, so every rank draws the same z; it runs both perturbed
-forwards on its own shard of the global batch and contributes ``(loss⁺ · w, loss⁻ · w, w)``, where
-``w`` is how many loss terms its shard holds (predicted tokens for the causal LM, rows for a
-custom loss). One all-reduce of those three float64 numbers (24 bytes) gives every rank the
-global losses, hence the same projected gradient and the same update: the weights stay
-bitwise identical across ranks without ever being communicated. NCCL on GPUs, gloo on CPUs;
+Every rank uses the same step seed, so every rank draws the same z; it runs every probe's
+forward on its own shard of the global batch and contributes each probe's ``loss · w`` and ``w``,
+where ``w`` is how many loss terms its shard holds (predicted tokens for the causal LM, rows for
+a custom loss). One all-reduce of those float64 numbers (24 bytes for MeZO's two probes) gives
+every rank the global losses, hence the same projected gradients and the same update: the
+weights stay bitwise identical across ranks without ever being communicated.
+``directions="auto"`` is decided on each rank and the ranks take the largest (``agreed_max``),
+so they run the same probes even when their shards differ by a row. NCCL on GPUs, gloo on CPUs;
 ``torchrun`` launches. Knows nothing about models or schedules.
 """
 
@@ -52,7 +54,6 @@ class LossReducer:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
-        self.bytes_per_reduce = 3 * torch.finfo(torch.float64).bits // 8
         self.bytes_reduced = 0
 
     def global_means(self, values: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Tensor]:
@@ -62,6 +63,13 @@ class LossReducer:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         self.bytes_reduced += packed.numel() * packed.element_size()
         return [(packed[i] / packed[-1]).to(torch.float32) for i in range(len(values))]
+
+
+def agreed_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over the ranks (one all-reduce of one number)."""
+    packed = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return int(packed.item())
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import group_snapshot, layout_fingerprint, save_checkpoint
 from .device.base import Backend
 from .device.cpu import CPUBackend
-from .distributed import LossReducer, causal_lm_weight, row_weight, world
+from .distributed import LossReducer, agreed_max, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
 from .models.shapes import shape_dims
@@ -378,7 +378,7 @@ class Runtime:
         """Directions per step (None: "auto", not decided before the first step)."""
         return self._estimator.directions if self._estimator is not None else None
 
-    def _decide_directions(self, device: torch.device, rows: int, length: int) -> Estimator:
+    def _decide_directions(self, device: torch.device, rows: int, length: int) -> int:
         """``directions="auto"`` for batches of ``rows`` × ``length`` tokens: the planner's
         ``auto_directions`` on the profile given, or the GPU's built-in one; on a CPU nothing
         crosses a link to hide forwards under, so the fewest directions the estimator takes.
@@ -401,7 +401,7 @@ class Runtime:
             work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, self.rounding.value,
                             getattr(self.policy, "unit", "block"), blocks)  # fmt: skip
             q = auto_directions(work, profile, self.plan, kind)
-        return estimator_for(kind, self.optimizer.eps, self.compute_dtype, q)
+        return q
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
@@ -410,7 +410,11 @@ class Runtime:
             self._ready("rt.step()")
             assert self._backend is not None
             rows, length = self.adapter.validate(batch).input_ids.shape
-            self._estimator = await asyncio.to_thread(self._decide_directions, self._backend.device, rows, length)
+            q = await asyncio.to_thread(self._decide_directions, self._backend.device, rows, length)
+            if self.world_size > 1:  # every rank runs the same probes, whatever its shard's rows
+                q = agreed_max(q, self._backend.device)
+            kind = self.optimizer.estimator
+            self._estimator = estimator_for(kind, self.optimizer.eps, self.compute_dtype, q)
         state = self._state(batch, Mode.TRAIN, t)
         assert self._work is not None
         self._work.changed.clear()  # count this step's updates only (not a failed or an evaluation pass's)
