@@ -127,7 +127,9 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
     blocks = len(adapter.units.streamable)
     floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(blocks)
-    duplex_floor = blocks * max(both, task)  # every block up and down each step, the two copies at once
+    # every block up and down each step, the two copies at once: never below either copy alone (a
+    # measured `both` under one is noise, as on a CPU, where the copies take microseconds)
+    duplex_floor = blocks * max(both, up, down, task)
     return {
         "block_mb": layout.nbytes / 2**20,
         "upload_ms": up * 1e3,
