@@ -10,8 +10,9 @@ from .directions import (
     chunk_seed,
     step_seed,
 )
+from .estimator import OneSidedEstimator, TwoSidedEstimator, coefficients
 from .stats import StepStats
-from .update import PendingUpdate, apply_update, perturb_into, projected_gradient
+from .update import PendingUpdate, apply_update, perturb_into, projected_gradient, update_group
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -20,12 +21,16 @@ __all__ = [
     "ZOSGD",
     "DirectionSampler",
     "LRSchedule",
+    "OneSidedEstimator",
     "PendingUpdate",
     "StepStats",
+    "TwoSidedEstimator",
     "apply_update",
     "block_group",
     "chunk_seed",
+    "coefficients",
     "perturb_into",
     "projected_gradient",
     "step_seed",
+    "update_group",
 ]
