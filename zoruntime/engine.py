@@ -31,10 +31,10 @@ from .distributed import LossReducer, agreed_max, causal_lm_weight, row_weight, 
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
 from .models.shapes import shape_dims
-from .planning.directions import auto_directions
+from .planning.directions import directions_for
 from .planning.memory import ModelLayout
 from .planning.planner import Workload
-from .planning.profiles import GPUProfile, load_profile, profile_for_device
+from .planning.profiles import GPUProfile, load_profile
 from .policies.base import UNIT_KINDS, FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
@@ -378,59 +378,37 @@ class Runtime:
         """Directions per step (None: "auto", not decided before the first step)."""
         return self._estimator.directions if self._estimator is not None else None
 
-    def _decide_directions(self, device: torch.device, rows: int, length: int) -> int:
-        """``directions="auto"`` for batches of ``rows`` × ``length`` tokens: the planner's
-        ``auto_directions`` on the profile given, or the GPU's built-in one; on a CPU nothing
-        crosses a link to hide forwards under, so the fewest directions the estimator takes.
-        Runs in a worker thread (the planner's simulator runs an event loop of its own)."""
-        profile = self._profile
-        if profile is None and device.type == "cuda":
-            name = torch.cuda.get_device_name(device)
-            profile = profile_for_device(name)
-            if profile is None:
-                raise ValueError(
-                    f"directions='auto' predicts from a GPU profile, and the {name} has no built-in one: write one "
-                    "with `zoruntime bench --save-profile FILE` and pass Runtime(..., profile=FILE) (zoruntime train "
-                    "--gpu-profile FILE), or give directions a number"
-                )
-        kind = self.optimizer.estimator
-        if profile is None:
-            q = 2 if kind == "one-sided" else 1
-        else:
-            blocks = len({u.index for u in self.adapter.units.streamable})
-            work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, self.rounding.value,
-                            getattr(self.policy, "unit", "block"), blocks)  # fmt: skip
-            q = auto_directions(work, profile, self.plan, kind)
-        return q
+    async def _decide_directions(self, batch: Batch | Mapping[str, object]) -> Estimator:
+        """``directions="auto"`` for the first batch's shape (``directions_for``, in a worker thread:
+        the planner's simulator runs an event loop of its own); data-parallel ranks take the
+        largest q, so they run the same probes whatever their shards' rows."""
+        assert self._backend is not None
+        device, (rows, length) = self._backend.device, self.adapter.validate(batch).input_ids.shape
+        blocks, unit = len({u.index for u in self.adapter.units.streamable}), getattr(self.policy, "unit", "block")
+        work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, self.rounding.value, unit, blocks)
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        q = await asyncio.to_thread(directions_for, work, self.plan, self.optimizer.estimator, self._profile, gpu)
+        q = agreed_max(q, device) if self.world_size > 1 else q
+        return estimator_for(self.optimizer.estimator, self.optimizer.eps, self.compute_dtype, q)
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
         t = self.step_index
-        if self._estimator is None:  # directions="auto": decided once, for the first batch's shape
+        if self._estimator is None:  # directions="auto": decided once
             self._ready("rt.step()")
-            assert self._backend is not None
-            rows, length = self.adapter.validate(batch).input_ids.shape
-            q = await asyncio.to_thread(self._decide_directions, self._backend.device, rows, length)
-            if self.world_size > 1:  # every rank runs the same probes, whatever its shard's rows
-                q = agreed_max(q, self._backend.device)
-            kind = self.optimizer.estimator
-            self._estimator = estimator_for(kind, self.optimizer.eps, self.compute_dtype, q)
+            self._estimator = await self._decide_directions(batch)
         state = self._state(batch, Mode.TRAIN, t)
         assert self._work is not None
         self._work.changed.clear()  # count this step's updates only (not a failed or an evaluation pass's)
         await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
-        changed = self._work.changed.take()
-        assert state.update is not None and state.grads is not None and state.estimator is not None
-        probes, directions = len(state.probes), state.grads.numel()
-        read = torch.cat([torch.stack(state.values).float(), state.grads, state.update.scaled_grads]).tolist()
-        losses, grads = tuple(read[:probes]), tuple(read[probes : probes + directions])
-        skipped = not all(math.isfinite(v) for v in read)  # the coefficients too: σ = 0 makes them inf
-        if skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
+        stats = state.outcome(self._work.changed.take())
+        if stats.skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
             self.skipped_steps += 1
         else:
+            assert state.update is not None
             self._log.add(state.update)
         self.step_index = t + 1
-        return StepStats(t, state.seed, state.lr, losses, grads, skipped, changed, state.estimator.name)
+        return stats
 
     async def evaluate(self, batch: Batch | Mapping[str, object], metric: LossFn | None = None) -> float:
         """The loss at the current weights (or ``metric(logits, batch)``, e.g. an accuracy): an

@@ -28,12 +28,12 @@ import torch
 from .models.adapter import adapter_for
 from .models.init import meta_model
 from .models.shapes import MODEL_NAMES, named_config, shape_dims
-from .planning.directions import auto_directions
+from .planning.directions import auto_directions, fewest_directions
 from .planning.planner import Prediction, Workload, best, predict
 from .planning.profiles import BUILT_IN, load_profile
 from .policies.base import UNIT_KINDS, FixedDepth
 from .storage import model_layout
-from .train.options import UsageError, parse_policy, parse_size
+from .train.options import UsageError, parse_directions, parse_policy, parse_size
 from .zo.estimator import ESTIMATORS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -84,15 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="how 16-bit masters take updates (default: stochastic, as ZOSGD; fp32: nearest)",
     )
-    parser.add_argument("--directions", default="1", help="directions per step, or auto (default 1)")
+    parser.add_argument("--directions", type=parse_directions, default=1, help="per step, or auto (default 1)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="(default two-sided)")
     args = parser.parse_args(argv)
     try:
         if args.batch <= 0 or args.seq <= 0:
             raise UsageError("--batch and --seq must be positive")
-        auto = args.directions == "auto"
-        args.directions = 2 if auto else int(args.directions) if args.directions.isdigit() else 0
-        if args.directions < 1 or (args.estimator == "one-sided" and args.directions < 2):
+        auto, fewest = args.directions == "auto", fewest_directions(args.estimator)
+        args.directions = fewest if auto else args.directions  # auto: the fewest until the plan is known
+        if args.directions < fewest:
             raise UsageError("--directions must be a number >= 1 (>= 2 with --estimator one-sided) or auto")
         profile = load_profile(args.gpu)
         config = named_config(args.model)

@@ -19,6 +19,7 @@ model family runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,6 +40,7 @@ from .storage import Storage
 from .zo.directions import DirectionSampler
 from .zo.estimator import Estimator, Probe, coefficients
 from .zo.log import UpdateLog
+from .zo.stats import StepStats
 from .zo.update import ChangeCount, PendingUpdate, PerturbedRows, Rounding, draw_direction, perturb_into, update_group
 
 
@@ -72,6 +74,16 @@ class StepState:
 
     def __post_init__(self) -> None:
         self.hidden = [None] * len(self.probes)
+
+    def outcome(self, changed: float | None) -> StepStats:
+        """A finished step's figures, read from the device at once (the step's one host sync).
+        Skipped when a loss, g or coefficient is not finite (σ = 0 makes a one-sided step's inf)."""
+        assert self.update is not None and self.grads is not None and self.estimator is not None
+        probes, directions = len(self.probes), self.grads.numel()
+        read = torch.cat([torch.stack(self.values).float(), self.grads, self.update.scaled_grads]).tolist()
+        losses, grads = tuple(read[:probes]), tuple(read[probes : probes + directions])
+        skipped = not all(math.isfinite(v) for v in read)
+        return StepStats(self.step, self.seed, self.lr, losses, grads, skipped, changed, self.estimator.name)
 
 
 _METHOD = {

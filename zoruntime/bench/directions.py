@@ -27,6 +27,7 @@ opt-13b step time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -118,6 +119,7 @@ def one_run(task: str, estimator: str, q: int, lr: float, seed: int, steps: int,
     return engine.run(go())
 
 
+@functools.cache
 def opt13b_step_s(estimator: str, q: int, rounding: str) -> float:
     """The planner's step time of opt-13b fp16 on the H200 profile, batch 1 x 2048, every block streamed."""
     config = named_config("opt-13b")

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from ..policies.base import Plan
 from .planner import PlanGiven, Workload, predict
-from .profiles import GPUProfile
+from .profiles import GPUProfile, profile_for_device
 
 MAX_DIRECTIONS = 16
 HIDDEN_WITHIN = 0.02
@@ -25,10 +25,15 @@ HIDDEN_WITHIN = 0.02
 as hidden under the transfers."""
 
 
+def fewest_directions(estimator: str) -> int:
+    """The fewest directions ``estimator`` takes: one-sided normalises by their spread, so two."""
+    return 2 if estimator == "one-sided" else 1
+
+
 def auto_directions(work: Workload, profile: GPUProfile, plan: Plan, estimator: str) -> int:
     """The largest q (at most ``MAX_DIRECTIONS``) whose predicted step time for ``plan`` is within
-    ``HIDDEN_WITHIN`` of one two-sided direction's; at least 1 (2 for ``estimator="one-sided"``)."""
-    least = 2 if estimator == "one-sided" else 1
+    ``HIDDEN_WITHIN`` of one two-sided direction's; at least ``fewest_directions(estimator)``."""
+    least = fewest_directions(estimator)
     policy = PlanGiven(plan)
 
     def step_s(q: int, kind: str) -> float:
@@ -41,3 +46,20 @@ def auto_directions(work: Workload, profile: GPUProfile, plan: Plan, estimator: 
             break
         chosen = q
     return chosen
+
+
+def directions_for(work: Workload, plan: Plan, estimator: str, profile: GPUProfile | None, gpu_name: str | None) -> int:
+    """A run's ``directions="auto"``: ``auto_directions`` on ``profile``, else on the built-in
+    profile of the GPU named ``gpu_name`` (an error naming the fix when it has none); with
+    neither (a CPU, where nothing crosses a link to hide forwards under) the fewest."""
+    if profile is None and gpu_name is not None:
+        profile = profile_for_device(gpu_name)
+        if profile is None:
+            raise ValueError(
+                f"directions='auto' predicts from a GPU profile, and the {gpu_name} has no built-in one: write one "
+                "with `zoruntime bench --save-profile FILE` and pass Runtime(..., profile=FILE) (zoruntime train "
+                "--gpu-profile FILE), or give directions a number"
+            )
+    if profile is None:
+        return fewest_directions(estimator)
+    return auto_directions(work, profile, plan, estimator)

@@ -23,6 +23,7 @@ from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
 from ..models.init import load_pretrained, random_opt, tiny_opt_config
 from ..models.shapes import shape_dims
+from ..planning.directions import fewest_directions
 from ..planning.memory import activation_bytes
 from ..planning.planner import probe_count
 from ..policies.base import FixedDepth
@@ -105,7 +106,7 @@ def check_plan(
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * task.rows_per_example  # a candidate-scored task: a row per candidate
     dims = shape_dims(model.config)
-    directions = config.directions if isinstance(config.directions, int) else 1 + (config.estimator == "one-sided")
+    directions = config.directions if isinstance(config.directions, int) else fewest_directions(config.estimator)
     need = activation_bytes(dims, rows, config.max_length, runtime.compute_dtype.itemsize, attention_scores=True,
                             chunked_loss=task.loss_fn is None,
                             probes=probe_count(config.estimator, directions))  # fmt: skip

@@ -150,7 +150,7 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
         choices=("stochastic", "nearest"),
         help="how 16-bit master weights take updates (default: stochastic; fp32 masters: nearest)",
     )
-    p.add_argument("--directions", type=_directions, default=d.directions,
+    p.add_argument("--directions", type=parse_directions, default=d.directions,
                    help="directions per step (per upload of each block), or auto: as many as hide under the "
                    "transfers of the plan")  # fmt: skip
     p.add_argument("--estimator", default=d.estimator, choices=("two-sided", "one-sided"),
@@ -174,7 +174,8 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def _directions(text: str) -> int | str:
+def parse_directions(text: str) -> int | str:
+    """A number of directions (checked by ``ZOSGD``) or "auto"."""
     if text == "auto":
         return text
     try:

@@ -159,6 +159,7 @@ def update_group(
         if step is None or step.dtype != torch.float32:
             raise ValueError("an update of several directions needs a float32 step buffer")
         span = min(step.numel(), z.numel(), layout.numel)
+        one = torch.ones((), dtype=torch.float32, device=weights.device)  # the sum is the step itself
     sample = changed.before(layout, weights) if changed is not None else None
     for start in range(0, layout.numel, span):
         count = min(span, layout.numel - start)
@@ -174,7 +175,7 @@ def update_group(
                 total.copy_(direction).mul_(update.scaled_grads[0])
             else:
                 total.addcmul_(direction, update.scaled_grads[d])
-        apply_update(weights, total, update, layout, sampler, offset=start, combined=True)
+        apply_update(weights, total, update, layout, sampler, offset=start, scale=one)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
@@ -237,13 +238,13 @@ def apply_update(
     sampler: DirectionSampler,
     changed: ChangeCount | None = None,
     offset: int = 0,
-    combined: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
     those that take it), computed in float32 and rounded once to the masters' dtype. ``z`` holds
-    elements ``[offset, offset + z.numel())`` of the direction, and only those are updated; with
-    ``combined`` it holds the float32 sum ``Σ_d −lr·c_d·z_d`` of several directions instead
-    (``update_group`` makes it), which takes the place of ``−lr·g·z``.
+    elements ``[offset, offset + z.numel())`` of the direction, and only those are updated.
+    ``scale`` multiplies z in place of the update's one ``−lr·g``: ``update_group`` passes 1 with
+    z the float32 sum ``Σ_d −lr·c_d·z_d`` of several directions.
 
     The decay is folded into the step before rounding, never a multiplication by
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
@@ -254,8 +255,8 @@ def apply_update(
     if stochastic and weights.dtype not in DROPPED_BITS:
         raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
     sample = changed.before(layout, weights) if changed is not None else None
-    if combined:
-        scaled_grad = torch.ones((), dtype=torch.float32, device=weights.device)
+    if scale is not None:
+        scaled_grad = scale
     elif update.directions == 1:
         scaled_grad = update.scaled_grads[0].to(device=weights.device)
     else:
