@@ -28,6 +28,8 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     card = result["card"]  # on a CPU the copies take microseconds and their times are noise: only their shape
     assert all(card[k] > 0 for k in ("both_directions_ms", "upload_ms", "offload_ms"))
     assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
+    assert card["host_task_ms"] >= 0 and card["host_probe_ms"] >= 0  # the host's time split as profiles take it
+    assert card["host_task_ms"] + 2 * card["host_probe_ms"] == pytest.approx(card["compute_enqueue_ms"])
     assert "ratios below are to the upload-only floor" in done.stdout
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",

@@ -4,6 +4,7 @@ the simulator, the fastest plan within the memory given, a profile from the benc
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -82,12 +83,42 @@ def test_stochastic_rounding_is_predicted_to_make_opt_13b_compute_bound() -> Non
 
 def test_a_profile_from_the_card_gives_back_the_cards_times(tmp_path) -> None:
     work = _work("opt-13b")
-    card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 3.88, "compute_task_ms": 7.65}
+    card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 3.88, "compute_task_ms": 7.65,
+            "host_task_ms": 0.5, "host_probe_ms": 0.75}  # fmt: skip
     profile = profile_from_card("mine", card, work, gpu_memory_gb=80, duplex=0.9, source="a test")
     op, _ = figures(work, profile)
     assert op.compute_s == pytest.approx(7.65e-3)
     assert op.upload_s == pytest.approx(work.layout.unit_bytes / 55.2e9)
+    assert profile.host_s(2) == pytest.approx(2e-3) and profile.host_s(8) == pytest.approx(6.5e-3)
     assert load_profile(str(profile.save(tmp_path / "mine.json"))) == profile
+    older = {k: v for k, v in card.items() if not k.startswith("host")}  # a card from before the host was split
+    assert profile_from_card("old", older, work, 80, 0.9, "a test").host_s(8) == 0
+
+
+def test_a_profile_saved_before_host_times_loads_with_the_host_not_modelled(tmp_path) -> None:
+    saved = {k: v for k, v in asdict(BUILT_IN["h200"]).items() if not k.startswith("host")}
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    assert load_profile(str(tmp_path / "old.json")) == replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)
+    with pytest.raises(ValueError, match="host_probe_ms must be >= 0, got -1"):
+        replace(BUILT_IN["h200"], host_probe_ms=-1)
+
+
+def test_a_compute_task_takes_at_least_the_hosts_time_to_issue_it() -> None:
+    """opt-1.3b: a block crosses the link in 1.8 ms; a host that needs 3 ms to issue a task of
+    two probes sets the pace, and every unit of the step waits for it. The floor is the link's
+    and the GPU's: the host's time shows as a lower ratio to it."""
+    work = _work("opt-1.3b")
+    fast = replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)
+    slow = replace(fast, host_task_ms=1.0, host_probe_ms=1.0)
+    (op_fast, _), (op_slow, _) = figures(work, fast), figures(work, slow)
+    assert op_fast.compute_s < op_fast.upload_s < 3e-3 and op_slow.compute_s == pytest.approx(3e-3)
+    assert op_slow.upload_s == op_fast.upload_s and op_slow.head_s == op_fast.head_s
+    quick, bound = predict(work, fast, FixedDepth(1)), predict(work, slow, FixedDepth(1))
+    assert bound.step_s == pytest.approx(work.layout.num_units * 3e-3 + op_slow.head_s, rel=1e-9)
+    assert (quick.bound_by, bound.bound_by) == ("the link", "the host")
+    assert bound.floor_tokens_per_s == quick.floor_tokens_per_s and bound.ratio_to_floor < 0.7
+    several = replace(work, directions=4)  # 8 probes: 1 + 8 ms to issue
+    assert figures(several, slow)[0].compute_s == pytest.approx(9e-3)
 
 
 def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:
@@ -106,20 +137,39 @@ def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("name", "gigabytes"), [("opt-175b", 8), ("opt-66b", 6), ("opt-30b", 4), ("opt-1.3b", 0.6)])
-def test_big_models_fit_small_cards_near_the_floor_with_a_unit_per_linear_layer(name: str, gigabytes: float) -> None:
-    """fp16 with ZOSGD's stochastic rounding, batch 1 x 2048, the H200 profile (predictions)."""
+def test_big_models_fit_small_cards_with_a_unit_per_linear_layer(name: str, gigabytes: float) -> None:
+    """fp16 with ZOSGD's stochastic rounding, batch 1 x 2048, the H200 profile (predictions):
+    near the floor where a unit takes longer to cross the link than the host takes to issue its
+    task; opt-1.3b's linear layers (4 to 16 MB) cross in well under the 2.3 ms the host needs."""
     work = _work(name, rounding=None, unit="linear")
     prediction = predict(work, BUILT_IN["h200"], FixedDepth(1, unit="linear"))
-    assert prediction.gpu_bytes <= gigabytes * 1e9 and prediction.ratio_to_floor >= 0.9
+    assert prediction.gpu_bytes <= gigabytes * 1e9
+    if name == "opt-1.3b":
+        assert prediction.bound_by == "the host" and prediction.ratio_to_floor < 0.3
+        free_host = replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)
+        assert predict(work, free_host, FixedDepth(1, unit="linear")).ratio_to_floor >= 0.9
+    else:
+        assert prediction.bound_by != "the host" and prediction.ratio_to_floor >= 0.9
     whole = predict(_work(name, rounding=None), BUILT_IN["h200"], FixedDepth(1))
     assert whole.gpu_bytes > gigabytes * 1e9  # whole blocks do not fit
 
 
 def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> None:
-    assert plan_main(["--model", "opt-1.3b", "--gpu-memory", "0.6GB"]) == 0
-    small = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert "unit='linear'" in small["policy"] and small["gpu_bytes"] <= 0.6e9 and small["ratio_to_floor"] >= 0.9
+    """opt-1.3b: in 0.6 GB whole blocks still fit, one at a time, and beat linear layers, which are
+    host-bound (see above); in 0.5 GB only linear layers fit."""
+    found = {}
+    for gigabytes in ("0.6", "0.5"):
+        assert plan_main(["--model", "opt-1.3b", "--gpu-memory", f"{gigabytes}GB"]) == 0
+        found[gigabytes] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "unit=" not in found["0.6"]["policy"] and found["0.6"]["gpu_bytes"] <= 0.6e9
+    assert "unit='linear'" in found["0.5"]["policy"] and found["0.5"]["gpu_bytes"] <= 0.5e9
+    assert found["0.5"]["bound_by"] == "the host" and found["0.5"]["step_s"] > found["0.6"]["step_s"]
     works = [_work("opt-1.3b", unit=unit) for unit in ("block", "half", "linear")]
-    roomy = best(works, BUILT_IN["h200"], int(24e9))
-    assert roomy is not None and roomy.plan.resident  # more room: units kept resident, faster than streaming
-    assert roomy.tokens_per_s > predict(works[0], BUILT_IN["h200"], FixedDepth(1)).tokens_per_s
+    for profile in (BUILT_IN["h200"], replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)):
+        roomy = best(works, profile, int(24e9))
+        assert roomy is not None and roomy.plan.resident  # more room: units kept resident
+        streamed = predict(works[0], profile, FixedDepth(1))
+        if profile.host_s(2) > 0:  # the host issues every block's task, resident or not: no faster
+            assert roomy.tokens_per_s == pytest.approx(streamed.tokens_per_s)
+        else:
+            assert roomy.tokens_per_s > streamed.tokens_per_s

@@ -21,7 +21,7 @@ from zoruntime.models.groups import GroupLayout, ParamSlice
 from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import named_config, shape_dims
 from zoruntime.planning.directions import HIDDEN_WITHIN, MAX_DIRECTIONS, auto_directions
-from zoruntime.planning.planner import PlanGiven, Workload, predict
+from zoruntime.planning.planner import PlanGiven, Workload, figures, predict
 from zoruntime.planning.profiles import BUILT_IN, GPUProfile, profile_for_device
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.policies.base import Plan
@@ -281,6 +281,19 @@ def test_auto_is_the_largest_q_whose_forwards_hide_under_the_transfers(profile: 
     assert step_s(q + 1, estimator) > limit
     if profile is PCIE3_GPU:  # a slow link hides several directions' forwards
         assert q >= 2 and step_s(q, estimator) <= limit
+
+
+def test_auto_counts_the_hosts_time_per_probe() -> None:
+    """On the slow link an opt-13b block crosses in 105 ms (117 ms while offloads share it); a host
+    that needs 10 ms a task and 20 ms a probe issues two directions' four probes in that time but
+    not three's six, where the GPU alone would have hidden three."""
+    work, plan = _opt13b(batch=8, seq=128), Plan(1)
+    free = auto_directions(work, PCIE3_GPU, plan, "two-sided")
+    slow_host = replace(PCIE3_GPU, host_task_ms=10.0, host_probe_ms=20.0)
+    busy = auto_directions(work, slow_host, plan, "two-sided")
+    assert (busy, free) == (2, 3)
+    upload_s = figures(work, slow_host)[0].upload_s
+    assert slow_host.host_s(4) < upload_s / slow_host.duplex < slow_host.host_s(6)
 
 
 def test_more_probes_cost_compute_and_activations_in_the_plan() -> None:

@@ -2,8 +2,9 @@
 
 1. Scheduler overhead per task: a 96-block step graph (Algorithm 1, 290 tasks) on lanes that
    do no work at all, under asyncio's loop and uvloop, with tracing off and on.
-2. Host time per block task: a block's whole compute task on a block too small for its kernels
-   to matter, in microseconds (on a GPU this sets the pace of small blocks).
+2. Host time per unit compute task: a unit's whole compute task on blocks too small for their
+   kernels to matter, in microseconds, at 1, 2, 4 and 8 directions and for each unit kind, fitted
+   as a cost per task plus one per probe (on a GPU this sets the pace of small units).
 3. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
 
     python -m zoruntime.bench.overhead [--quick]
@@ -25,7 +26,7 @@ import torch
 
 from .. import engine
 from ..models.init import random_opt, tiny_opt_config
-from ..policies.base import FixedDepth, Plan
+from ..policies.base import UNIT_KINDS, FixedDepth, Plan
 from ..runtime.graph import Lane, Task, step_graph
 from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Completion, Scheduler, Work
@@ -82,22 +83,32 @@ def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
     return rows
 
 
-def host_time_per_block_task(steps: int) -> dict[str, Any]:
-    """Microseconds of host time per block compute task (both perturbed forwards, the draws, the
-    perturbed copies, the pending update) on a block so small its kernels cost next to nothing:
-    what the host spends issuing a block task, which on a GPU caps how fast small blocks go."""
+def host_time_per_unit_task(
+    steps: int, directions: Sequence[int] = (1, 2, 4, 8), unit: str = "block"
+) -> dict[str, Any]:
+    """Microseconds of host time per unit compute task (the pending update, each probe's draw,
+    perturbed copy and forward) on blocks so small their kernels cost next to nothing: what the
+    host spends issuing a task, which on a GPU caps how fast small units go. Measured at each
+    number of two-sided ``directions`` (2q probes) and fitted as ``per_task + per_probe·probes``:
+    the split ``GPUProfile.host_task_ms`` / ``host_probe_ms`` models."""
     config = tiny_opt_config(hidden_size=16, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16,
                              num_hidden_layers=8, vocab_size=64, max_position_embeddings=8)  # fmt: skip
     data = {"input_ids": torch.randint(4, 64, (1, 8), generator=torch.Generator().manual_seed(0))}
+    rows = []
+    for q in directions:
 
-    async def traced() -> Any:
-        async with engine.Runtime(random_opt(config, seed=0), ZOSGD(lr=1e-6), policy=FixedDepth(1), trace=True) as rt:
-            for _ in range(steps + 1):
-                await rt.step(data)
-        return rt.timeline.training_steps_from(1)
+        async def traced(q: int = q) -> Any:
+            optimizer, policy = ZOSGD(lr=1e-6, directions=q), FixedDepth(1, unit=unit)
+            async with engine.Runtime(random_opt(config, seed=0), optimizer, policy=policy, trace=True) as rt:
+                for _ in range(steps + 1):
+                    await rt.step(data)
+            return rt.timeline.training_steps_from(1)
 
-    spans = [s for s in engine.run(traced()).spans if s.kind == "compute"]
-    return {"tasks": len(spans), "us_per_block_task": 1e6 * statistics.median(s.duration for s in spans)}
+        spans = [s for s in engine.run(traced()).spans if s.kind == "compute"]
+        rows.append({"directions": q, "probes": 2 * q, "tasks": len(spans),
+                     "us_per_task": 1e6 * statistics.median(s.duration for s in spans)})  # fmt: skip
+    fit = statistics.linear_regression([r["probes"] for r in rows], [r["us_per_task"] for r in rows])
+    return {"unit": unit, "rows": rows, "us_per_task": fit.intercept, "us_per_probe": fit.slope}
 
 
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -155,9 +166,16 @@ def main() -> None:
     for row in overhead:
         print(f"{row['loop']:<10}{row['tracing']!s:<10}{row['tasks']:>10}{row['us_per_task']:>10.2f}")
 
-    host = host_time_per_block_task(steps=3 if args.quick else 50)
-    print(f"\nhost time per block task (8 blocks of hidden 16, 1x8 tokens; median of {host['tasks']} tasks): "
-          f"{host['us_per_block_task']:.0f} us")  # fmt: skip
+    host = [host_time_per_unit_task(steps=3 if args.quick else 50, unit=unit) for unit in UNIT_KINDS]
+    print("\nhost time per unit compute task (8 blocks of hidden 16, 1x8 tokens; two-sided; median over tasks)")
+    heads = ["q=" + str(r["directions"]) + " us" for r in host[0]["rows"]]
+    print(f"{'unit':<8}" + "".join(f"{h:>11}" for h in heads) + f"{'= per task':>12}{'+ per probe':>13}")
+    for fit in host:
+        print(
+            f"{fit['unit']:<8}"
+            + "".join(f"{r['us_per_task']:>11.0f}" for r in fit["rows"])
+            + f"{fit['us_per_task']:>12.0f}{fit['us_per_probe']:>13.0f}"
+        )
 
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
     cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)
@@ -166,7 +184,7 @@ def main() -> None:
     for row in cpu:
         print(f"{row['runner']:<24}{row['median_step_s']:>10.4f}{row['ratio']:>8.3f}")
 
-    print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "host_per_block_task": host,
+    print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "host_per_unit_task": host,
                       "cpu_backend": cpu}))  # fmt: skip
 
 

@@ -80,8 +80,9 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     compute task is everything the compute lane does for a block (draw the pending update's z,
     apply it, draw this step's z, two perturbed copies and two forwards), timed on the device
     alone. Offloads need not happen every step, so they are measured and shown but do not set
-    the floor. The host's time to enqueue a compute task is shown beside it: where it is the
-    largest, Python, not the GPU or the link, sets the pace.
+    the floor. The host's time to enqueue a compute task is shown beside it (and split into a
+    cost per task and one per probe, from a task of two directions, as profiles model it): where
+    it is the largest, Python, not the GPU or the link, sets the pace.
     """
     adapter = adapter_for(model)
     first = adapter.units.streamable[0]
@@ -108,23 +109,28 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     rounding = ZOSGD().rounding_for(layout.dtype)  # as the runtime updates these masters by default
     pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device), rounding)  # lr 0
 
+    block = adapter.bound_block(first.index, params)  # as the runtime runs a block's perturbed copies
+
     def dual_forward() -> None:
         with torch.no_grad():
-            adapter.block(first.index, params, hidden, inputs)
-            adapter.block(first.index, params, hidden, inputs)
+            block(hidden, inputs)
+            block(hidden, inputs)
 
-    def compute_task() -> None:
+    def compute_task(directions: int = 1) -> None:
         with torch.no_grad():
             apply_update(slot, draw_direction(sampler, pending.seed, layout, z), pending, layout, sampler)
-            sampler.draw(2, first.group, z)
-            for eps in (1e-3, -1e-3):
-                perturb_into(scratch, slot, z, eps)
-                adapter.block(first.index, params, hidden, inputs)
+            for direction in range(directions):
+                draw_direction(sampler, 2, layout, z, direction=direction)
+                for eps in (1e-3, -1e-3):
+                    perturb_into(scratch, slot, z, eps)
+                    block(hidden, inputs)
 
     perturb_into(scratch, slot, sampler.draw(2, first.group, z), 1e-3)
     forward = dev.seconds(dual_forward, repeat=10)
     task = dev.seconds(compute_task, repeat=10)
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
+    enqueue_two = dev.enqueue_seconds(lambda: compute_task(2), repeat=10)  # 4 probes: the host's cost per probe
+    host_probe = min(max(enqueue_two - enqueue, 0.0), enqueue) / 2  # the split always adds up to `enqueue`
     blocks = len(adapter.units.streamable)
     floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(blocks)
     # every block up and down each step, the two copies at once: never below either copy alone (a
@@ -139,6 +145,8 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "dual_forward_ms": forward * 1e3,
         "compute_task_ms": task * 1e3,
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
+        "host_task_ms": (enqueue - 2 * host_probe) * 1e3,  # that time as a cost per task
+        "host_probe_ms": host_probe * 1e3,  # and one per probe (from a task of two directions)
         "both_directions_ms": both * 1e3,  # one upload and one offload of a block at once
         "duplex": max(up, down) / both,  # the fraction of its speed each direction keeps while both run
         "floor_step_s": floor,
@@ -333,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     block_mb = f"{facts['block_mb']:.0f}" if facts["block_mb"] >= 10 else f"{facts['block_mb']:.2f}"
     print(f"  {blocks} blocks of {block_mb} MB; {link_line(dev.cuda, facts)}")
     print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms, whole compute task "
-          f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms); "
+          f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms: "
+          f"{facts['host_task_ms']:.2f} ms per task + {facts['host_probe_ms']:.2f} ms per probe); "
           f"floor {facts['floor_step_s']:.3f} s/step "
           f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
     print(f"  a block up and one down at once {facts['both_directions_ms']:.2f} ms (each direction keeps "

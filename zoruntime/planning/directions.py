@@ -6,9 +6,9 @@ forwards of more directions fill that time for free until compute catches up wit
 transfers. ``auto_directions`` predicts the step time of ``plan`` for q = 1, 2, ... on the
 profile, and answers the largest q whose step is no slower than MeZO's (one direction,
 two-sided) by more than ``HIDDEN_WITHIN``. A one-sided estimator needs two directions at least,
-and gets them even where they do not hide. Predictions, not measurements: the planner does not
-model the host (``planner.py``), so a small model, whose host time per block dominates, gets
-more directions on paper than pay off.
+and gets them even where they do not hide. Predictions, not measurements: the host's time to
+issue each probe counts where the profile has it (``GPUProfile.host_probe_ms``), so a small
+model, whose blocks cross the link faster than Python issues their forwards, gets few.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ For a model (its groups' sizes and its widths), a batch and a profile, each task
 from the profile: a unit's upload and offload from the link speeds; its compute task from the
 flops of its forwards (one per probe: two for MeZO's step, 2q or q + 1 with q directions; two
 flops per parameter and token, plus causal attention) at the profile's rate and the bytes its
-draws, perturbed copies and update touch at the memory rate; one more missed update (its
-draws and the add) for offloads every k steps; the head from the logits' flops.
+draws, perturbed copies and update touch at the memory rate, or, where longer, the host's time to
+issue the task (the profile's cost per task and per probe: Python and launches; units finer than
+a block pay it per unit); one more missed update (its draws and the add) for offloads every k
+steps; the head from the logits' flops (its host time is not modelled). The floor a prediction
+is compared with leaves the host out: the link and the GPU's own work.
 Units finer than a block (halves, linear layers) differ in size; the simulator takes one size,
 their mean, so a prediction for them is coarser than for whole blocks.
 The simulator then runs the real scheduler on those times for two offload cycles, and the step
@@ -17,7 +20,7 @@ memory model's figure plus the activations.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
@@ -103,6 +106,7 @@ class Prediction:
     step_s: float
     tokens_per_s: float
     floor_tokens_per_s: float
+    bound_by: str = ""  # what sets a streamed unit's pace: "the link", "the GPU" or "the host"
 
     @property
     def ratio_to_floor(self) -> float:
@@ -112,7 +116,7 @@ class Prediction:
         return {
             "policy": self.policy, "gpu_bytes": self.gpu_bytes, "step_s": self.step_s,
             "tokens_per_s": self.tokens_per_s, "floor_tokens_per_s": self.floor_tokens_per_s,
-            "ratio_to_floor": self.ratio_to_floor, "memory": self.memory,
+            "ratio_to_floor": self.ratio_to_floor, "bound_by": self.bound_by, "memory": self.memory,
         }  # fmt: skip
 
 
@@ -127,7 +131,8 @@ def profile_from_card(
     name: str, card: dict[str, float], work: Workload, gpu_memory_gb: float, duplex: float, source: str
 ) -> GPUProfile:
     """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
-    compute rate from both forwards, the memory rate from the rest of the compute task."""
+    compute rate from both forwards, the memory rate from the rest of the compute task, the
+    host's time per task and per probe as the card split it (a card without them: not modelled)."""
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
     if task_s <= forward_s:
         raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
@@ -135,23 +140,29 @@ def profile_from_card(
         name, upload_gb_s=card["upload_gb_s"], offload_gb_s=card["offload_gb_s"], duplex=duplex,
         tflops=2 * forward_flops(work) / forward_s / 1e12,
         memory_gb_s=work.compute_task_bytes() / (task_s - forward_s) / 1e9,
-        gpu_memory_gb=gpu_memory_gb, source=source,
+        gpu_memory_gb=gpu_memory_gb, host_task_ms=card.get("host_task_ms", 0.0),
+        host_probe_ms=card.get("host_probe_ms", 0.0), source=source,
     )  # fmt: skip
 
 
+def gpu_compute_s(work: Workload, profile: GPUProfile) -> float:
+    """Seconds of a unit's compute task on the GPU: its forwards at the compute rate, the bytes its
+    draws, perturbed copies and update move at the memory rate."""
+    forwards = work.probes * forward_flops(work) / (profile.tflops * 1e12)
+    return forwards + work.compute_task_bytes() / (profile.memory_gb_s * 1e9)
+
+
 def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
-    """Seconds of a unit's upload, compute task and offload, and the head; and of one extra update."""
+    """Seconds of a unit's upload, compute task and offload, and the head; and of one extra update.
+    A compute task takes the longer of the GPU's time and the host's to issue it (the GPU runs
+    behind the host, never ahead)."""
     params, itemsize = work.unit_numel, work.layout.streamable[0].itemsize
-    dims, tokens = work.dims, work.tokens
-    flops = profile.tflops * 1e12
     memory = profile.memory_gb_s * 1e9
-    compute_s = work.probes * forward_flops(work) / flops + work.compute_task_bytes() / memory
-    head_s = work.probes * 2 * tokens * dims.hidden * dims.vocab / flops
     op = OpFigures(
         upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
-        compute_s=compute_s,
+        compute_s=max(gpu_compute_s(work, profile), profile.host_s(work.probes)),
         offload_s=params * itemsize / (profile.offload_gb_s * 1e9),
-        head_s=head_s,
+        head_s=work.probes * 2 * work.tokens * work.dims.hidden * work.dims.vocab / (profile.tflops * 1e12),
     )
     return op, params * (itemsize * work.directions + work.update_bytes) / memory  # the draws, then the update
 
@@ -176,10 +187,11 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     )  # fmt: skip
     starts = [mark.start for mark in timeline.steps]  # a step starts when the one before returns
     step_s = (starts[2 * cycle] - starts[cycle]) / cycle  # the second cycle: steps overlapping steps
-    floor = op.upload_floor(layout.num_units)
-    return Prediction(
-        name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s, work.tokens / floor
-    )
+    gpu_s = gpu_compute_s(work, profile)
+    floor = replace(op, compute_s=gpu_s).upload_floor(layout.num_units)  # the link and the GPU
+    paces = {"the link": op.upload_s, "the GPU": gpu_s, "the host": profile.host_s(work.probes)}
+    return Prediction(name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s,
+                      work.tokens / floor, max(paces, key=paces.__getitem__))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

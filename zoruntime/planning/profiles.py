@@ -1,8 +1,10 @@
 """GPU profiles: the measured figures a plan is predicted from. No torch.
 
 A profile holds the link's speeds (pinned host→device and device→host alone, and the fraction
-of that each keeps while both run), the compute rate the two forwards of a block reach, and the
-rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update). The
+of that each keeps while both run), the compute rate the two forwards of a block reach, the
+rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update), and
+the host's time to issue a compute task (a part per task, a part per probe: Python and kernel
+launches, which the GPU cannot hide when its own work per task is shorter). The
 built-in ones were measured by ``zoruntime bench`` on the machines named in them;
 ``zoruntime bench --save-profile FILE`` writes one for your own GPU.
 """
@@ -23,14 +25,23 @@ class GPUProfile:
     tflops: float  # what both forwards of a block reach, in 1e12 flop/s
     memory_gb_s: float  # the draws, perturbed copies and update, in bytes touched per second
     gpu_memory_gb: float
+    host_task_ms: float = 0.0  # the host's time to issue a unit's compute task, besides its probes (0: not modelled)
+    host_probe_ms: float = 0.0  # and per probe (a draw, a perturbed copy, a forward)
     source: str = ""
 
     def __post_init__(self) -> None:
         for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
+        for field in ("host_task_ms", "host_probe_ms"):
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"profile {self.name!r}: {field} must be >= 0, got {getattr(self, field)!r}")
         if not 0 < self.duplex <= 1:
             raise ValueError(f"profile {self.name!r}: duplex must be in (0, 1], got {self.duplex!r}")
+
+    def host_s(self, probes: int) -> float:
+        """Seconds the host takes to issue a unit's compute task of ``probes`` forwards."""
+        return (self.host_task_ms + probes * self.host_probe_ms) / 1e3
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -41,15 +52,18 @@ class GPUProfile:
 BUILT_IN = {
     "h200": GPUProfile(
         "h200", upload_gb_s=55.2, offload_gb_s=55.4, duplex=0.9, tflops=655.0, memory_gb_s=1750.0,
-        gpu_memory_gb=139.8,
+        gpu_memory_gb=139.8, host_task_ms=1.07, host_probe_ms=0.61,
         source="measured: zoruntime bench on an NVIDIA H200, PCIe gen 5 x16, 2026-11-27 (links, opt-13b card); "
-        "duplex from docs/design.md (50 GB/s each way at once)",
+        "duplex from docs/design.md (50 GB/s each way at once); host: 2.28 ms to enqueue a two-probe task "
+        "(median of 11 cards, before blocks were bound once), split per task and per probe as "
+        "bench.overhead splits it on a CPU",
     ),
     "h100": GPUProfile(
         "h100", upload_gb_s=54.7, offload_gb_s=53.0, duplex=0.9, tflops=590.0, memory_gb_s=1700.0,
-        gpu_memory_gb=79.6,
+        gpu_memory_gb=79.6, host_task_ms=1.17, host_probe_ms=0.67,
         source="measured: zoruntime bench on an NVIDIA H100 80GB HBM3, PCIe gen 5 x16, 2026-11-26 (opt-13b card); "
-        "duplex assumed as on the H200",
+        "duplex assumed as on the H200; host: a two-probe task spanned 2.5 ms of an opt-1.3b trace against "
+        "1.6 ms of GPU time, split as on the H200",
     ),
 }  # fmt: skip
 
