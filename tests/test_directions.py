@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from zoruntime.zo import CHUNK_ELEMENTS, DIRECTION_SCHEME, DirectionSampler, chunk_seed, step_seed
+from zoruntime.zo import CHUNK_ELEMENTS, DIRECTION_SCHEME, DirectionSampler, chunk_seed, directions, step_seed
+from zoruntime.zo.directions import DrawnChunk
 
 GROUP = 2_500  # elements of the group the chunked tests draw
 CHUNK = 1_000  # small chunks, so the group has three (the last one 500 long)
@@ -79,6 +80,53 @@ def test_a_group_drawn_in_parts_equals_it_drawn_whole_bitwise(cuts: list[int]) -
         assert torch.equal(pieced, whole)
     prefix = _draw(sampler, seed, 4, n=1_500, group_numel=GROUP)  # offset 0 with the group's length given
     assert torch.equal(prefix, _draw(sampler, seed, 4, n=GROUP)[:1_500])
+
+
+def test_parts_through_a_drawn_chunk_equal_the_whole_draw_and_draw_each_chunk_once(monkeypatch) -> None:
+    """Parts of a group in small pieces (as a vocabulary's rows and the parameters beside them
+    are drawn) through a ``DrawnChunk``: bitwise the whole-group draw, each chunk drawn once
+    while its parts come in a row; interleaved keys (another direction, seed or group) redraw."""
+    seed, sampler = step_seed(5, 8), DirectionSampler("cpu", chunk_elements=CHUNK)
+    drawn = DrawnChunk(torch.empty(CHUNK))
+    seeded: list[int] = []  # a chunk's seed is derived each time it is drawn
+    monkeypatch.setattr(directions, "chunk_seed", lambda *key: seeded.append(key[2]) or chunk_seed(*key))
+    whole = {d: sampler.draw(seed, 4, torch.empty(GROUP), direction=d) for d in (0, 1)}
+    seeded.clear()
+    pieced = torch.empty(GROUP)
+    for lo in range(0, GROUP, 300):  # 300-element parts: 4 to a chunk, one across each boundary
+        hi = min(GROUP, lo + 300)
+        sampler.draw(seed, 4, pieced[lo:hi], offset=lo, group_numel=GROUP, drawn=drawn)
+    assert torch.equal(pieced, whole[0]) and len(seeded) == 3  # chunks 0, 1, 2 once each
+    seeded.clear()
+    for d in (1, 0, 1):  # alternating directions: each part of another key draws its chunk again
+        part = torch.empty(100)
+        sampler.draw(seed, 4, part, offset=1_100, group_numel=GROUP, drawn=drawn, direction=d)
+        assert torch.equal(part, whole[d][1_100:1_200])
+    assert len(seeded) == 3
+    other = torch.empty(100)
+    sampler.draw(seed + 1, 4, other, offset=1_100, group_numel=GROUP, drawn=drawn, direction=1)
+    assert not torch.equal(other, whole[1][1_100:1_200])
+    for buffer in (torch.empty(CHUNK, dtype=torch.bfloat16), torch.empty(CHUNK // 2)):  # not usable: drawn apart
+        part = torch.empty(100)
+        sampler.draw(seed, 4, part, offset=1_100, group_numel=GROUP, drawn=DrawnChunk(buffer))
+        assert torch.equal(part, whole[0][1_100:1_200])
+
+
+def test_a_failed_draw_into_a_drawn_chunk_keeps_no_key(monkeypatch) -> None:
+    seed, sampler = step_seed(5, 8), DirectionSampler("cpu", chunk_elements=CHUNK)
+    drawn, real_randn = DrawnChunk(torch.empty(CHUNK)), torch.randn
+
+    def failing(*args, **kwargs):
+        kwargs["out"].fill_(0.0)  # half-written, then the device gives up
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch, "randn", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sampler.draw(seed, 4, torch.empty(100), offset=100, group_numel=GROUP, drawn=drawn)
+    assert drawn.key is None
+    monkeypatch.setattr(torch, "randn", real_randn)
+    part = sampler.draw(seed, 4, torch.empty(100), offset=100, group_numel=GROUP, drawn=drawn)
+    assert torch.equal(part, sampler.draw(seed, 4, torch.empty(GROUP))[100:200])
 
 
 def test_chunks_are_drawn_with_their_own_seeds() -> None:

@@ -28,6 +28,7 @@ from .models.vocab import rows_per_chunk
 from .planning import memory
 from .planning.memory import GroupSize, ModelLayout
 from .policies.base import Plan
+from .zo.directions import DrawnChunk
 
 
 def _chunk_numel(piece: ParamSlice) -> int:
@@ -41,14 +42,16 @@ class KeptBuffers:
     """What a kept group is perturbed with, never the whole group at once: ``rest`` holds the
     perturbed copy of its parameters that are not vocabulary-sized (``rest_slices``: each one's
     slice of the group and its offset in ``rest``; ``rest_views``: them by name), ``rows`` one
-    chunk of rows of each vocabulary-sized parameter (in the compute dtype), and ``z`` a span of
-    the direction (in the masters' dtype)."""
+    chunk of rows of each vocabulary-sized parameter (in the compute dtype), ``z`` a span of
+    the direction (in the masters' dtype), and ``drawn`` the last chunk of the direction drawn
+    whole for the part of it a piece or a chunk of rows needed (the next part comes from there)."""
 
     rest: torch.Tensor
     rest_slices: tuple[tuple[ParamSlice, int], ...]
     rest_views: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor]
     z: torch.Tensor
+    drawn: DrawnChunk
 
     @classmethod
     def allocate(
@@ -62,8 +65,9 @@ class KeptBuffers:
         rest = empty(packed, dtype)
         views = {p.name: rest[at : at + p.numel].view(p.shape) for p, at in rest_slices}
         rows = {p.name: empty(_chunk_numel(p), dtype) for p in layout.slices if p.name in vocab}
-        z = empty(min(layout.numel, memory.KEPT_SPAN_ELEMENTS), layout.dtype)
-        return cls(rest, tuple(rest_slices), views, rows, z)
+        span = min(layout.numel, memory.KEPT_SPAN_ELEMENTS)
+        return cls(rest, tuple(rest_slices), views, rows, empty(span, layout.dtype),
+                   DrawnChunk(empty(span, layout.dtype)))  # fmt: skip
 
 
 def _host_master(layout: GroupLayout, params: dict[str, nn.Parameter], backend: Backend) -> torch.Tensor:

@@ -257,10 +257,10 @@ class TaskWork:
                 if scale is None:
                     out.copy_(master)
                 else:
-                    z = draw_direction(self.sampler, st.seed, layout, kept.z[:count], first, direction)
+                    z = draw_direction(self.sampler, st.seed, layout, kept.z[:count], first, direction, kept.drawn)
                     perturb_into(out, master, z, scale)
         rows = {p.name: PerturbedRows(weights, p, layout, self.sampler, st.seed, scale, kept.z, kept.rows[p.name],
-                                      direction)
+                                      direction, kept.drawn)
                 for p in layout.slices if p.name in kept.rows}  # fmt: skip
         return {**kept.rest_views, **rows}
 

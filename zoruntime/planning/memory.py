@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 KEPT_SPAN_ELEMENTS = 1 << 24
 """Elements of a kept group's z drawn at a time: one chunk of the direction scheme
-(``zo.directions.CHUNK_ELEMENTS``), so a span is one whole draw."""
+(``zo.directions.CHUNK_ELEMENTS``), so a span is one whole draw; also of the chunk it keeps
+drawn whole for the parts of it that its pieces and rows need."""
 
 
 STEP_SPAN_ELEMENTS = 1 << 24
@@ -57,9 +58,9 @@ class GroupSize:
 
     def kept_bytes(self, compute_itemsize: int) -> int:
         """Compute-side bytes of a kept group: its weights, the rest of it perturbed whole, one
-        chunk of rows of each vocabulary-sized parameter, and z's span buffer."""
+        chunk of rows of each vocabulary-sized parameter, z's span buffer and the chunk kept drawn."""
         perturbed = (self.numel - self.chunked_numel + self.rows_numel) * compute_itemsize
-        return self.nbytes + perturbed + min(self.numel, KEPT_SPAN_ELEMENTS) * self.itemsize
+        return self.nbytes + perturbed + 2 * min(self.numel, KEPT_SPAN_ELEMENTS) * self.itemsize
 
     @property
     def nbytes(self) -> int:

@@ -73,6 +73,18 @@ def chunk_seed(seed: int, group: int, chunk: int, direction: int = 0) -> int:
     return _mix(seed % _WORD, seed // _WORD, group, chunk, direction, _CHUNK_SALT)
 
 
+class DrawnChunk:
+    """A buffer that keeps the last whole chunk a sampler drew for a draw of part of a chunk, with
+    that chunk's key. A chunk is one ``randn`` over its whole length, so a part costs as much as
+    the whole; the next part of the same chunk is then copied from here instead of drawn again
+    (a vocabulary's rows and the small parameters beside them are many parts of few chunks).
+    Written only by ``DirectionSampler.draw``; holds at most ``CHUNK_ELEMENTS`` elements."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.key: tuple[int, int, int, int, int] | None = None  # (seed, group, chunk, direction, length)
+
+
 class DirectionSampler:
     """Draws z into caller-owned buffers; one sampler per device, used by one thread at a time.
 
@@ -97,6 +109,7 @@ class DirectionSampler:
         direction: int = 0,
         offset: int = 0,
         group_numel: int | None = None,
+        drawn: DrawnChunk | None = None,
     ) -> torch.Tensor:
         """Fill ``out`` (flat, contiguous, on this sampler's device) with elements
         ``[offset, offset + out.numel())`` of direction ``direction`` of ``group`` in the step
@@ -104,7 +117,8 @@ class DirectionSampler:
 
         ``group_numel`` is the group's full length, which fixes where its chunks are cut. With
         ``offset == 0`` it defaults to ``out.numel()`` (``out`` is the whole group); a draw of
-        part of a group at ``offset > 0`` must give it.
+        part of a group at ``offset > 0`` must give it. ``drawn`` (of ``out``'s dtype): where a
+        chunk ``out`` takes only part of is kept, so a later part of it is not drawn again.
         """
         if out.device != self.device or out.dim() != 1 or not out.is_contiguous():
             raise ValueError(f"direction buffer must be flat and contiguous on {self.device}")
@@ -130,14 +144,31 @@ class DirectionSampler:
             start = chunk * size
             length = min(size, group_numel - start)
             lo, hi = max(offset, start), min(end, start + length)
-            self._generator.manual_seed(chunk_seed(seed, group, chunk, direction))
             target = out[lo - offset : hi - offset]
             if lo == start and hi == start + length:  # the whole chunk: straight into out
+                self._generator.manual_seed(chunk_seed(seed, group, chunk, direction))
                 torch.randn(length, generator=self._generator, out=target)
             else:  # part of it: the same draw at full length, then the part that is wanted
-                whole = torch.randn(length, generator=self._generator, dtype=out.dtype, device=self.device)
+                whole = self._whole_chunk((seed, group, chunk, direction, length), out.dtype, drawn)
                 target.copy_(whole[lo - start : hi - start])
         return out
+
+    def _whole_chunk(
+        self, key: tuple[int, int, int, int, int], dtype: torch.dtype, drawn: DrawnChunk | None
+    ) -> torch.Tensor:
+        """The chunk of ``key`` drawn whole: kept in ``drawn`` where it fits (and drawn only if
+        ``drawn`` does not hold it already), else in a buffer of its own."""
+        seed, group, chunk, direction, length = key
+        if drawn is None or drawn.buffer.dtype != dtype or drawn.buffer.numel() < length:
+            self._generator.manual_seed(chunk_seed(seed, group, chunk, direction))
+            return torch.randn(length, generator=self._generator, dtype=dtype, device=self.device)
+        whole = drawn.buffer[:length]
+        if drawn.key != key:
+            drawn.key = None  # a draw that fails keeps no key
+            self._generator.manual_seed(chunk_seed(seed, group, chunk, direction))
+            torch.randn(length, generator=self._generator, out=whole)
+            drawn.key = key
+        return whole
 
     def rounding_noise(self, seed: int, group: int, piece: int, length: int, bits: int) -> torch.Tensor:
         """``length`` int32 values uniform in [0, 2^bits) for piece ``piece`` of ``group``'s update

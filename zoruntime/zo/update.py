@@ -16,7 +16,7 @@ from enum import StrEnum
 import torch
 
 from ..models.groups import GroupLayout, ParamSlice
-from .directions import DirectionSampler
+from .directions import DirectionSampler, DrawnChunk
 
 
 def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -42,9 +42,11 @@ class PerturbedRows:
         z: torch.Tensor,
         out: torch.Tensor,
         direction: int = 0,
+        drawn: DrawnChunk | None = None,
     ) -> None:
         self.weights, self.piece, self.layout, self.sampler = weights, piece, layout, sampler
         self.seed, self.scale, self.z, self.out, self.direction = seed, scale, z, out, direction
+        self.drawn = drawn
         self.width = piece.numel // piece.shape[0]
 
     @property
@@ -57,7 +59,7 @@ class PerturbedRows:
         if self.scale is None:
             out.copy_(self.weights[first : first + count])
         else:
-            z = draw_direction(self.sampler, self.seed, self.layout, self.z[:count], first, self.direction)
+            z = draw_direction(self.sampler, self.seed, self.layout, self.z[:count], first, self.direction, self.drawn)
             perturb_into(out, self.weights[first : first + count], z, self.scale)
         return out.view(stop - start, *self.piece.shape[1:])
 
@@ -124,12 +126,13 @@ def draw_direction(
     out: torch.Tensor,
     offset: int = 0,
     direction: int = 0,
+    drawn: DrawnChunk | None = None,
 ) -> torch.Tensor:
     """Elements ``[offset, offset + out.numel())`` of direction ``direction`` of ``layout``'s
-    group in the step whose seed is ``seed``, drawn into ``out``: the sampler's draw, zero on
-    frozen parameters (so they are neither perturbed nor updated, and every other element is
-    what it would be with nothing frozen)."""
-    sampler.draw(seed, layout.group, out, direction=direction, offset=offset, group_numel=layout.numel)
+    group in the step whose seed is ``seed``, drawn into ``out``: the sampler's draw (``drawn``:
+    where a chunk drawn for part of it is kept), zero on frozen parameters (so they are neither
+    perturbed nor updated, and every other element is what it would be with nothing frozen)."""
+    sampler.draw(seed, layout.group, out, direction=direction, offset=offset, group_numel=layout.numel, drawn=drawn)
     end = offset + out.numel()
     for start, stop in layout.frozen_ranges:
         if start < end and stop > offset:
