@@ -38,6 +38,10 @@ def test_plan_prints_a_json_line_whose_memory_is_the_memory_model_plus_activatio
     activations = activation_bytes(work.dims, 1, 2048, 2, attention_scores=False)
     assert result["gpu_bytes"] == work.layout.bytes_needed(Plan(1, offload_every=4)) + activations
     assert result["tokens_per_s"] == pytest.approx(2048 / result["step_s"])
+    paces = result["unit_s"]  # a streamed unit's upload, its task on the GPU, the host's time to issue it
+    assert set(paces) == {"the link", "the GPU", "the host"} and result["bound_by"] == max(paces, key=paces.get)
+    assert paces["the host"] == pytest.approx(BUILT_IN["h200"].host_s(2))
+    assert f"the host issuing it {paces['the host'] * 1e3:.2f} ms: paced by {result['bound_by']}" in out
     assert "your policy: FixedDepth(depth=1, offload_every=4, unit='block')" in out and "fastest that fits" in out
 
 

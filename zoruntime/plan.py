@@ -46,7 +46,10 @@ def _show(title: str, prediction: Prediction) -> None:
     print(f"  {'GPU memory in all':<56}{prediction.gpu_bytes / 1e9:>9.3f} GB")
     print(f"  step {prediction.step_s:.4f} s, {prediction.tokens_per_s:,.0f} tokens/s; upload-only floor "
           f"{prediction.floor_tokens_per_s:,.0f} tokens/s; {prediction.ratio_to_floor:.2f}x the floor "
-          f"(predicted); a streamed unit's pace is set by {prediction.bound_by}")  # fmt: skip
+          "(predicted)")  # fmt: skip
+    upload, gpu, host = (prediction.paces[k] * 1e3 for k in ("the link", "the GPU", "the host"))
+    print(f"  a streamed unit: upload {upload:.2f} ms, its task on the GPU {gpu:.2f} ms, the host issuing it "
+          f"{host:.2f} ms: paced by {prediction.bound_by}")  # fmt: skip
 
 
 def _workloads(config: Any, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Workload]:

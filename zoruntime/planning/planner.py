@@ -106,7 +106,12 @@ class Prediction:
     step_s: float
     tokens_per_s: float
     floor_tokens_per_s: float
-    bound_by: str = ""  # what sets a streamed unit's pace: "the link", "the GPU" or "the host"
+    paces: dict[str, float]  # seconds of a streamed unit's upload ("the link"), its task on "the GPU", on "the host"
+
+    @property
+    def bound_by(self) -> str:
+        """What sets a streamed unit's pace: the longest of ``paces``."""
+        return max(self.paces, key=self.paces.__getitem__)
 
     @property
     def ratio_to_floor(self) -> float:
@@ -116,7 +121,8 @@ class Prediction:
         return {
             "policy": self.policy, "gpu_bytes": self.gpu_bytes, "step_s": self.step_s,
             "tokens_per_s": self.tokens_per_s, "floor_tokens_per_s": self.floor_tokens_per_s,
-            "ratio_to_floor": self.ratio_to_floor, "bound_by": self.bound_by, "memory": self.memory,
+            "ratio_to_floor": self.ratio_to_floor, "bound_by": self.bound_by, "unit_s": self.paces,
+            "memory": self.memory,
         }  # fmt: skip
 
 
@@ -191,7 +197,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     floor = replace(op, compute_s=gpu_s).upload_floor(layout.num_units)  # the link and the GPU
     paces = {"the link": op.upload_s, "the GPU": gpu_s, "the host": profile.host_s(work.probes)}
     return Prediction(name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s,
-                      work.tokens / floor, max(paces, key=paces.__getitem__))  # fmt: skip
+                      work.tokens / floor, paces)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
