@@ -19,7 +19,7 @@ from zoruntime.models.shapes import OPT_NAMES, opt_config
 def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "zoruntime", "bench", "--device", "cpu", "--model", "tiny", "--seq", "32",
-         "--steps", "1"],
+         "--steps", "1", "--directions", "2"],
         capture_output=True, text=True, timeout=100, check=True,
     )  # fmt: skip
     lines = done.stdout.strip().splitlines()
@@ -34,7 +34,8 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
                            "FixedDepth(2)"]  # fmt: skip
-    assert runners[5].startswith("MemoryBudget(")
+    assert runners[5].startswith("MemoryBudget(") and runners[6:] == ["FixedDepth(1), q=2 two-sided"]
+    assert [row.get("directions") for row in result["rows"]] == [None, 1, 1, 1, 1, 1, 2]  # MeZO's row: its own code
     assert all(row["tokens_s"] > 0 for row in result["rows"])
     assert any(line.startswith("runner") for line in lines)
 
@@ -73,6 +74,10 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
         throughput.main(["--device", "mps"])
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --device 'mps' is not supported; use cuda or cpu")
+    with pytest.raises(SystemExit) as done:
+        throughput.main(["--device", "cpu", "--directions", "1", "--estimator", "one-sided"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --directions takes numbers >= 2 with --estimator one-sided")
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:

@@ -59,7 +59,8 @@ def test_environment_report_has_versions_and_no_gpu_here() -> None:
 def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path), "--device", "cpu",
-         "--models", "tiny,tiny-llama:linear", "--seq", "32", "--trace", "tiny", "--skip", "pytest"],
+         "--models", "tiny,tiny-llama:linear", "--seq", "32", "--trace", "tiny", "--skip", "pytest",
+         "--directions", "2"],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -71,6 +72,7 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     runners = [row["runner"] for row in bench["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
                            "FixedDepth(2)"]  # fmt: skip
+    assert runners[-1] == "FixedDepth(1), q=2 two-sided" and bench["rows"][-1]["directions"] == 2
     assert all(row["tokens_s"] > 0 and len(row["step_times_s"]) == 1 for row in bench["rows"])
     assert (tmp_path / "trace_tiny.png").stat().st_size > 0 and bench["trace"]["steps"] == 3
     assert 0 < bench["trace"]["lane_busy"]["compute"] <= 1.0

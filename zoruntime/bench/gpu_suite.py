@@ -3,7 +3,8 @@
 Checks an install on a GPU and measures it. Parts, in order: the environment (GPU, driver,
 PCIe link, versions); ``pytest -m cuda``; ``zoruntime bench`` for opt-1.3b, opt-6.7b, opt-13b,
 opt-30b and opt-175b (alias mode: the blocks share one host buffer), fp16, batch 1 x 2048,
-every runner, with a few traced steps of opt-13b drawn as a PNG.
+every runner (and, but for the aliased models, FixedDepth(1) with four directions a step), with
+a few traced steps of opt-13b drawn as a PNG.
 
 Each part runs in its own process under its own time limit, and the whole suite under a
 budget (``--budget-s``): a part that crashes, hangs or runs out of time is recorded as such and
@@ -35,7 +36,7 @@ MODELS = ("opt-1.3b", "opt-6.7b", "opt-13b", "opt-30b", "opt-175b")
 ALIASED = frozenset({"opt-66b", "opt-175b", "llama-2-70b", "llama-3.1-70b", "qwen2.5-72b"})  # beyond most hosts' memory
 # timed steps per runner and the part's time limit, sized for one H100 (a 175B step is ~7 s)
 BENCH_STEPS = {"opt-1.3b": 5, "opt-6.7b": 3, "opt-13b": 3, "opt-30b": 2, "opt-175b": 1, "llama-3.1-8b": 3}
-BENCH_LIMIT_S = {"opt-1.3b": 120, "opt-6.7b": 120, "opt-13b": 150, "opt-30b": 180, "opt-175b": 240, "llama-3.1-8b": 150}
+BENCH_LIMIT_S = {"opt-1.3b": 120, "opt-6.7b": 150, "opt-13b": 180, "opt-30b": 180, "opt-175b": 240, "llama-3.1-8b": 150}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,13 @@ def run_suite(parts: list[Part], out: Path, budget_s: float, echo: bool = True) 
 
 
 def default_parts(
-    out: Path, *, device: str, models: tuple[str, ...], seq: int, traced: frozenset[str] = frozenset()
+    out: Path,
+    *,
+    device: str,
+    models: tuple[str, ...],
+    seq: int,
+    traced: frozenset[str] = frozenset(),
+    directions: tuple[int, ...] = (),
 ) -> list[Part]:
     python = sys.executable
     parts = [Part("env", (python, "-m", "zoruntime.bench.environment"), 60)]
@@ -172,6 +179,8 @@ def default_parts(
             argv += ["--unit", unit]
         if entry in traced:
             argv += ["--trace-out", str(out / f"trace_{entry.replace(':', '_')}")]
+        if directions and model not in ALIASED:  # several directions a step cost several 175B steps' time
+            argv += ["--directions", *map(str, directions)]
         parts.append(Part(entry, tuple(argv), BENCH_LIMIT_S.get(model, 120)))
     return parts
 
@@ -236,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", default="opt-13b", help="comma-separated models to trace a few steps of")
     parser.add_argument("--skip", default="", help="comma-separated parts to leave out (env, pytest, a model name)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="the whole suite's time (default 450 s)")
+    parser.add_argument("--directions", default="4",
+                        help="comma-separated q: also time FixedDepth(1) with q two-sided directions a step, on "
+                        "every model but the aliased ones (default 4; '' for none)")  # fmt: skip
     args = parser.parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     if args.seq <= 0 or args.budget_s <= 0:
@@ -243,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     skip = {s for s in args.skip.split(",") if s}
     traced = frozenset(m for m in args.trace.split(",") if m)
-    parts = default_parts(out, device=args.device, models=models, seq=args.seq, traced=traced)
+    directions = tuple(int(q) for q in args.directions.split(",") if q)
+    parts = default_parts(out, device=args.device, models=models, seq=args.seq, traced=traced, directions=directions)
     unknown = skip - {p.name for p in parts}
     if unknown:
         parser.error(f"--skip names no part: {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in parts)}")

@@ -43,6 +43,7 @@ from ..models.groups import existing_flat
 from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
 from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.cost import OpFigures
+from ..planning.directions import fewest_directions
 from ..planning.planner import Workload, profile_from_card
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
@@ -50,6 +51,7 @@ from ..tracing.recorder import Timeline
 from ..train.options import UsageError, parse_policy
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
+from ..zo.estimator import ESTIMATORS
 from ..zo.mezo import MeZOBaseline
 from ..zo.update import PendingUpdate, apply_update, draw_direction, perturb_into
 
@@ -158,18 +160,23 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
 
 
 def measure(
-    model: torch.nn.Module, policy: Policy, dev: DeviceMeter, batch: dict[str, torch.Tensor], steps: int
+    model: torch.nn.Module,
+    policy: Policy,
+    dev: DeviceMeter,
+    batch: dict[str, torch.Tensor],
+    steps: int,
+    optimizer: ZOSGD | None = None,
 ) -> dict[str, Any]:
     """Median step time over ``steps`` steps after one warm-up step (with ``offload_every=k``: the
     mean over whole cycles of k steps, each holding one write-back); a runner that fails (out of
     memory, say) gives a row with its error instead of ending the benchmark."""
     cycle = getattr(policy, "offload_every", 1)
     steps = -(-steps // cycle) * cycle
+    zo = optimizer or ZOSGD(lr=1e-7, eps=1e-3)
 
     async def go() -> tuple[list[float], float | None]:
         times = []
-        optimizer = ZOSGD(lr=1e-7, eps=1e-3)
-        async with Runtime(model, optimizer, device=dev.device, policy=policy) as rt:
+        async with Runtime(model, zo, device=dev.device, policy=policy) as rt:
             await rt.step(batch)  # warm up: allocator, kernels, pinned pages
             dev.reset_peak()
             for _ in range(steps):
@@ -188,7 +195,7 @@ def measure(
     tokens = batch["input_ids"].numel()
     return {
         "step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used,
-        "step_times_s": times,
+        "step_times_s": times, "directions": zo.directions, "estimator": zo.estimator,
     }  # fmt: skip
 
 
@@ -289,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", nargs="*", default=[], metavar="P",
                         help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear); "
                         "their unit must be --unit's")  # fmt: skip
+    parser.add_argument("--directions", type=int, nargs="*", default=[], metavar="Q",
+                        help="also run FixedDepth(1) with Q directions a step, for each Q (--estimator's)")  # fmt: skip
+    parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="for --directions (default "
+                        "two-sided)")  # fmt: skip
     args = parser.parse_args(argv)
+    if any(q < fewest_directions(args.estimator) for q in args.directions):
+        parser.error(f"--directions takes numbers >= {fewest_directions(args.estimator)} with --estimator "
+                     f"{args.estimator}")  # fmt: skip
     try:
         kind = torch.device(args.device).type
     except RuntimeError:
@@ -372,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     runners.append((budget_name(budget, named), MemoryBudget(budget, unit=unit)))
     runners += [(f"FixedDepth(1, offload_every={k}{named})", FixedDepth(1, k, unit)) for k in args.offload_every]
     runners += extra
+    several = {f"FixedDepth(1{named}), q={q} {args.estimator}": ZOSGD(lr=1e-7, eps=1e-3, directions=q,
+                                                                      estimator=args.estimator)
+               for q in args.directions}  # fmt: skip
+    runners += [(name, FixedDepth(1, unit=unit)) for name in several]
 
     print(f"\n{'runner':<32}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []
@@ -379,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = (
             measure_mezo(model, dev, batch, args.steps)
             if policy is None
-            else measure(model, policy, dev, batch, args.steps)
+            else measure(model, policy, dev, batch, args.steps, several.get(name))
         )
         row = {"runner": name, **timed}
         rows.append(row)
