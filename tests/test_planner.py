@@ -168,11 +168,11 @@ def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> No
     assert "unit=" not in found["0.65"]["policy"] and found["0.65"]["gpu_bytes"] <= 0.65e9
     assert "unit='linear'" in found["0.55"]["policy"] and found["0.55"]["gpu_bytes"] <= 0.55e9
     assert found["0.55"]["bound_by"] == "the host" and found["0.55"]["step_s"] > found["0.65"]["step_s"]
-    works = [_work("opt-1.3b", unit=unit) for unit in ("block", "half", "linear")]
+    whole = _work("opt-1.3b")
     for profile in (BUILT_IN["h200"], replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)):
-        roomy = best(works, profile, int(24e9))
+        roomy = best(whole, profile, int(24e9))
         assert roomy is not None and roomy.plan.resident  # more room: units kept resident
-        streamed = predict(works[0], profile, FixedDepth(1))
+        streamed = predict(whole, profile, FixedDepth(1))
         if profile.host_s(2) > 0:  # the host issues every block's task, resident or not: no faster
             assert roomy.tokens_per_s == pytest.approx(streamed.tokens_per_s)
         else:
