@@ -79,7 +79,8 @@ def test_choice_scores_each_records_options_and_takes_the_answer_as_text_or_inde
 def test_lm_on_a_json_lines_text_field_and_on_a_plain_text_file(tmp_path: Path, capsys) -> None:
     notes = _jsonl(tmp_path / "notes.jsonl", [{"body": f"note {i}: the cat sat on the mat " * 3} for i in range(20)])
     code, summary, err = _train(capsys, tmp_path, "--task", "lm", "--data", str(notes), "--text-field", "body")
-    assert code == 0 and summary is not None and summary["accuracy_after"] is None, err
+    assert code == 0 and summary is not None and summary["metric"] is None, err
+    assert not any(key.startswith("accuracy") for key in summary)
     plain = tmp_path / "notes.txt"
     plain.write_text("the cat sat on the mat. " * 60)
     assert train_main([*FAST, "--out", str(tmp_path / "plain"), "--task", "lm", "--data", str(plain)]) == 0
@@ -150,3 +151,40 @@ def test_a_task_of_your_own_from_a_file_of_yours(tmp_path: Path, capsys) -> None
     assert code == 2 and "it returned a int, not a task" in err
     code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", "nowhere_module:make")
     assert code == 2 and "cannot import nowhere_module" in err
+
+
+TASK_WITH_A_METRIC = """
+import torch
+from zoruntime.data.tasks import ExampleTask
+
+
+def exact_match(logits, batch):
+    guesses = logits[:, :-1].argmax(dim=-1)
+    return (guesses == batch.input_ids[:, 1:]).all(dim=1).float().mean()
+
+
+def make(config, tokenizer):
+    rows = [tokenizer.encode(f"{n:03d} {n + 1:03d}") for n in range(40)]
+    return ExampleTask(rows[:36], rows[36:], lambda rs: {"input_ids": torch.tensor(rs)}, config.batch_size,
+                       config.seed, metric=("exact match", exact_match))
+"""
+
+
+def test_a_tasks_own_metric_is_shown_logged_and_summarised_under_its_name(tmp_path: Path, capsys) -> None:
+    (tmp_path / "mytask.py").write_text(TASK_WITH_A_METRIC)
+    code = train_main([*FAST, "--eval-every", "1", "--out", str(tmp_path / "run"), "--task",
+                       f"{tmp_path / 'mytask.py'}:make"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metric"] == "exact match" and summary["exact_match_after"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert f"exact match {summary['exact_match_before']:.4g}" in out  # "before: dev loss ..., exact match 0"
+    assert any(line.startswith("exact match ") for line in out.splitlines())  # the end table's row
+    before, after = summary["dev_loss_before"], summary["dev_loss_after"]
+    assert f"({abs(1 - after / before):.1%} {'lower' if after <= before else 'higher'})" in out
+    dev = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dev = [line for line in dev if line["kind"] == "dev"]
+    assert [line["step"] for line in dev] == [0, 1, 2]
+    assert all(line["metric"] == "exact match" and "exact_match" in line for line in dev)
+    assert "accuracy" not in out and not any("accuracy" in line for line in dev)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0

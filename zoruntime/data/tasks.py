@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import random
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ from ..models.batch import LossFn
 
 Metric = tuple[str, LossFn]
 """A dev metric: its name and ``fn(logits, batch)``, averaged over the dev examples."""
+
+
+def metric_key(name: str) -> str:
+    """A metric's name as a key in ``metrics.jsonl`` and ``summary.json`` ("exact match" → "exact_match")."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_") or "metric"
+
+
+def show_metric(name: str, value: float) -> str:
+    """A metric's value as a run prints it: an accuracy in percent, anything else as it is."""
+    return f"{value:.1%}" if metric_key(name) == "accuracy" else f"{value:.4g}"
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from ..data.corpus import generated_corpus
 from ..data.files import file_task
 from ..data.lm import LMData
 from ..data.sst2 import DataUnavailable, candidate_accuracy, candidate_batch, candidate_loss, load_sst2
-from ..data.tasks import ExampleTask, Task, load_task_factory
+from ..data.tasks import ExampleTask, Task, load_task_factory, show_metric
 from ..distributed import examples_in, shard
 from ..engine import Runtime
 from ..models.batch import LossFn
@@ -49,26 +49,32 @@ def build_data(config: TrainConfig, tokenizer: Any) -> Task:
 @dataclass(frozen=True)
 class Evaluation:
     loss: float
-    accuracy: float | None = None
+    metric: float | None = None  # the task's dev metric, named ``metric_name``
+    metric_name: str | None = None
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 700.0))
 
     def __str__(self) -> str:
-        acc = f", accuracy {self.accuracy:.1%}" if self.accuracy is not None else ""
-        return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{acc}"
+        return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}" + "".join(
+            f", {name} {show_metric(name, value)}" for name, value in self.metrics.items()
+        )
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The task's metric by name (none: empty)."""
+        return {} if self.metric is None or self.metric_name is None else {self.metric_name: self.metric}
 
 
 async def evaluate(rt: Runtime, data: Task) -> Evaluation:
-    """Dev loss (and the task's metric, as ``accuracy``); with several ranks each evaluates its
-    shard of every batch."""
+    """Dev loss (and the task's metric); with several ranks each evaluates its shard of every batch."""
     batches = [b for b in data.dev_batches() if examples_in(b) >= rt.world_size]
     sizes = [b["input_ids"].shape[0] for b in batches]
     batches = [shard(b, rt.rank, rt.world_size) for b in batches]
     metrics: dict[str, LossFn | None] = {"loss": None}
     if data.metric is not None:
-        metrics["accuracy"] = data.metric[1]  # from the same forward as the loss
+        metrics["metric"] = data.metric[1]  # from the same forward as the loss
     try:
         values = [await rt.measure(b, metrics) for b in batches]
     except FloatingPointError:
@@ -80,4 +86,6 @@ async def evaluate(rt: Runtime, data: Task) -> Evaluation:
     def mean(name: str) -> float:
         return sum(v[name] * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
 
-    return Evaluation(mean("loss"), mean("accuracy") if "accuracy" in metrics else None)
+    if data.metric is None:
+        return Evaluation(mean("loss"))
+    return Evaluation(mean("loss"), mean("metric"), data.metric[0])

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from ..checkpoint import CheckpointError, checkpoints, restore_checkpoint
-from ..data.tasks import Task
+from ..data.tasks import Task, metric_key, show_metric
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
@@ -69,8 +69,15 @@ def resume_point(config: TrainConfig, model: PreTrainedModel, out: Path, say: An
     finished = out / "summary.json"
     if step == config.steps and finished.is_file() and json.loads(finished.read_text()).get("steps") == step:
         return None
-    before = Evaluation(state["before_loss"], state.get("before_accuracy"))
-    return Start(step, before, out / "checkpoints")
+    return Start(step, before_from_state(state), out / "checkpoints")
+
+
+def before_from_state(state: dict[str, Any]) -> Evaluation:
+    """The run's first evaluation as a checkpoint keeps it (one written before metrics had names
+    kept an accuracy)."""
+    if "before_accuracy" in state:
+        return Evaluation(state["before_loss"], state["before_accuracy"], "accuracy")
+    return Evaluation(state["before_loss"], state.get("before_metric"), state.get("metric_name"))
 
 
 async def train(config: TrainConfig) -> dict[str, Any]:
@@ -221,7 +228,8 @@ async def _run(
 
             async def checkpoint(reason: str = "") -> None:
                 assert before is not None
-                state = {"before_loss": before.loss, "before_accuracy": before.accuracy, "next_batch": done}
+                state = {"before_loss": before.loss, "before_metric": before.metric, "metric_name": before.metric_name,
+                         "next_batch": done}  # fmt: skip
                 try:
                     await rt.save_checkpoint(out / "checkpoints", state)
                 except CheckpointError as error:
@@ -231,7 +239,7 @@ async def _run(
                 before = await evaluate(rt, data)
                 say(f"before: {before}")
                 if metrics is not None:
-                    metrics.dev(start.step, before.loss, before.perplexity, before.accuracy)
+                    metrics.dev(start.step, before.loss, before.perplexity, before.metrics)
             dev_shown: dict[str, str] = {}  # the last dev figure, shown on the bar
             bar = tqdm(total=config.steps, initial=start.step, desc="train", unit="step",
                        disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
@@ -272,7 +280,7 @@ async def _run(
                     evaluation = await evaluate(rt, data)
                     dev_shown = _dev_postfix(evaluation)
                     if metrics is not None:
-                        metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.accuracy)
+                        metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.metrics)
                     if lead:
                         bar.write(f"step {done}: {evaluation}")
                 if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -283,7 +291,7 @@ async def _run(
             after = await evaluate(rt, data)
             say(f"after:  {after}")
             if metrics is not None:
-                metrics.dev(config.steps, after.loss, after.perplexity, after.accuracy)
+                metrics.dev(config.steps, after.loss, after.perplexity, after.metrics)
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
             directions = rt.directions
@@ -305,22 +313,26 @@ async def _run(
     summary = {
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
-        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
+        "metric": after.metric_name,
+        **{f"{metric_key(name)}_before": value for name, value in before.metrics.items()},
+        **{f"{metric_key(name)}_after": value for name, value in after.metrics.items()},
         "steps": config.steps, "directions": directions, "skipped_steps": skipped, "seconds": seconds,
         "tokens_per_s": tokens / seconds, "out": str(out),
     }  # fmt: skip
     save_curves(out, out / "curves.png")
     print(summary_table(summary))
     drop = 1 - after.loss / before.loss
-    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({drop:.1%} lower) in {seconds:.0f} s; saved {model_dir}"
+    change = f"{abs(drop):.1%} {'lower' if drop >= 0 else 'higher'}"
+    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({change}) in {seconds:.0f} s; saved {model_dir}"
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _dev_postfix(evaluation: Evaluation) -> dict[str, str]:
-    if evaluation.accuracy is not None:
-        return {"dev_acc": f"{evaluation.accuracy:.1%}"}
+    for name, value in evaluation.metrics.items():
+        key = metric_key(name)
+        return {"dev_acc" if key == "accuracy" else f"dev_{key}": show_metric(name, value)}
     return {"dev_loss": f"{evaluation.loss:.3f}"}
 
 

@@ -4,7 +4,8 @@ short table at the end.
 
 A line of ``metrics.jsonl`` is ``{"kind": "train", "step": N, ...}`` after N steps (both
 perturbed losses, their mean, the projected gradient, lr, tokens/s, steps skipped so far) or
-``{"kind": "dev", "step": N, "loss": ..., "perplexity": ..., "accuracy": ...}``. A resumed run
+``{"kind": "dev", "step": N, "loss": ..., "perplexity": ...}``, with the task's metric under its
+key and its name as ``"metric"`` (``{..., "accuracy": 0.8, "metric": "accuracy"}``). A resumed run
 keeps the lines up to its checkpoint and writes the rest again.
 
 Knows the figures a step and an evaluation give and where they go; nothing of the model, the
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+from ..data.tasks import metric_key, show_metric
 from ..zo.stats import StepStats
 
 METRICS = "metrics.jsonl"
@@ -55,10 +57,11 @@ class MetricsLog:
                      "projected_grads": list(stats.projected_grads), "lr": stats.lr, "tokens_per_s": tokens_per_s,
                      "skipped_steps": self.skipped_steps})  # fmt: skip
 
-    def dev(self, done: int, loss: float, perplexity: float, accuracy: float | None) -> None:
+    def dev(self, done: int, loss: float, perplexity: float, metrics: dict[str, float]) -> None:
+        """An evaluation after ``done`` steps; ``metrics``: the task's metric by name (or none)."""
         line: dict[str, Any] = {"kind": "dev", "step": done, "loss": loss, "perplexity": perplexity}
-        if accuracy is not None:
-            line["accuracy"] = accuracy
+        for name, value in metrics.items():
+            line.update({metric_key(name): value, "metric": name})
         self._write(line)
 
     def _write(self, line: dict[str, Any]) -> None:
@@ -102,18 +105,20 @@ def smoothed(values: list[float], span: int) -> list[float]:
 
 def save_curves(folder: Path, png: Path) -> Path:
     """``curves.png`` from ``folder/metrics.jsonl``: the train loss (raw, faint, and smoothed over
-    about a twentieth of the run) and the dev loss by step; the dev accuracy beside it when the
-    task has one."""
+    about a twentieth of the run) and the dev loss by step; the task's dev metric beside it when
+    it has one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     lines = _lines(folder / METRICS)
     train = [line for line in lines if line["kind"] == "train"]
     dev = [line for line in lines if line["kind"] == "dev"]
-    accuracy = [line for line in dev if "accuracy" in line]
-    figure = Figure(figsize=(12 if accuracy else 7, 4), dpi=100)
+    # the metric's name; a line written before names were kept has an accuracy alone
+    scored = [line for line in dev if metric_key(line.get("metric", "accuracy")) in line]
+    name = scored[-1].get("metric", "accuracy") if scored else None
+    figure = Figure(figsize=(12 if scored else 7, 4), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 2 if accuracy else 1, 1)
+    axes = figure.add_subplot(1, 2 if scored else 1, 1)
     steps, losses = [line["step"] for line in train], [line["loss"] for line in train]
     span = max(1, len(train) // 20)
     (raw,) = axes.plot(steps, losses, color="#4C72B0", linewidth=0.8, label="train loss (mean of L+ and L-)")
@@ -124,11 +129,12 @@ def save_curves(folder: Path, png: Path) -> Path:
     axes.set_ylabel("loss")
     axes.set_title(f"{len(train)} steps", loc="left")
     axes.legend(frameon=False)
-    if accuracy:
+    if scored and name is not None:
         right = figure.add_subplot(1, 2, 2)
-        right.plot([line["step"] for line in accuracy], [line["accuracy"] for line in accuracy], "o-", color="#55A868")
+        key = metric_key(name)
+        right.plot([line["step"] for line in scored], [line[key] for line in scored], "o-", color="#55A868")
         right.set_xlabel("step")
-        right.set_ylabel("dev accuracy")
+        right.set_ylabel(f"dev {name}")
     figure.tight_layout()
     figure.savefig(png)
     return png
@@ -136,13 +142,13 @@ def save_curves(folder: Path, png: Path) -> Path:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The end of a run in a few aligned lines: dev figures before and after, steps, speed."""
-    rows = [("dev loss", "dev_loss_before", "dev_loss_after", "{:.4f}"),
-            ("perplexity", "perplexity_before", "perplexity_after", "{:.2f}"),
-            ("accuracy", "accuracy_before", "accuracy_after", "{:.1%}")]  # fmt: skip
     lines = [f"{'':<12}{'before':>12}{'after':>12}"]
-    for name, before, after, form in rows:
-        if summary.get(before) is not None:
-            lines.append(f"{name:<12}{form.format(summary[before]):>12}{form.format(summary[after]):>12}")
+    for name, key, form in [("dev loss", "dev_loss", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format)]:
+        lines.append(f"{name:<12}{form(summary[key + '_before']):>12}{form(summary[key + '_after']):>12}")
+    metric = summary.get("metric")
+    if metric is not None:
+        before, after = (show_metric(metric, summary[f"{metric_key(metric)}_{when}"]) for when in ("before", "after"))
+        lines.append(f"{metric:<12}{before:>12}{after:>12}")
     skipped = f" ({summary['skipped_steps']} skipped)" if summary.get("skipped_steps") else ""
     if (summary.get("directions") or 1) > 1:
         skipped += f" of {summary['directions']} directions"
