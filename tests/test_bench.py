@@ -75,9 +75,9 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --device 'mps' is not supported; use cuda or cpu")
     with pytest.raises(SystemExit) as done:
-        throughput.main(["--device", "cpu", "--directions", "1", "--estimator", "one-sided"])
+        throughput.main(["--device", "cpu", "--directions", "2", "--estimator", "one-sided"])
     assert done.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("error: --directions takes numbers >= 2 with --estimator one-sided")
+    assert capsys.readouterr().err.strip().endswith("error: --directions takes numbers >= 3 with --estimator one-sided")
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:

@@ -34,7 +34,7 @@ from zoruntime.zo.reference import ReferenceZO
 from zoruntime.zo.update import PendingUpdate, Rounding, draw_direction, update_group
 
 BLOCKS = 4
-SETTINGS = [(1, "two-sided"), (2, "two-sided"), (4, "two-sided"), (2, "one-sided"), (4, "one-sided")]
+SETTINGS = [(1, "two-sided"), (2, "two-sided"), (4, "two-sided"), (3, "one-sided"), (4, "one-sided")]
 
 
 def _config(q: int, estimator: str, **changes: object) -> zoruntime.ZOSGD:
@@ -70,7 +70,7 @@ def test_projected_gradients_and_coefficients_follow_the_formulas() -> None:
     [
         (dict(directions=0), "directions must be an int >= 1 or 'auto', got 0"),
         (dict(directions="many"), "directions must be an int >= 1 or 'auto', got 'many'"),
-        (dict(directions=1, estimator="one-sided"), "estimator='one-sided' needs directions >= 2"),
+        (dict(directions=2, estimator="one-sided"), "estimator='one-sided' needs directions >= 3, got 2"),
         (dict(estimator="three-sided"), "estimator must be 'two-sided' or 'one-sided', got 'three-sided'"),
     ],
 )
@@ -153,7 +153,7 @@ async def test_runtime_equals_reference_bitwise_with_several_directions(q, estim
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("dtype", "compute_dtype"), [(torch.bfloat16, None), (torch.float32, torch.bfloat16)])
-@pytest.mark.parametrize(("q", "estimator"), [(4, "two-sided"), (2, "one-sided")])
+@pytest.mark.parametrize(("q", "estimator"), [(4, "two-sided"), (3, "one-sided")])
 async def test_runtime_equals_reference_with_16_bit_masters_or_compute(q, estimator, dtype, compute_dtype) -> None:
     """bf16 masters take stochastically rounded sums; fp32 masters under bf16 compute draw z into
     a direction buffer of its own, once per direction."""
@@ -223,8 +223,8 @@ def test_train_refuses_bad_direction_options_in_one_line(tmp_path: Path, capsys)
     assert (
         code == 2
         and err.count("\n") == 1
-        and "--estimator 'one-sided' needs directions >= 2" in err
-        and "pass --directions 2 or more" in err
+        and "--estimator 'one-sided' needs directions >= 3, got 1" in err
+        and "pass --directions 3 or more" in err
     )
     code, _, err = train(capsys, "--directions", "auto", "--gpu-profile", "nowhere.json", "--out", str(tmp_path / "b"))
     assert code == 2 and err.count("\n") == 1 and "--gpu-profile 'nowhere.json' is neither a built-in profile" in err
@@ -275,7 +275,7 @@ def test_auto_is_the_largest_q_whose_forwards_hide_under_the_transfers(profile: 
 
     q = auto_directions(work, profile, plan, estimator)
     limit = step_s(1, "two-sided") * (1 + HIDDEN_WITHIN)
-    least = 2 if estimator == "one-sided" else 1
+    least = 3 if estimator == "one-sided" else 1
     assert least <= q < MAX_DIRECTIONS
     assert step_s(q, estimator) <= limit or q == least
     assert step_s(q + 1, estimator) > limit
@@ -307,7 +307,7 @@ def test_more_probes_cost_compute_and_activations_in_the_plan() -> None:
 async def test_auto_on_the_cpu_takes_the_fewest_and_with_a_profile_the_planners_choice() -> None:
     model = tiny_model(num_hidden_layers=BLOCKS)
     batch = token_batch(model.config)
-    for estimator, fewest in (("two-sided", 1), ("one-sided", 2)):
+    for estimator, fewest in (("two-sided", 1), ("one-sided", 3)):
         async with zoruntime.Runtime(model, _config("auto", estimator)) as rt:  # type: ignore[arg-type]
             assert rt.directions is None
             stats = await rt.step(batch)
@@ -343,5 +343,5 @@ def test_plan_predicts_several_directions_and_auto_as_train_would(capsys) -> Non
     assert plan_main([*args, "--directions", "4"]) == 0
     four = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
     assert four["step_s"] == predict(replace(work, directions=4), BUILT_IN["h200"], FixedDepth(1)).step_s
-    assert plan_main([*args, "--directions", "1", "--estimator", "one-sided"]) == 2
-    assert "--directions must be a number >= 1 (>= 2 with --estimator one-sided) or auto" in capsys.readouterr().err
+    assert plan_main([*args, "--directions", "2", "--estimator", "one-sided"]) == 2
+    assert "--directions must be a number >= 3 with --estimator one-sided, or auto" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         auto, fewest = args.directions == "auto", fewest_directions(args.estimator)
         args.directions = fewest if auto else args.directions  # auto: the fewest until the plan is known
         if args.directions < fewest:
-            raise UsageError("--directions must be a number >= 1 (>= 2 with --estimator one-sided) or auto")
+            raise UsageError(f"--directions must be a number >= {fewest} with --estimator {args.estimator}, or auto")
         profile = load_profile(args.gpu)
         config = named_config(args.model)
         if args.seq > config.max_position_embeddings:

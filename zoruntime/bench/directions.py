@@ -46,6 +46,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..models.adapter import adapter_for
 from ..models.init import meta_model
 from ..models.shapes import named_config, shape_dims
+from ..planning.directions import fewest_directions
 from ..planning.planner import Workload, predict, probe_count
 from ..planning.profiles import BUILT_IN
 from ..policies.base import FixedDepth
@@ -129,8 +130,8 @@ def opt13b_step_s(estimator: str, q: int, rounding: str) -> float:
 
 
 def settings(directions: list[int]) -> list[tuple[str, int]]:
-    """(estimator, q) rows: one-sided needs two directions at least."""
-    return [(e, q) for e in ("two-sided", "one-sided") for q in directions if e == "two-sided" or q >= 2]
+    """(estimator, q) rows, each estimator from its fewest directions."""
+    return [(e, q) for e in ("two-sided", "one-sided") for q in directions if q >= fewest_directions(e)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@ A streamed, transfer-bound step leaves the compute lane idle while the next bloc
 forwards of more directions fill that time for free until compute catches up with the
 transfers. ``auto_directions`` predicts the step time of ``plan`` for q = 1, 2, ... on the
 profile, and answers the largest q whose step is no slower than MeZO's (one direction,
-two-sided) by more than ``HIDDEN_WITHIN``. A one-sided estimator needs two directions at least,
-and gets them even where they do not hide. Predictions, not measurements: the host's time to
+two-sided) by more than ``HIDDEN_WITHIN``. A one-sided estimator needs ``ONE_SIDED_FEWEST``
+directions at least, and gets them even where they do not hide. Predictions, not measurements: the host's time to
 issue each probe counts where the profile has it (``GPUProfile.host_probe_ms``), so a small
 model, whose blocks cross the link faster than Python issues their forwards, gets few.
 """
@@ -25,9 +25,27 @@ HIDDEN_WITHIN = 0.02
 as hidden under the transfers."""
 
 
+ONE_SIDED_FEWEST = 3
+"""The fewest directions the one-sided estimator takes. Its step is divided by σ, the spread of
+the directions' projected gradients; σ of two is ``|g_1 − g_2| / √2``, near 0 as often as the
+two are near each other, and the step then explodes: with two directions ``bench/directions``
+diverged on every seed, at every learning rate, on both tasks; with three it reached the target
+on every seed of both (``docs/results/2026-11-27-cpu-directions-q3.log``)."""
+
+
 def fewest_directions(estimator: str) -> int:
-    """The fewest directions ``estimator`` takes: one-sided normalises by their spread, so two."""
-    return 2 if estimator == "one-sided" else 1
+    """The fewest directions ``estimator`` takes (one-sided: ``ONE_SIDED_FEWEST``)."""
+    return ONE_SIDED_FEWEST if estimator == "one-sided" else 1
+
+
+def too_few_directions(estimator: str, directions: int) -> str | None:
+    """Why ``directions`` are too few for ``estimator``, with the fix; None when they are enough."""
+    fewest = fewest_directions(estimator)
+    if directions >= fewest:
+        return None
+    return (f"estimator='{estimator}' needs directions >= {fewest}, got {directions}: its step is divided by the "
+            "spread of the directions' projected gradients, which two or fewer make unstable (with 2 it diverged "
+            f"in bench/directions); pass directions={fewest} or more, or estimator='two-sided'")  # fmt: skip
 
 
 def auto_directions(work: Workload, profile: GPUProfile, plan: Plan, estimator: str) -> int:

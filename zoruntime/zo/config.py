@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..planning.directions import too_few_directions
 from .estimator import ESTIMATORS
 from .update import Rounding
 
@@ -31,7 +32,7 @@ class ZOSGD:
 
     ``directions`` (q) and ``estimator`` use several directions per step, hence per upload of
     each block: "two-sided" averages q such estimates (2q forwards); "one-sided" runs the
-    forward at θ once and one at ``θ + εz_d`` per direction (q + 1 forwards, q >= 2), its step
+    forward at θ once and one at ``θ + εz_d`` per direction (q + 1 forwards, q >= 3), its step
     normalised by the spread of their losses (after FZOO; ``zo/estimator.py`` says exactly
     what). ``directions="auto"``: the largest q whose forwards still hide under the transfers
     of the runtime's plan (decided at its first step; ``planning/directions.py``). q = 1
@@ -78,11 +79,8 @@ class ZOSGD:
         q = self.directions
         if q != "auto" and (not isinstance(q, int) or isinstance(q, bool) or q < 1):
             raise ValueError(f"directions must be an int >= 1 or 'auto', got {q!r}")
-        if self.estimator == "one-sided" and isinstance(q, int) and q < 2:
-            raise ValueError(
-                "estimator='one-sided' needs directions >= 2 (its step is normalised by the spread of the directions' "
-                f"losses), got directions={self.directions}; pass directions=2 or more, or estimator='two-sided'"
-            )
+        if isinstance(q, int) and (why := too_few_directions(self.estimator, q)) is not None:
+            raise ValueError(why)
         if self.rounding is not None and self.rounding not in tuple(Rounding):
             raise ValueError(
                 f"rounding must be 'stochastic', 'nearest' or None (by the masters' dtype), got {self.rounding!r}"

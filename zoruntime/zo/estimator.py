@@ -17,7 +17,8 @@ update from a journal's ``g_d`` alone.
   ``σ`` the sample standard deviation (q − 1 in the denominator) of the ``g_d``. FZOO divides
   by the standard deviation of the losses ``L_d`` themselves; that is ``ε·σ``, so our ``lr`` is
   FZOO's ``η / ε`` and keeps its meaning when ε changes. FZOO draws Rademacher directions; ours
-  stay Gaussian (the direction scheme of ``directions.py``). σ needs two directions: ``q ≥ 2``.
+  stay Gaussian (the direction scheme of ``directions.py``). σ of two directions makes the step
+  unstable, so ``q ≥ 3`` (``planning.directions.ONE_SIDED_FEWEST``).
 
 Knows nothing about models, devices or scheduling; the task work runs the probes and hands
 back the losses, in probe order.
@@ -31,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from ..planning.directions import too_few_directions
 from .update import projected_gradient
 
 ESTIMATORS = ("two-sided", "one-sided")
@@ -103,11 +105,9 @@ class OneSidedEstimator:
     name: str = "one-sided"
 
     def __post_init__(self) -> None:
-        if self.directions < 2:
-            raise ValueError(
-                f"estimator='one-sided' needs directions >= 2 (its step is normalised by the spread of the "
-                f"directions' losses), got {self.directions}; use directions=2 or more, or estimator='two-sided'"
-            )
+        why = too_few_directions(self.name, self.directions)
+        if why is not None:
+            raise ValueError(why)
 
     @classmethod
     def exact(cls, eps: float, compute_dtype: torch.dtype, directions: int) -> OneSidedEstimator:
