@@ -155,7 +155,7 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
                    "transfers of the plan")  # fmt: skip
     p.add_argument("--estimator", default=d.estimator, choices=("two-sided", "one-sided"),
                    help="two-sided: 2 forwards per direction (MeZO); one-sided: 1 per direction and 1 at the weights, "
-                   "the step normalised by their spread (FZOO; needs --directions 2 or more)")  # fmt: skip
+                   "the step normalised by their spread (FZOO; needs --directions 3 or more)")  # fmt: skip
     p.add_argument("--gpu-profile", default=d.gpu_profile,
                    help="for --directions auto: h200, h100 or a file from zoruntime bench --save-profile "
                    "(default: the GPU's built-in profile)")  # fmt: skip
