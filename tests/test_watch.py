@@ -61,17 +61,17 @@ def test_smoothing_is_an_exponential_moving_average() -> None:
 
 def test_the_progress_bar_shows_the_dev_figure_the_task_has() -> None:
     assert _dev_postfix(Evaluation(2.3456)) == {"dev_loss": "2.346"}
-    assert _dev_postfix(Evaluation(0.7, 0.8125, "accuracy")) == {"dev_acc": "81.2%"}
-    assert _dev_postfix(Evaluation(0.7, 0.43216, "exact match")) == {"dev_exact_match": "0.4322"}
+    assert _dev_postfix(Evaluation(0.7, ("accuracy", 0.8125))) == {"dev_acc": "81.2%"}
+    assert _dev_postfix(Evaluation(0.7, ("exact match", 0.43216))) == {"dev_exact_match": "0.4322"}
 
 
 def test_a_checkpoint_keeps_the_first_evaluation_with_its_metrics_name() -> None:
-    named = {"before_loss": 2.0, "before_metric": 0.25, "metric_name": "exact match", "next_batch": 3}
-    assert before_from_state(named).metrics == {"exact match": 0.25}
-    assert before_from_state({"before_loss": 2.0, "before_metric": None, "metric_name": None}).metrics == {}
+    named = {"before_loss": 2.0, "before_metric": ["exact match", 0.25], "next_batch": 3}  # as JSON keeps it
+    assert before_from_state(named) == Evaluation(2.0, ("exact match", 0.25))
+    assert before_from_state({"before_loss": 2.0, "before_metric": None}) == Evaluation(2.0)
     older = {"before_loss": 2.0, "before_accuracy": 0.5, "next_batch": 3}  # written before names were kept
-    assert before_from_state(older) == Evaluation(2.0, 0.5, "accuracy")
-    assert before_from_state({"before_loss": 2.0, "before_accuracy": None}).metrics == {}
+    assert before_from_state(older) == Evaluation(2.0, ("accuracy", 0.5))
+    assert before_from_state({"before_loss": 2.0, "before_accuracy": None}) == Evaluation(2.0)
 
 
 def test_tensorboard_gets_the_same_figures_when_asked_for(tmp_path: Path, capsys) -> None:

@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -58,6 +59,8 @@ from ..zo.update import PendingUpdate, apply_update, draw_direction, perturb_int
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MODEL = {"cuda": "opt-1.3b", "cpu": "tiny"}  # a CPU run is a smoke test: seconds, not hours
 DEFAULT_SEQ = {"cuda": 2048, "cpu": 128}
+OPTIMIZER = ZOSGD(lr=1e-7, eps=1e-3)
+"""What every runner steps with: a learning rate that barely moves the weights (timing, not learning)."""
 
 
 def budget_name(budget: int, named: str = "") -> str:
@@ -165,18 +168,17 @@ def measure(
     dev: DeviceMeter,
     batch: dict[str, torch.Tensor],
     steps: int,
-    optimizer: ZOSGD | None = None,
+    optimizer: ZOSGD = OPTIMIZER,
 ) -> dict[str, Any]:
     """Median step time over ``steps`` steps after one warm-up step (with ``offload_every=k``: the
     mean over whole cycles of k steps, each holding one write-back); a runner that fails (out of
     memory, say) gives a row with its error instead of ending the benchmark."""
     cycle = getattr(policy, "offload_every", 1)
     steps = -(-steps // cycle) * cycle
-    zo = optimizer or ZOSGD(lr=1e-7, eps=1e-3)
 
     async def go() -> tuple[list[float], float | None]:
         times = []
-        async with Runtime(model, zo, device=dev.device, policy=policy) as rt:
+        async with Runtime(model, optimizer, device=dev.device, policy=policy) as rt:
             await rt.step(batch)  # warm up: allocator, kernels, pinned pages
             dev.reset_peak()
             for _ in range(steps):
@@ -195,7 +197,8 @@ def measure(
     tokens = batch["input_ids"].numel()
     return {
         "step_s": step_s, "tokens_s": tokens / step_s, "peak_allocated_mb": dev.peak_mb(), "used_mb": used,
-        "step_times_s": times, "directions": zo.directions, "estimator": zo.estimator,
+        "step_times_s": times, "directions": optimizer.directions,
+        "estimator": optimizer.estimator,
     }  # fmt: skip
 
 
@@ -240,7 +243,7 @@ def trace(
     dev.release()
 
     async def go() -> Timeline:
-        async with Runtime(model, ZOSGD(lr=1e-7, eps=1e-3), device=dev.device, policy=FixedDepth(1), trace=True) as rt:
+        async with Runtime(model, OPTIMIZER, device=dev.device, policy=FixedDepth(1), trace=True) as rt:
             for _ in range(steps + 1):
                 await rt.step(batch)
         return rt.timeline.training_steps_from(1)  # after close: the last step's offloads are in
@@ -386,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     runners.append((budget_name(budget, named), MemoryBudget(budget, unit=unit)))
     runners += [(f"FixedDepth(1, offload_every={k}{named})", FixedDepth(1, k, unit)) for k in args.offload_every]
     runners += extra
-    several = {f"FixedDepth(1{named}), q={q} {args.estimator}": ZOSGD(lr=1e-7, eps=1e-3, directions=q,
-                                                                      estimator=args.estimator)
+    several = {f"FixedDepth(1{named}), q={q} {args.estimator}": replace(OPTIMIZER, directions=q,
+                                                                        estimator=args.estimator)
                for q in args.directions}  # fmt: skip
-    runners += [(name, FixedDepth(1, unit=unit)) for name in several]
+    runners += [(name, FixedDepth(1, unit=unit)) for name in several]  # each measured with its optimizer
 
     print(f"\n{'runner':<32}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = (
             measure_mezo(model, dev, batch, args.steps)
             if policy is None
-            else measure(model, policy, dev, batch, args.steps, several.get(name))
+            else measure(model, policy, dev, batch, args.steps, several.get(name, OPTIMIZER))
         )
         row = {"runner": name, **timed}
         rows.append(row)

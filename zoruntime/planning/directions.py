@@ -6,9 +6,10 @@ forwards of more directions fill that time for free until compute catches up wit
 transfers. ``auto_directions`` predicts the step time of ``plan`` for q = 1, 2, ... on the
 profile, and answers the largest q whose step is no slower than MeZO's (one direction,
 two-sided) by more than ``HIDDEN_WITHIN``. A one-sided estimator needs ``ONE_SIDED_FEWEST``
-directions at least, and gets them even where they do not hide. Predictions, not measurements: the host's time to
-issue each probe counts where the profile has it (``GPUProfile.host_probe_ms``), so a small
-model, whose blocks cross the link faster than Python issues their forwards, gets few.
+directions at least, and gets them even where they do not hide. Predictions, not measurements:
+the host's time to issue each probe counts where the profile has it
+(``GPUProfile.host_probe_ms``), so a small model, whose blocks cross the link faster than Python
+issues their forwards, gets few.
 """
 
 from __future__ import annotations

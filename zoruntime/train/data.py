@@ -49,22 +49,15 @@ def build_data(config: TrainConfig, tokenizer: Any) -> Task:
 @dataclass(frozen=True)
 class Evaluation:
     loss: float
-    metric: float | None = None  # the task's dev metric, named ``metric_name``
-    metric_name: str | None = None
+    metric: tuple[str, float] | None = None  # the task's dev metric: its name and value
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 700.0))
 
     def __str__(self) -> str:
-        return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}" + "".join(
-            f", {name} {show_metric(name, value)}" for name, value in self.metrics.items()
-        )
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """The task's metric by name (none: empty)."""
-        return {} if self.metric is None or self.metric_name is None else {self.metric_name: self.metric}
+        shown = f", {self.metric[0]} {show_metric(*self.metric)}" if self.metric is not None else ""
+        return f"dev loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{shown}"
 
 
 async def evaluate(rt: Runtime, data: Task) -> Evaluation:
@@ -86,6 +79,4 @@ async def evaluate(rt: Runtime, data: Task) -> Evaluation:
     def mean(name: str) -> float:
         return sum(v[name] * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
 
-    if data.metric is None:
-        return Evaluation(mean("loss"))
-    return Evaluation(mean("loss"), mean("metric"), data.metric[0])
+    return Evaluation(mean("loss"), (data.metric[0], mean("metric")) if data.metric is not None else None)

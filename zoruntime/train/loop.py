@@ -75,9 +75,10 @@ def resume_point(config: TrainConfig, model: PreTrainedModel, out: Path, say: An
 def before_from_state(state: dict[str, Any]) -> Evaluation:
     """The run's first evaluation as a checkpoint keeps it (one written before metrics had names
     kept an accuracy)."""
-    if "before_accuracy" in state:
-        return Evaluation(state["before_loss"], state["before_accuracy"], "accuracy")
-    return Evaluation(state["before_loss"], state.get("before_metric"), state.get("metric_name"))
+    if state.get("before_accuracy") is not None:
+        return Evaluation(state["before_loss"], ("accuracy", state["before_accuracy"]))
+    metric = state.get("before_metric")
+    return Evaluation(state["before_loss"], (metric[0], metric[1]) if metric is not None else None)
 
 
 async def train(config: TrainConfig) -> dict[str, Any]:
@@ -228,8 +229,7 @@ async def _run(
 
             async def checkpoint(reason: str = "") -> None:
                 assert before is not None
-                state = {"before_loss": before.loss, "before_metric": before.metric, "metric_name": before.metric_name,
-                         "next_batch": done}  # fmt: skip
+                state = {"before_loss": before.loss, "before_metric": before.metric, "next_batch": done}
                 try:
                     await rt.save_checkpoint(out / "checkpoints", state)
                 except CheckpointError as error:
@@ -239,7 +239,7 @@ async def _run(
                 before = await evaluate(rt, data)
                 say(f"before: {before}")
                 if metrics is not None:
-                    metrics.dev(start.step, before.loss, before.perplexity, before.metrics)
+                    metrics.dev(start.step, before.loss, before.perplexity, before.metric)
             dev_shown: dict[str, str] = {}  # the last dev figure, shown on the bar
             bar = tqdm(total=config.steps, initial=start.step, desc="train", unit="step",
                        disable=not (config.progress and lead), mininterval=0.5)  # fmt: skip
@@ -280,7 +280,7 @@ async def _run(
                     evaluation = await evaluate(rt, data)
                     dev_shown = _dev_postfix(evaluation)
                     if metrics is not None:
-                        metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.metrics)
+                        metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.metric)
                     if lead:
                         bar.write(f"step {done}: {evaluation}")
                 if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -291,7 +291,7 @@ async def _run(
             after = await evaluate(rt, data)
             say(f"after:  {after}")
             if metrics is not None:
-                metrics.dev(config.steps, after.loss, after.perplexity, after.metrics)
+                metrics.dev(config.steps, after.loss, after.perplexity, after.metric)
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
             directions = rt.directions
@@ -313,12 +313,13 @@ async def _run(
     summary = {
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
-        "metric": after.metric_name,
-        **{f"{metric_key(name)}_before": value for name, value in before.metrics.items()},
-        **{f"{metric_key(name)}_after": value for name, value in after.metrics.items()},
-        "steps": config.steps, "directions": directions, "skipped_steps": skipped, "seconds": seconds,
-        "tokens_per_s": tokens / seconds, "out": str(out),
+        "metric": None, "steps": config.steps, "directions": directions, "skipped_steps": skipped,
+        "seconds": seconds, "tokens_per_s": tokens / seconds, "out": str(out),
     }  # fmt: skip
+    for when, evaluation in (("before", before), ("after", after)):  # the task's metric under its own name
+        if evaluation.metric is not None:
+            name, value = evaluation.metric
+            summary.update({"metric": name, f"{metric_key(name)}_{when}": value})
     save_curves(out, out / "curves.png")
     print(summary_table(summary))
     drop = 1 - after.loss / before.loss
@@ -330,10 +331,10 @@ async def _run(
 
 
 def _dev_postfix(evaluation: Evaluation) -> dict[str, str]:
-    for name, value in evaluation.metrics.items():
-        key = metric_key(name)
-        return {"dev_acc" if key == "accuracy" else f"dev_{key}": show_metric(name, value)}
-    return {"dev_loss": f"{evaluation.loss:.3f}"}
+    if evaluation.metric is None:
+        return {"dev_loss": f"{evaluation.loss:.3f}"}
+    key = metric_key(evaluation.metric[0])
+    return {"dev_acc" if key == "accuracy" else f"dev_{key}": show_metric(*evaluation.metric)}
 
 
 def _silent(*args: object, **kwargs: object) -> None:

@@ -57,10 +57,11 @@ class MetricsLog:
                      "projected_grads": list(stats.projected_grads), "lr": stats.lr, "tokens_per_s": tokens_per_s,
                      "skipped_steps": self.skipped_steps})  # fmt: skip
 
-    def dev(self, done: int, loss: float, perplexity: float, metrics: dict[str, float]) -> None:
-        """An evaluation after ``done`` steps; ``metrics``: the task's metric by name (or none)."""
+    def dev(self, done: int, loss: float, perplexity: float, metric: tuple[str, float] | None) -> None:
+        """An evaluation after ``done`` steps; ``metric``: the task's, its name and value (or None)."""
         line: dict[str, Any] = {"kind": "dev", "step": done, "loss": loss, "perplexity": perplexity}
-        for name, value in metrics.items():
+        if metric is not None:
+            name, value = metric
             line.update({metric_key(name): value, "metric": name})
         self._write(line)
 
