@@ -47,7 +47,7 @@ async def test_cuda_runtime_equals_the_reference_on_the_same_gpu(policy) -> None
 async def test_finer_units_and_chunked_ends_on_cuda_equal_the_reference_on_the_same_gpu(
     family: str, unit: str, monkeypatch
 ) -> None:
-    """Each unit's forward runs in a thread of its own that must enqueue on the compute stream;
+    """Each unit's forward runs in a greenlet that must enqueue on the compute lane's stream;
     small vocabulary chunks make the head and the embedding cross chunk boundaries."""
     from zoruntime.planning import memory
 

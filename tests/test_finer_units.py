@@ -6,16 +6,19 @@ with finer units too)."""
 
 from __future__ import annotations
 
-import threading
+import gc
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import tiny_model, token_batch
+from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import zoruntime
 from zoruntime.models import adapter_for
 from zoruntime.models.freeze import freeze
+from zoruntime.models.segments import SegmentedLayer, _Forward
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.runtime import Task
 from zoruntime.storage import model_layout
@@ -82,8 +85,57 @@ async def test_16_bit_masters_with_stochastic_rounding_and_a_frozen_block_equal_
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
-def _segment_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "zoruntime-segment"]
+def _paused_forwards() -> list[_Forward]:
+    gc.collect()
+    return [g for g in gc.get_objects() if type(g) is _Forward and not g.dead]
+
+
+_LEFT: list[str] = []  # module-level: a bound layer is a deep copy
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.second(torch.relu(self.first(x)))
+        finally:
+            _LEFT.append("left the forward")
+
+
+def test_a_segmented_forward_pauses_between_segments_on_its_callers_thread() -> None:
+    log = _LEFT
+    log.clear()
+    layer = _TwoLinears()
+    x = torch.randn(3, 4)
+    params = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    segmented = SegmentedLayer(layer, params, [["first"], ["second"]])
+
+    run = segmented.start(lambda shell: shell(x))
+    assert run.resume() is None and run.next_segment == 1 and log == []  # paused before `second`
+    params["second.weight"].mul_(2)  # what the next segment reads may change while paused
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(torch.relu(layer.first(x)), 2 * layer.second.weight, layer.second.bias)
+    assert torch.equal(run.resume(), expected) and log == ["left the forward"]
+    with pytest.raises(RuntimeError, match="this forward has ended"):
+        run.resume()
+
+    on_its_thread = segmented.start(lambda shell: shell(x))
+    on_its_thread.resume()
+    with ThreadPoolExecutor(1) as other:
+        with pytest.raises(RuntimeError, match="resumed on the thread that began it"):
+            other.submit(on_its_thread.resume).result()
+        on_its_thread.cancel()  # on its own thread: unwound at once
+        assert log[-1] == "left the forward" and not _paused_forwards()
+
+        elsewhere = other.submit(lambda: segmented.start(lambda shell: shell(x))).result()
+        other.submit(elsewhere.resume).result()
+        assert len(_paused_forwards()) == 1
+        elsewhere.cancel()  # from another thread: dropped, unwound on its own at its next switch
+        other.submit(lambda: segmented.start(lambda shell: shell(x)).resume()).result()
+    assert log.count("left the forward") == 3 and not _paused_forwards()
 
 
 @pytest.mark.asyncio
@@ -101,11 +153,10 @@ async def test_a_failure_inside_a_cut_block_ends_its_paused_forwards_and_loses_n
         injected = inject_faults(rt, fail_once)
         with pytest.raises(zoruntime.TaskFailed, match=r"step 1: compute of block.1.fc1 failed: InjectedFault"):
             await rt.step(token_batch(faulty_model.config, seed=1))
-        assert not _segment_threads()  # the paused forwards were ended, not left waiting
         got += [await rt.step(token_batch(faulty_model.config, seed=i)) for i in (1, 2)]
+        assert not _paused_forwards()  # the failed step's were ended (on the compute thread, at its next switch)
     assert injected == [(1, "compute of block.1.fc1")] and got == expected
     assert all(torch.equal(a, b) for a, b in zip(clean_model.parameters(), faulty_model.parameters(), strict=True))
-    assert not _segment_threads()
 
 
 def test_train_and_replay_with_a_unit_per_linear_layer(tmp_path, capsys) -> None:

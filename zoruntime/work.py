@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from .device.base import same_stream
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
 from .models.batch import Batch, LossFn, map_tensors
@@ -129,7 +128,6 @@ class TaskWork:
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
         self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
-        self._compute_stream: Callable[[], Any] | None = None  # entered by a segmented block's forward thread
         self._groups_of_block: dict[int, list[int]] = {}
         for u in adapter.units.streamable:
             self._groups_of_block.setdefault(u.index, []).append(u.group)
@@ -307,9 +305,7 @@ class TaskWork:
                     k: v for g in self._groups_of_block[unit.index] for k, v in self.storage.scratch_views[g].items()
                 }
                 start = self._bound_segments[unit.index] = self.adapter.segmented_block(unit.index, params)
-            if self._compute_stream is None:  # taken on the compute lane's thread, where this runs
-                self._compute_stream = same_stream()
-            st.runs[key] = start(hidden, st.inputs, self._compute_stream)
+            st.runs[key] = start(hidden, st.inputs)
         out = st.runs[key].resume()
         if unit.part == unit.parts - 1:
             del st.runs[key]

@@ -9,8 +9,7 @@ memory is pinned and compute memory is on the GPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -71,12 +70,3 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release lanes (threads, streams); waits for work in flight."""
         ...
-
-
-def same_stream() -> Callable[[], AbstractContextManager[Any]]:
-    """A context that makes another thread enqueue where the calling thread does: on its CUDA
-    device and current stream (a CPU has nothing to carry)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        stream = torch.cuda.current_stream()
-        return lambda: torch.cuda.stream(stream)
-    return nullcontext

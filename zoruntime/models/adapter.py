@@ -74,7 +74,7 @@ class ModelAdapter(Protocol):
 
     def segmented_block(self, index: int, params: Params) -> SegmentStarter:
         """Block ``index``, streamed as several units, bound once to ``params`` (all of its units'):
-        ``start(hidden, inputs, context)`` gives a forward that runs a unit at a time."""
+        ``start(hidden, inputs)`` gives a forward that runs a unit at a time."""
         ...
 
     def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:

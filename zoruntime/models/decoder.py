@@ -25,8 +25,8 @@ from .groups import GroupLayout, Params
 from .segments import SegmentedLayer, SegmentRun, call_order, cut, segment_params, shell_of
 from .vocab import RowSource, TokenLookup, gather_rows, logits_in_chunks, loss_over_chunks
 
-SegmentStarter = Callable[[torch.Tensor, Any, Callable[[], Any]], SegmentRun]
-"""``start(hidden, inputs, context)``: one forward of a segmented block, not yet running."""
+SegmentStarter = Callable[[torch.Tensor, Any], SegmentRun]
+"""``start(hidden, inputs)``: one forward of a segmented block, not yet running."""
 
 EndParams = Mapping[str, torch.Tensor | RowSource]
 """The embed_head group's parameters by canonical name: vocabulary-sized ones may be row sources."""
@@ -132,16 +132,16 @@ class DecoderLayout:
 
     def segmented(self, index: int, params: Params, layer_kwargs: Callable[[Any], dict[str, Any]]) -> SegmentStarter:
         """Block ``index`` bound once to ``params`` (every segment's, by names relative to the
-        block), paused before each of its segments after the first: ``start(hidden, inputs,
-        context)`` begins a forward with the adapter's ``layer_kwargs(inputs)``."""
+        block), paused before each of its segments after the first: ``start(hidden, inputs)`` begins
+        a forward with the adapter's ``layer_kwargs(inputs)``."""
         layer = SegmentedLayer(self.blocks[index], params, self.segments[index])
 
-        def start(hidden: torch.Tensor, inputs: Any, context: Callable[[], Any]) -> SegmentRun:
+        def start(hidden: torch.Tensor, inputs: Any) -> SegmentRun:
             def call(shell: nn.Module) -> torch.Tensor:
                 out = shell(hidden, **layer_kwargs(inputs))
                 return out[0] if isinstance(out, tuple) else out
 
-            return layer.start(call, context)
+            return layer.start(call)
 
         return start
 
