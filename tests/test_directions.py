@@ -21,6 +21,10 @@ def _draw(sampler: DirectionSampler, seed: int, group: int, n: int = 1000, **whe
 def test_the_scheme_is_pinned() -> None:
     assert DIRECTION_SCHEME == 2 and CHUNK_ELEMENTS == 1 << 24
     assert DirectionSampler("cpu").chunk_elements == CHUNK_ELEMENTS
+    # the seeds themselves (numpy's SeedSequence hashing), so no change of hashing goes unseen
+    assert step_seed(7, 3) == 2571159122081593984
+    assert chunk_seed(1, 2, 3, 4) == 7213693066999673082
+    assert chunk_seed(2**63 - 1, 2**32 - 1, 0, 2**32 - 1) == 8741729783920557723
 
 
 def test_direction_is_regenerated_bitwise_in_any_visiting_order() -> None:
@@ -159,6 +163,19 @@ def test_chunk_seeds_are_unique_over_many_keys() -> None:
     assert chunk_seed(1, 0, 0) == chunk_seed(1, 0, 0, 0) != chunk_seed(1, 0, 0, 1)
     with pytest.raises(ValueError, match=r"direction -1 is outside"):
         chunk_seed(1, 0, 0, -1)
+
+
+def test_chunk_seeds_hashed_at_once_equal_them_hashed_one_by_one() -> None:
+    keys = [(1, 0, range(0, 5), 0), (step_seed(3, 9), 7, range(40, 88), 2**32 - 1), (2**64 - 1, 2**32 - 1,
+            range(2**32 - 3, 2**32), 5), (2**32, 1, range(0), 0)]  # fmt: skip
+    for seed, group, chunks, direction in keys:
+        at_once = directions.chunk_seeds(seed, group, chunks, direction)
+        directions._SEEDS.clear()  # hashed again, one by one, by SeedSequence itself
+        assert at_once == [chunk_seed(seed, group, c, direction) for c in chunks]
+    with pytest.raises(ValueError, match=r"chunk 4294967296 is outside 0 \.\. 2\*\*32 - 1"):
+        directions.chunk_seeds(1, 0, range(2**32 - 1, 2**32 + 1))
+    with pytest.raises(ValueError, match=r"step seed -1 is not a 64-bit unsigned int"):
+        directions.chunk_seeds(-1, 0, range(3))
 
 
 def test_bad_requests_are_refused_with_the_fix() -> None:

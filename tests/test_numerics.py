@@ -21,7 +21,15 @@ from zoruntime.train.loop import UpdateWatch
 from zoruntime.zo.directions import DirectionSampler
 from zoruntime.zo.estimator import TwoSidedEstimator
 from zoruntime.zo.reference import ReferenceZO
-from zoruntime.zo.update import ChangeCount, PendingUpdate, Rounding, apply_update, perturb_into
+from zoruntime.zo.update import (
+    DROPPED_BITS,
+    ROUNDING_PIECE,
+    ChangeCount,
+    PendingUpdate,
+    Rounding,
+    apply_update,
+    perturb_into,
+)
 
 SAMPLER = DirectionSampler("cpu")
 
@@ -208,6 +216,60 @@ def test_stochastic_rounding_bits_are_a_pure_function_of_step_seed_and_group() -
     assert not torch.equal(updated(7), updated(8))
     other_group = GroupLayout(2, layout.slices, layout.numel, layout.dtype)
     assert not torch.equal(updated(7), updated(7, other_group))
+
+
+def _update_by_definition(weights: torch.Tensor, z: torch.Tensor, update: PendingUpdate, layout: GroupLayout,
+                          offset: int) -> torch.Tensor:  # fmt: skip
+    """``apply_update``'s result over the whole of ``z`` at once, from its docstring: each element's
+    own arithmetic, rounding noise from one draw per piece of ``ROUNDING_PIECE`` keyed by
+    (step seed, group, piece)."""
+    w, end = weights[offset : offset + z.numel()], offset + z.numel()
+    decayed = torch.zeros(layout.numel, dtype=torch.bool)
+    trainable = torch.zeros(layout.numel, dtype=torch.bool)
+    for start, stop, decays in layout.update_ranges:
+        trainable[start:stop], decayed[start:stop] = True, decays
+    decayed, trainable, g = decayed[offset:end], trainable[offset:end], update.scaled_grads[0]
+    exact = w.float()
+    stochastic = update.rounding is Rounding.STOCHASTIC
+    plain = exact.clone().addcmul_(z, g) if stochastic else w.clone().addcmul_(z, g).float()  # undecayed
+    stepped = exact + torch.mul(exact, -update.lr * update.weight_decay).addcmul_(z, g)
+    new = torch.where(decayed, stepped, plain)
+    if stochastic:
+        bits = DROPPED_BITS[w.dtype]
+        pieces = range(0, layout.numel, ROUNDING_PIECE)
+        noise = torch.cat([DirectionSampler("cpu").rounding_noise(update.seed, layout.group, start // ROUNDING_PIECE,
+                                                                  min(ROUNDING_PIECE, layout.numel - start), bits)
+                           for start in pieces])[offset:end]  # fmt: skip
+        new.view(torch.int32).add_(noise).bitwise_and_(-(1 << bits))
+    return torch.where(trainable, new.to(w.dtype), w)
+
+
+UPDATE_CASES = [(torch.bfloat16, Rounding.STOCHASTIC), (torch.float16, Rounding.STOCHASTIC),
+                (torch.float16, Rounding.NEAREST), (torch.float32, Rounding.NEAREST)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("dtype", "rounding"), UPDATE_CASES)
+def test_an_update_is_each_elements_own_arithmetic_whatever_the_pieces_and_spans(dtype, rounding) -> None:
+    """Runs of decayed, undecayed and frozen parameters crossing rounding pieces, updated whole and
+    a part at a time (``offset``): every element equals the update's definition, bitwise."""
+    sizes = [(1_500_003, True), (1_001, False), (2_700_017, True), (333, False), (1_000_000, True), (77, False)]
+    slices, at = [], 0
+    for i, (numel, decays) in enumerate(sizes):
+        slices.append(ParamSlice(f"p{i}", (numel,), at, decays, trainable=i != 4))
+        at += numel
+    layout = GroupLayout(3, tuple(slices), at, dtype)
+    gen = torch.Generator().manual_seed(0)
+    start = (torch.randn(at, generator=gen) * 0.05).to(dtype)
+    z = torch.randn(at, generator=gen).to(dtype)
+    update = PendingUpdate.from_gradient(4, 99, 1e-3, 0.1, torch.tensor(0.37), rounding)
+    for offset, count in [(0, at), (3_000_001, 2_000_000), (at - 5_000, 5_000)]:
+        new = start.clone()
+        apply_update(new, z[offset : offset + count], update, layout, SAMPLER, offset=offset)
+        expected = start.clone()
+        expected[offset : offset + count] = _update_by_definition(start, z[offset : offset + count], update, layout,
+                                                                  offset)  # fmt: skip
+        assert torch.equal(new.view(torch.uint8), expected.view(torch.uint8)), (offset, count)
+        assert not torch.equal(new[offset : offset + count], start[offset : offset + count])
 
 
 def test_stochastic_rounding_is_for_16_bit_masters_only() -> None:

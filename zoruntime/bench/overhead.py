@@ -5,7 +5,11 @@
 2. Host time per unit compute task: a unit's whole compute task on blocks too small for their
    kernels to matter, in microseconds, at 1, 2, 4 and 8 directions and for each unit kind, fitted
    as a cost per task plus one per probe (on a GPU this sets the pace of small units).
-3. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
+3. Operations the host dispatches for one block's compute task at a real model's shape (16-bit
+   masters, stochastic rounding, weight decay): the pending update, and each probe's draw,
+   perturbed copy and forward. Each is a Python call into PyTorch (most a kernel launch on a
+   GPU), so this counts the host's work where a GPU sets no pace; it is the same on any machine.
+4. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
 
     python -m zoruntime.bench.overhead [--quick]
 """
@@ -23,9 +27,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import engine
-from ..models.init import random_opt, tiny_opt_config
+from ..models import adapter_for
+from ..models.init import meta_model, random_opt, tiny_opt_config
+from ..models.shapes import opt_config
 from ..policies.base import UNIT_KINDS, FixedDepth, Plan
 from ..runtime.graph import Lane, Task, step_graph
 from ..runtime.instruments import Instruments
@@ -33,7 +40,9 @@ from ..runtime.scheduler import Completion, Scheduler, Work
 from ..runtime.units import uniform_units
 from ..tracing.recorder import TimelineRecorder
 from ..zo.config import ZOSGD
+from ..zo.directions import DirectionSampler
 from ..zo.reference import ReferenceZO
+from ..zo.update import PendingUpdate, Rounding, draw_direction, perturb_into, update_group
 
 
 class _InstantLane:
@@ -111,6 +120,42 @@ def host_time_per_unit_task(
     return {"unit": unit, "rows": rows, "us_per_task": fit.intercept, "us_per_probe": fit.slope}
 
 
+class _Dispatched(TorchDispatchMode):
+    """Counts the operations dispatched while it is entered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_per_block_task(name: str = "opt-1.3b", tokens: int = 16) -> dict[str, Any]:
+    """Operations dispatched by one block of OPT ``name`` (fp16 masters, zeros: the count does not
+    depend on values): the pending update (stochastic rounding, weight decay) and one probe (z
+    drawn into the perturbed copy's buffer, the copy, the bound block's forward on ``tokens``)."""
+    config = opt_config(name)
+    config.num_hidden_layers = 1
+    adapter = adapter_for(meta_model(config, torch.float16))
+    layout, _ = adapter.groups()[adapter.units.streamable[0].group]
+    weights, scratch = torch.zeros(layout.numel, dtype=torch.float16), torch.empty(layout.numel, dtype=torch.float16)
+    sampler = DirectionSampler("cpu")
+    update = PendingUpdate.from_gradient(0, 1, 1e-6, 0.1, torch.tensor(0.5), Rounding.STOCHASTIC)
+    ids = torch.randint(4, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    inputs = adapter.prepare(adapter.validate({"input_ids": ids}), torch.device("cpu"), torch.float16)
+    hidden = torch.zeros(1, tokens, config.hidden_size, dtype=torch.float16)
+    block = adapter.bound_block(0, layout.views(scratch))
+    with torch.no_grad():
+        with _Dispatched() as update_ops:
+            update_group(weights, update, layout, sampler, scratch)
+        with _Dispatched() as probe_ops:
+            perturb_into(scratch, weights, draw_direction(sampler, 2, layout, scratch), 1e-3)
+            block(hidden, inputs)
+    return {"model": name, "elements": layout.numel, "update_ops": update_ops.count, "probe_ops": probe_ops.count}
+
+
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
     config = tiny_opt_config(
         vocab_size=8192, hidden_size=512, num_hidden_layers=8, ffn_dim=2048, num_attention_heads=8,
@@ -177,6 +222,12 @@ def main() -> None:
             + f"{fit['us_per_task']:>12.0f}{fit['us_per_probe']:>13.0f}"
         )
 
+    ops = dispatched_per_block_task()
+    print(
+        f"\noperations dispatched per block task, {ops['model']} ({ops['elements']:,} elements, fp16, stochastic "
+        f"rounding, weight decay): update {ops['update_ops']}, each probe {ops['probe_ops']}"
+    )
+
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
     cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)
     print(f"\nCPU backend vs in-memory reference (OPT 8x512, fp32, batch {batch}x{seq}, median of {steps} steps)")
@@ -185,7 +236,7 @@ def main() -> None:
         print(f"{row['runner']:<24}{row['median_step_s']:>10.4f}{row['ratio']:>8.3f}")
 
     print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "host_per_unit_task": host,
-                      "cpu_backend": cpu}))  # fmt: skip
+                      "dispatched_per_block_task": ops, "cpu_backend": cpu}))  # fmt: skip
 
 
 if __name__ == "__main__":

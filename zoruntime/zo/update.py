@@ -16,7 +16,7 @@ from enum import StrEnum
 import torch
 
 from ..models.groups import GroupLayout, ParamSlice
-from .directions import DirectionSampler, DrawnChunk
+from .directions import ROUNDING_DIRECTION, DirectionSampler, DrawnChunk, chunk_seeds
 
 
 def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -78,8 +78,14 @@ class Rounding(StrEnum):
 
 
 ROUNDING_PIECE = 1 << 20
-"""Elements per piece of an update: the size of its float32 temporaries, and the unit whose
-stochastic-rounding bits one generator draws (keyed by step seed, group and piece)."""
+"""Elements per piece of an update's stochastic rounding: the unit whose noise one generator
+draws (keyed by step seed, group and piece). Part of the scheme: another length rounds otherwise."""
+
+UPDATE_SPAN_ELEMENTS = 1 << 22
+"""Elements an update computes at once where it needs float32 temporaries (16-bit masters, or
+weight decay): a whole number of rounding pieces, so a span's noise is its pieces' draws side by
+side. Longer spans issue fewer kernels (a 1.3B block's update: about 760 dispatched ops with one
+piece a span, see ``bench.overhead``); the temporaries take 12 bytes an element of a span."""
 
 DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
 """float32 mantissa bits each 16-bit type drops (23 − 10 and 23 − 7)."""
@@ -265,8 +271,8 @@ def apply_update(
     else:
         raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
-    noise, noise_piece = None, -1  # a piece's noise is drawn once, whole, even when two runs share it
     span_end = offset + z.numel()
+    noise = _SpanNoise(sampler, update, layout, DROPPED_BITS[weights.dtype], offset, span_end) if stochastic else None
     for run_start, run_end, decayed in layout.update_ranges:
         start, end = max(run_start, offset), min(run_end, span_end)
         if start >= end:
@@ -276,24 +282,44 @@ def apply_update(
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
             continue
         lo = start
-        while lo < end:  # pieces bound the float32 temporaries and key the noise
-            piece = lo // ROUNDING_PIECE
-            piece_start = piece * ROUNDING_PIECE
-            hi = min(end, piece_start + ROUNDING_PIECE)
-            run_noise = None
-            if stochastic:
-                if piece != noise_piece:
-                    length = min(ROUNDING_PIECE, layout.numel - piece_start)
-                    noise = sampler.rounding_noise(
-                        update.seed, layout.group, piece, length, DROPPED_BITS[weights.dtype]
-                    )
-                    noise_piece = piece
-                assert noise is not None
-                run_noise = noise[lo - piece_start : hi - piece_start]
+        while lo < end:  # spans bound the float32 temporaries
+            hi = min(end, (lo // UPDATE_SPAN_ELEMENTS + 1) * UPDATE_SPAN_ELEMENTS)
+            run_noise = noise.between(lo, hi) if noise is not None else None
             _update_run(weights[lo:hi], z[lo - offset : hi - offset], scaled_grad, run_decay, run_noise)
             lo = hi
     if changed is not None and sample is not None:
         changed.after(weights, sample)
+
+
+class _SpanNoise:
+    """Stochastic rounding's noise for one span of ``UPDATE_SPAN_ELEMENTS`` at a time, each piece
+    of ``ROUNDING_PIECE`` drawn whole (as its key fixes it) into its place, and only once: runs
+    that share a piece share its draw."""
+
+    def __init__(
+        self, sampler: DirectionSampler, update: PendingUpdate, layout: GroupLayout, bits: int, lo: int, hi: int
+    ) -> None:
+        self.sampler, self.update, self.layout, self.bits = sampler, update, layout, bits
+        self.span, self.buffer, self.drawn = -1, torch.empty(0, dtype=torch.int32), set[int]()  # none yet
+        pieces = range(lo // ROUNDING_PIECE, (hi - 1) // ROUNDING_PIECE + 1)  # those elements [lo, hi) lie in
+        chunk_seeds(update.seed, layout.group, pieces, ROUNDING_DIRECTION)  # hashed at once, for rounding_noise
+
+    def between(self, lo: int, hi: int) -> torch.Tensor:
+        """The noise of elements ``[lo, hi)`` of the group, which lie in one span."""
+        span = lo // UPDATE_SPAN_ELEMENTS
+        span_start = span * UPDATE_SPAN_ELEMENTS
+        if span != self.span:
+            length = min(UPDATE_SPAN_ELEMENTS, self.layout.numel - span_start)
+            self.span, self.drawn = span, set()
+            self.buffer = torch.empty(length, dtype=torch.int32, device=self.sampler.device)
+        for piece in range(lo // ROUNDING_PIECE, (hi - 1) // ROUNDING_PIECE + 1):
+            if piece not in self.drawn:
+                first = piece * ROUNDING_PIECE
+                length = min(ROUNDING_PIECE, self.layout.numel - first)
+                out = self.buffer[first - span_start : first - span_start + length]
+                self.sampler.rounding_noise(self.update.seed, self.layout.group, piece, length, self.bits, out=out)
+                self.drawn.add(piece)
+        return self.buffer[lo - span_start : hi - span_start]
 
 
 def _update_run(
