@@ -89,15 +89,17 @@ def test_weight_decay_flags_skip_biases_and_layer_norms() -> None:
     assert resident["embed_tokens.weight"] and not resident["final_layer_norm.weight"]
 
 
-def test_the_loss_in_pieces_equals_hfs_loss(variant: str) -> None:
+def test_the_loss_in_pieces_equals_hfs_loss(variant: str, monkeypatch) -> None:
     """Eight rows of 40 tokens (a piece of 256 and a shorter one), padding on both sides and
     labels of -100: within float rounding of ``model(...).loss``, never holding every logit."""
-    from zoruntime.planning.memory import LOSS_CHUNK_TOKENS
+    from zoruntime.models.vocab import loss_piece_tokens
+    from zoruntime.planning import memory
 
     model = tiny_model(variant)
+    monkeypatch.setattr(memory, "LOSS_PIECE_ELEMENTS", 256 * model.config.vocab_size)  # one chunk: the vocabulary
     adapter = OPTAdapter(model)
     batch = token_batch(model.config, rows=8, length=40)
-    assert LOSS_CHUNK_TOKENS < 3 * 100
+    assert loss_piece_tokens(model.config.vocab_size) == 256
     with torch.no_grad():
         expected = model(**batch).loss
         inputs = adapter.prepare(adapter.validate(batch), torch.device("cpu"), torch.float32)

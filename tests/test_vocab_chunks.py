@@ -28,6 +28,7 @@ from zoruntime.zo.update import PendingUpdate, Rounding, apply_update, draw_dire
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "VOCAB_CHUNK_ELEMENTS", 300)  # 9 rows of 32: 8 chunks of a 64-word vocabulary
     monkeypatch.setattr(memory, "KEPT_SPAN_ELEMENTS", 512)
+    monkeypatch.setattr(memory, "LOSS_PIECE_ELEMENTS", 100)  # the loss 11 tokens at a time
 
 
 def test_the_kept_span_is_one_chunk_of_the_direction_scheme() -> None:

@@ -5,10 +5,11 @@
 2. Host time per unit compute task: a unit's whole compute task on blocks too small for their
    kernels to matter, in microseconds, at 1, 2, 4 and 8 directions and for each unit kind, fitted
    as a cost per task plus one per probe (on a GPU this sets the pace of small units).
-3. Operations the host dispatches for one block's compute task at a real model's shape (16-bit
-   masters, stochastic rounding, weight decay): the pending update, and each probe's draw,
-   perturbed copy and forward. Each is a Python call into PyTorch (most a kernel launch on a
-   GPU), so this counts the host's work where a GPU sets no pace; it is the same on any machine.
+3. Operations the host dispatches at a real model's shape: for one block's compute task (16-bit
+   masters, stochastic rounding, weight decay), the pending update and each probe's draw,
+   perturbed copy and forward; for the head, each probe's loss over 2,048 tokens. Each is a
+   call into PyTorch (most a kernel launch on a GPU), so this counts the host's work where a GPU
+   sets no pace; it is the same on any machine.
 4. The CPU backend's step time over ReferenceZO's on a small random-init OPT (fp32).
 
     python -m zoruntime.bench.overhead [--quick]
@@ -31,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import engine
 from ..models import adapter_for
+from ..models.batch import map_tensors
 from ..models.init import meta_model, random_opt, tiny_opt_config
 from ..models.shapes import opt_config
 from ..policies.base import UNIT_KINDS, FixedDepth, Plan
@@ -132,10 +134,12 @@ class _Dispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def dispatched_per_block_task(name: str = "opt-1.3b", tokens: int = 16) -> dict[str, Any]:
-    """Operations dispatched by one block of OPT ``name`` (fp16 masters, zeros: the count does not
+def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: int = 2048) -> dict[str, Any]:
+    """Operations dispatched for OPT ``name`` by one block (fp16 masters, zeros: the count does not
     depend on values): the pending update (stochastic rounding, weight decay) and one probe (z
-    drawn into the perturbed copy's buffer, the copy, the bound block's forward on ``tokens``)."""
+    drawn into the perturbed copy's buffer, the copy, the bound block's forward on ``tokens``);
+    and by the head's causal-LM loss over ``head_tokens`` for one probe (on the meta device: no
+    arithmetic, the same calls)."""
     config = opt_config(name)
     config.num_hidden_layers = 1
     adapter = adapter_for(meta_model(config, torch.float16))
@@ -143,17 +147,23 @@ def dispatched_per_block_task(name: str = "opt-1.3b", tokens: int = 16) -> dict[
     weights, scratch = torch.zeros(layout.numel, dtype=torch.float16), torch.empty(layout.numel, dtype=torch.float16)
     sampler = DirectionSampler("cpu")
     update = PendingUpdate.from_gradient(0, 1, 1e-6, 0.1, torch.tensor(0.5), Rounding.STOCHASTIC)
-    ids = torch.randint(4, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    inputs = adapter.prepare(adapter.validate({"input_ids": ids}), torch.device("cpu"), torch.float16)
+    ids = torch.randint(4, config.vocab_size, (1, head_tokens), generator=torch.Generator().manual_seed(0))
+    inputs = adapter.prepare(adapter.validate({"input_ids": ids[:, :tokens]}), torch.device("cpu"), torch.float16)
     hidden = torch.zeros(1, tokens, config.hidden_size, dtype=torch.float16)
     block = adapter.bound_block(0, layout.views(scratch))
+    ends = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in adapter.groups()[0][1].items()}
+    batch = map_tensors(adapter.validate({"input_ids": ids}), lambda t: t.to("meta"))
+    final = torch.empty(1, head_tokens, config.hidden_size, dtype=torch.float16, device="meta")
     with torch.no_grad():
         with _Dispatched() as update_ops:
             update_group(weights, update, layout, sampler, scratch)
         with _Dispatched() as probe_ops:
             perturb_into(scratch, weights, draw_direction(sampler, 2, layout, scratch), 1e-3)
             block(hidden, inputs)
-    return {"model": name, "elements": layout.numel, "update_ops": update_ops.count, "probe_ops": probe_ops.count}
+        with _Dispatched() as head_ops:
+            adapter.head_loss(ends, final, batch)
+    return {"model": name, "elements": layout.numel, "update_ops": update_ops.count, "probe_ops": probe_ops.count,
+            "head_tokens": head_tokens, "head_ops": head_ops.count}  # fmt: skip
 
 
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -222,10 +232,11 @@ def main() -> None:
             + f"{fit['us_per_task']:>12.0f}{fit['us_per_probe']:>13.0f}"
         )
 
-    ops = dispatched_per_block_task()
+    ops = dispatched_per_task()
     print(
-        f"\noperations dispatched per block task, {ops['model']} ({ops['elements']:,} elements, fp16, stochastic "
-        f"rounding, weight decay): update {ops['update_ops']}, each probe {ops['probe_ops']}"
+        f"\noperations dispatched, {ops['model']}: a block's task ({ops['elements']:,} elements, fp16, stochastic "
+        f"rounding, weight decay): update {ops['update_ops']}, each probe {ops['probe_ops']}; the head's loss over "
+        f"{ops['head_tokens']} tokens, each probe {ops['head_ops']}"
     )
 
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
@@ -236,7 +247,7 @@ def main() -> None:
         print(f"{row['runner']:<24}{row['median_step_s']:>10.4f}{row['ratio']:>8.3f}")
 
     print(json.dumps({"machine": machine, "scheduler_overhead": overhead, "host_per_unit_task": host,
-                      "dispatched_per_block_task": ops, "cpu_backend": cpu}))  # fmt: skip
+                      "dispatched_per_task": ops, "cpu_backend": cpu}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ..runtime.units import Stage, Unit, UnitTable
 from .batch import Batch
 from .groups import GroupLayout, Params
-from .segments import SegmentedLayer, SegmentRun, call_order, cut, segment_params, shell_of
+from .segments import SegmentedLayer, SegmentRun, call_bound, call_order, cut, segment_params, shell_of
 from .vocab import RowSource, TokenLookup, gather_rows, logits_in_chunks, loss_over_chunks
 
 SegmentStarter = Callable[[torch.Tensor, Any], SegmentRun]
@@ -99,6 +98,7 @@ class DecoderLayout:
         self.vocab_names = frozenset(
             self.canonical[id(p)] for key in VOCAB_MODULES if key in self.ends for p in self.ends[key].parameters()
         )
+        self._shells = {prefix: shell_of(module) for prefix, module in self.ends.items()}  # run by call_bound
         self._row_embedding = shell_of(self.ends["embed_tokens"])
         setattr(self._row_embedding, "padding_idx", None)  # noqa: B010 (rows of part of the table: forward only)
         shared, kept = self.embed_head_layout, (self.embed_head_layout.group, "embed_head")  # one group, two units
@@ -153,7 +153,7 @@ class DecoderLayout:
 
     def call_end(self, prefix: str, params: EndParams, *args: object, **kwargs: object) -> torch.Tensor:
         """End module ``prefix`` on the embed_head group's ``params`` (by canonical name)."""
-        return functional_call(self.ends[prefix], self._local(prefix, params), args, kwargs, tie_weights=False)
+        return call_bound(self._shells[prefix], self._local(prefix, params), *args, **kwargs)
 
     def _local(self, prefix: str, params: EndParams) -> dict[str, Any]:
         return {n: params[self.canonical[id(p)]] for n, p in self.ends[prefix].named_parameters()}
@@ -163,12 +163,12 @@ class DecoderLayout:
         the rows of the batch's tokens alone, gathered chunk by chunk (the same values: a lookup copies)."""
         local = self._local("embed_tokens", params)
         if all(isinstance(p, torch.Tensor) for p in local.values()):
-            return functional_call(self.ends["embed_tokens"], local, (input_ids,), tie_weights=False)
+            return call_bound(self._shells["embed_tokens"], local, input_ids)
         rows = {name: gather_rows(source, lookup) for name, source in local.items()}
-        return functional_call(self._row_embedding, rows, (lookup.local_ids,), tie_weights=False)
+        return call_bound(self._row_embedding, rows, lookup.local_ids)
 
     def _lm_head(self, params: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.ends["lm_head"], params, (hidden,), tie_weights=False)
+        return call_bound(self._shells["lm_head"], params, hidden)
 
     def logits(self, params: EndParams, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on the decoder's last state: logits [B, T, V], a chunk of rows at a time."""

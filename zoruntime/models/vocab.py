@@ -3,8 +3,8 @@ time, and the causal-LM loss accumulated over those chunks.
 
 A perturbed copy of a 50,272-row embedding is 1.2 GB at OPT-175B's width; neither the embedding
 stage nor the head needs one whole. The embedding stage needs the rows of the batch's tokens,
-the head needs every row but one chunk at a time: its logits for that chunk go into an online
-log-sum-exp (a running maximum and sum per token), and the chunk is dropped. So a stage takes
+the head needs every row but one chunk at a time: its logits for that chunk give each token's
+log-sum-exp over the chunk (combined over the chunks at the end), and the chunk is dropped. So a stage takes
 each vocabulary-sized parameter as a ``RowSource``, anything that hands out rows
 ``[start, stop)``: a plain tensor sliced, or (``zo.rows``) rows of ``θ + scale·z`` built on
 demand. The chunk boundaries are fixed by the row width alone (``rows_per_chunk``), so every
@@ -24,7 +24,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..planning import memory
-from ..planning.memory import LOSS_CHUNK_TOKENS
 from .batch import IGNORE_INDEX, Batch
 
 
@@ -122,6 +121,12 @@ def logits_in_chunks(
     return torch.cat(parts, dim=-1)
 
 
+def loss_piece_tokens(rows: int) -> int:
+    """Tokens whose float32 logits over ``rows`` rows of the vocabulary fill one piece of
+    ``memory.LOSS_PIECE_ELEMENTS`` (at least one)."""
+    return max(1, memory.LOSS_PIECE_ELEMENTS // rows)
+
+
 def loss_over_chunks(
     logits_of: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
     head: dict[str, torch.Tensor | RowSource],
@@ -130,32 +135,31 @@ def loss_over_chunks(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != -100 from the decoder's last hidden state
     ``hidden`` [B, T, H], never holding every token's logits nor the head's whole (perturbed)
-    weight: for each chunk of the vocabulary, its rows once, then its float32 logits for
-    ``LOSS_CHUNK_TOKENS`` tokens at a time into a running maximum and sum per token (an online
-    log-sum-exp) and the logit of each token's target where the chunk holds it. Equal to HF's
-    loss within float rounding (the sums run in another order)."""
+    weight: for each chunk of the vocabulary, its rows once, then its float32 logits for as many
+    tokens as fill a piece (``loss_piece_tokens``) at a time, of which each token's log-sum-exp
+    over the chunk and its logit at the place of its target (if the chunk held it) are kept; the
+    chunks' log-sum-exps are combined at the end. Equal to HF's loss within float rounding (the
+    sums run in another order). A few operations per piece: on a GPU the host issues each, and
+    a small model's head is paced by them."""
     targets = torch.nn.functional.pad(batch.labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     sources = {name: as_rows(p) for name, p in head.items()}
     vocab, width = next(iter(sources.values())).shape[:2]
-    tokens = flat.shape[0]
-    running_max = torch.full((tokens,), -torch.inf, dtype=torch.float32, device=flat.device)
-    running_sum = torch.zeros(tokens, dtype=torch.float32, device=flat.device)
-    target_logit = torch.zeros(tokens, dtype=torch.float32, device=flat.device)
-    for start, stop in chunks(vocab, width):
-        params = {n: s.rows(start, stop) for n, s in sources.items()}
-        for lo in range(0, tokens, LOSS_CHUNK_TOKENS):
-            hi = min(tokens, lo + LOSS_CHUNK_TOKENS)
-            logits = logits_of(params, flat[lo:hi]).float()  # [piece, rows of the chunk]
-            peak = torch.maximum(running_max[lo:hi], logits.amax(dim=1))
-            running_sum[lo:hi] = running_sum[lo:hi] * torch.exp(running_max[lo:hi] - peak) + torch.exp(
-                logits - peak[:, None]
-            ).sum(dim=1)
-            running_max[lo:hi] = peak
-            wanted = targets[lo:hi]
-            here = (wanted >= start) & (wanted < stop)
-            picked = logits.gather(1, (wanted - start).clamp(0, stop - start - 1)[:, None]).squeeze(1)
-            target_logit[lo:hi] += torch.where(here, picked, 0.0)
+    bounds, rows = chunks(vocab, width), rows_per_chunk(width)
+    tokens, piece = flat.shape[0], loss_piece_tokens(bounds[0][1] - bounds[0][0])
     counted = targets != IGNORE_INDEX
-    per_token = running_max + torch.log(running_sum) - target_logit
+    wanted = torch.where(counted, targets, 0)
+    chunk_of, place = wanted // rows, wanted % rows  # which chunk holds each target, and where in it
+    log_sum_exp = torch.empty((len(bounds), tokens), dtype=torch.float32, device=flat.device)
+    picked = torch.empty((len(bounds), tokens), dtype=torch.float32, device=flat.device)
+    for c, (start, stop) in enumerate(bounds):
+        params = {n: s.rows(start, stop) for n, s in sources.items()}
+        at = place if stop - start == rows else place.clamp(max=stop - start - 1)  # the last chunk may be short
+        for lo in range(0, tokens, piece):
+            hi = min(tokens, lo + piece)
+            logits = logits_of(params, flat[lo:hi]).float()  # [piece, rows of the chunk]
+            torch.logsumexp(logits, dim=1, out=log_sum_exp[c, lo:hi])
+            torch.gather(logits, 1, at[lo:hi, None], out=picked[c, lo:hi, None])
+    target_logit = picked.gather(0, chunk_of[None]).squeeze(0)
+    per_token = torch.logsumexp(log_sum_exp, dim=0) - target_logit
     return torch.where(counted, per_token, 0.0).sum() / counted.sum()

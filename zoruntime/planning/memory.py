@@ -156,9 +156,11 @@ class ModelLayout:
         return self.breakdown(plan).total
 
 
-LOSS_CHUNK_TOKENS = 256
-"""Tokens per piece of the head's causal-LM loss: at 2,048 tokens and a 50,272-word vocabulary
-the full logits with their float32 copies would take about 1 GB; a piece takes 1/8 of that."""
+LOSS_PIECE_ELEMENTS = 1 << 21
+"""Float32 logits per piece of the head's causal-LM loss (``models.vocab.loss_piece_tokens``
+tokens of one chunk of the vocabulary): 8 MB, with the 16-bit logits and the log-sum-exp's
+temporary 20 MB at 16-bit compute, where every token's logits over a 50,272-word vocabulary at
+2,048 tokens take 1 GB. About 50 pieces cover 2,048 tokens of that vocabulary at any width."""
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
 """Elements per chunk of a vocabulary-sized parameter (whole rows: ``models.vocab.rows_per_chunk``)."""
@@ -186,15 +188,16 @@ def activation_bytes(
     probes: int = 2,
 ) -> int:
     """A generous estimate of a step's working memory beside the buffers: the logits with the
-    loss's float32 copies (for the causal-LM loss, of ``LOSS_CHUNK_TOKENS`` tokens and one chunk
-    of the vocabulary at a time; for a user's loss, of every token and word), a hidden-state
+    loss's float32 copies (for the causal-LM loss, of a piece of ``LOSS_PIECE_ELEMENTS`` at a
+    time, and per token one figure a chunk; for a user's loss, of every token and word), a hidden-state
     stream per probe (two for MeZO's step), one block's largest intermediate, the attention
     scores where the kernel materialises them (a CPU; not CUDA's fused attention), and with
     ``paused`` (blocks streamed as several units) the other probes' forwards held inside a block."""
     tokens = rows * length
     if chunked_loss:
         words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
-        logits = min(tokens, LOSS_CHUNK_TOKENS) * words * (itemsize + 8)
+        chunks = -(-dims.vocab // words)  # each token's log-sum-exp and target logit per chunk
+        logits = min(tokens, max(1, LOSS_PIECE_ELEMENTS // words)) * words * (itemsize + 8) + 2 * chunks * tokens * 4
     else:
         logits = tokens * dims.vocab * (itemsize + 8)
     hidden = tokens * ((probes + 2) * dims.hidden + dims.ffn) * itemsize
