@@ -14,6 +14,7 @@ from zoruntime.bench import throughput
 from zoruntime.models import OPTAdapter, adapter_for
 from zoruntime.models.init import TINY_CONFIGS, materialize_flat, tiny_opt_config
 from zoruntime.models.shapes import OPT_NAMES, opt_config
+from zoruntime.planning.memory import loss_pieces
 
 
 def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
@@ -30,6 +31,9 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
     assert card["host_task_ms"] >= 0 and card["host_probe_ms"] >= 0  # the host's time split as profiles take it
     assert card["host_task_ms"] + 2 * card["host_probe_ms"] == pytest.approx(card["compute_enqueue_ms"])
+    tiny, tokens = tiny_opt_config(), result["batch"] * result["seq"]
+    pieces = loss_pieces(tiny.vocab_size, tiny.word_embed_proj_dim, tokens)  # the head's loss: issued per piece
+    assert card["head_ms"] > 0 and card["host_piece_ms"] * pieces == pytest.approx(card["head_enqueue_ms"])
     assert "ratios below are to the upload-only floor" in done.stdout
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",

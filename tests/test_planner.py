@@ -13,7 +13,7 @@ from zoruntime.models.adapter import adapter_for
 from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import opt_config, shape_dims
 from zoruntime.plan import main as plan_main
-from zoruntime.planning.memory import activation_bytes
+from zoruntime.planning.memory import activation_bytes, loss_pieces
 from zoruntime.planning.planner import Workload, best, figures, predict, profile_from_card
 from zoruntime.planning.profiles import BUILT_IN, GPUProfile, load_profile
 from zoruntime.policies import FixedDepth, Plan
@@ -88,8 +88,9 @@ def test_stochastic_rounding_is_predicted_to_make_opt_13b_compute_bound() -> Non
 def test_a_profile_from_the_card_gives_back_the_cards_times(tmp_path) -> None:
     work = _work("opt-13b")
     card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 3.88, "compute_task_ms": 7.65,
-            "host_task_ms": 0.5, "host_probe_ms": 0.75}  # fmt: skip
+            "host_task_ms": 0.5, "host_probe_ms": 0.75, "host_piece_ms": 0.04}  # fmt: skip
     profile = profile_from_card("mine", card, work, gpu_memory_gb=80, duplex=0.9, source="a test")
+    assert profile.host_piece_ms == 0.04
     op, _ = figures(work, profile)
     assert op.compute_s == pytest.approx(7.65e-3)
     assert op.upload_s == pytest.approx(work.layout.unit_bytes / 55.2e9)
@@ -123,6 +124,20 @@ def test_a_compute_task_takes_at_least_the_hosts_time_to_issue_it() -> None:
     assert bound.floor_tokens_per_s == quick.floor_tokens_per_s and bound.ratio_to_floor < 0.7
     several = replace(work, directions=4)  # 8 probes: 1 + 8 ms to issue
     assert figures(several, slow)[0].compute_s == pytest.approx(9e-3)
+
+
+def test_the_head_takes_at_least_the_hosts_time_to_issue_its_losss_pieces() -> None:
+    """opt-1.3b, 2,048 tokens: the loss takes 7 chunks of the vocabulary x 8 pieces of 256 tokens
+    a probe; at 0.05 ms a piece the host needs 5.6 ms for two probes, where the GPU needs 1.3."""
+    work = _work("opt-1.3b")
+    assert loss_pieces(50272, 2048, 2048) == 56 and loss_pieces(50272, 12288, 2048) == 37 * 2
+    free = replace(BUILT_IN["h200"], host_piece_ms=0.0)
+    gpu_head_s = figures(work, free)[0].head_s
+    assert gpu_head_s == pytest.approx(2 * 2 * 2048 * 2048 * 50272 / (free.tflops * 1e12))
+    assert figures(work, replace(free, host_piece_ms=0.05))[0].head_s == pytest.approx(2 * 56 * 0.05e-3)
+    assert figures(work, replace(free, host_piece_ms=0.001))[0].head_s == gpu_head_s  # the GPU's is longer
+    with pytest.raises(ValueError, match="host_piece_ms must be >= 0, got -1"):
+        replace(free, host_piece_ms=-1)
 
 
 def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:

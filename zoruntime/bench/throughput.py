@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
 from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.cost import OpFigures
 from ..planning.directions import fewest_directions
+from ..planning.memory import loss_pieces
 from ..planning.planner import Workload, profile_from_card
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
@@ -108,7 +110,12 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     ends = {k: p.detach().to(dev.device) for k, p in adapter.groups()[embed.group][1].items()}  # computes there
     with torch.no_grad():
         hidden = adapter.embed(ends, inputs)  # (rotary embeddings) for every block
-    del ends
+        head_loss = partial(adapter.head_loss, ends, hidden, inputs.batch)  # one probe's, on unperturbed rows
+        head = dev.seconds(head_loss, repeat=3)
+        head_enqueue = dev.enqueue_seconds(head_loss, repeat=3)
+    head_rows = ends[min(adapter.vocab_names)]  # the head's rows (or the tied embedding's: the same shape)
+    pieces = loss_pieces(head_rows.shape[0], head_rows.shape[1], batch * seq)
+    del ends, head_rows
     scratch, z = torch.empty_like(slot), torch.empty_like(slot)
     params, sampler = layout.views(scratch), DirectionSampler(slot.device)
     rounding = ZOSGD().rounding_for(layout.dtype)  # as the runtime updates these masters by default
@@ -152,6 +159,9 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
         "host_task_ms": (enqueue - 2 * host_probe) * 1e3,  # that time as a cost per task
         "host_probe_ms": host_probe * 1e3,  # and one per probe (from a task of two directions)
+        "head_ms": head * 1e3,  # one probe's loss in the head, on the device
+        "head_enqueue_ms": head_enqueue * 1e3,  # and the host's time to issue it
+        "host_piece_ms": head_enqueue * 1e3 / pieces,  # that time per piece of the loss, as profiles take it
         "both_directions_ms": both * 1e3,  # one upload and one offload of a block at once
         "duplex": max(up, down) / both,  # the fraction of its speed each direction keeps while both run
         "floor_step_s": floor,
@@ -366,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{facts['duplex']:.2f} of its speed); floor writing every block back every step "
           f"{facts['duplex_floor_step_s']:.3f} s/step = {facts['duplex_floor_tokens_s']:,.0f} tokens/s; "
           "ratios below are to the upload-only floor")  # fmt: skip
+    print(f"  the head's loss for one probe {facts['head_ms']:.2f} ms (the host issues it in "
+          f"{facts['head_enqueue_ms']:.2f} ms: {facts['host_piece_ms']:.3f} ms per piece)")  # fmt: skip
 
     if args.save_profile:
         work = Workload(layout, shape_dims(config), args.batch, args.seq)

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..planning import memory
+from ..planning.memory import loss_piece_tokens
 from .batch import IGNORE_INDEX, Batch
 
 
@@ -119,12 +120,6 @@ def logits_in_chunks(
     vocab, width = next(iter(sources.values())).shape[:2]
     parts = [logits_of({n: s.rows(a, b) for n, s in sources.items()}, hidden) for a, b in chunks(vocab, width)]
     return torch.cat(parts, dim=-1)
-
-
-def loss_piece_tokens(rows: int) -> int:
-    """Tokens whose float32 logits over ``rows`` rows of the vocabulary fill one piece of
-    ``memory.LOSS_PIECE_ELEMENTS`` (at least one)."""
-    return max(1, memory.LOSS_PIECE_ELEMENTS // rows)
 
 
 def loss_over_chunks(

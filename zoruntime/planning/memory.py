@@ -166,6 +166,19 @@ VOCAB_CHUNK_ELEMENTS = 1 << 24
 """Elements per chunk of a vocabulary-sized parameter (whole rows: ``models.vocab.rows_per_chunk``)."""
 
 
+def loss_piece_tokens(rows: int) -> int:
+    """Tokens whose float32 logits over ``rows`` rows of the vocabulary fill one piece of
+    ``LOSS_PIECE_ELEMENTS`` (at least one)."""
+    return max(1, LOSS_PIECE_ELEMENTS // rows)
+
+
+def loss_pieces(vocab: int, width: int, tokens: int) -> int:
+    """Pieces the head's causal-LM loss takes over ``tokens`` tokens: for each chunk of
+    ``VOCAB_CHUNK_ELEMENTS`` of the vocabulary's rows (``width`` wide), its tokens a piece at a time."""
+    rows = max(1, VOCAB_CHUNK_ELEMENTS // width)
+    return -(-vocab // rows) * -(-tokens // loss_piece_tokens(min(vocab, rows)))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelDims:
     """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads."""
@@ -197,7 +210,7 @@ def activation_bytes(
     if chunked_loss:
         words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
         chunks = -(-dims.vocab // words)  # each token's log-sum-exp and target logit per chunk
-        logits = min(tokens, max(1, LOSS_PIECE_ELEMENTS // words)) * words * (itemsize + 8) + 2 * chunks * tokens * 4
+        logits = min(tokens, loss_piece_tokens(words)) * words * (itemsize + 8) + 2 * chunks * tokens * 4
     else:
         logits = tokens * dims.vocab * (itemsize + 8)
     hidden = tokens * ((probes + 2) * dims.hidden + dims.ffn) * itemsize

@@ -7,7 +7,8 @@ flops per parameter and token, plus causal attention) at the profile's rate and 
 draws, perturbed copies and update touch at the memory rate, or, where longer, the host's time to
 issue the task (the profile's cost per task and per probe: Python and launches; units finer than
 a block pay it per unit); one more missed update (its draws and the add) for offloads every k
-steps; the head from the logits' flops (its host time is not modelled). The floor a prediction
+steps; the head from the logits' flops or, where longer, the host's time to issue its loss's
+pieces (the profile's cost per piece; not modelled where the profile lacks it). The floor a prediction
 is compared with leaves the host out: the link and the GPU's own work.
 Units finer than a block (halves, linear layers) differ in size; the simulator takes one size,
 their mean, so a prediction for them is coarser than for whole blocks.
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from .cost import OpFigures
-from .memory import ModelDims, ModelLayout, activation_bytes
+from .memory import ModelDims, ModelLayout, activation_bytes, loss_pieces
 from .profiles import GPUProfile
 from .simulate import simulate
 
@@ -138,7 +139,8 @@ def profile_from_card(
 ) -> GPUProfile:
     """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
     compute rate from both forwards, the memory rate from the rest of the compute task, the
-    host's time per task and per probe as the card split it (a card without them: not modelled)."""
+    host's time per task and per probe as the card split it, and per piece of the head's loss (a
+    card without them: not modelled)."""
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
     if task_s <= forward_s:
         raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
@@ -147,7 +149,7 @@ def profile_from_card(
         tflops=2 * forward_flops(work) / forward_s / 1e12,
         memory_gb_s=work.compute_task_bytes() / (task_s - forward_s) / 1e9,
         gpu_memory_gb=gpu_memory_gb, host_task_ms=card.get("host_task_ms", 0.0),
-        host_probe_ms=card.get("host_probe_ms", 0.0), source=source,
+        host_probe_ms=card.get("host_probe_ms", 0.0), host_piece_ms=card.get("host_piece_ms", 0.0), source=source,
     )  # fmt: skip
 
 
@@ -164,11 +166,14 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
     behind the host, never ahead)."""
     params, itemsize = work.unit_numel, work.layout.streamable[0].itemsize
     memory = profile.memory_gb_s * 1e9
+    dims = work.dims
+    head_gpu_s = work.probes * 2 * work.tokens * dims.hidden * dims.vocab / (profile.tflops * 1e12)
+    head_host_s = work.probes * loss_pieces(dims.vocab, dims.hidden, work.tokens) * profile.host_piece_ms / 1e3
     op = OpFigures(
         upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
         compute_s=max(gpu_compute_s(work, profile), profile.host_s(work.probes)),
         offload_s=params * itemsize / (profile.offload_gb_s * 1e9),
-        head_s=work.probes * 2 * work.tokens * work.dims.hidden * work.dims.vocab / (profile.tflops * 1e12),
+        head_s=max(head_gpu_s, head_host_s),
     )
     return op, params * (itemsize * work.directions + work.update_bytes) / memory  # the draws, then the update
 

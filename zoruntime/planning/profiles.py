@@ -4,7 +4,8 @@ A profile holds the link's speeds (pinned host→device and device→host alone,
 of that each keeps while both run), the compute rate the two forwards of a block reach, the
 rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update), and
 the host's time to issue a compute task (a part per task, a part per probe: Python and kernel
-launches, which the GPU cannot hide when its own work per task is shorter). The
+launches, which the GPU cannot hide when its own work per task is shorter) and a piece of the
+head's loss. The
 built-in ones were measured by ``zoruntime bench`` on the machines named in them;
 ``zoruntime bench --save-profile FILE`` writes one for your own GPU.
 """
@@ -27,13 +28,14 @@ class GPUProfile:
     gpu_memory_gb: float
     host_task_ms: float = 0.0  # the host's time to issue a unit's compute task, besides its probes (0: not modelled)
     host_probe_ms: float = 0.0  # and per probe (a draw, a perturbed copy, a forward)
+    host_piece_ms: float = 0.0  # the host's time per piece of the head's loss (memory.loss_pieces; 0: not modelled)
     source: str = ""
 
     def __post_init__(self) -> None:
         for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
-        for field in ("host_task_ms", "host_probe_ms"):
+        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be >= 0, got {getattr(self, field)!r}")
         if not 0 < self.duplex <= 1:
