@@ -104,6 +104,10 @@ class TaskGraph:
     releases: dict[int, int] = field(default_factory=dict)
     first_in_slot: dict[int, int] = field(default_factory=dict)
     rotation_after: int = 0  # the slot the next pass's first streamed unit goes to
+    _on_lane: dict[Lane, tuple[Task, ...]] = field(init=False, repr=False, compare=False)  # each lane's, in order
+
+    def __post_init__(self) -> None:  # the scheduler asks for each lane's tasks every pass
+        object.__setattr__(self, "_on_lane", {lane: tuple(t for t in self.tasks if t.lane == lane) for lane in Lane})
 
     @property
     def ahead(self) -> list[Task]:
@@ -116,8 +120,8 @@ class TaskGraph:
             return frozenset(self.lanes)
         return frozenset(self.tasks[i].lane for i in self.waits)
 
-    def on_lane(self, lane: Lane) -> list[Task]:
-        return [t for t in self.tasks if t.lane == lane]
+    def on_lane(self, lane: Lane) -> tuple[Task, ...]:
+        return self._on_lane[lane]
 
     def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks)
