@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import zoruntime
 from zoruntime.models.freeze import freeze, parse_freeze
 from zoruntime.models.groups import GroupLayout, ParamSlice
+from zoruntime.planning.memory import UPDATE_SPAN_ELEMENTS
 from zoruntime.policies import FixedDepth
 from zoruntime.replay import main as replay_main
 from zoruntime.train import main as train_main
@@ -258,6 +259,7 @@ def test_an_update_is_each_elements_own_arithmetic_whatever_the_pieces_and_spans
         slices.append(ParamSlice(f"p{i}", (numel,), at, decays, trainable=i != 4))
         at += numel
     layout = GroupLayout(3, tuple(slices), at, dtype)
+    assert UPDATE_SPAN_ELEMENTS % ROUNDING_PIECE == 0 and at > UPDATE_SPAN_ELEMENTS  # whole pieces; two spans
     gen = torch.Generator().manual_seed(0)
     start = (torch.randn(at, generator=gen) * 0.05).to(dtype)
     z = torch.randn(at, generator=gen).to(dtype)

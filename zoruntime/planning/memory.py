@@ -44,6 +44,14 @@ STEP_SPAN_ELEMENTS = 1 << 24
 direction scheme, so each direction's span is one whole draw."""
 
 
+UPDATE_SPAN_ELEMENTS = 1 << 22
+"""Elements an update computes at once where it needs float32 temporaries (16-bit masters, or
+weight decay; ``zo.update.apply_update``): four pieces of stochastic rounding, whose noise is
+drawn side by side. Longer spans issue fewer kernels (a 1.3B block's update: about 760 dispatched
+operations with spans of one piece, 390 with four; ``bench.overhead``); its temporaries, 12 bytes
+an element (the float32 sum and step, the int32 noise), are counted with the activations."""
+
+
 @dataclass(frozen=True, slots=True)
 class GroupSize:
     """One group as the planner sees it: elements, bytes per element of its master copy, and
@@ -205,7 +213,8 @@ def activation_bytes(
     time, and per token one figure a chunk; for a user's loss, of every token and word), a hidden-state
     stream per probe (two for MeZO's step), one block's largest intermediate, the attention
     scores where the kernel materialises them (a CPU; not CUDA's fused attention), and with
-    ``paused`` (blocks streamed as several units) the other probes' forwards held inside a block."""
+    ``paused`` (blocks streamed as several units) the other probes' forwards held inside a block;
+    or, if more, an update's float32 temporaries beside the probes' hidden streams."""
     tokens = rows * length
     if chunked_loss:
         words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
@@ -217,4 +226,5 @@ def activation_bytes(
     if paused:
         hidden += (probes - 1) * tokens * (2 * dims.hidden + dims.ffn) * itemsize
     scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
-    return logits + hidden + scores
+    update = probes * tokens * dims.hidden * itemsize + 12 * UPDATE_SPAN_ELEMENTS  # beside the probes' streams
+    return max(logits + hidden + scores, update)

@@ -16,6 +16,7 @@ from enum import StrEnum
 import torch
 
 from ..models.groups import GroupLayout, ParamSlice
+from ..planning.memory import UPDATE_SPAN_ELEMENTS
 from .directions import ROUNDING_DIRECTION, DirectionSampler, DrawnChunk, chunk_seeds
 
 
@@ -80,12 +81,6 @@ class Rounding(StrEnum):
 ROUNDING_PIECE = 1 << 20
 """Elements per piece of an update's stochastic rounding: the unit whose noise one generator
 draws (keyed by step seed, group and piece). Part of the scheme: another length rounds otherwise."""
-
-UPDATE_SPAN_ELEMENTS = 1 << 22
-"""Elements an update computes at once where it needs float32 temporaries (16-bit masters, or
-weight decay): a whole number of rounding pieces, so a span's noise is its pieces' draws side by
-side. Longer spans issue fewer kernels (a 1.3B block's update: about 760 dispatched ops with one
-piece a span, see ``bench.overhead``); the temporaries take 12 bytes an element of a span."""
 
 DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
 """float32 mantissa bits each 16-bit type drops (23 − 10 and 23 − 7)."""
@@ -300,7 +295,7 @@ class _SpanNoise:
         self, sampler: DirectionSampler, update: PendingUpdate, layout: GroupLayout, bits: int, lo: int, hi: int
     ) -> None:
         self.sampler, self.update, self.layout, self.bits = sampler, update, layout, bits
-        self.span, self.buffer, self.drawn = -1, torch.empty(0, dtype=torch.int32), set[int]()  # none yet
+        self.span, self.buffer, self.drawn = -1, torch.empty(0, dtype=torch.int32), set[int]()  # no span yet
         pieces = range(lo // ROUNDING_PIECE, (hi - 1) // ROUNDING_PIECE + 1)  # those elements [lo, hi) lie in
         chunk_seeds(update.seed, layout.group, pieces, ROUNDING_DIRECTION)  # hashed at once, for rounding_noise
 
