@@ -79,6 +79,7 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "tiny.log").exists()
     summary = done.stdout[done.stdout.index("zoruntime GPU suite:") :]  # the table printed at the end
     assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
+    assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
 
 
 def test_unknown_part_names_are_refused(tmp_path: Path) -> None:

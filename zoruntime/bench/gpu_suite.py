@@ -213,6 +213,10 @@ def render_summary(results: list[PartResult]) -> str:
                     f"floor {card['floor_tokens_s']:,.0f} tokens/s ({card['bound_by']}-bound), "
                     f"{card['duplex_floor_tokens_s']:,.0f} writing back every step "
                     f"(duplex {card['duplex']:.2f})")  # fmt: skip
+        if "host_piece_ms" in card:  # the host's time to issue a block's task and a probe's head
+            rows.append(f"{'':<10}host: a task {card['compute_enqueue_ms']:.2f} ms ({card['host_task_ms']:.2f} + "
+                        f"{card['host_probe_ms']:.2f} a probe); the head {card['head_ms']:.2f} ms on the device, "
+                        f"{card['head_enqueue_ms']:.2f} ms to issue ({card['host_piece_ms']:.3f} a piece)")  # fmt: skip
         for row in bench["rows"]:
             if "error" in row:
                 rows.append(f"{'':<10}{row['runner']:<26}failed: {row['error'][:60]}")
