@@ -4,8 +4,8 @@ time, and the causal-LM loss accumulated over those chunks.
 A perturbed copy of a 50,272-row embedding is 1.2 GB at OPT-175B's width; neither the embedding
 stage nor the head needs one whole. The embedding stage needs the rows of the batch's tokens,
 the head needs every row but one chunk at a time: its logits for that chunk give each token's
-log-sum-exp over the chunk (combined over the chunks at the end), and the chunk is dropped. So a stage takes
-each vocabulary-sized parameter as a ``RowSource``, anything that hands out rows
+log-sum-exp over the chunk (combined over the chunks at the end), and the chunk is dropped. So
+a stage takes each vocabulary-sized parameter as a ``RowSource``, anything that hands out rows
 ``[start, stop)``: a plain tensor sliced, or (``zo.rows``) rows of ``θ + scale·z`` built on
 demand. The chunk boundaries are fixed by the row width alone (``rows_per_chunk``), so every
 caller (the runtime, the in-memory reference, an evaluation) multiplies the same shapes and
