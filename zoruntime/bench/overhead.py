@@ -135,35 +135,50 @@ class _Dispatched(TorchDispatchMode):
 
 
 def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: int = 2048) -> dict[str, Any]:
-    """Operations dispatched for OPT ``name`` by one block (fp16 masters, zeros: the count does not
-    depend on values): the pending update (stochastic rounding, weight decay) and one probe (z
-    drawn into the perturbed copy's buffer, the copy, the bound block's forward on ``tokens``);
-    and by the head's causal-LM loss over ``head_tokens`` for one probe (on the meta device: no
-    arithmetic, the same calls)."""
+    """Operations dispatched for OPT ``name`` (fp16 masters, zeros: the count does not depend on
+    values) by one unit task, for each unit kind, as the mean over the first block's units: the
+    pending update (stochastic rounding, weight decay) and one probe (z drawn into the perturbed
+    copy's buffer, the copy, the unit's part of the block's forward on ``tokens``); and by the
+    head's causal-LM loss over ``head_tokens`` for one probe (on the meta device: no arithmetic,
+    the same calls)."""
     config = opt_config(name)
     config.num_hidden_layers = 1
-    adapter = adapter_for(meta_model(config, torch.float16))
-    layout, _ = adapter.groups()[adapter.units.streamable[0].group]
-    weights, scratch = torch.zeros(layout.numel, dtype=torch.float16), torch.empty(layout.numel, dtype=torch.float16)
     sampler = DirectionSampler("cpu")
     update = PendingUpdate.from_gradient(0, 1, 1e-6, 0.1, torch.tensor(0.5), Rounding.STOCHASTIC)
     ids = torch.randint(4, config.vocab_size, (1, head_tokens), generator=torch.Generator().manual_seed(0))
-    inputs = adapter.prepare(adapter.validate({"input_ids": ids[:, :tokens]}), torch.device("cpu"), torch.float16)
     hidden = torch.zeros(1, tokens, config.hidden_size, dtype=torch.float16)
-    block = adapter.bound_block(0, layout.views(scratch))
+    units: dict[str, dict[str, Any]] = {}
+    for unit in UNIT_KINDS:
+        adapter = adapter_for(meta_model(config, torch.float16), unit)
+        inputs = adapter.prepare(adapter.validate({"input_ids": ids[:, :tokens]}), torch.device("cpu"), torch.float16)
+        layouts = [adapter.groups()[u.group][0] for u in adapter.units.streamable if u.index == 0]
+        weights = [torch.zeros(lay.numel, dtype=torch.float16) for lay in layouts]
+        scratch = [torch.empty(lay.numel, dtype=torch.float16) for lay in layouts]
+        views = {k: v for lay, buffer in zip(layouts, scratch, strict=True) for k, v in lay.views(buffer).items()}
+        with torch.no_grad():
+            with _Dispatched() as update_ops:
+                for lay, w, z in zip(layouts, weights, scratch, strict=True):
+                    update_group(w, update, lay, sampler, z)
+            if unit == "block":
+                block = adapter.bound_block(0, views)
+                with _Dispatched() as probe_ops:
+                    perturb_into(scratch[0], weights[0], draw_direction(sampler, 2, layouts[0], scratch[0]), 1e-3)
+                    block(hidden, inputs)
+            else:
+                run = adapter.segmented_block(0, views)(hidden, inputs)
+                with _Dispatched() as probe_ops:
+                    for lay, w, z in zip(layouts, weights, scratch, strict=True):
+                        perturb_into(z, w, draw_direction(sampler, 2, lay, z), 1e-3)
+                        run.resume()
+        units[unit] = {"units_per_block": len(layouts), "update_ops": update_ops.count / len(layouts),
+                       "probe_ops": probe_ops.count / len(layouts)}  # fmt: skip
+    adapter = adapter_for(meta_model(config, torch.float16))
     ends = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in adapter.groups()[0][1].items()}
     batch = map_tensors(adapter.validate({"input_ids": ids}), lambda t: t.to("meta"))
     final = torch.empty(1, head_tokens, config.hidden_size, dtype=torch.float16, device="meta")
-    with torch.no_grad():
-        with _Dispatched() as update_ops:
-            update_group(weights, update, layout, sampler, scratch)
-        with _Dispatched() as probe_ops:
-            perturb_into(scratch, weights, draw_direction(sampler, 2, layout, scratch), 1e-3)
-            block(hidden, inputs)
-        with _Dispatched() as head_ops:
-            adapter.head_loss(ends, final, batch)
-    return {"model": name, "elements": layout.numel, "update_ops": update_ops.count, "probe_ops": probe_ops.count,
-            "head_tokens": head_tokens, "head_ops": head_ops.count}  # fmt: skip
+    with torch.no_grad(), _Dispatched() as head_ops:
+        adapter.head_loss(ends, final, batch)
+    return {"model": name, "units": units, "head_tokens": head_tokens, "head_ops": head_ops.count}
 
 
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -233,11 +248,11 @@ def main() -> None:
         )
 
     ops = dispatched_per_task()
-    print(
-        f"\noperations dispatched, {ops['model']}: a block's task ({ops['elements']:,} elements, fp16, stochastic "
-        f"rounding, weight decay): update {ops['update_ops']}, each probe {ops['probe_ops']}; the head's loss over "
-        f"{ops['head_tokens']} tokens, each probe {ops['head_ops']}"
-    )
+    print(f"\noperations dispatched, {ops['model']} (fp16, stochastic rounding, weight decay), per unit task")
+    print(f"{'unit':<8}{'a block':>9}{'update':>9}{'+ a probe':>11}")
+    for unit, row in ops["units"].items():
+        print(f"{unit:<8}{row['units_per_block']:>9}{row['update_ops']:>9.0f}{row['probe_ops']:>11.0f}")
+    print(f"the head's loss over {ops['head_tokens']} tokens, each probe: {ops['head_ops']}")
 
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
     cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)

@@ -2,7 +2,9 @@
 
 First a card: block bytes, measured pinned upload and offload GB/s for one block, the device
 time of both perturbed forwards and of the whole compute task of one block, the host's time to
-enqueue that task, a block's upload and offload at once, and two floors as tokens/s: the
+enqueue that task (and, with ``--unit half|linear``, the block's unit tasks), one probe's head
+on the device and the host's time to issue it, a block's upload and offload at once, and two
+floors as tokens/s: the
 upload-only floor = blocks × max(upload, compute task), and the floor when every block is also
 written back every step = blocks × max(both at once, compute task) (see ``card``); ratios are to
 the upload-only floor. Then one row per runner, when the whole model fits on the GPU: "MeZO (after the
@@ -80,7 +82,37 @@ def link_line(cuda: bool, facts: dict[str, Any]) -> str:
     return f"copy to the compute buffer {up}, copy back {down}"
 
 
-def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype) -> dict[str, Any]:
+def unit_tasks_enqueue(
+    model: torch.nn.Module, dev: DeviceMeter, hidden: torch.Tensor, inputs: Any, unit: str, pending: PendingUpdate
+) -> tuple[float, int]:
+    """Host seconds to issue the compute tasks of the first block streamed as ``unit`` units (each
+    unit's update, draw, two perturbed copies and its part of both forwards, paused between units
+    as the runtime runs them), and how many units that is: what cutting a block costs the host,
+    beside the whole block's ``compute_enqueue_ms``."""
+    adapter = adapter_for(model, unit)
+    layouts = [adapter.groups()[u.group][0] for u in adapter.units.streamable if u.index == 0]
+    slots = [torch.zeros(lay.numel, dtype=lay.dtype, device=dev.device) for lay in layouts]
+    scratch, z = [torch.empty_like(s) for s in slots], [torch.empty_like(s) for s in slots]
+    start = adapter.segmented_block(0, {k: v for lay, b in zip(layouts, scratch, strict=True)
+                                        for k, v in lay.views(b).items()})  # fmt: skip
+    sampler = DirectionSampler(dev.device)
+
+    def tasks() -> None:
+        with torch.no_grad():
+            runs = [start(hidden, inputs), start(hidden, inputs)]  # the +eps and -eps probes
+            for lay, slot, copy, direction in zip(layouts, slots, scratch, z, strict=True):
+                apply_update(slot, draw_direction(sampler, pending.seed, lay, direction), pending, lay, sampler)
+                draw_direction(sampler, 2, lay, direction)
+                for run, eps in zip(runs, (1e-3, -1e-3), strict=True):
+                    perturb_into(copy, slot, direction, eps)
+                    run.resume()
+
+    return dev.enqueue_seconds(tasks, repeat=5), len(layouts)
+
+
+def card(
+    model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: torch.dtype, unit: str = "block"
+) -> dict[str, Any]:
     """Measured link speeds and per-block compute time, and the floor they imply.
 
     The floor is the upload-only floor (``OpFigures.upload_floor``): blocks × max(upload, compute task), where the
@@ -143,6 +175,10 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
     enqueue_two = dev.enqueue_seconds(lambda: compute_task(2), repeat=10)  # 4 probes: the host's cost per probe
     host_probe = min(max(enqueue_two - enqueue, 0.0), enqueue) / 2  # the split always adds up to `enqueue`
+    cut = {}
+    if unit != "block":  # the same block's tasks as the runtime issues them for finer units
+        unit_enqueue, units = unit_tasks_enqueue(model, dev, hidden, inputs, unit, pending)
+        cut = {"unit": unit, "units_per_block": units, "unit_tasks_enqueue_ms": unit_enqueue * 1e3}
     blocks = len(adapter.units.streamable)
     floor = OpFigures(upload_s=up, compute_s=task, offload_s=down).upload_floor(blocks)
     # every block up and down each step, the two copies at once: never below either copy alone (a
@@ -162,6 +198,7 @@ def card(model: torch.nn.Module, dev: DeviceMeter, batch: int, seq: int, dtype: 
         "head_ms": head * 1e3,  # one probe's loss in the head, on the device
         "head_enqueue_ms": head_enqueue * 1e3,  # and the host's time to issue it
         "host_piece_ms": head_enqueue * 1e3 / pieces,  # that time per piece of the loss, as profiles take it
+        **cut,  # with --unit half or linear: the host's time for the block's unit tasks
         "both_directions_ms": both * 1e3,  # one upload and one offload of a block at once
         "duplex": max(up, down) / both,  # the fraction of its speed each direction keeps while both run
         "floor_step_s": floor,
@@ -359,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = model_layout(adapter_for(model, args.unit), dtype)  # the runners' units
     block_bytes, blocks = layout.unit_bytes, layout.num_units
 
-    facts = card(model, dev, args.batch, args.seq, dtype)
+    facts = card(model, dev, args.batch, args.seq, dtype, args.unit)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, Python {sys.version.split()[0]}"
     print(
         f"zoruntime bench: {args.model} {args.dtype}, batch {args.batch} x {args.seq}, on {dev.describe()}; {versions}"
@@ -378,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
           "ratios below are to the upload-only floor")  # fmt: skip
     print(f"  the head's loss for one probe {facts['head_ms']:.2f} ms (the host issues it in "
           f"{facts['head_enqueue_ms']:.2f} ms: {facts['host_piece_ms']:.3f} ms per piece)")  # fmt: skip
+    if "unit_tasks_enqueue_ms" in facts:
+        print(
+            f"  the block cut into {facts['units_per_block']} {facts['unit']} units: the host issues their tasks "
+            f"in {facts['unit_tasks_enqueue_ms']:.2f} ms (the whole block's: {facts['compute_enqueue_ms']:.2f})"
+        )
 
     if args.save_profile:
         work = Workload(layout, shape_dims(config), args.batch, args.seq)
