@@ -24,9 +24,8 @@ from torch import nn
 from .device.base import Backend
 from .models.adapter import ModelAdapter
 from .models.groups import GroupLayout, ParamSlice, adopt_into_flat, existing_flat
-from .models.vocab import rows_per_chunk
 from .planning import memory
-from .planning.memory import GroupSize, ModelLayout
+from .planning.memory import GroupSize, ModelLayout, rows_per_chunk
 from .policies.base import Plan
 from .zo.directions import DrawnChunk
 

@@ -58,7 +58,7 @@ from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
 from ..zo.estimator import ESTIMATORS
 from ..zo.mezo import MeZOBaseline
-from ..zo.update import PendingUpdate, apply_update, draw_direction, perturb_into
+from ..zo.update import PendingUpdate, draw_direction, perturb_into, update_group
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MODEL = {"cuda": "opt-1.3b", "cpu": "tiny"}  # a CPU run is a smoke test: seconds, not hours
@@ -101,7 +101,7 @@ def unit_tasks_enqueue(
         with torch.no_grad():
             runs = [start(hidden, inputs), start(hidden, inputs)]  # the +eps and -eps probes
             for lay, slot, copy, direction in zip(layouts, slots, scratch, z, strict=True):
-                apply_update(slot, draw_direction(sampler, pending.seed, lay, direction), pending, lay, sampler)
+                update_group(slot, pending, lay, sampler, direction)
                 draw_direction(sampler, 2, lay, direction)
                 for run, eps in zip(runs, (1e-3, -1e-3), strict=True):
                     perturb_into(copy, slot, direction, eps)
@@ -162,7 +162,7 @@ def card(
 
     def compute_task(directions: int = 1) -> None:
         with torch.no_grad():
-            apply_update(slot, draw_direction(sampler, pending.seed, layout, z), pending, layout, sampler)
+            update_group(slot, pending, layout, sampler, z)
             for direction in range(directions):
                 draw_direction(sampler, 2, layout, z, direction=direction)
                 for eps in (1e-3, -1e-3):

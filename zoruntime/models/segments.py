@@ -110,9 +110,7 @@ def bind_layer(layer: nn.Module, params: Params) -> nn.Module:
     same name in ``params``, so calling it runs the layer's own code on those tensors (as they are
     at the call) without rebinding them each time. Refuses params that lack one."""
     shell = shell_of(layer)
-    for name, tensor in params.items():
-        owner, _, attr = name.rpartition(".")
-        shell.get_submodule(owner)._parameters[attr] = tensor  # type: ignore[assignment]
+    _place(shell, params)
     if any(p is _NOTHING for p in shell.parameters()):
         raise ValueError("params lack some of the block's parameters")
     return shell
@@ -123,17 +121,23 @@ def call_bound(shell: nn.Module, params: Mapping[str, torch.Tensor], *args: Any,
     parameters) in its parameters' places for this call alone: ``functional_call``'s effect at
     about the price of a plain module call (a sixth of it on a small module). One thread at a
     time per shell."""
-    bound = []
+    placed = _place(shell, params)
+    try:
+        return shell(*args, **kwargs)
+    finally:
+        for module, attr in placed:  # holds on to nothing between calls
+            module._parameters[attr] = _NOTHING  # type: ignore[assignment]
+
+
+def _place(shell: nn.Module, params: Mapping[str, torch.Tensor]) -> list[tuple[nn.Module, str]]:
+    """Put each of ``params`` (names relative to ``shell``) in its parameter's place; where they went."""
+    placed = []
     for name, tensor in params.items():
         owner, _, attr = name.rpartition(".")
         module = shell.get_submodule(owner)
         module._parameters[attr] = tensor  # type: ignore[assignment]
-        bound.append((module, attr))
-    try:
-        return shell(*args, **kwargs)
-    finally:
-        for module, attr in bound:  # holds on to nothing between calls
-            module._parameters[attr] = _NOTHING  # type: ignore[assignment]
+        placed.append((module, attr))
+    return placed
 
 
 class SegmentedLayer:

@@ -23,14 +23,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..planning import memory
-from ..planning.memory import loss_piece_tokens
+from ..planning.memory import loss_piece_tokens, rows_per_chunk
 from .batch import IGNORE_INDEX, Batch
-
-
-def rows_per_chunk(width: int) -> int:
-    """Rows of ``width`` elements in one chunk of ``memory.VOCAB_CHUNK_ELEMENTS`` (at least one)."""
-    return max(1, memory.VOCAB_CHUNK_ELEMENTS // width)
 
 
 @runtime_checkable

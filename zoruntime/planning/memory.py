@@ -171,7 +171,12 @@ temporary 20 MB at 16-bit compute, where every token's logits over a 50,272-word
 2,048 tokens take 1 GB. About 50 pieces cover 2,048 tokens of that vocabulary at any width."""
 
 VOCAB_CHUNK_ELEMENTS = 1 << 24
-"""Elements per chunk of a vocabulary-sized parameter (whole rows: ``models.vocab.rows_per_chunk``)."""
+"""Elements per chunk of a vocabulary-sized parameter (whole rows: ``rows_per_chunk``)."""
+
+
+def rows_per_chunk(width: int) -> int:
+    """Rows of ``width`` elements in one chunk of ``VOCAB_CHUNK_ELEMENTS`` (at least one)."""
+    return max(1, VOCAB_CHUNK_ELEMENTS // width)
 
 
 def loss_piece_tokens(rows: int) -> int:
@@ -183,7 +188,7 @@ def loss_piece_tokens(rows: int) -> int:
 def loss_pieces(vocab: int, width: int, tokens: int) -> int:
     """Pieces the head's causal-LM loss takes over ``tokens`` tokens: for each chunk of
     ``VOCAB_CHUNK_ELEMENTS`` of the vocabulary's rows (``width`` wide), its tokens a piece at a time."""
-    rows = max(1, VOCAB_CHUNK_ELEMENTS // width)
+    rows = rows_per_chunk(width)
     return -(-vocab // rows) * -(-tokens // loss_piece_tokens(min(vocab, rows)))
 
 
@@ -217,7 +222,7 @@ def activation_bytes(
     or, if more, an update's float32 temporaries beside the probes' hidden streams."""
     tokens = rows * length
     if chunked_loss:
-        words = min(dims.vocab, max(1, VOCAB_CHUNK_ELEMENTS // dims.hidden))
+        words = min(dims.vocab, rows_per_chunk(dims.hidden))
         chunks = -(-dims.vocab // words)  # each token's log-sum-exp and target logit per chunk
         logits = min(tokens, loss_piece_tokens(words)) * words * (itemsize + 8) + 2 * chunks * tokens * 4
     else:

@@ -286,6 +286,9 @@ def apply_update(
         changed.after(weights, sample)
 
 
+_NO_NOISE = torch.empty(0, dtype=torch.int32)
+
+
 class _SpanNoise:
     """Stochastic rounding's noise for one span of ``UPDATE_SPAN_ELEMENTS`` at a time, each piece
     of ``ROUNDING_PIECE`` drawn whole (as its key fixes it) into its place, and only once: runs
@@ -295,7 +298,7 @@ class _SpanNoise:
         self, sampler: DirectionSampler, update: PendingUpdate, layout: GroupLayout, bits: int, lo: int, hi: int
     ) -> None:
         self.sampler, self.update, self.layout, self.bits = sampler, update, layout, bits
-        self.span, self.buffer, self.drawn = -1, torch.empty(0, dtype=torch.int32), set[int]()  # no span yet
+        self.span, self.buffer, self.drawn = -1, _NO_NOISE, set[int]()  # no span yet
         pieces = range(lo // ROUNDING_PIECE, (hi - 1) // ROUNDING_PIECE + 1)  # those elements [lo, hi) lie in
         chunk_seeds(update.seed, layout.group, pieces, ROUNDING_DIRECTION)  # hashed at once, for rounding_noise
 
