@@ -48,7 +48,7 @@ UPDATE_SPAN_ELEMENTS = 1 << 22
 """Elements an update computes at once where it needs float32 temporaries (16-bit masters, or
 weight decay; ``zo.update.apply_update``): four pieces of stochastic rounding, whose noise is
 drawn side by side. Longer spans issue fewer kernels (a 1.3B block's update: about 760 dispatched
-operations with spans of one piece, 390 with four; ``bench.overhead``); its temporaries, 12 bytes
+operations with spans of one piece, 389 with four; ``bench.overhead``); its temporaries, 12 bytes
 an element (the float32 sum and step, the int32 noise), are counted with the activations."""
 
 
