@@ -3,8 +3,13 @@ model (grouped-query attention, rotary positions, RMSNorm), and batches."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels (zoruntime.zo.fused) run in its interpreter on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is imported, below
 from transformers import OPTConfig
 
 from zoruntime.models import random_opt, tiny_opt_config

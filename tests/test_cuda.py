@@ -157,3 +157,38 @@ def test_a_batch_is_staged_pinned_so_its_copy_does_not_stop_the_host() -> None:
         assert backend.staged(on_device) is on_device
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_16_bit_updates_on_cuda_run_in_one_kernel_per_run_keyed_by_the_groups_rounding_seed(rounding: str) -> None:
+    """apply_update on a CUDA group with decayed and undecayed runs: each run that needs float32
+    arithmetic is ``fused.update_run`` with the group's rounding seed and its offset, a plain
+    run one multiply-add; bfloat16 narrows as the tensor path does (which the interpreter cannot
+    show on a CPU)."""
+    from zoruntime.models.groups import GroupLayout, ParamSlice
+    from zoruntime.zo import fused
+    from zoruntime.zo.directions import ROUNDING_DIRECTION, DirectionSampler, chunk_seed
+    from zoruntime.zo.update import DROPPED_BITS, PendingUpdate, Rounding, _update_run, apply_update
+
+    pytest.importorskip("triton")
+    dtype, numel = torch.bfloat16, 3000
+    slices = (ParamSlice("a", (1000,), 0, True), ParamSlice("b", (500,), 1000, False),
+              ParamSlice("c", (1500,), 1500, True))  # fmt: skip
+    layout = GroupLayout(4, slices, numel, dtype)
+    weights = torch.randn(numel, device="cuda").to(dtype)
+    z = torch.randn(numel, device="cuda").to(dtype)
+    update = PendingUpdate.from_gradient(3, 99, 1e-2, 0.5, torch.tensor(0.7, device="cuda"), Rounding(rounding))
+    got = weights.clone()
+    apply_update(got, z, update, layout, DirectionSampler("cuda"))
+    expected, seed = weights.clone(), chunk_seed(99, 4, 0, ROUNDING_DIRECTION)
+    dropped = DROPPED_BITS[dtype] if rounding == "stochastic" else 0
+    scaled_grad = update.scaled_grads[0]
+    for lo, hi, decay in ((0, 1000, 5e-3), (1000, 1500, 0.0), (1500, 3000, 5e-3)):
+        if dropped or decay:
+            noise = fused.rounding_noise(hi - lo, dropped, seed, lo, weights.device) if dropped else None
+            _update_run(expected[lo:hi], z[lo:hi], scaled_grad, decay, noise)
+        else:
+            expected[lo:hi].addcmul_(z[lo:hi], scaled_grad)
+    differ = (got != expected).sum().item()
+    assert differ <= numel // 1000, differ  # equal but where one path contracts a multiply-add and the other not
+    assert not torch.equal(got, weights)

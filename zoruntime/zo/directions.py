@@ -169,7 +169,7 @@ class DirectionSampler:
     def __init__(self, device: torch.device | str, *, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be positive, not {chunk_elements}")
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # "cuda" names the current GPU: cuda:0, say
         self.chunk_elements = chunk_elements
         self._generator = torch.Generator(device=self.device)
 

@@ -17,7 +17,8 @@ import torch
 
 from ..models.groups import GroupLayout, ParamSlice
 from ..planning.memory import UPDATE_SPAN_ELEMENTS
-from .directions import ROUNDING_DIRECTION, DirectionSampler, DrawnChunk, chunk_seeds
+from . import fused
+from .directions import ROUNDING_DIRECTION, DirectionSampler, DrawnChunk, chunk_seed, chunk_seeds
 
 
 def perturb_into(out: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,7 +254,9 @@ def apply_update(
     The decay is folded into the step before rounding, never a multiplication by
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
     round to nearest or stochastically (``update.rounding``), with noise from
-    ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``)."""
+    ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``); on a
+    GPU with Triton, a run that needs float32 arithmetic is one kernel (``fused``), its noise
+    keyed by (step seed, group, element)."""
     # weights, z: [numel] flat, z zero on frozen parameters
     stochastic = update.rounding is Rounding.STOCHASTIC
     if stochastic and weights.dtype not in DROPPED_BITS:
@@ -267,7 +270,9 @@ def apply_update(
         raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
     span_end = offset + z.numel()
-    noise = _SpanNoise(sampler, update, layout, DROPPED_BITS[weights.dtype], offset, span_end) if stochastic else None
+    in_kernel = fused.usable(weights)  # on a GPU with Triton: one pass a run, its noise drawn in the kernel
+    dropped = DROPPED_BITS[weights.dtype] if stochastic else 0
+    noise = _SpanNoise(sampler, update, layout, dropped, offset, span_end) if stochastic and not in_kernel else None
     for run_start, run_end, decayed in layout.update_ranges:
         start, end = max(run_start, offset), min(run_end, span_end)
         if start >= end:
@@ -275,6 +280,11 @@ def apply_update(
         run_decay = decay if decayed else 0.0
         if not stochastic and not run_decay:  # one fused multiply-add over the run, no temporaries
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
+            continue
+        if in_kernel:
+            seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # the group's, keyed by element
+            fused.update_run(weights[start:end], z[start - offset : end - offset], scaled_grad, run_decay, dropped,
+                             seed, start)  # fmt: skip
             continue
         lo = start
         while lo < end:  # spans bound the float32 temporaries
