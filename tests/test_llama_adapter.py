@@ -274,7 +274,7 @@ def test_zoruntime_plan_knows_llama_like_shapes_by_name(capsys) -> None:
 
     from zoruntime.plan import main as plan_main
 
-    assert plan_main(["--model", "qwen3-8b", "--policy", "depth=1", "--rounding", "nearest"]) == 0
+    assert plan_main(["--model", "qwen3-8b", "--policy", "depth=1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["model"] == "qwen3-8b" and result["ratio_to_floor"] > 0.85
     assert plan_main(["--model", "llama-5"]) == 2

@@ -258,7 +258,7 @@ def test_the_memory_model_counts_the_step_buffer_storage_allocates(family: str, 
 def _opt13b(batch: int = 1, seq: int = 2048) -> Workload:
     config = named_config("opt-13b")
     layout = model_layout(adapter_for(meta_model(config, torch.float16)), torch.float16, several_directions=True)
-    return Workload(layout, shape_dims(config), batch, seq, None, "block", config.num_hidden_layers)
+    return Workload(layout, shape_dims(config), batch, seq, "block", config.num_hidden_layers)
 
 
 PCIE3_GPU = GPUProfile("pcie3", upload_gb_s=6.0, offload_gb_s=6.0, duplex=0.9, tflops=70.0, memory_gb_s=800.0,
@@ -315,7 +315,7 @@ async def test_auto_on_the_cpu_takes_the_fewest_and_with_a_profile_the_planners_
     async with zoruntime.Runtime(model, _config("auto", "two-sided"), profile="h200") as rt:  # type: ignore[arg-type]
         stats = await rt.step(batch)
         rows, length = batch["input_ids"].shape
-        work = Workload(rt.layout, shape_dims(model.config), rows, length, "nearest", "block", BLOCKS)
+        work = Workload(rt.layout, shape_dims(model.config), rows, length, "block", BLOCKS)
         planned = await asyncio.to_thread(auto_directions, work, BUILT_IN["h200"], rt.plan, "two-sided")
         assert stats.directions == planned
 
@@ -335,10 +335,10 @@ def test_plan_predicts_several_directions_and_auto_as_train_would(capsys) -> Non
     from zoruntime.plan import main as plan_main
 
     # within 1 GB no plan fits, so the search for the fastest is short; the policy given is still predicted
-    args = ["--model", "opt-13b", "--seq", "512", "--rounding", "nearest", "--policy", "depth=1", "--gpu-memory", "1GB"]
+    args = ["--model", "opt-13b", "--seq", "512", "--policy", "depth=1", "--gpu-memory", "1GB"]
     assert plan_main([*args, "--directions", "auto", "--estimator", "one-sided"]) == 0
     auto = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
-    work = replace(_opt13b(seq=512), rounding="nearest")
+    work = _opt13b(seq=512)
     assert auto["directions"] == auto_directions(work, BUILT_IN["h200"], Plan(1), "one-sided")
     assert plan_main([*args, "--directions", "4"]) == 0
     four = json.loads(capsys.readouterr().out.strip().split("\n")[-1])

@@ -61,7 +61,7 @@ def _workloads(config: Any, dtype: torch.dtype, args: argparse.Namespace) -> dic
             layout = model_layout(adapter_for(model, unit), dtype, several_directions=args.directions != 1)
         except ValueError:  # blocks that route tokens (experts) stream whole
             continue
-        works[unit] = Workload(layout, shape_dims(config), args.batch, args.seq, args.rounding, unit,
+        works[unit] = Workload(layout, shape_dims(config), args.batch, args.seq, unit,
                                config.num_hidden_layers, args.directions, args.estimator)  # fmt: skip
     return works
 
@@ -81,12 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         "--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4,unit=linear)"
     )
     parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
-    parser.add_argument(
-        "--rounding",
-        choices=("stochastic", "nearest"),
-        default=None,
-        help="how 16-bit masters take updates (default: stochastic, as ZOSGD; fp32: nearest)",
-    )
     parser.add_argument("--directions", type=parse_directions, default=1, help="per step, or auto (default 1)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="(default two-sided)")
     args = parser.parse_args(argv)
@@ -102,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq > config.max_position_embeddings:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
-        if args.rounding == "stochastic" and args.dtype == "fp32":
-            raise UsageError("--rounding stochastic is for 16-bit masters: use --dtype fp16 or bf16")
         works = _workloads(config, dtype, args)
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
         policy = parse_policy(args.policy) if args.policy else None
@@ -120,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as error:
         print(f"zoruntime plan: error: {error}", file=sys.stderr)
         return 2
-    rounding = args.rounding or ("nearest" if args.dtype == "fp32" else "stochastic")
+    rounding = "nearest" if args.dtype == "fp32" else "stochastic"  # ZOSGD's default (either costs the same)
     several = f", {args.directions} {args.estimator} direction(s) a step{' (auto)' if auto else ''}"
     print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}{several}, "
           f"on the {profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip

@@ -5,8 +5,7 @@ The cost that counts for a model streamed over PCIe is the upload, one per block
 the forward: extra directions use the compute lane while the next block crosses the link. So
 the measure is steps to a dev loss, and the step time of opt-13b for each q as the planner
 predicts it (fp16 on the H200 profile, batch 1 x 2048, ``FixedDepth(1)``: every block streamed;
-with stochastic rounding, zoruntime's default for 16-bit masters, and round to nearest, whose
-cost is what the profile was measured with). The learning is measured on this machine with the
+either rounding: on a GPU a 16-bit update is one kernel whichever). The learning is measured on this machine with the
 built-in model; the step times are predictions, not measurements.
 
 Two tasks, both generated: ``default`` is what ``zoruntime train`` runs with no options (a
@@ -121,11 +120,11 @@ def one_run(task: str, estimator: str, q: int, lr: float, seed: int, steps: int,
 
 
 @functools.cache
-def opt13b_step_s(estimator: str, q: int, rounding: str) -> float:
+def opt13b_step_s(estimator: str, q: int) -> float:
     """The planner's step time of opt-13b fp16 on the H200 profile, batch 1 x 2048, every block streamed."""
     config = named_config("opt-13b")
     layout = model_layout(adapter_for(meta_model(config, torch.float16)), torch.float16, several_directions=q > 1)
-    work = Workload(layout, shape_dims(config), 1, 2048, rounding, "block", config.num_hidden_layers, q, estimator)
+    work = Workload(layout, shape_dims(config), 1, 2048, "block", config.num_hidden_layers, q, estimator)
     return predict(work, BUILT_IN["h200"], FixedDepth(1)).step_s
 
 
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{args.steps} steps, dev loss every {args.eval_every}, seeds {seeds}; learning on {machine}; "
           "opt-13b step times predicted (H200 profile, fp16, batch 1 x 2048, FixedDepth(1))")  # fmt: skip
-    base_s = {r: opt13b_step_s("two-sided", 1, r) for r in ("stochastic", "nearest")}
+    base_s = opt13b_step_s("two-sided", 1)
     rows: list[dict[str, Any]] = []
     for task in args.tasks.split(","):
         chosen: dict[tuple[str, int], tuple[float, list[Run]]] = {}
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntask {task}: target dev loss {target:.4f} (what one two-sided direction reaches on every seed in "
               f"{args.steps} steps)")  # fmt: skip
         print(f"{'estimator':<11}{'q':>3}{'lr':>9}{'final dev (mean)':>18}{'steps to target':>18}{'reached':>9}"
-              f"{'fewer':>7}{'forwards':>10}{'13b step s (SR / nearest)':>28}{'x q=1':>7}"
+              f"{'fewer':>7}{'forwards':>10}{'13b step s':>12}{'x q=1':>7}"
               f"{'13b s to target':>17}")  # fmt: skip
         reference_steps = None
         for (estimator, q), (lr, runs) in chosen.items():
@@ -173,25 +172,24 @@ def main(argv: list[str] | None = None) -> int:
             mean_steps = statistics.fmean(reached) if reached else None
             if (estimator, q) == ("two-sided", 1):
                 reference_steps = mean_steps
-            step_s = {r: opt13b_step_s(estimator, q, r) for r in ("stochastic", "nearest")}
+            step_s = opt13b_step_s(estimator, q)
             fewer = reference_steps / mean_steps if reference_steps and mean_steps else None
             row = {
                 "task": task, "estimator": estimator, "directions": q, "lr": lr, "target": target,
                 "final_dev_loss": [r.final for r in runs], "steps_to_target": [r.steps_to(target) for r in runs],
                 "mean_steps_to_target": mean_steps, "fewer_steps_than_q1": fewer,
                 "forwards_to_target": mean_steps * probe_count(estimator, q) if mean_steps else None,
-                "opt13b_step_s": step_s, "opt13b_step_vs_q1": {r: step_s[r] / base_s[r] for r in step_s},
-                "opt13b_s_to_target": {r: mean_steps * step_s[r] for r in step_s} if mean_steps else None,
+                "opt13b_step_s": step_s, "opt13b_step_vs_q1": step_s / base_s,
+                "opt13b_s_to_target": mean_steps * step_s if mean_steps else None,
                 "seconds": sum(r.seconds for r in runs), "curves": [r.curve for r in runs],
             }  # fmt: skip
             rows.append(row)
             per_seed = ", ".join("-" if s is None else str(s) for s in row["steps_to_target"])
-            to_target = f"{mean_steps * step_s['stochastic']:.0f}" if mean_steps else "-"
+            to_target = f"{mean_steps * step_s:.0f}" if mean_steps else "-"
             forwards = f"{row['forwards_to_target']:.0f}" if mean_steps else "-"
             print(f"{estimator:<11}{q:>3}{lr:>9.1e}{statistics.fmean(row['final_dev_loss']):>18.4f}"
                   f"{per_seed:>18}{len(reached):>7}/{len(runs)}{(f'{fewer:.2f}x' if fewer else '-'):>7}{forwards:>10}"
-                  f"{step_s['stochastic']:>17.3f} / {step_s['nearest']:.3f}"
-                  f"{step_s['stochastic'] / base_s['stochastic']:>6.2f}x{to_target:>17}")  # fmt: skip
+                  f"{step_s:>12.3f}{step_s / base_s:>6.2f}x{to_target:>17}")  # fmt: skip
     print(json.dumps({"steps": args.steps, "eval_every": args.eval_every, "seeds": seeds, "machine": machine,
                       "lr_grids": LR_GRIDS, "rows": rows}))  # fmt: skip
     return 0
