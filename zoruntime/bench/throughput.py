@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  init {init_s:.1f} s{' (alias mode: blocks share one host buffer)' if args.alias else ''}")
     block_mb = f"{facts['block_mb']:.0f}" if facts["block_mb"] >= 10 else f"{facts['block_mb']:.2f}"
-    print(f"  {blocks} blocks of {block_mb} MB; {link_line(dev.cuda, facts)}")
+    cut = f" (streamed as {blocks} {args.unit} units)" if args.unit != "block" else ""
+    print(f"  {config.num_hidden_layers} blocks of {block_mb} MB{cut}; {link_line(dev.cuda, facts)}")
     print(f"  both forwards of a block {facts['dual_forward_ms']:.2f} ms, whole compute task "
           f"{facts['compute_task_ms']:.2f} ms (the host enqueues it in {facts['compute_enqueue_ms']:.2f} ms: "
           f"{facts['host_task_ms']:.2f} ms per task + {facts['host_probe_ms']:.2f} ms per probe); "
