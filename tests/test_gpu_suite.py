@@ -68,8 +68,8 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert list(results) == ["env", "tiny", "tiny-llama:linear"] and all(r["status"] == "ok" for r in results.values())
     linear = [row["runner"] for row in results["tiny-llama:linear"]["result"]["rows"]]
     assert "FixedDepth(1, unit='linear')" in linear
-    cut = results["tiny-llama:linear"]["result"]["card"]  # the host's time for the block's seven linear units
-    assert cut["units_per_block"] == 7 and cut["unit"] == "linear" and cut["unit_tasks_enqueue_ms"] > 0
+    cut = results["tiny-llama:linear"]["result"]["card"]  # the host's time for the block's five linear units
+    assert cut["units_per_block"] == 5 and cut["unit"] == "linear" and cut["unit_tasks_enqueue_ms"] > 0
     bench = results["tiny"]["result"]
     runners = [row["runner"] for row in bench["rows"]]
     assert runners[:5] == ["MeZO (after the paper)", "zoruntime, all resident", "FixedDepth(0)", "FixedDepth(1)",
@@ -82,7 +82,7 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     summary = done.stdout[done.stdout.index("zoruntime GPU suite:") :]  # the table printed at the end
     assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
     assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
-    assert "host: the block as 7 linear units' tasks" in summary
+    assert "host: the block as 5 linear units' tasks" in summary
 
 
 def test_unknown_part_names_are_refused(tmp_path: Path) -> None:

@@ -100,6 +100,24 @@ def test_depth_zero_is_the_serial_sum(figures: str, blocks: int) -> None:
     assert all(a.end <= b.start + 1e-12 for a, b in itertools.pairwise(spans))  # nothing overlaps
 
 
+def test_units_of_unequal_size_take_their_share_of_the_mean_units_times() -> None:
+    """Serially, a unit's upload, compute and offload scale with its size, so the step is the
+    serial sum still; pipelined, a small unit's upload waits for the slot a large unit's offload
+    holds, so six uneven units a block (OPT's linears, 1:1:1:1:4:4) run slower than even ones of
+    the same total, which run as uniform units do; sizes of the wrong length are refused."""
+    u, c, o = 1.0, 0.4, 1.0
+    uneven = [1, 1, 1, 1, 4, 4] * 4
+    serial = simulate(24, u, c, o, FixedDepth(0), unit_sizes=uneven)
+    assert serial.makespan == pytest.approx(OpFigures(u, c, o).serial_time(24), rel=1e-12)
+    upload = {s.block: s.end - s.start for s in serial.spans if s.kind == "upload"}
+    assert upload[4] == pytest.approx(4 * upload[0], rel=1e-12)
+    even = simulate(24, u, c, o, FixedDepth(1), unit_sizes=[3] * 24)
+    assert even.makespan == simulate(24, u, c, o, FixedDepth(1)).makespan
+    assert simulate(24, u, c, o, FixedDepth(1), unit_sizes=uneven).makespan > 1.15 * even.makespan
+    with pytest.raises(ValueError, match="unit_sizes needs 24 positive sizes"):
+        simulate(24, u, c, o, FixedDepth(1), unit_sizes=[1] * 23)
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_lanes_never_overlap_and_tasks_start_after_their_dependencies(depth: int) -> None:
     timeline = simulate(12, 2.0, 1.0, 1.5, FixedDepth(depth), steps=2)

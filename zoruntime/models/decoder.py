@@ -41,11 +41,12 @@ Decayed = Callable[[nn.Module, str], bool]
 
 
 def _segment_name(modules: Sequence[str], unit: str) -> str:
-    """``attention``/``mlp`` for halves; else the segment's linear layer (``q_proj``, ``fc1``)."""
+    """``attention``/``mlp`` for halves; else the segment's linear layer (``fc1``), or its first
+    and last (``q_proj-out_proj``)."""
     if unit == "half":
         return "attention" if any("attn" in m.split(".")[0] for m in modules) else "mlp"
-    linear = [m for m in modules if "norm" not in m.rpartition(".")[2].lower()]
-    return (linear or list(modules))[0].rpartition(".")[2]
+    linear = [m.rpartition(".")[2] for m in modules if "norm" not in m.rpartition(".")[2].lower()] or [modules[0]]
+    return linear[0] if len(linear) == 1 else f"{linear[0]}-{linear[-1]}"
 
 
 class DecoderLayout:

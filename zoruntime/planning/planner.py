@@ -192,6 +192,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     timeline = simulate(
         layout.num_units, op.upload_s, op.compute_s, op.offload_s, PlanGiven(plan), head_s=op.head_s,
         steps=2 * cycle + 1, duplex=profile.duplex, update_s=update_s,
+        unit_sizes=[group.numel for group in layout.streamable],
     )  # fmt: skip
     starts = [mark.start for mark in timeline.steps]  # a step starts when the one before returns
     step_s = (starts[2 * cycle] - starts[cycle]) / cycle  # the second cycle: steps overlapping steps

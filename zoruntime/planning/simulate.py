@@ -7,7 +7,7 @@ tensors or threads, on a virtual clock, in milliseconds. No torch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..policies.base import FixedDepth, Policy
 from ..runtime.graph import Kind, Task, step_graph
@@ -34,6 +34,7 @@ def simulate(
     block_bytes: int = 1,
     duplex: float = 1.0,
     update_s: float = 0.0,
+    unit_sizes: Sequence[int] | None = None,
     instruments: Iterable[object] = (),
 ) -> Timeline:
     """Simulate ``steps`` steps of a ``num_blocks`` model; the timeline holds every task's span.
@@ -45,13 +46,22 @@ def simulate(
     ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
     longer (both directions share the link; a whole-step approximation). ``update_s``: with
     ``offload_every=k``, a block's compute on the i-th step of a cycle applies i more updates
-    than usual, each taking this long."""
+    than usual, each taking this long. ``unit_sizes``: the units' relative sizes in model order
+    (elements, say), for units of unequal size (a block cut into its linear layers): each unit's
+    upload, compute and offload then take its share of ``num_blocks`` times the figures given,
+    which are the mean unit's; default equal."""
     if not 0 < duplex <= 1 or update_s < 0 or host_gap_s < 0:
         raise ValueError(
             f"need 0 < duplex <= 1, update_s >= 0 and host_gap_s >= 0, got {duplex}, {update_s} and {host_gap_s}"
         )
     figures = OpFigures(upload_s, compute_s, offload_s, embed_s, head_s)
     units = uniform_units(num_blocks, block_bytes)
+    share = {u.name: 1.0 for u in units}  # of the mean unit's time
+    if unit_sizes is not None:
+        if len(unit_sizes) != num_blocks or min(unit_sizes, default=0) <= 0:
+            raise ValueError(f"unit_sizes needs {num_blocks} positive sizes, got {list(unit_sizes)}")
+        mean = sum(unit_sizes) / num_blocks
+        share.update({u.name: size / mean for u, size in zip(units.streamable, unit_sizes, strict=True)})
     plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
 
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
@@ -59,11 +69,11 @@ def simulate(
     current = {"offloads": True, "missed": 0}
 
     def duration(task: Task) -> float:
-        seconds = figures.duration(task.kind)
+        seconds = figures.duration(task.kind) * share[task.unit.name]
         if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) and current["offloads"]:
             return seconds / duplex
         if task.kind == Kind.COMPUTE and task.unit.streamable:
-            return seconds + current["missed"] * update_s
+            return seconds + current["missed"] * update_s * share[task.unit.name]
         return seconds
 
     scheduler = Scheduler(
