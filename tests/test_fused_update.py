@@ -99,3 +99,35 @@ def test_the_kernel_takes_only_16_bit_weights_on_a_gpu() -> None:
     assert not fused.usable(torch.zeros(4, dtype=torch.float16))  # on the CPU: the tensor path
     assert fused.usable(torch.zeros(4, dtype=torch.float16, device=DEVICE)) == (DEVICE.type == "cuda")
     assert not fused.usable(torch.zeros(4, dtype=torch.float32, device=DEVICE))
+
+
+@pytest.mark.parametrize(("dtype", "rounding"), [(torch.float16, "stochastic"), (torch.bfloat16, "stochastic"),
+                                                 (torch.float16, "nearest")])  # fmt: skip
+def test_apply_update_runs_the_kernel_per_run_keyed_by_the_groups_rounding_seed(
+    dtype: torch.dtype, rounding: str, monkeypatch
+) -> None:
+    """A group of decayed and undecayed runs: each run that needs float32 arithmetic is one
+    ``update_run`` with the group's rounding seed and the run's offset in the group, a plain run
+    one multiply-add. On a CPU the kernel path is taken by hand (``usable`` is for GPUs)."""
+    from zoruntime.models.groups import GroupLayout, ParamSlice
+    from zoruntime.zo.directions import ROUNDING_DIRECTION, DirectionSampler, chunk_seed
+    from zoruntime.zo.update import PendingUpdate, Rounding, apply_update
+
+    monkeypatch.setattr(fused, "usable", lambda weights: weights.dtype in DROPPED_BITS)
+    slices = (ParamSlice("a", (1000,), 0, True), ParamSlice("b", (500,), 1000, False),
+              ParamSlice("c", (1500,), 1500, True))  # fmt: skip
+    layout = GroupLayout(4, slices, 3000, dtype)
+    w, z, _ = _exact_inputs(3000, dtype, seed=5)
+    update = PendingUpdate.from_gradient(
+        3, 99, 2.0**-4, 2.0**-3, torch.tensor(2.0**-8, device=DEVICE), Rounding(rounding)
+    )
+    got = w.clone()
+    apply_update(got, z, update, layout, DirectionSampler(DEVICE))
+    expected, seed = w.clone(), chunk_seed(99, 4, 0, ROUNDING_DIRECTION)
+    dropped = DROPPED_BITS[dtype] if rounding == "stochastic" else 0
+    for lo, hi, decay in ((0, 1000, 2.0**-7), (1000, 1500, 0.0), (1500, 3000, 2.0**-7)):
+        if dropped or decay:
+            fused.update_run(expected[lo:hi], z[lo:hi], update.scaled_grads[0], decay, dropped, seed, lo)
+        else:
+            expected[lo:hi].addcmul_(z[lo:hi], update.scaled_grads[0])
+    assert torch.equal(got, expected) and not torch.equal(got, w)

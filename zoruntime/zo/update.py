@@ -272,6 +272,7 @@ def apply_update(
     span_end = offset + z.numel()
     in_kernel = fused.usable(weights)  # on a GPU with Triton: one pass a run, its noise drawn in the kernel
     dropped = DROPPED_BITS[weights.dtype] if stochastic else 0
+    group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION) if in_kernel else 0  # keyed by element
     noise = _SpanNoise(sampler, update, layout, dropped, offset, span_end) if stochastic and not in_kernel else None
     for run_start, run_end, decayed in layout.update_ranges:
         start, end = max(run_start, offset), min(run_end, span_end)
@@ -282,9 +283,8 @@ def apply_update(
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
             continue
         if in_kernel:
-            seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # the group's, keyed by element
             fused.update_run(weights[start:end], z[start - offset : end - offset], scaled_grad, run_decay, dropped,
-                             seed, start)  # fmt: skip
+                             group_seed, start)  # fmt: skip
             continue
         lo = start
         while lo < end:  # spans bound the float32 temporaries
