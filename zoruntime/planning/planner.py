@@ -10,8 +10,9 @@ a block pay it per unit); one more missed update (its draws and the add) for off
 steps; the head from the logits' flops or, where longer, the host's time to issue its loss's
 pieces (the profile's cost per piece; not modelled where the profile lacks it). The floor a prediction
 is compared with leaves the host out: the link and the GPU's own work.
-Units finer than a block (halves, linear layers) differ in size; the simulator takes one size,
-their mean, so a prediction for them is coarser than for whole blocks.
+Units finer than a block (halves, linear layers) differ in size: the simulator gives each unit
+its share of the mean unit's times by its size (the host's part too, which is in fact a cost per
+task: an approximation where the host sets the pace).
 The simulator then runs the real scheduler on those times for two offload cycles, and the step
 time is the second cycle's mean: steps overlap, as the runtime's do when the caller calls again
 at once (the host's own time between calls is not modelled). The GPU memory a plan needs is the
@@ -83,8 +84,7 @@ class Workload:
         measured on an H200: an opt-13b block's stochastic update 0.99 ms, 7.9 ms as tensor
         operations, which this does not model)."""
         itemsize = self.layout.streamable[0].itemsize
-        applied = 3 * itemsize
-        return applied if self.directions == 1 else applied + 4 + self.directions * (itemsize + 8)
+        return 3 * itemsize + (0 if self.directions == 1 else 4 + self.directions * (itemsize + 8))
 
     def compute_task_bytes(self) -> float:
         """Bytes a unit's compute task moves besides its forwards: a draw of z and a perturbed copy
