@@ -54,6 +54,7 @@ async def test_finer_units_and_chunked_ends_on_cuda_equal_the_reference_on_the_s
     monkeypatch.setattr(memory, "VOCAB_CHUNK_ELEMENTS", 300)
     monkeypatch.setattr(memory, "KEPT_SPAN_ELEMENTS", 512)
     monkeypatch.setattr(memory, "LOSS_PIECE_ELEMENTS", 100)
+    monkeypatch.setattr(memory, "FUSED_LOSS_PIECE_BYTES", 200)  # the loss kernel's pieces: several a chunk
     ref_model = tiny_model(family, seed=1, num_hidden_layers=BLOCKS).cuda()
     ref = ReferenceZO(ref_model, CONFIG, unit=unit)
     expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]

@@ -120,13 +120,16 @@ def test_a_compute_task_takes_at_least_the_hosts_time_to_issue_it() -> None:
 
 def test_the_head_takes_at_least_the_hosts_time_to_issue_its_losss_pieces() -> None:
     """opt-1.3b, 2,048 tokens: the loss takes 7 chunks of the vocabulary x 8 pieces of 256 tokens
-    a probe; at 0.05 ms a piece the host needs 5.6 ms for two probes, where the GPU needs 1.3."""
+    a probe with tensor operations, x 2 pieces of 1,024 where a GPU's kernel takes each piece (the
+    planner's case); at 0.2 ms a piece the host needs 5.6 ms for two probes, where the GPU needs 1.3."""
     work = _work("opt-1.3b")
     assert loss_pieces(50272, 2048, 2048) == 56 and loss_pieces(50272, 12288, 2048) == 37 * 2
+    assert loss_pieces(50272, 2048, 2048, fused_itemsize=2) == 14
+    assert loss_pieces(50272, 2048, 2048, fused_itemsize=4) == 28 and loss_pieces(50272, 12288, 2048, 2) == 37
     free = replace(BUILT_IN["h200"], host_piece_ms=0.0)
     gpu_head_s = figures(work, free)[0].head_s
     assert gpu_head_s == pytest.approx(2 * 2 * 2048 * 2048 * 50272 / (free.tflops * 1e12))
-    assert figures(work, replace(free, host_piece_ms=0.05))[0].head_s == pytest.approx(2 * 56 * 0.05e-3)
+    assert figures(work, replace(free, host_piece_ms=0.2))[0].head_s == pytest.approx(2 * 14 * 0.2e-3)
     assert figures(work, replace(free, host_piece_ms=0.001))[0].head_s == gpu_head_s  # the GPU's is longer
     with pytest.raises(ValueError, match="host_piece_ms must be >= 0, got -1"):
         replace(free, host_piece_ms=-1)

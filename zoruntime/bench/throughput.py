@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
+from ..models import fused_loss
 from ..models.adapter import adapter_for
 from ..models.groups import existing_flat
 from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
@@ -146,7 +147,8 @@ def card(
         head = dev.seconds(head_loss, repeat=3)
         head_enqueue = dev.enqueue_seconds(head_loss, repeat=3)
     head_rows = ends[min(adapter.vocab_names)]  # the head's rows (or the tied embedding's: the same shape)
-    pieces = loss_pieces(head_rows.shape[0], head_rows.shape[1], batch * seq)
+    fused_itemsize = hidden.element_size() if fused_loss.usable(hidden) else 0  # the loss kernel's pieces
+    pieces = loss_pieces(head_rows.shape[0], head_rows.shape[1], batch * seq, fused_itemsize)
     del ends, head_rows
     scratch, z = torch.empty_like(slot), torch.empty_like(slot)
     params, sampler = layout.views(scratch), DirectionSampler(slot.device)

@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..planning.memory import loss_piece_tokens, rows_per_chunk
+from . import fused_loss
 from .batch import IGNORE_INDEX, Batch
 
 
@@ -129,13 +130,16 @@ def loss_over_chunks(
     over the chunk and its logit at the place of its target (if the chunk held it) are kept; the
     chunks' log-sum-exps are combined at the end. Equal to HF's loss within float rounding (the
     sums run in another order). A few operations per piece: on a GPU the host issues each, and
-    a small model's head is paced by them."""
+    a small model's head is paced by them; there each piece's log-sum-exps and target logits are
+    one kernel (``fused_loss``), and a piece is four times larger at 16-bit compute."""
     targets = torch.nn.functional.pad(batch.labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     sources = {name: as_rows(p) for name, p in head.items()}
     vocab, width = next(iter(sources.values())).shape[:2]
     bounds, rows = chunks(vocab, width), rows_per_chunk(width)
-    tokens, piece = flat.shape[0], loss_piece_tokens(bounds[0][1] - bounds[0][0])
+    fused = fused_loss.usable(flat)  # on a GPU each piece's figures are one kernel: larger pieces
+    tokens = flat.shape[0]
+    piece = loss_piece_tokens(bounds[0][1] - bounds[0][0], flat.element_size() if fused else 0)
     counted = targets != IGNORE_INDEX
     wanted = torch.where(counted, targets, 0)
     chunk_of, place = wanted // rows, wanted % rows  # which chunk holds each target, and where in it
@@ -146,7 +150,11 @@ def loss_over_chunks(
         at = place if stop - start == rows else place.clamp(max=stop - start - 1)  # the last chunk may be short
         for lo in range(0, tokens, piece):
             hi = min(tokens, lo + piece)
-            logits = logits_of(params, flat[lo:hi]).float()  # [piece, rows of the chunk]
+            logits = logits_of(params, flat[lo:hi])  # [piece, rows of the chunk]
+            if fused:  # one kernel, no float32 copy
+                fused_loss.lse_and_pick(logits, at[lo:hi], log_sum_exp[c, lo:hi], picked[c, lo:hi])
+                continue
+            logits = logits.float()
             torch.logsumexp(logits, dim=1, out=log_sum_exp[c, lo:hi])
             torch.gather(logits, 1, at[lo:hi, None], out=picked[c, lo:hi, None])
     target_logit = picked.gather(0, chunk_of[None]).squeeze(0)

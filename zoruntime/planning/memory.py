@@ -170,6 +170,11 @@ tokens of one chunk of the vocabulary): 8 MB, with the 16-bit logits and the log
 temporary 20 MB at 16-bit compute, where every token's logits over a 50,272-word vocabulary at
 2,048 tokens take 1 GB. About 50 pieces cover 2,048 tokens of that vocabulary at any width."""
 
+FUSED_LOSS_PIECE_BYTES = 1 << 24
+"""Bytes of logits per piece where one kernel takes each piece's figures (``models.fused_loss``,
+on a GPU): 16 MB in the compute dtype and nothing beside them, within what a piece of the tensor
+path takes, in a quarter as many pieces at 16-bit compute (14 for opt-1.3b's 2,048 tokens, not 56)."""
+
 VOCAB_CHUNK_ELEMENTS = 1 << 24
 """Elements per chunk of a vocabulary-sized parameter (whole rows: ``rows_per_chunk``)."""
 
@@ -179,17 +184,20 @@ def rows_per_chunk(width: int) -> int:
     return max(1, VOCAB_CHUNK_ELEMENTS // width)
 
 
-def loss_piece_tokens(rows: int) -> int:
-    """Tokens whose float32 logits over ``rows`` rows of the vocabulary fill one piece of
-    ``LOSS_PIECE_ELEMENTS`` (at least one)."""
-    return max(1, LOSS_PIECE_ELEMENTS // rows)
+def loss_piece_tokens(rows: int, fused_itemsize: int = 0) -> int:
+    """Tokens whose logits over ``rows`` rows of the vocabulary fill one piece (at least one):
+    float32 logits of ``LOSS_PIECE_ELEMENTS``, or where the loss kernel takes the pieces
+    (``fused_itemsize``: the logits' bytes an element) ``FUSED_LOSS_PIECE_BYTES`` of them."""
+    per_piece = FUSED_LOSS_PIECE_BYTES // fused_itemsize if fused_itemsize else LOSS_PIECE_ELEMENTS
+    return max(1, per_piece // rows)
 
 
-def loss_pieces(vocab: int, width: int, tokens: int) -> int:
+def loss_pieces(vocab: int, width: int, tokens: int, fused_itemsize: int = 0) -> int:
     """Pieces the head's causal-LM loss takes over ``tokens`` tokens: for each chunk of
-    ``VOCAB_CHUNK_ELEMENTS`` of the vocabulary's rows (``width`` wide), its tokens a piece at a time."""
+    ``VOCAB_CHUNK_ELEMENTS`` of the vocabulary's rows (``width`` wide), its tokens a piece at a
+    time (``fused_itemsize`` as ``loss_piece_tokens`` takes it)."""
     rows = rows_per_chunk(width)
-    return -(-vocab // rows) * -(-tokens // loss_piece_tokens(min(vocab, rows)))
+    return -(-vocab // rows) * -(-tokens // loss_piece_tokens(min(vocab, rows), fused_itemsize))
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,11 +223,12 @@ def activation_bytes(
 ) -> int:
     """A generous estimate of a step's working memory beside the buffers: the logits with the
     loss's float32 copies (for the causal-LM loss, of a piece of ``LOSS_PIECE_ELEMENTS`` at a
-    time, and per token one figure a chunk; for a user's loss, of every token and word), a hidden-state
-    stream per probe (two for MeZO's step), one block's largest intermediate, the attention
-    scores where the kernel materialises them (a CPU; not CUDA's fused attention), and with
-    ``paused`` (blocks streamed as several units) the other probes' forwards held inside a block;
-    or, if more, an update's float32 temporaries beside the probes' hidden streams."""
+    time, which bounds the loss kernel's pieces of ``FUSED_LOSS_PIECE_BYTES`` too, and per token
+    one figure a chunk; for a user's loss, of every token and word), a hidden-state stream per
+    probe (two for MeZO's step), one block's largest intermediate, the attention scores where the
+    kernel materialises them (a CPU; not CUDA's fused attention), and with ``paused`` (blocks
+    streamed as several units) the other probes' forwards held inside a block; or, if more, an
+    update's float32 temporaries beside the probes' hidden streams."""
     tokens = rows * length
     if chunked_loss:
         words = min(dims.vocab, rows_per_chunk(dims.hidden))

@@ -165,7 +165,8 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
     memory = profile.memory_gb_s * 1e9
     dims = work.dims
     head_gpu_s = work.probes * 2 * work.tokens * dims.hidden * dims.vocab / (profile.tflops * 1e12)
-    head_host_s = work.probes * loss_pieces(dims.vocab, dims.hidden, work.tokens) * profile.host_piece_ms / 1e3
+    pieces = loss_pieces(dims.vocab, dims.hidden, work.tokens, fused_itemsize=itemsize)  # the loss kernel's
+    head_host_s = work.probes * pieces * profile.host_piece_ms / 1e3
     op = OpFigures(
         upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
         compute_s=max(gpu_compute_s(work, profile), profile.host_s(work.probes)),
