@@ -161,11 +161,11 @@ def test_a_batch_is_staged_pinned_so_its_copy_does_not_stop_the_host() -> None:
 
 
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-def test_16_bit_updates_on_cuda_run_in_one_kernel_per_run_keyed_by_the_groups_rounding_seed(rounding: str) -> None:
-    """apply_update on a CUDA group with decayed and undecayed runs: each run that needs float32
-    arithmetic is ``fused.update_run`` with the group's rounding seed and its offset, a plain
-    run one multiply-add; bfloat16 narrows as the tensor path does (which the interpreter cannot
-    show on a CPU)."""
+def test_16_bit_updates_on_cuda_equal_the_tensor_path_given_the_kernels_noise(rounding: str) -> None:
+    """apply_update on a CUDA group with decayed and undecayed runs (one ``fused.update_span``
+    keyed by the group's rounding seed) equals the tensor path run by run, given the noise the
+    kernel draws at each element's index; bfloat16 narrows as the tensor path does (which the
+    interpreter cannot show on a CPU)."""
     from zoruntime.models.groups import GroupLayout, ParamSlice
     from zoruntime.zo import fused
     from zoruntime.zo.directions import ROUNDING_DIRECTION, DirectionSampler, chunk_seed

@@ -34,10 +34,10 @@ def test_the_kernel_rounds_as_the_tensor_path_does_given_its_noise(dtype: torch.
     noise = fused.rounding_noise(n, dropped, SEED, first, DEVICE)
     expected = w.clone()
     _update_run(expected, z, scaled_grad, decay, noise)
-    got = w.clone()
-    fused.update_run(got, z, scaled_grad, decay, dropped, SEED, first)
-    assert torch.equal(got, expected)
-    assert not torch.equal(got, w)  # the update did something
+    got = torch.cat([torch.zeros(first, dtype=dtype, device=DEVICE), w])  # a group whose run starts at first
+    fused.update_span(got, z, scaled_grad, ((first, first + n, True),), decay, dropped, SEED, offset=first)
+    assert torch.equal(got[first:], expected) and not got[:first].any()
+    assert not torch.equal(got[first:], w)  # the update did something
 
 
 def test_round_to_nearest_in_the_kernel_equals_the_tensor_path() -> None:
@@ -47,21 +47,42 @@ def test_round_to_nearest_in_the_kernel_equals_the_tensor_path() -> None:
     expected = w.clone()
     _update_run(expected, z, scaled_grad, 2.0**-8, None)
     got = w.clone()
-    fused.update_run(got, z, scaled_grad, 2.0**-8, 0, SEED, 0)
+    fused.update_span(got, z, scaled_grad, ((0, 5000, True),), 2.0**-8, 0, SEED)
     assert torch.equal(got, expected)
 
 
-def test_the_noise_is_keyed_by_the_elements_index_in_the_group_not_by_the_run() -> None:
+def test_the_noise_is_keyed_by_the_elements_index_in_the_group_not_by_the_span() -> None:
     w, z, scaled_grad = _exact_inputs(3000, torch.bfloat16, seed=3)
+    runs = ((0, 3000, False),)
     whole = w.clone()
-    fused.update_run(whole, z, scaled_grad, 0.0, 16, SEED, 500)
+    fused.update_span(whole, z, scaled_grad, runs, 0.0, 16, SEED)
     parts = w.clone()
-    for lo, hi in ((0, 1024), (1024, 1030), (1030, 3000)):
-        fused.update_run(parts[lo:hi], z[lo:hi], scaled_grad, 0.0, 16, SEED, 500 + lo)
+    for lo, hi in ((0, 1024), (1024, 1030), (1030, 3000)):  # z a span at a time, as the kept group's
+        fused.update_span(parts, z[lo:hi], scaled_grad, runs, 0.0, 16, SEED, offset=lo)
     assert torch.equal(parts, whole)
     other = w.clone()
-    fused.update_run(other, z, scaled_grad, 0.0, 16, SEED + 1, 500)
+    fused.update_span(other, z, scaled_grad, runs, 0.0, 16, SEED + 1)
     assert not torch.equal(other, whole)
+
+
+def test_one_launch_updates_every_run_and_leaves_frozen_elements_alone() -> None:
+    """Runs decayed and not, a frozen stretch between them, a span that starts and ends inside
+    runs: each element as a launch for its run alone updates it, the rest untouched."""
+    w, z, scaled_grad = _exact_inputs(4000, torch.float16, seed=6)
+    runs = ((0, 1000, True), (1000, 1300, False), (2000, 4000, True))  # 1300 .. 2000 frozen
+    lo, hi = 500, 3500
+    got = w.clone()
+    fused.update_span(got, z[lo:hi], scaled_grad, runs, 2.0**-7, 13, SEED, offset=lo)
+    expected = w.clone()
+    for start, end, decayed in ((500, 1000, True), (1000, 1300, False), (2000, 3500, True)):
+        fused.update_span(expected, z[start:end], scaled_grad, ((start, end, decayed),), 2.0**-7, 13, SEED,
+                          offset=start)  # fmt: skip
+    assert torch.equal(got, expected)
+    unchanged = torch.cat([got[:lo] == w[:lo], got[1300:2000] == w[1300:2000], got[hi:] == w[hi:]])
+    assert unchanged.all() and not torch.equal(got[lo:1300], w[lo:1300])
+    decayed_only = w.clone()  # decay reaches the decayed runs alone: z = 0 leaves the others as they were
+    fused.update_span(decayed_only, torch.zeros_like(z), scaled_grad, runs, 2.0**-3, 0, SEED)
+    assert torch.equal(decayed_only[1000:2000], w[1000:2000]) and not torch.equal(decayed_only[:1000], w[:1000])
 
 
 @pytest.mark.parametrize("dropped", [13, 16])
@@ -82,7 +103,7 @@ def test_stochastic_rounding_in_the_kernel_is_unbiased() -> None:
     z = torch.ones(n, dtype=torch.float16, device=DEVICE)
     step = 2.0**-10 / 3
     scaled_grad = torch.tensor(step, device=DEVICE)
-    fused.update_run(w, z, scaled_grad, 0.0, DROPPED_BITS[torch.float16], SEED, 0)
+    fused.update_span(w, z, scaled_grad, ((0, n, False),), 0.0, DROPPED_BITS[torch.float16], SEED)
     assert set(w.float().unique().tolist()) == {1.0, 1.0 + 2.0**-10}
     assert abs(float(w.double().mean()) - (1 + step)) < 5 * 0.5 * 2.0**-10 / n**0.5  # five standard deviations
 
@@ -90,9 +111,10 @@ def test_stochastic_rounding_in_the_kernel_is_unbiased() -> None:
 def test_keys_beyond_the_kernels_range_are_refused() -> None:
     w, z, scaled_grad = _exact_inputs(8, torch.float16, seed=4)
     with pytest.raises(ValueError, match="not a 64-bit unsigned int"):
-        fused.update_run(w, z, scaled_grad, 0.0, 13, 1 << 64, 0)
+        fused.update_span(w, z, scaled_grad, ((0, 8, False),), 0.0, 13, 1 << 64)
+    far = (1 << 32) - 4  # a span of z whose elements lie at 2^32 - 4 and beyond in the group
     with pytest.raises(ValueError, match=r"keyed by an index below 2\^32"):
-        fused.update_run(w, z, scaled_grad, 0.0, 13, SEED, (1 << 32) - 4)
+        fused.update_span(w, z, scaled_grad, ((far, far + 8, False),), 0.0, 13, SEED, offset=far)
 
 
 def test_the_kernel_takes_only_16_bit_weights_on_a_gpu() -> None:
@@ -103,12 +125,12 @@ def test_the_kernel_takes_only_16_bit_weights_on_a_gpu() -> None:
 
 @pytest.mark.parametrize(("dtype", "rounding"), [(torch.float16, "stochastic"), (torch.bfloat16, "stochastic"),
                                                  (torch.float16, "nearest")])  # fmt: skip
-def test_apply_update_runs_the_kernel_per_run_keyed_by_the_groups_rounding_seed(
+def test_apply_update_runs_the_kernel_once_keyed_by_the_groups_rounding_seed(
     dtype: torch.dtype, rounding: str, monkeypatch
 ) -> None:
-    """A group of decayed and undecayed runs: each run that needs float32 arithmetic is one
-    ``update_run`` with the group's rounding seed and the run's offset in the group, a plain run
-    one multiply-add. On a CPU the kernel path is taken by hand (``usable`` is for GPUs)."""
+    """A group of decayed and undecayed runs is one ``update_span`` over the group's runs with the
+    group's rounding seed; a span of it, one over that span. On a CPU the kernel path is taken by
+    hand (``usable`` is for GPUs)."""
     from zoruntime.models.groups import GroupLayout, ParamSlice
     from zoruntime.zo.directions import ROUNDING_DIRECTION, DirectionSampler, chunk_seed
     from zoruntime.zo.update import PendingUpdate, Rounding, apply_update
@@ -121,13 +143,19 @@ def test_apply_update_runs_the_kernel_per_run_keyed_by_the_groups_rounding_seed(
     update = PendingUpdate.from_gradient(
         3, 99, 2.0**-4, 2.0**-3, torch.tensor(2.0**-8, device=DEVICE), Rounding(rounding)
     )
+    seed, decay = chunk_seed(99, 4, 0, ROUNDING_DIRECTION), 2.0**-7
+    dropped = DROPPED_BITS[dtype] if rounding == "stochastic" else 0
     got = w.clone()
     apply_update(got, z, update, layout, DirectionSampler(DEVICE))
-    expected, seed = w.clone(), chunk_seed(99, 4, 0, ROUNDING_DIRECTION)
-    dropped = DROPPED_BITS[dtype] if rounding == "stochastic" else 0
-    for lo, hi, decay in ((0, 1000, 2.0**-7), (1000, 1500, 0.0), (1500, 3000, 2.0**-7)):
-        if dropped or decay:
-            fused.update_run(expected[lo:hi], z[lo:hi], update.scaled_grads[0], decay, dropped, seed, lo)
-        else:
-            expected[lo:hi].addcmul_(z[lo:hi], update.scaled_grads[0])
+    expected = w.clone()
+    for lo, hi, decayed in layout.update_ranges:  # a launch a run gives the same bits
+        fused.update_span(expected, z[lo:hi], update.scaled_grads[0], ((lo, hi, decayed),), decay, dropped, seed,
+                          offset=lo)  # fmt: skip
     assert torch.equal(got, expected) and not torch.equal(got, w)
+    launches = []
+    monkeypatch.setattr(fused, "update_span", lambda *args, **kwargs: launches.append((args[3:], kwargs)))
+    apply_update(w.clone(), z, update, layout, DirectionSampler(DEVICE))
+    apply_update(w.clone(), z[700:2100], update, layout, DirectionSampler(DEVICE), offset=700)
+    assert launches == [((layout.update_ranges, decay, dropped, seed, 0), {}),
+                        ((layout.update_ranges, decay, dropped, seed, 700), {})]  # fmt: skip
+    assert layout.update_ranges == ((0, 1000, True), (1000, 1500, False), (1500, 3000, True))

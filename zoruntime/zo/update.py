@@ -255,8 +255,8 @@ def apply_update(
     ``1 − lr·wd`` (which float32 cannot hold near 1 at lr·wd of 1e-7 and below). 16-bit masters
     round to nearest or stochastically (``update.rounding``), with noise from
     ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``); on a
-    GPU with Triton, a run that needs float32 arithmetic is one kernel (``fused``), its noise
-    keyed by (step seed, group, element)."""
+    GPU with Triton, the whole span is one kernel (``fused``), its noise keyed by (step seed,
+    group, element)."""
     # weights, z: [numel] flat, z zero on frozen parameters
     stochastic = update.rounding is Rounding.STOCHASTIC
     if stochastic and weights.dtype not in DROPPED_BITS:
@@ -269,22 +269,37 @@ def apply_update(
     else:
         raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
-    span_end = offset + z.numel()
-    in_kernel = fused.usable(weights)  # on a GPU with Triton: one pass a run, its noise drawn in the kernel
     dropped = DROPPED_BITS[weights.dtype] if stochastic else 0
-    group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION) if in_kernel else 0  # keyed by element
-    noise = _SpanNoise(sampler, update, layout, dropped, offset, span_end) if stochastic and not in_kernel else None
+    if fused.usable(weights):  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
+        group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # keyed by element
+        fused.update_span(weights, z, scaled_grad, layout.update_ranges, decay, dropped, group_seed, offset)
+    else:
+        _update_runs(weights, z, scaled_grad, update, layout, sampler, offset, decay, dropped)
+    if changed is not None and sample is not None:
+        changed.after(weights, sample)
+
+
+def _update_runs(
+    weights: torch.Tensor,
+    z: torch.Tensor,
+    scaled_grad: torch.Tensor,
+    update: PendingUpdate,
+    layout: GroupLayout,
+    sampler: DirectionSampler,
+    offset: int,
+    decay: float,
+    dropped: int,
+) -> None:
+    """``apply_update`` with tensor operations: a run at a time, a span of float32 temporaries at a time."""
+    span_end = offset + z.numel()
+    noise = _SpanNoise(sampler, update, layout, dropped, offset, span_end) if dropped else None
     for run_start, run_end, decayed in layout.update_ranges:
         start, end = max(run_start, offset), min(run_end, span_end)
         if start >= end:
             continue
         run_decay = decay if decayed else 0.0
-        if not stochastic and not run_decay:  # one fused multiply-add over the run, no temporaries
+        if not dropped and not run_decay:  # one fused multiply-add over the run, no temporaries
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
-            continue
-        if in_kernel:
-            fused.update_run(weights[start:end], z[start - offset : end - offset], scaled_grad, run_decay, dropped,
-                             group_seed, start)  # fmt: skip
             continue
         lo = start
         while lo < end:  # spans bound the float32 temporaries
@@ -292,8 +307,6 @@ def apply_update(
             run_noise = noise.between(lo, hi) if noise is not None else None
             _update_run(weights[lo:hi], z[lo - offset : hi - offset], scaled_grad, run_decay, run_noise)
             lo = hi
-    if changed is not None and sample is not None:
-        changed.after(weights, sample)
 
 
 _NO_NOISE = torch.empty(0, dtype=torch.int32)
