@@ -95,7 +95,9 @@ def test_a_profile_from_the_card_gives_back_the_cards_times(tmp_path) -> None:
 def test_a_profile_saved_before_host_times_loads_with_the_host_not_modelled(tmp_path) -> None:
     saved = {k: v for k, v in asdict(BUILT_IN["h200"]).items() if not k.startswith("host")}
     (tmp_path / "old.json").write_text(json.dumps(saved))
-    assert load_profile(str(tmp_path / "old.json")) == replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)
+    assert load_profile(str(tmp_path / "old.json")) == replace(
+        BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0, host_piece_ms=0.0
+    )
     with pytest.raises(ValueError, match="host_probe_ms must be >= 0, got -1"):
         replace(BUILT_IN["h200"], host_probe_ms=-1)
 

@@ -53,12 +53,14 @@ class GPUProfile:
 
 BUILT_IN = {
     "h200": GPUProfile(
-        "h200", upload_gb_s=55.2, offload_gb_s=55.4, duplex=0.9, tflops=655.0, memory_gb_s=1750.0,
-        gpu_memory_gb=139.8, host_task_ms=1.07, host_probe_ms=0.61,
+        "h200", upload_gb_s=55.2, offload_gb_s=55.4, duplex=0.91, tflops=655.0, memory_gb_s=1750.0,
+        gpu_memory_gb=139.8, host_task_ms=1.18, host_probe_ms=0.46, host_piece_ms=0.138,
         source="measured: zoruntime bench on an NVIDIA H200, PCIe gen 5 x16, 2026-11-27 (links, opt-13b card); "
-        "duplex from docs/design.md (50 GB/s each way at once); host: 2.28 ms to enqueue a two-probe task "
-        "(median of 11 cards, before blocks were bound once), split per task and per probe as "
-        "bench.overhead splits it on a CPU",
+        "duplex 0.909 to 0.913 on five cards that evening; host: the opt-13b card of "
+        "docs/results/2026-11-27-h200-fused-update.json (2.10 ms to enqueue a two-probe block task, "
+        "1.18 ms a task + 0.46 ms a probe as its fit splits it; opt-1.3b's 2.12 ms), 0.138 ms a piece of "
+        "the head's loss (tensor operations: an upper bound for the loss kernel's pieces); all with "
+        "the update a launch per run and three enqueueing threads",
     ),
     "h100": GPUProfile(
         "h100", upload_gb_s=54.7, offload_gb_s=53.0, duplex=0.9, tflops=590.0, memory_gb_s=1700.0,
