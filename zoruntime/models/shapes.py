@@ -56,9 +56,12 @@ def opt_config(name: str) -> OPTConfig:
 
 def shape_dims(config: PretrainedConfig) -> ModelDims:
     """The widths the planner's activation estimate needs, from the config of any family an
-    adapter runs (OPT calls the feed-forward width ``ffn_dim``, the Llama family ``intermediate_size``)."""
-    ffn = getattr(config, "ffn_dim", None) or config.intermediate_size
-    return ModelDims(config.hidden_size, ffn, config.vocab_size, config.num_attention_heads)
+    adapter runs (OPT calls the feed-forward width ``ffn_dim``, the Llama family, whose MLP is
+    gated, ``intermediate_size``), and what a block's forward holds at its peak in each."""
+    dims = (config.hidden_size, config.vocab_size, config.num_attention_heads)
+    if getattr(config, "ffn_dim", None):  # OPT: fc1, its ReLU (not in place), beside the residual sum
+        return ModelDims(dims[0], config.ffn_dim, *dims[1:], hidden_live=1, ffn_live=2)
+    return ModelDims(dims[0], config.intermediate_size, *dims[1:], hidden_live=2, ffn_live=3)
 
 
 _LLAMA_2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)

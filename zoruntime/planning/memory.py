@@ -202,12 +202,19 @@ def loss_pieces(vocab: int, width: int, tokens: int, fused_itemsize: int = 0) ->
 
 @dataclass(frozen=True, slots=True)
 class ModelDims:
-    """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads."""
+    """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads;
+    and how many hidden-wide and FFN-wide intermediates a block's forward holds at once at its
+    peak, besides its input (``planning.live_bytes`` counts them in HF's own layers: OPT's MLP
+    holds fc1's output and its ReLU's, beside the attention's residual sum; the Llama family's
+    holds the gate's activation, the up projection and their product, beside the residual sum
+    and the normalised input)."""
 
     hidden: int
     ffn: int
     vocab: int
     heads: int
+    hidden_live: int
+    ffn_live: int
 
 
 def activation_bytes(
@@ -224,11 +231,10 @@ def activation_bytes(
     """A generous estimate of a step's working memory beside the buffers: the logits with the
     loss's float32 copies (for the causal-LM loss, of a piece of ``LOSS_PIECE_ELEMENTS`` at a
     time, which bounds the loss kernel's pieces of ``FUSED_LOSS_PIECE_BYTES`` too, and per token
-    one figure a chunk; for a user's loss, of every token and word), a hidden-state stream per
-    probe (two for MeZO's step), one block's largest intermediate, the attention scores where the
-    kernel materialises them (a CPU; not CUDA's fused attention), and with ``paused`` (blocks
-    streamed as several units) the other probes' forwards held inside a block; or, if more, an
-    update's float32 temporaries beside the probes' hidden streams."""
+    one figure a chunk; for a user's loss, of every token and word), the blocks' forwards
+    (``block_bytes``), the attention scores where the kernel materialises them (a CPU; not CUDA's
+    fused attention); or, if more, an update's float32 temporaries beside the probes' hidden
+    streams."""
     tokens = rows * length
     if chunked_loss:
         words = min(dims.vocab, rows_per_chunk(dims.hidden))
@@ -236,9 +242,21 @@ def activation_bytes(
         logits = min(tokens, loss_piece_tokens(words)) * words * (itemsize + 8) + 2 * chunks * tokens * 4
     else:
         logits = tokens * dims.vocab * (itemsize + 8)
-    hidden = tokens * ((probes + 2) * dims.hidden + dims.ffn) * itemsize
-    if paused:
-        hidden += (probes - 1) * tokens * (2 * dims.hidden + dims.ffn) * itemsize
+    hidden = block_bytes(dims, tokens, itemsize, paused=paused, probes=probes)
     scores = rows * dims.heads * length * length * itemsize if attention_scores else 0
     update = probes * tokens * dims.hidden * itemsize + 12 * UPDATE_SPAN_ELEMENTS  # beside the probes' streams
     return max(logits + hidden + scores, update)
+
+
+def block_bytes(dims: ModelDims, tokens: int, itemsize: int, *, paused: bool = False, probes: int = 2) -> int:
+    """The blocks' working memory over ``tokens`` tokens: a hidden-state stream per probe (two for
+    MeZO's step) and one forward's intermediates at their peak (``ModelDims.hidden_live`` and
+    ``ffn_live``; attention fused, as on CUDA): exact for whole blocks and halves. With ``paused``
+    (blocks streamed as several units, each probe's forward paused between them) the other
+    probes' forwards held inside a block, at most two hidden-wide tensors and one FFN-wide each
+    (a bound, met by the Llama family paused between linear layers; OPT's hold one hidden-wide
+    fewer, and between halves either holds one hidden-wide tensor)."""
+    width = (probes + dims.hidden_live) * dims.hidden + dims.ffn_live * dims.ffn
+    if paused:
+        width += (probes - 1) * (2 * dims.hidden + dims.ffn)
+    return tokens * width * itemsize
