@@ -48,7 +48,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __enter__(self) -> LiveBytes:
         self._attention.__enter__()
-        return super().__enter__()  # type: ignore[no-any-return]
+        return super().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
