@@ -1,5 +1,5 @@
 """The memory model's activations against what HF's own layers hold: the bytes alive at once in
-a step's block forwards, counted operation by operation (``planning.live_bytes``) at real shapes
+a step's block forwards, counted operation by operation (``device.live_bytes``) at real shapes
 on the meta device (no memory spent), attention counted as CUDA's fused kernels hold it."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zoruntime.device.live_bytes import LiveBytes
 from zoruntime.models import adapter_for
 from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import named_config, shape_dims
-from zoruntime.planning.live_bytes import LiveBytes
 from zoruntime.planning.memory import block_bytes
 
 TOKENS = 2048

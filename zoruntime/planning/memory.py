@@ -204,7 +204,7 @@ def loss_pieces(vocab: int, width: int, tokens: int, fused_itemsize: int = 0) ->
 class ModelDims:
     """The widths activations scale with: hidden size, FFN width, vocabulary, attention heads;
     and how many hidden-wide and FFN-wide intermediates a block's forward holds at once at its
-    peak, besides its input (``planning.live_bytes`` counts them in HF's own layers: OPT's MLP
+    peak, besides its input (``device.live_bytes`` counts them in HF's own layers: OPT's MLP
     holds fc1's output and its ReLU's, beside the attention's residual sum; the Llama family's
     holds the gate's activation, the up projection and their product, beside the residual sum
     and the normalised input)."""
