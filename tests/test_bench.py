@@ -30,6 +30,8 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     assert all(card[k] > 0 for k in ("both_directions_ms", "upload_ms", "offload_ms"))
     assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
     assert card["host_task_ms"] >= 0 and card["host_probe_ms"] >= 0  # the host's time split as profiles take it
+    assert set(card["host_parts_ms"]) == {"update", "draw", "perturb", "forward", "upload"}
+    assert all(ms > 0 for ms in card["host_parts_ms"].values())
     assert card["host_task_ms"] + 2 * card["host_probe_ms"] == pytest.approx(card["compute_enqueue_ms"])
     tiny, tokens = tiny_opt_config(), result["batch"] * result["seq"]
     pieces = loss_pieces(tiny.vocab_size, tiny.word_embed_proj_dim, tokens)  # the head's loss: issued per piece

@@ -217,6 +217,8 @@ def render_summary(results: list[PartResult]) -> str:
             rows.append(f"{'':<10}host: a task {card['compute_enqueue_ms']:.2f} ms ({card['host_task_ms']:.2f} + "
                         f"{card['host_probe_ms']:.2f} a probe); the head {card['head_ms']:.2f} ms on the device, "
                         f"{card['head_enqueue_ms']:.2f} ms to issue ({card['host_piece_ms']:.3f} a piece)")  # fmt: skip
+            parts = ", ".join(f"{name} {ms:.3f}" for name, ms in card["host_parts_ms"].items())
+            rows.append(f"{'':<10}host, each part alone (ms): {parts}")
         if "unit_tasks_enqueue_ms" in card:
             rows.append(f"{'':<10}host: the block as {card['units_per_block']} {card['unit']} units' tasks "
                         f"{card['unit_tasks_enqueue_ms']:.2f} ms")  # fmt: skip

@@ -177,6 +177,15 @@ def card(
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
     enqueue_two = dev.enqueue_seconds(lambda: compute_task(2), repeat=10)  # 4 probes: the host's cost per probe
     host_probe = min(max(enqueue_two - enqueue, 0.0), enqueue) / 2  # the split always adds up to `enqueue`
+    with torch.no_grad():  # where a task's host time goes, each part issued alone
+        parts = {
+            "update": lambda: update_group(slot, pending, layout, sampler, z),
+            "draw": lambda: draw_direction(sampler, 2, layout, z),
+            "perturb": lambda: perturb_into(scratch, slot, z, 1e-3),
+            "forward": lambda: block(hidden, inputs),
+            "upload": lambda: slot.copy_(host, non_blocking=True),
+        }
+        host_parts = {name: dev.enqueue_seconds(part, repeat=10) * 1e3 for name, part in parts.items()}
     cut = {}
     if unit != "block":  # the same block's tasks as the runtime issues them for finer units
         unit_enqueue, units = unit_tasks_enqueue(model, dev, hidden, inputs, unit, pending)
@@ -197,6 +206,8 @@ def card(
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
         "host_task_ms": (enqueue - 2 * host_probe) * 1e3,  # that time as a cost per task
         "host_probe_ms": host_probe * 1e3,  # and one per probe (from a task of two directions)
+        "host_parts_ms": host_parts,  # the host's time to issue each part alone: a task is an update and,
+        # a probe, a draw, a perturbed copy and a forward; a streamed block is also an upload (and an offload)
         "head_ms": head * 1e3,  # one probe's loss in the head, on the device
         "head_enqueue_ms": head_enqueue * 1e3,  # and the host's time to issue it
         "host_piece_ms": head_enqueue * 1e3 / pieces,  # that time per piece of the loss, as profiles take it
@@ -412,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{facts['host_task_ms']:.2f} ms per task + {facts['host_probe_ms']:.2f} ms per probe); "
           f"floor {facts['floor_step_s']:.3f} s/step "
           f"= {facts['floor_tokens_s']:,.0f} tokens/s ({facts['bound_by']}-bound)")  # fmt: skip
+    print("  the host's time to issue each part alone: "
+          + ", ".join(f"{name} {ms:.3f} ms" for name, ms in facts["host_parts_ms"].items()))  # fmt: skip
     print(f"  a block up and one down at once {facts['both_directions_ms']:.2f} ms (each direction keeps "
           f"{facts['duplex']:.2f} of its speed); floor writing every block back every step "
           f"{facts['duplex_floor_step_s']:.3f} s/step = {facts['duplex_floor_tokens_s']:,.0f} tokens/s; "
