@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from zoruntime.engine import Runtime
 from zoruntime.models import OPTAdapter
 from zoruntime.zo import ZOSGD
 
@@ -89,3 +90,8 @@ def test_a_schedule_returning_a_bad_lr_fails_at_that_step() -> None:
     assert cfg.lr_at(1) == 1e-3
     with pytest.raises(ValueError, match=r"lr_schedule\(2\) must be"):
         cfg.lr_at(2)
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"cuda_graphs=True .* needs device='cuda', not 'cpu'; leave cuda_graphs off"):
+        Runtime(tiny_model(), ZOSGD(lr=1e-3), cuda_graphs=True)

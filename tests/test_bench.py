@@ -84,6 +84,10 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
         throughput.main(["--device", "cpu", "--directions", "2", "--estimator", "one-sided"])
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --directions takes numbers >= 3 with --estimator one-sided")
+    with pytest.raises(SystemExit) as done:
+        throughput.main(["--device", "cpu", "--cuda-graphs"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --cuda-graphs replays CUDA graphs: it needs --device cuda")
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:

@@ -9,6 +9,7 @@ from conftest import tiny_model, token_batch
 
 import zoruntime
 from zoruntime.device.measure import DeviceMeter
+from zoruntime.models import adapter_for
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.testing import check_timeline
 from zoruntime.zo.reference import ReferenceZO
@@ -37,6 +38,27 @@ async def test_cuda_runtime_equals_the_reference_on_the_same_gpu(policy) -> None
         policy = MemoryBudget(7 * zoruntime.OPTAdapter(model).block_layouts[0].nbytes)
     async with zoruntime.Runtime(model, CONFIG, device="cuda", policy=policy) as rt:
         got = [await rt.step(token_batch(model.config, seed=i)) for i in range(4)]
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("family", ["pre_ln_tied", "llama_gqa"])
+@pytest.mark.parametrize("resident", [False, True])
+async def test_blocks_replayed_from_cuda_graphs_equal_the_reference(family: str, resident: bool) -> None:
+    """cuda_graphs=True: each whole block's perturbed forward runs eagerly at its first step, is
+    captured at its second and replayed after, on the masks and rotary tables each step brings;
+    the bits are the eager reference's."""
+    ref_model = tiny_model(family, seed=1, num_hidden_layers=BLOCKS).cuda()
+    ref = ReferenceZO(ref_model, CONFIG)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(4)]
+    model = tiny_model(family, seed=1, num_hidden_layers=BLOCKS)
+    policy = MemoryBudget(3 * adapter_for(model).block_layouts[0].nbytes) if resident else FixedDepth(1)
+    async with zoruntime.Runtime(model, CONFIG, device="cuda", policy=policy, cuda_graphs=True) as rt:
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(4)]
+        assert rt._work is not None and rt._work.graphs is not None
+        assert len(rt._work.graphs._graphs) == BLOCKS * 2  # a graph a block and probe, replayed twice
     assert got == expected
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a.cpu(), b)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from zoruntime.bench import environment
-from zoruntime.bench.gpu_suite import Part, render_summary, run_suite
+from zoruntime.bench.gpu_suite import Part, default_parts, render_summary, run_suite
 
 
 def _python(code: str) -> tuple[str, ...]:
@@ -83,6 +83,10 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
     assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
     assert "host: the block as 5 linear units' tasks" in summary
+    assert "host, each part alone (ms): update" in summary
+    parts = default_parts(tmp_path, device="cuda", models=("opt-1.3b", "opt-175b:linear"), seq=2048)
+    on_a_gpu = {part.name: part.argv for part in parts}
+    assert "--cuda-graphs" in on_a_gpu["opt-1.3b"] and "--cuda-graphs" not in on_a_gpu["opt-175b:linear"]
 
 
 def test_unknown_part_names_are_refused(tmp_path: Path) -> None:

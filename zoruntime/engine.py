@@ -27,6 +27,7 @@ from torch import nn
 from .checkpoint import group_snapshot, layout_fingerprint, save_checkpoint
 from .device.base import Backend
 from .device.cpu import CPUBackend
+from .device.graphs import CUDAGraphs
 from .distributed import LossReducer, agreed_max, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
@@ -106,6 +107,7 @@ class Runtime:
         instruments: Iterable[object] = (),
         start_step: int = 0,
         profile: GPUProfile | str | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         if not isinstance(optimizer, ZOSGD):
             raise TypeError(f"optimizer must be zoruntime.ZOSGD(lr=..., eps=...), got {type(optimizer).__name__}")
@@ -160,6 +162,12 @@ class Runtime:
             raise ValueError(
                 f"start_step must be an int >= 0 (the step a resumed run continues from), got {start_step!r}"
             )
+        if cuda_graphs and torch.device(device).type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True replays whole blocks' forwards from CUDA graphs and needs device='cuda', "
+                f"not {str(device)!r}; leave cuda_graphs off on a CPU"
+            )
+        self._cuda_graphs = cuda_graphs  # whole blocks' perturbed forwards replayed (device/graphs.py)
         self.step_index = start_step
         self.skipped_steps = 0
         self.failed_steps = 0
@@ -204,6 +212,7 @@ class Runtime:
                 self._loss_fn,
                 reducer=self._reducer,
                 loss_weight=self._loss_weight,
+                graphs=CUDAGraphs(backend.device) if self._cuda_graphs else None,
             )
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
             self._backend = backend

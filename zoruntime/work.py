@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .device.graphs import CUDAGraphs
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
 from .models.batch import Batch, LossFn, map_tensors
@@ -109,6 +110,7 @@ class TaskWork:
         loss_fn: LossFn | None,
         reducer: LossReducer | None = None,
         loss_weight: Callable[[Batch], torch.Tensor] = causal_lm_weight,
+        graphs: CUDAGraphs | None = None,
     ) -> None:
         self.adapter = adapter
         self.storage = storage
@@ -119,6 +121,7 @@ class TaskWork:
         self.loss_fn = loss_fn
         self.reducer = reducer  # data-parallel runs: losses are averaged over ranks in the head
         self.loss_weight = loss_weight
+        self.graphs = graphs  # whole blocks' perturbed forwards replayed from CUDA graphs
         # Which update each group's authoritative copy holds (the host master of a streamed group,
         # the device buffer of one that stays there): the step of the last update applied, -1 for
         # none. A step that fails part-way leaves some groups updated and some not; these stamps
@@ -126,7 +129,8 @@ class TaskWork:
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
-        self._bound: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {}  # unit → block bound to scratch
+        self._bound: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {}  # unit → its layer
+        # bound to the scratch buffer
         self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
         self._groups_of_block: dict[int, list[int]] = {}
         for u in adapter.units.streamable:
@@ -272,7 +276,11 @@ class TaskWork:
             if unit.parts > 1:
                 self._run_segment(st, unit, probe)
             elif params is self.storage.scratch_views[unit.group]:  # the perturbed copies: always these tensors
-                st.hidden[probe] = self._bound_block(unit)(hidden, st.inputs)
+                layer, kwargs = self._bound_layer(unit), self.adapter.layer_inputs(unit.index, st.inputs)
+                if self.graphs is None:
+                    st.hidden[probe] = layer(hidden, kwargs)
+                else:
+                    st.hidden[probe] = self.graphs.forward(unit.name, probe, layer, hidden, kwargs)
             else:
                 st.hidden[probe] = self.adapter.block(unit.index, _tensors(params), hidden, st.inputs)
             return
@@ -312,12 +320,14 @@ class TaskWork:
             assert out is not None, "a block's forward ends at its last unit"
             st.hidden[probe] = out
 
-    def _bound_block(self, unit: Unit) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    def _bound_layer(self, unit: Unit) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
         """The unit's block bound to its group's scratch views, made on first use."""
-        run = self._bound.get(unit.name)
-        if run is None:
-            run = self._bound[unit.name] = self.adapter.bound_block(unit.index, self.storage.scratch_views[unit.group])
-        return run
+        layer = self._bound.get(unit.name)
+        if layer is None:
+            layer = self._bound[unit.name] = self.adapter.bound_layer(
+                unit.index, self.storage.scratch_views[unit.group]
+            )
+        return layer
 
     def _loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""

@@ -229,17 +229,20 @@ def measure(
     batch: dict[str, torch.Tensor],
     steps: int,
     optimizer: ZOSGD = OPTIMIZER,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Median step time over ``steps`` steps after one warm-up step (with ``offload_every=k``: the
-    mean over whole cycles of k steps, each holding one write-back); a runner that fails (out of
-    memory, say) gives a row with its error instead of ending the benchmark."""
+    mean over whole cycles of k steps, each holding one write-back; with ``cuda_graphs``, after
+    two, the second capturing); a runner that fails (out of memory, say) gives a row with its
+    error instead of ending the benchmark."""
     cycle = getattr(policy, "offload_every", 1)
     steps = -(-steps // cycle) * cycle
 
     async def go() -> tuple[list[float], float | None]:
         times = []
-        async with Runtime(model, optimizer, device=dev.device, policy=policy) as rt:
-            await rt.step(batch)  # warm up: allocator, kernels, pinned pages
+        async with Runtime(model, optimizer, device=dev.device, policy=policy, cuda_graphs=cuda_graphs) as rt:
+            for _ in range(2 if cuda_graphs else 1):
+                await rt.step(batch)  # warm up: allocator, kernels, pinned pages (and capture the graphs)
             dev.reset_peak()
             for _ in range(steps):
                 t0 = time.perf_counter()
@@ -356,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run FixedDepth(1, offload_every=K) for each K (timed over full cycles)")  # fmt: skip
     parser.add_argument("--unit", choices=UNIT_KINDS, default="block",
                         help="how runners stream a block: whole (default), halves, a unit per linear")  # fmt: skip
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also run FixedDepth(1) (and all resident) with whole blocks replayed from CUDA graphs",
+    )
     parser.add_argument("--policy", nargs="*", default=[], metavar="P",
                         help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear); "
                         "their unit must be --unit's")  # fmt: skip
@@ -373,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device!r} is not a device; use cuda or cpu")
     if kind not in DEFAULT_MODEL:
         parser.error(f"--device {args.device!r} is not supported; use cuda or cpu")
+    if args.cuda_graphs and kind != "cuda":
+        parser.error("--cuda-graphs replays CUDA graphs: it needs --device cuda")
     args.model = args.model if args.model is not None else DEFAULT_MODEL[kind]
     args.seq = args.seq if args.seq is not None else DEFAULT_SEQ[kind]
     counts = (args.batch, args.seq, args.steps, args.trace_steps, *args.offload_every)
@@ -463,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                         estimator=args.estimator)
                for q in args.directions}  # fmt: skip
     runners += [(name, FixedDepth(1, unit=unit)) for name in several]  # each measured with its optimizer
+    graphed = {
+        f"{name}, CUDA graphs": policy
+        for name, policy in runners
+        if args.cuda_graphs and unit == "block" and name in ("FixedDepth(1)", "zoruntime, all resident")
+    }
+    runners += list(graphed.items())  # fmt: skip
 
     print(f"\n{'runner':<32}{'tokens/s':>11}{'step s':>9}{'peak MB':>10}{'used MB':>10}{'x floor':>9}{'x MeZO':>8}")
     rows: list[dict[str, Any]] = []
@@ -470,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         timed = (
             measure_mezo(model, dev, batch, args.steps)
             if policy is None
-            else measure(model, policy, dev, batch, args.steps, several.get(name, OPTIMIZER))
+            else measure(model, policy, dev, batch, args.steps, several.get(name, OPTIMIZER), name in graphed)
         )
         row = {"runner": name, **timed}
         rows.append(row)

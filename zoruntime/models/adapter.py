@@ -72,6 +72,16 @@ class ModelAdapter(Protocol):
         inputs)`` without rebinding the weights on every call."""
         ...
 
+    def layer_inputs(self, index: int, inputs: Any) -> dict[str, Any]:
+        """The keyword arguments block ``index``'s layer takes in the step of ``inputs`` (masks,
+        positions, rotary tables): tensors, tuples of them, or None."""
+        ...
+
+    def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
+        """``bound_block`` given the step's ``layer_inputs`` rather than its stage inputs:
+        ``layer(hidden, layer_inputs(index, inputs))`` equals ``bound_block(...)(hidden, inputs)``."""
+        ...
+
     def segmented_block(self, index: int, params: Params) -> SegmentStarter:
         """Block ``index``, streamed as several units, bound once to ``params`` (all of its units'):
         ``start(hidden, inputs)`` gives a forward that runs a unit at a time."""

@@ -29,7 +29,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .batch import Batch, make_batch
 from .decoder import DecoderLayout, EndParams, SegmentStarter
 from .groups import GroupLayout, Params
-from .segments import bind_layer
+from .segments import bind_layer, bound_layer_call
 from .vocab import TokenLookup
 
 FURTHER_FAMILIES = (
@@ -145,13 +145,15 @@ class LlamaLikeAdapter:
             inputs.position_embeddings = self._rotary(hidden, inputs.position_ids)
         return hidden
 
-    def _layer_kwargs(self, index: int, inputs: StageInputs) -> dict[str, Any]:
+    def layer_inputs(self, index: int, inputs: StageInputs) -> dict[str, Any]:
+        """The keyword arguments layer ``index`` takes in this step: its attention type's mask,
+        the position ids and the rotary tables."""
         return {"attention_mask": inputs.masks[self._layer_types[index]], "position_ids": inputs.position_ids,
                 "position_embeddings": inputs.position_embeddings}  # fmt: skip
 
     def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
         """Decoder layer ``index`` on ``params`` (names relative to the layer): [B, T, H] → [B, T, H]."""
-        out = functional_call(self.blocks[index], dict(params), (hidden,), self._layer_kwargs(index, inputs),
+        out = functional_call(self.blocks[index], dict(params), (hidden,), self.layer_inputs(index, inputs),
                               tie_weights=False)  # fmt: skip
         return out[0] if isinstance(out, tuple) else out
 
@@ -164,21 +166,20 @@ class LlamaLikeAdapter:
         cos, sin = (torch.empty(1, 2, width, dtype=dtype, device="meta") for _ in range(2))
         inputs.position_embeddings = (cos, sin)
         return shell(torch.empty(1, 2, self.config.hidden_size, dtype=dtype, device="meta"),
-                     **self._layer_kwargs(index, inputs))  # fmt: skip
+                     **self.layer_inputs(index, inputs))  # fmt: skip
 
     def segmented_block(self, index: int, params: Params) -> SegmentStarter:
         """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
-        return self.layout.segmented(index, params, lambda inputs: self._layer_kwargs(index, inputs))
+        return self.layout.segmented(index, params, lambda inputs: self.layer_inputs(index, inputs))
 
     def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
         """Layer ``index`` bound once to ``params`` (see ``OPTAdapter.bound_block``)."""
-        shell = bind_layer(self.blocks[index], params)
+        layer = self.bound_layer(index, params)
+        return lambda hidden, inputs: layer(hidden, self.layer_inputs(index, inputs))
 
-        def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
-            out = shell(hidden, **self._layer_kwargs(index, inputs))
-            return out[0] if isinstance(out, tuple) else out
-
-        return run
+    def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
+        """``bound_block`` given the step's ``layer_inputs`` rather than the stage inputs."""
+        return bound_layer_call(bind_layer(self.blocks[index], params))
 
     def final_hidden(self, params: EndParams, hidden: torch.Tensor) -> torch.Tensor:
         return self._call("norm", params, hidden)

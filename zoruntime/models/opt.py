@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from .batch import Batch, make_batch
 from .decoder import DecoderLayout, EndParams, SegmentStarter
 from .groups import GroupLayout, Params
-from .segments import bind_layer
+from .segments import bind_layer, bound_layer_call
 from .vocab import TokenLookup
 
 # transformers renamed create_causal_mask's ``past_key_values`` to ``cache`` (between 5.17 and 5.24)
@@ -157,7 +157,9 @@ class OPTAdapter:
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def _layer_kwargs(self, inputs: StageInputs) -> dict[str, Any]:
+    def layer_inputs(self, index: int, inputs: StageInputs) -> dict[str, Any]:
+        """The keyword arguments a decoder layer takes in this step: the causal mask (None: none
+        needed) and the position ids."""
         return {"attention_mask": inputs.causal_mask, "position_ids": inputs.position_ids}
 
     def _trace(self, index: int, shell: nn.Module) -> object:
@@ -165,23 +167,22 @@ class OPTAdapter:
         dtype = next(self.blocks[index].parameters()).dtype
         inputs = self.prepare(self.validate({"input_ids": torch.tensor([[2, 3]])}), torch.device("meta"), dtype)
         hidden = torch.empty(1, 2, self.config.hidden_size, dtype=dtype, device="meta")
-        return shell(hidden, **self._layer_kwargs(inputs))
+        return shell(hidden, **self.layer_inputs(index, inputs))
 
     def segmented_block(self, index: int, params: Params) -> SegmentStarter:
         """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
-        return self.layout.segmented(index, params, self._layer_kwargs)
+        return self.layout.segmented(index, params, lambda inputs: self.layer_inputs(index, inputs))
 
     def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
         """Block ``index`` bound once to ``params``: a copy of the HF layer that shares no weights
         (each parameter's place holds the given tensor), so a call costs the layer's forward and
         no per-call swapping of parameters. Same module code, same weights: the same bits."""
-        shell = bind_layer(self.blocks[index], params)
+        layer = self.bound_layer(index, params)
+        return lambda hidden, inputs: layer(hidden, self.layer_inputs(index, inputs))
 
-        def run(hidden: torch.Tensor, inputs: StageInputs) -> torch.Tensor:
-            out = shell(hidden, attention_mask=inputs.causal_mask, position_ids=inputs.position_ids)
-            return out[0] if isinstance(out, tuple) else out
-
-        return run
+    def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
+        """``bound_block`` given the step's ``layer_inputs`` rather than the stage inputs."""
+        return bound_layer_call(bind_layer(self.blocks[index], params))
 
     def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
         """Final norm and project_out where the config has them (``final``: ``hidden`` is already the

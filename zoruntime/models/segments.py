@@ -142,6 +142,17 @@ def bind_layer(layer: nn.Module, params: Params) -> nn.Module:
     return shell
 
 
+def bound_layer_call(shell: nn.Module) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
+    """``call(hidden, kwargs)``: a ``bind_layer`` copy's forward on the layer's keyword inputs,
+    its hidden-state output alone (HF layers may return a tuple)."""
+
+    def call(hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = shell(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call
+
+
 def call_bound(shell: nn.Module, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
     """``shell`` (a ``shell_of`` copy) called with ``params`` (names relative to it; all of its
     parameters) in its parameters' places for this call alone: ``functional_call``'s effect at

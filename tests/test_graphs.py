@@ -1,0 +1,98 @@
+"""The CUDA-graph runner's bookkeeping (``device/graphs.py``), on the CPU: a stand-in "graph"
+runs its forward again at each replay, so what is checked is which call runs eagerly, which
+captures, which buffers a replay reads and writes, and when the step's inputs are copied. That
+a captured graph replays the eager bits is checked on a GPU (``tests/test_cuda.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+
+import zoruntime
+from zoruntime.device import graphs
+from zoruntime.device.graphs import CUDAGraphs
+from zoruntime.policies import FixedDepth
+from zoruntime.zo.reference import ReferenceZO
+
+
+class _Replay:
+    def __init__(self, layer: graphs.Layer, buffer: torch.Tensor, inputs: dict[str, Any]) -> None:
+        self.layer, self.buffer, self.inputs = layer, buffer, inputs
+
+    def replay(self) -> None:
+        self.buffer.copy_(self.layer(self.buffer, self.inputs))
+
+
+class _StandInGraphs(CUDAGraphs):
+    def _capture(self, layer: graphs.Layer, buffer: torch.Tensor, inputs: dict[str, Any]) -> _Replay:
+        return _Replay(layer, buffer, inputs)
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CUDAGraphs:
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    return _StandInGraphs(torch.device("cpu"))
+
+
+def _layer(weight: float) -> graphs.Layer:
+    """A block: reads its hidden state, a mask and a pair of tables from the step's inputs."""
+    return lambda hidden, kw: hidden * weight + kw["mask"].sum() + kw["tables"][0] * kw["tables"][1]
+
+
+def _inputs(step: int) -> dict[str, Any]:
+    return {"mask": torch.full((2, 3), float(step)), "tables": (torch.tensor(step + 1.0), torch.tensor(2.0)),
+            "position_ids": None}  # fmt: skip
+
+
+def test_a_forward_runs_eagerly_then_is_captured_then_replayed_on_each_steps_inputs(runner: CUDAGraphs) -> None:
+    blocks = {"block.0": _layer(2.0), "block.1": _layer(-0.5)}
+    for step in range(4):
+        kwargs = _inputs(step)
+        for probe in range(2):
+            hidden = torch.full((2, 3), probe + 10.0 * step)  # the embedding's output: new each step
+            expected = hidden.clone()
+            for name, layer in blocks.items():
+                expected = layer(expected, kwargs)
+                hidden = runner.forward(name, probe, layer, hidden, kwargs)
+            assert torch.equal(hidden, expected)
+            if step:  # replayed: the probe's own buffer, the blocks' outputs written there in place
+                assert hidden is runner._hidden[(probe, graphs._signature(hidden, kwargs))]
+        assert len(runner._graphs) == (0 if step == 0 else 4)  # captured at the second step, once
+    assert len({id(buffer) for buffer in runner._hidden.values()}) == 2  # a buffer a probe
+
+
+def test_another_shape_runs_eagerly_first_and_has_graphs_of_its_own(runner: CUDAGraphs) -> None:
+    layer, kwargs = _layer(3.0), _inputs(0)
+    for shape in ((2, 3), (2, 3), (4, 3), (4, 3), (2, 3)):
+        hidden = torch.ones(shape)
+        assert torch.equal(runner.forward("block.0", 0, layer, hidden, kwargs), layer(torch.ones(shape), kwargs))
+    assert len(runner._graphs) == 2 and len(runner._hidden) == 2
+
+
+def test_an_input_a_graph_cannot_hold_is_refused_by_name(runner: CUDAGraphs) -> None:
+    with pytest.raises(TypeError, match="a layer input of type list cannot be captured in a CUDA graph"):
+        runner.forward("block.0", 0, _layer(1.0), torch.ones(2), {"mask": [1, 2]})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("family", ["pre_ln_tied", "llama_gqa"])
+async def test_the_runtime_through_the_runner_equals_the_reference(runner: CUDAGraphs, family: str) -> None:
+    """The runner in the runtime's place (set by hand: ``cuda_graphs=True`` asks for a GPU): the
+    blocks' outputs flow through each probe's buffer into the next block and the head, padded
+    batches bring their masks (and the Llama family its rotary tables) each step."""
+    config = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3)
+    ref_model = tiny_model(family, seed=1, num_hidden_layers=4)
+    ref = ReferenceZO(ref_model, config)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(4)]
+    model = tiny_model(family, seed=1, num_hidden_layers=4)
+    async with zoruntime.Runtime(model, config, policy=FixedDepth(1)) as rt:
+        assert rt._work is not None
+        rt._work.graphs = runner
+        got = [await rt.step(token_batch(model.config, seed=i)) for i in range(4)]
+    assert got == expected and len(runner._graphs) == 4 * 2
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
