@@ -124,6 +124,7 @@ async def test_candidate_loss_trains_through_the_runtime() -> None:
         (["--lr", "-1"], "lr must be a finite number >= 0"),
         (["--policy", "fast"], "--policy 'fast' is not depth=K or memory=SIZE"),
         (["--model", "/no/such/folder"], "the folder '/no/such/folder' does not exist; give the folder the model was"),
+        (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs replays CUDA graphs and needs a GPU; leave it off with"),
     ],
 )
 def test_bad_input_is_one_line_and_a_non_zero_exit(args: list[str], message: str, tmp_path: Path, capsys) -> None:

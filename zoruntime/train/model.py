@@ -101,7 +101,7 @@ def check_plan(
     try:
         runtime = Runtime(model, optimizer(config), device=device, policy=policy, compute_dtype=compute,
                           trace=config.trace, loss_fn=task.loss_fn, start_step=start_step,
-                          profile=config.gpu_profile)  # fmt: skip
+                          profile=config.gpu_profile, cuda_graphs=config.cuda_graphs)  # fmt: skip
     except ValueError as error:
         raise UsageError(f"--policy {config.policy}: {error}") from None
     rows = -(-config.batch_size // world_size) * task.rows_per_example  # a candidate-scored task: a row per candidate

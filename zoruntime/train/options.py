@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     stop_after_nonfinite: int = 5
     trace: bool = True
+    cuda_graphs: bool = False
     freeze: str | None = None
     rounding: str | None = None
     directions: int | str = 1  # or "auto"
@@ -83,8 +84,8 @@ class TrainConfig:
     overwrite: bool = False
 
 
-RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonfinite", "trace", "progress", "log",
-                     "resume", "out", "overwrite")  # fmt: skip
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonfinite", "trace", "cuda_graphs",
+                     "progress", "log", "resume", "out", "overwrite")  # fmt: skip
 """Options a resumed run may change; every other one must match the run it continues."""
 
 
@@ -163,6 +164,12 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
     p.add_argument(
         "--trace", action=argparse.BooleanOptionalAction, default=d.trace, help="save trace.json and timeline.png"
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=d.cuda_graphs,
+        help="replay whole blocks' forwards from CUDA graphs (a GPU): the same bits, one launch a forward",
     )
     p.add_argument("--out", default=d.out, help="output folder; one run per folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress, help="show a progress bar")
@@ -279,7 +286,8 @@ def check(config: TrainConfig) -> TrainConfig:
             load_profile(config.gpu_profile)
         except ValueError as error:
             raise UsageError(str(error).replace("--gpu ", "--gpu-profile ")) from None
-    resolve_device(config.device)
+    if resolve_device(config.device) == "cpu" and config.cuda_graphs:
+        raise UsageError("--cuda-graphs replays CUDA graphs and needs a GPU; leave it off with --device cpu")
     if config.overwrite and config.resume:
         raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
     try:
