@@ -156,6 +156,32 @@ def test_apply_update_runs_the_kernel_once_keyed_by_the_groups_rounding_seed(
     monkeypatch.setattr(fused, "update_span", lambda *args, **kwargs: launches.append((args[3:], kwargs)))
     apply_update(w.clone(), z, update, layout, DirectionSampler(DEVICE))
     apply_update(w.clone(), z[700:2100], update, layout, DirectionSampler(DEVICE), offset=700)
-    assert launches == [((layout.update_ranges, decay, dropped, seed, 0), {}),
-                        ((layout.update_ranges, decay, dropped, seed, 700), {})]  # fmt: skip
+    assert launches == [((layout.update_ranges, decay, dropped, seed, 0, None), {}),
+                        ((layout.update_ranges, decay, dropped, seed, 700, None), {})]  # fmt: skip
     assert layout.update_ranges == ((0, 1000, True), (1000, 1500, False), (1500, 3000, True))
+
+
+def test_the_kernel_counts_the_elements_it_changes(monkeypatch) -> None:
+    """Every element written that differs from what was there, over launches into one counter,
+    and through ``ChangeCount`` as the runtime reads it: the exact fraction, no sample."""
+    from zoruntime.models.groups import GroupLayout, ParamSlice
+    from zoruntime.zo.directions import DirectionSampler
+    from zoruntime.zo.update import ChangeCount, PendingUpdate, Rounding, update_group
+
+    w, z, scaled_grad = _exact_inputs(5000, torch.float16, seed=7)
+    z[::3] = 0  # a third of the elements do not move
+    runs = ((0, 2000, True), (2500, 5000, False))
+    counter = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    got = w.clone()
+    for lo, hi in ((0, 3000), (3000, 5000)):
+        fused.update_span(got, z[lo:hi], scaled_grad, runs, 0.0, 0, SEED, offset=lo, changed=counter)
+    assert int(counter) == int((got != w).sum()) > 0
+
+    monkeypatch.setattr(fused, "usable", lambda weights: weights.dtype in DROPPED_BITS)
+    layout = GroupLayout(2, (ParamSlice("a", (2000,), 0, True), ParamSlice("b", (3000,), 2000, True)), 5000,
+                         torch.float16)  # fmt: skip
+    count, before = ChangeCount(), w.clone()
+    update = PendingUpdate.from_gradient(0, 9, 1e-3, 0.0, torch.tensor(-0.5, device=DEVICE), Rounding.NEAREST)
+    update_group(w, update, layout, DirectionSampler(DEVICE), torch.empty_like(w), changed=count)
+    assert count.take() == int((w != before).sum()) / 5000
+    assert count.take() is None  # taken: counting starts again

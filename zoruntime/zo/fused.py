@@ -45,8 +45,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["decay", "seed", "lo", "hi", "offset"])  # new each call: one compilation
     def _update_kernel(
-        w_ptr, z_ptr, scaled_grad_ptr, runs_ptr, runs, lo, hi, offset, decay, seed,
-        DECAY: tl.constexpr, DROPPED: tl.constexpr, BLOCK: tl.constexpr,
+        w_ptr, z_ptr, scaled_grad_ptr, runs_ptr, runs, lo, hi, offset, decay, seed, changed_ptr,
+        DECAY: tl.constexpr, DROPPED: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         index = lo + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # the element's index in the group
         in_run = tl.zeros((BLOCK,), tl.int1)
@@ -56,7 +56,8 @@ if triton is not None:
             in_run = in_run | here
             decayed = decayed | (here & (tl.load(runs_ptr + 3 * r + 2) != 0))
         inside = in_run & (index < hi)  # frozen parameters between runs are left as they are
-        exact = tl.load(w_ptr + index, mask=inside).to(tl.float32)
+        before = tl.load(w_ptr + index, mask=inside)
+        exact = before.to(tl.float32)
         z = tl.load(z_ptr + (index - offset), mask=inside).to(tl.float32)
         scaled_grad = tl.load(scaled_grad_ptr).to(tl.float32)
         step = z * scaled_grad
@@ -67,7 +68,10 @@ if triton is not None:
             noise = (tl.randint(seed, index.to(tl.uint32)) >> (32 - DROPPED)).to(tl.int32)  # in [0, 2^DROPPED)
             bits = exact.to(tl.int32, bitcast=True) + noise
             exact = (bits & -(1 << DROPPED)).to(tl.float32, bitcast=True)
-        tl.store(w_ptr + index, exact.to(w_ptr.dtype.element_ty), mask=inside)
+        after = exact.to(w_ptr.dtype.element_ty)
+        tl.store(w_ptr + index, after, mask=inside)
+        if COUNT:  # how many elements the update changed, added to one counter
+            tl.atomic_add(changed_ptr, tl.sum((inside & (after != before)).to(tl.int64), 0))
 
     @triton.jit(do_not_specialize=["seed", "first"])
     def _noise_kernel(out_ptr, n, seed, first, DROPPED: tl.constexpr, BLOCK: tl.constexpr):
@@ -108,6 +112,7 @@ def update_span(
     dropped: int,
     seed: int,
     offset: int = 0,
+    changed: torch.Tensor | None = None,
 ) -> None:
     """``θ ← round(θ + (−decay·θ where decayed) + scaled_grad·z)`` in place, the arithmetic in
     float32, on the elements of ``weights`` (a group's whole flat buffer) that lie in one of
@@ -115,7 +120,8 @@ def update_span(
     One launch for the whole span, however many runs (a block has a dozen: each weight decayed,
     each bias and norm not). ``decay`` is lr·wd; ``dropped`` the float32 bits the weights' type
     drops, rounded stochastically with noise keyed by (``seed``, the element's index in the
-    group), or 0 to round to nearest. ``scaled_grad`` is a one-element float32 tensor beside them."""
+    group), or 0 to round to nearest. ``scaled_grad`` is a one-element float32 tensor beside them;
+    ``changed``, a one-element int64 tensor there, gains how many elements the update changed."""
     span_end = offset + z.numel()
     lo = max(min((start for start, _, _ in runs), default=span_end), offset)
     hi = min(max((end for _, end, _ in runs), default=offset), span_end)
@@ -124,8 +130,10 @@ def update_span(
     _check(seed, lo, hi - lo)
     grid = (triton.cdiv(hi - lo, BLOCK),)
     decays = bool(decay) and any(decayed for _, _, decayed in runs)
+    count = changed is not None
     _update_kernel[grid](weights, z, scaled_grad, _run_table(runs, weights.device), len(runs), lo, hi, offset,
-                         -decay, seed, DECAY=decays, DROPPED=dropped, BLOCK=BLOCK)  # fmt: skip
+                         -decay, seed, changed if count else scaled_grad, DECAY=decays, DROPPED=dropped, COUNT=count,
+                         BLOCK=BLOCK)  # fmt: skip
 
 
 def rounding_noise(numel: int, dropped: int, seed: int, first: int, device: torch.device) -> torch.Tensor:

@@ -13,9 +13,10 @@ class StepStats:
     ``losses`` come in probe order: for the two-sided estimator ``L+_0, L−_0, L+_1, L−_1, ...``,
     for the one-sided one ``L_θ, L_0, L_1, ...`` (``zo/estimator.py``). ``projected_grads`` holds
     one g per direction. ``skipped``: a loss, g or the step's coefficients were not finite, so
-    the step made no update (training goes on). ``changed_fraction``: of a sample of trainable
-    weights, the fraction that the updates applied during this step (the previous step's: updates
-    are applied lazily) actually changed; far below 1 means updates round away (16-bit masters
+    the step made no update (training goes on). ``changed_fraction``: of the trainable weights
+    the updates applied during this step touched (the previous step's: updates are applied
+    lazily; every one on a GPU's update kernel, a sample of 4,096 a group with tensor operations),
+    the fraction they actually changed; far below 1 means updates round away (16-bit masters
     with round-to-nearest). None when no update was applied or the runner does not sample (left
     out of equality)."""
 

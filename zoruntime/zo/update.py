@@ -165,12 +165,16 @@ def update_group(
             raise ValueError("an update of several directions needs a float32 step buffer")
         span = min(step.numel(), z.numel(), layout.numel)
         one = torch.ones((), dtype=torch.float32, device=weights.device)  # the sum is the step itself
-    sample = changed.before(layout, weights) if changed is not None else None
+    in_kernel = changed is not None and fused.usable(weights)  # the kernel counts every element it changes
+    counter = None
+    if changed is not None and in_kernel:
+        counter = changed.counter(_trainable_between(layout, 0, layout.numel), weights.device)
+    sample = changed.before(layout, weights) if changed is not None and not in_kernel else None
     for start in range(0, layout.numel, span):
         count = min(span, layout.numel - start)
         if update.directions == 1:
             direction = draw_direction(sampler, update.seed, layout, z[:count], start)
-            apply_update(weights, direction, update, layout, sampler, offset=start)
+            apply_update(weights, direction, update, layout, sampler, offset=start, counter=counter)
             continue
         assert step is not None
         total = step[:count]
@@ -180,22 +184,32 @@ def update_group(
                 total.copy_(direction).mul_(update.scaled_grads[0])
             else:
                 total.addcmul_(direction, update.scaled_grads[d])
-        apply_update(weights, total, update, layout, sampler, offset=start, scale=one)
+        apply_update(weights, total, update, layout, sampler, offset=start, scale=one, counter=counter)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
 
 class ChangeCount:
-    """Samples how many elements the applied updates changed: before an update, ``SAMPLE``
+    """Counts how many elements the applied updates changed, on the device (reading the count is
+    the caller's one host sync). With tensor operations it samples: before an update ``SAMPLE``
     trainable elements of the group, spread evenly, are copied; after it, those that differ are
-    counted (on the device: reading the count is the caller's one host sync)."""
+    counted. The update kernel counts every element it writes as it goes (``counter``): no
+    operations of its own to issue."""
 
     SAMPLE = 4096
 
     def __init__(self) -> None:
         self._indices: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.changed: torch.Tensor | None = None
+        self._counter: torch.Tensor | None = None  # the kernel's count, made on the device by its first update
         self.sampled = 0
+
+    def counter(self, elements: int, device: torch.device) -> torch.Tensor:
+        """The counter an update kernel adds its changes to, for an update of ``elements``."""
+        if self._counter is None:
+            self._counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self.sampled += elements
+        return self._counter
 
     def before(self, layout: GroupLayout, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layout.group, weights.device)
@@ -211,14 +225,16 @@ class ChangeCount:
         self.sampled += index.numel()
 
     def clear(self) -> None:
-        """Forget what was counted (without reading it)."""
-        self.changed, self.sampled = None, 0
+        """Forget what was counted (without reading it): a new counter for the next update, made
+        on its stream, rather than zeroing this one from the caller's."""
+        self.changed, self._counter, self.sampled = None, None, 0
 
     def take(self) -> float | None:
         """The fraction changed since the last ``take`` (None if no update was applied)."""
-        if self.changed is None or not self.sampled:
+        counts = [c for c in (self.changed, self._counter) if c is not None]
+        if not counts or not self.sampled:
             return None
-        fraction = float(self.changed) / self.sampled
+        fraction = sum(float(c.sum()) for c in counts) / self.sampled
         self.clear()
         return fraction
 
@@ -244,6 +260,7 @@ def apply_update(
     changed: ChangeCount | None = None,
     offset: int = 0,
     scale: torch.Tensor | None = None,
+    counter: torch.Tensor | None = None,
 ) -> None:
     """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
     those that take it), computed in float32 and rounded once to the masters' dtype. ``z`` holds
@@ -256,12 +273,16 @@ def apply_update(
     round to nearest or stochastically (``update.rounding``), with noise from
     ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``); on a
     GPU with Triton, the whole span is one kernel (``fused``), its noise keyed by (step seed,
-    group, element)."""
+    group, element), and it adds the elements it changed to ``counter`` where given (``changed``
+    counts there too)."""
     # weights, z: [numel] flat, z zero on frozen parameters
     stochastic = update.rounding is Rounding.STOCHASTIC
     if stochastic and weights.dtype not in DROPPED_BITS:
         raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
-    sample = changed.before(layout, weights) if changed is not None else None
+    in_kernel = fused.usable(weights)  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
+    if changed is not None and in_kernel:
+        counter = changed.counter(_trainable_between(layout, offset, offset + z.numel()), weights.device)
+    sample = changed.before(layout, weights) if changed is not None and not in_kernel else None
     if scale is not None:
         scaled_grad = scale
     elif update.directions == 1:
@@ -270,13 +291,18 @@ def apply_update(
         raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
     dropped = DROPPED_BITS[weights.dtype] if stochastic else 0
-    if fused.usable(weights):  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
+    if in_kernel:
         group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # keyed by element
-        fused.update_span(weights, z, scaled_grad, layout.update_ranges, decay, dropped, group_seed, offset)
+        fused.update_span(weights, z, scaled_grad, layout.update_ranges, decay, dropped, group_seed, offset, counter)
     else:
         _update_runs(weights, z, scaled_grad, update, layout, sampler, offset, decay, dropped)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
+
+
+def _trainable_between(layout: GroupLayout, lo: int, hi: int) -> int:
+    """The group's trainable elements in ``[lo, hi)``."""
+    return sum(max(0, min(end, hi) - max(start, lo)) for start, end, _ in layout.update_ranges)
 
 
 def _update_runs(
