@@ -124,5 +124,7 @@ def test_a_bound_block_runs_the_tensors_it_was_bound_to_as_they_are_now() -> Non
         tensor.mul_(1.5)
     assert torch.equal(run(hidden, inputs), adapter.block(1, params, hidden, inputs))
     assert not torch.equal(run(hidden, inputs), adapter.block(1, adapter.block_parameters(1), hidden, inputs))
+    layer = adapter.bound_layer(1, params)  # the same, given the layer's inputs for the step
+    assert torch.equal(layer(hidden, adapter.layer_inputs(1, inputs)), run(hidden, inputs))
     with pytest.raises(ValueError, match="lack some of the block's parameters"):
         adapter.bound_block(0, dict(list(params.items())[1:]))

@@ -22,19 +22,19 @@ def _zoruntime_threads() -> list[str]:
 async def test_an_error_in_a_block_names_the_task_and_leaves_no_thread_behind(monkeypatch) -> None:
     model = tiny_model(num_hidden_layers=4)
     rt = zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=FixedDepth(1))
-    original = rt.adapter.bound_block
+    original = rt.adapter.bound_layer
 
-    def failing_block(index, params):
-        run = original(index, params)
+    def failing_layer(index, params):
+        layer = original(index, params)
 
-        def maybe_fail(hidden, inputs):
+        def maybe_fail(hidden, kwargs):
             if index == 2:
                 raise RuntimeError("simulated kernel failure")
-            return run(hidden, inputs)
+            return layer(hidden, kwargs)
 
         return maybe_fail
 
-    monkeypatch.setattr(rt.adapter, "bound_block", failing_block)
+    monkeypatch.setattr(rt.adapter, "bound_layer", failing_layer)
     with pytest.raises(zoruntime.TaskFailed, match=r"step 0: compute of block.2 failed: RuntimeError: simulated"):
         async with rt:
             await rt.step(token_batch(model.config))

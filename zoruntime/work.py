@@ -6,7 +6,8 @@ step on ``θ + scale·z_d`` (the step's estimator says which probes: two per dir
 θ and one per direction), in an evaluation on the weights themselves. A block's perturbed copy
 is written whole into a scratch buffer (z drawn into that same buffer and overwritten in place,
 so drawn again for each probe; or, with 16-bit compute over fp32 masters, drawn once per
-direction into a buffer of its own). The embed and head units (the kept group) never make a
+direction into a buffer of its own); a whole block's forward on its copy may replay from a CUDA
+graph (``device/graphs.py``). The embed and head units (the kept group) never make a
 whole copy: the vocabulary-sized parameters reach the stage as ``PerturbedRows``, built a chunk
 of rows at a time, the rest of the group is perturbed whole, and their updates draw z a span at
 a time. The embed unit also moves the batch's stage inputs (prepared and pinned on the host by
@@ -129,8 +130,8 @@ class TaskWork:
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
-        self._bound: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {}  # unit → its layer
-        # bound to the scratch buffer
+        # unit → its block's layer bound to the scratch buffer
+        self._bound: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {}
         self._bound_segments: dict[int, SegmentStarter] = {}  # block → its segmented copy bound to scratch
         self._groups_of_block: dict[int, list[int]] = {}
         for u in adapter.units.streamable:

@@ -40,6 +40,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from ..device.graphs import CUDAGraphs
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
 from ..models import fused_loss
@@ -185,6 +186,12 @@ def card(
             "forward": lambda: block(hidden, inputs),
             "upload": lambda: slot.copy_(host, non_blocking=True),
         }
+        if dev.cuda:  # the forward replayed from a CUDA graph, as Runtime(cuda_graphs=True) runs it
+            graphs, layer = CUDAGraphs(dev.device), adapter.bound_layer(first.index, params)
+            kwargs = adapter.layer_inputs(first.index, inputs)
+            for _ in range(2):  # eagerly, then captured
+                graphs.forward("block", 0, layer, hidden, kwargs)
+            parts["graphed forward"] = lambda: graphs.forward("block", 0, layer, hidden, kwargs)
         host_parts = {name: dev.enqueue_seconds(part, repeat=10) * 1e3 for name, part in parts.items()}
     cut = {}
     if unit != "block":  # the same block's tasks as the runtime issues them for finer units
