@@ -194,3 +194,14 @@ def test_filling_on_a_device_draws_the_same_weights_as_filling_in_place() -> Non
     staged = materialize_flat(config, lambda n, d: torch.empty(n, dtype=d), seed=5, fill_device="cpu")
     for (name, a), (_, b) in zip(direct.named_parameters(), staged.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_on_a_gpu_the_update_is_one_kernel_and_the_head_a_quarter_of_the_pieces() -> None:
+    """Operations the host issues at opt-1.3b's shape (``bench.overhead``), the kernel paths
+    counted as they would run on a GPU with Triton (a kernel one launch)."""
+    from zoruntime.bench import overhead
+
+    ops = overhead.dispatched_per_task()
+    for row in ops["units"].values():  # z drawn a chunk at a time, then one kernel for the group
+        assert row["update_ops_gpu"] < row["update_ops"] / 10
+    assert ops["head_ops_gpu"] < ops["head_ops"] / 4  # 14 pieces a probe instead of 56

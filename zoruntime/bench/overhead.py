@@ -24,14 +24,16 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, ClassVar
+from unittest.mock import patch
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import engine
-from ..models import adapter_for
+from ..models import adapter_for, fused_loss
 from ..models.batch import map_tensors
 from ..models.init import meta_model, random_opt, tiny_opt_config
 from ..models.shapes import opt_config
@@ -41,6 +43,7 @@ from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Completion, Scheduler, Work
 from ..runtime.units import uniform_units
 from ..tracing.recorder import TimelineRecorder
+from ..zo import fused
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
 from ..zo.reference import ReferenceZO
@@ -123,15 +126,44 @@ def host_time_per_unit_task(
 
 
 class _Dispatched(TorchDispatchMode):
-    """Counts the operations dispatched while it is entered."""
+    """Counts the operations dispatched while it is entered (and the kernels ``_kernel_path``
+    stands in for, one each)."""
+
+    counting: ClassVar[list[_Dispatched]] = []  # the counters entered, innermost last
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
+    def __enter__(self) -> _Dispatched:
+        _Dispatched.counting.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        _Dispatched.counting.pop()
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def _launch(*args: object, **kwargs: object) -> None:
+    """A Triton kernel's launch, counted as one operation and not run."""
+    if _Dispatched.counting:
+        _Dispatched.counting[-1].count += 1
+
+
+@contextmanager
+def _kernel_path() -> Iterator[None]:
+    """The calls as on a GPU with Triton, here: the update and the head's loss take their kernel
+    paths (``zo/fused.py``, ``models/fused_loss.py``), each kernel counted as one launch."""
+    with ExitStack() as stack:
+        for module in (fused, fused_loss):
+            stack.enter_context(patch.object(module, "usable", lambda tensor: True))
+        stack.enter_context(patch.object(fused, "update_span", _launch))
+        stack.enter_context(patch.object(fused_loss, "lse_and_pick", _launch))
+        yield
 
 
 def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: int = 2048) -> dict[str, Any]:
@@ -159,6 +191,9 @@ def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: i
             with _Dispatched() as update_ops:
                 for lay, w, z in zip(layouts, weights, scratch, strict=True):
                     update_group(w, update, lay, sampler, z)
+            with _kernel_path(), _Dispatched() as update_gpu_ops:
+                for lay, w, z in zip(layouts, weights, scratch, strict=True):
+                    update_group(w, update, lay, sampler, z)
             if unit == "block":
                 block = adapter.bound_block(0, views)
                 with _Dispatched() as probe_ops:
@@ -171,6 +206,7 @@ def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: i
                         perturb_into(z, w, draw_direction(sampler, 2, lay, z), 1e-3)
                         run.resume()
         units[unit] = {"units_per_block": len(layouts), "update_ops": update_ops.count / len(layouts),
+                       "update_ops_gpu": update_gpu_ops.count / len(layouts),
                        "probe_ops": probe_ops.count / len(layouts)}  # fmt: skip
     adapter = adapter_for(meta_model(config, torch.float16))
     ends = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in adapter.groups()[0][1].items()}
@@ -178,7 +214,10 @@ def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: i
     final = torch.empty(1, head_tokens, config.hidden_size, dtype=torch.float16, device="meta")
     with torch.no_grad(), _Dispatched() as head_ops:
         adapter.head_loss(ends, final, batch)
-    return {"model": name, "units": units, "head_tokens": head_tokens, "head_ops": head_ops.count}
+    with torch.no_grad(), _kernel_path(), _Dispatched() as head_gpu_ops:
+        adapter.head_loss(ends, final, batch)
+    return {"model": name, "units": units, "head_tokens": head_tokens, "head_ops": head_ops.count,
+            "head_ops_gpu": head_gpu_ops.count}  # fmt: skip
 
 
 def backend_over_reference(steps: int, batch: int, seq: int) -> list[dict[str, Any]]:
@@ -248,11 +287,14 @@ def main() -> None:
         )
 
     ops = dispatched_per_task()
-    print(f"\noperations dispatched, {ops['model']} (fp16, stochastic rounding, weight decay), per unit task")
-    print(f"{'unit':<8}{'a block':>9}{'update':>9}{'+ a probe':>11}")
+    print(f"\noperations dispatched, {ops['model']} (fp16, stochastic rounding, weight decay), per unit task; on a GPU "
+          "with Triton, a kernel counts one")  # fmt: skip
+    print(f"{'unit':<8}{'a block':>9}{'update':>9}{'on a GPU':>10}{'+ a probe':>11}")
     for unit, row in ops["units"].items():
-        print(f"{unit:<8}{row['units_per_block']:>9}{row['update_ops']:>9.0f}{row['probe_ops']:>11.0f}")
-    print(f"the head's loss over {ops['head_tokens']} tokens, each probe: {ops['head_ops']}")
+        print(f"{unit:<8}{row['units_per_block']:>9}{row['update_ops']:>9.0f}{row['update_ops_gpu']:>10.0f}"
+              f"{row['probe_ops']:>11.0f}")  # fmt: skip
+    print(f"the head's loss over {ops['head_tokens']} tokens, each probe: {ops['head_ops']} "
+          f"({ops['head_ops_gpu']} on a GPU)")  # fmt: skip
 
     steps, batch, seq = (2, 1, 32) if args.quick else (10, 4, 256)
     cpu = backend_over_reference(steps=steps, batch=batch, seq=seq)
