@@ -14,7 +14,8 @@ from conftest import tiny_model, token_batch
 import zoruntime
 from zoruntime.device import graphs
 from zoruntime.device.graphs import CUDAGraphs
-from zoruntime.policies import FixedDepth
+from zoruntime.models import adapter_for
+from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.zo.reference import ReferenceZO
 
 
@@ -78,21 +79,39 @@ def test_an_input_a_graph_cannot_hold_is_refused_by_name(runner: CUDAGraphs) -> 
         runner.forward("block.0", 0, _layer(1.0), torch.ones(2), {"mask": [1, 2]})
 
 
+RUNS = {
+    "depth 1": (FixedDepth(1), {}),
+    "resident, writing back every 2 steps": ("budget", {}),
+    "two directions": (FixedDepth(2), {"directions": 2}),
+    "one-sided, three directions": (FixedDepth(1), {"directions": 3, "estimator": "one-sided"}),
+}
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("family", ["pre_ln_tied", "llama_gqa"])
-async def test_the_runtime_through_the_runner_equals_the_reference(runner: CUDAGraphs, family: str) -> None:
+@pytest.mark.parametrize("run", sorted(RUNS))
+async def test_the_runtime_through_the_runner_equals_the_reference(runner: CUDAGraphs, family: str, run: str) -> None:
     """The runner in the runtime's place (set by hand: ``cuda_graphs=True`` asks for a GPU): the
     blocks' outputs flow through each probe's buffer into the next block and the head, padded
-    batches bring their masks (and the Llama family its rotary tables) each step."""
-    config = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3)
+    batches bring their masks (and the Llama family its rotary tables) each step; resident and
+    streamed blocks alike, a graph for each perturbed probe (the one-sided estimator's forward at
+    θ runs eagerly), then an evaluation, which runs eagerly."""
+    policy, options = RUNS[run]
+    config = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3, **options)
     ref_model = tiny_model(family, seed=1, num_hidden_layers=4)
     ref = ReferenceZO(ref_model, config)
     expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(4)]
     model = tiny_model(family, seed=1, num_hidden_layers=4)
-    async with zoruntime.Runtime(model, config, policy=FixedDepth(1)) as rt:
-        assert rt._work is not None
+    if policy == "budget":
+        policy = MemoryBudget(6 * adapter_for(model).block_layouts[0].nbytes, offload_every=2)
+    async with zoruntime.Runtime(model, config, policy=policy) as rt:
+        assert rt._work is not None and (run != "resident, writing back every 2 steps") == (not rt.plan.resident)
         rt._work.graphs = runner
         got = [await rt.step(token_batch(model.config, seed=i)) for i in range(4)]
-    assert got == expected and len(runner._graphs) == 4 * 2
+        evaluated = await rt.evaluate(token_batch(model.config, seed=9))
+    assert got == expected
+    perturbed = 2 * config.directions if config.estimator == "two-sided" else config.directions
+    assert len(runner._graphs) == 4 * perturbed
+    assert evaluated == pytest.approx(ref.evaluate(token_batch(ref_model.config, seed=9)), rel=0, abs=0)
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
