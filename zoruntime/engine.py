@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import group_snapshot, layout_fingerprint, save_checkpoint
-from .device.base import Backend
-from .device.cpu import CPUBackend
+from .device.base import Backend, backend_for
 from .device.graphs import CUDAGraphs
 from .distributed import LossReducer, agreed_max, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
@@ -59,17 +58,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
-
-
-def _backend(device: str | torch.device, timing: bool) -> Backend:
-    kind = torch.device(device).type
-    if kind == "cpu":
-        return CPUBackend()
-    if kind == "cuda":
-        from .device.cuda import CUDABackend
-
-        return CUDABackend(device, timing=timing)
-    raise ValueError(f"device {str(device)!r} is not supported; use device='cuda' or device='cpu'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +185,7 @@ class Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
         if self._backend is not None:
             raise RuntimeError("this runtime is already open")
-        backend = _backend(self._device, timing=self._recorder is not None)
+        backend = backend_for(self._device, timing=self._recorder is not None)
         try:
             storage = self._allocate(backend)
             backend.ready()

@@ -70,3 +70,17 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release lanes (threads, streams); waits for work in flight."""
         ...
+
+
+def backend_for(device: str | torch.device, timing: bool) -> Backend:
+    """The backend for ``device``: worker threads on a CPU, streams on a GPU."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        from .cpu import CPUBackend
+
+        return CPUBackend()
+    if kind == "cuda":
+        from .cuda import CUDABackend
+
+        return CUDABackend(device, timing=timing)
+    raise ValueError(f"device {str(device)!r} is not supported; use device='cuda' or device='cpu'")

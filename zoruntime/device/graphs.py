@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ..models.batch import map_tensors
+
 Layer = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
 """``layer(hidden, kwargs)``: a block bound to its weights, on the step's keyword inputs."""
 
@@ -46,14 +48,6 @@ def _signature(hidden: torch.Tensor, kwargs: dict[str, Any]) -> Hashable:
         raise TypeError(f"a layer input of type {type(value).__name__} cannot be captured in a CUDA graph")
 
     return of(hidden), tuple(sorted((name, of(value)) for name, value in kwargs.items()))
-
-
-def _buffers_like(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty_like(value)
-    if isinstance(value, tuple):
-        return tuple(_buffers_like(v) for v in value)
-    return value
 
 
 def _copy_into(buffers: Any, value: Any) -> None:
@@ -103,7 +97,7 @@ class CUDAGraphs:
         the step's inputs are not the ones last copied."""
         found = self._inputs.get(signature)
         if found is None:
-            found = self._inputs[signature] = ({k: _buffers_like(v) for k, v in kwargs.items()}, {})
+            found = self._inputs[signature] = (map_tensors(kwargs, torch.empty_like), {})
         buffers, copied = found
         for name, value in kwargs.items():
             if copied.get(name) is not value:

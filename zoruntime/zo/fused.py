@@ -99,7 +99,9 @@ def _run_table(runs: Runs, device: torch.device) -> torch.Tensor:
     table = _RUN_TABLES.get((runs, device))
     if table is None:
         flat = [value for start, end, decayed in runs for value in (start, end, int(decayed))]
-        table = _RUN_TABLES[(runs, device)] = torch.tensor(flat, dtype=torch.int64).to(device)
+        host = torch.tensor(flat, dtype=torch.int64)  # pinned on a GPU: the copy does not stop the host
+        table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        _RUN_TABLES[(runs, device)] = table
     return table
 
 
