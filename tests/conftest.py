@@ -1,9 +1,15 @@
 """Shared fixtures: tiny configurations covering OPT's architectural variants and a Llama-family
-model (grouped-query attention, rotary positions, RMSNorm), and batches."""
+model (grouped-query attention, rotary positions, RMSNorm), batches, and a CPU backend that
+takes CUDA's path through the scheduler (a pass enqueued in one trip)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pytest
 import torch
@@ -12,8 +18,13 @@ if not torch.cuda.is_available():  # Triton kernels (zoruntime.zo.fused) run in 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is imported, below
 from transformers import OPTConfig
 
+from zoruntime import engine
+from zoruntime.device.cpu import CPUBackend
 from zoruntime.models import random_opt, tiny_opt_config
 from zoruntime.models.init import materialize_flat, tiny_llama_config
+from zoruntime.runtime import Task, Work
+
+T = TypeVar("T")
 
 VARIANTS = {
     # like opt-125m: layer norm before attention, final layer norm, tied head
@@ -76,3 +87,60 @@ def tiny_model(name: str = "pre_ln_tied", seed: int = 0, dtype: torch.dtype = to
         config = tiny_llama_config(**{**LLAMA_VARIANTS[name], **overrides})
         return materialize_flat(config, lambda n, d: torch.empty(n, dtype=d), seed=seed, dtype=dtype)
     return random_opt(variant_config(name, **overrides), seed=seed, dtype=dtype)
+
+
+class SerialEnqueuer:
+    """The CPU's stand-in for CUDA's stream enqueuer (``runtime.scheduler.Enqueuer``): a task's
+    work runs when it is enqueued, on one worker thread, and its handle is the task. It refuses
+    a handle it has not returned, so a task ordered after one not yet enqueued fails loudly."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-enqueue")
+        self.trips = 0
+        self.threads: set[int] = set()
+        self._issued: set[int] = set()
+        self._handles: list[object] = []
+
+    def enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> object:
+        assert all(id(handle) in self._issued for handle in after), f"{task} ordered after a task not enqueued"
+        self.threads.add(threading.get_ident())
+        work()
+        handle = object()
+        self._issued.add(id(handle))
+        self._handles.append(handle)  # kept alive, so ids stay unique
+        return handle
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        self.trips += 1
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class OneTripCPUBackend(CPUBackend):
+    """The CPU backend with its lanes replaced by a ``SerialEnqueuer``: the runtime then takes the
+    path CUDA takes (a pass in one trip, tasks complete when enqueued), minus the GPU."""
+
+    completes_on_enqueue = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes = SerialEnqueuer()  # type: ignore[assignment]
+
+    def close(self) -> None:
+        super().close()
+        self.lanes.close()
+
+
+@pytest.fixture
+def one_trip(monkeypatch: pytest.MonkeyPatch) -> list[OneTripCPUBackend]:
+    """Runtimes opened in the test run on ``OneTripCPUBackend``; the list holds the backends made."""
+    made: list[OneTripCPUBackend] = []
+
+    def backend_for(device: object, timing: bool) -> OneTripCPUBackend:
+        made.append(OneTripCPUBackend())
+        return made[-1]
+
+    monkeypatch.setattr(engine, "backend_for", backend_for)
+    return made

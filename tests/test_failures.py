@@ -51,6 +51,19 @@ FAULTS = [
 @pytest.mark.parametrize("policy", ["depth1", "serial", "resident", "lagging"])
 @pytest.mark.parametrize(("kind", "subject"), FAULTS)
 async def test_a_failed_step_leaves_the_weights_as_they_were_and_the_run_goes_on(policy: str, kind, subject) -> None:
+    await _fail_and_go_on(policy, kind, subject)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["depth1", "lagging"])
+@pytest.mark.parametrize(("kind", "subject"), FAULTS)
+async def test_the_same_when_a_pass_is_enqueued_in_one_trip(one_trip: list, policy: str, kind, subject) -> None:
+    """CUDA's path: the failure ends the trip at its task, and no task is left behind."""
+    await _fail_and_go_on(policy, kind, subject)
+    assert len(one_trip) == 2
+
+
+async def _fail_and_go_on(policy: str, kind: str, subject: str) -> None:
     clean_model, faulty_model = _model(), _model()
     async with zoruntime.Runtime(clean_model, CONFIG, policy=_policy(policy)) as clean:
         expected = [await clean.step(token_batch(clean_model.config, seed=i)) for i in range(4)]

@@ -1,7 +1,10 @@
 """Scheduler overhead and CPU-backend cost, printed as a table; the last line is one JSON document.
 
 1. Scheduler overhead per task: a 96-block step graph (Algorithm 1, 290 tasks) on lanes that
-   do no work at all, under asyncio's loop and uvloop, with tracing off and on.
+   do no work at all, under asyncio's loop and uvloop, with tracing off and on: lanes that
+   complete at once (the scheduler alone), lanes that each hand their task to one worker thread
+   (a trip through the event loop a task), and the whole pass handed to that thread in one trip
+   (CUDA's path).
 2. Host time per unit compute task: a unit's whole compute task on blocks too small for their
    kernels to matter, in microseconds, at 1, 2, 4 and 8 directions and for each unit kind, fitted
    as a cost per task plus one per probe (on a GPU this sets the pace of small units).
@@ -19,14 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from unittest.mock import patch
 
 import torch
@@ -40,7 +45,7 @@ from ..models.shapes import opt_config
 from ..policies.base import UNIT_KINDS, FixedDepth, Plan
 from ..runtime.graph import Lane, Task, step_graph
 from ..runtime.instruments import Instruments
-from ..runtime.scheduler import Completion, Scheduler, Work
+from ..runtime.scheduler import Completion, Enqueuer, LaneRunner, Scheduler, Work
 from ..runtime.units import uniform_units
 from ..tracing.recorder import TimelineRecorder
 from ..zo import fused
@@ -49,12 +54,47 @@ from ..zo.directions import DirectionSampler
 from ..zo.reference import ReferenceZO
 from ..zo.update import PendingUpdate, Rounding, draw_direction, perturb_into, update_group
 
+T = TypeVar("T")
+
 
 class _InstantLane:
     """Completes every task at once: what remains is the scheduler's own cost."""
 
     async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
         return Completion(0.0, 0.0)
+
+
+class _ThreadTripLane:
+    """Hands each task to one shared worker thread and returns when the thread has taken it: a
+    trip through the event loop a task, as CUDA's lanes made before a pass went in one trip."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self.executor = executor
+
+    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
+        await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        return Completion()
+
+
+class _ThreadTripEnqueuer:
+    """The same worker thread, handed a whole pass in one trip (``runtime.scheduler.Enqueuer``)."""
+
+    def __init__(self, executor: ThreadPoolExecutor) -> None:
+        self.executor = executor
+
+    def enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> object:
+        work()
+        return None
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+
+LANES = {
+    "instant": "lanes that complete at once: the scheduler alone",
+    "trip a task": "a trip to a worker thread a task",
+    "trip a pass": "the whole pass in one trip to that thread (CUDA's path)",
+}
 
 
 def _loops() -> dict[str, Callable[[Coroutine[Any, Any, float]], float]]:
@@ -69,31 +109,34 @@ def _loops() -> dict[str, Callable[[Coroutine[Any, Any, float]], float]]:
 
 
 def scheduler_overhead(steps: int, blocks: int = 96) -> list[dict[str, Any]]:
+    """Microseconds of host time a task, on lanes that do nothing: each of ``LANES``, each event
+    loop, tracing off and on."""
     graph = step_graph(uniform_units(blocks), Plan(1))
     rows = []
     for loop_name, run in _loops().items():
-        for traced in (False, True):
+        for lanes_name, traced in itertools.product(LANES, (False, True)):
 
-            async def measure(traced: bool = traced) -> float:
+            async def measure(lanes_name: str = lanes_name, traced: bool = traced) -> float:
                 instruments = Instruments([TimelineRecorder()] if traced else [])
-                scheduler = Scheduler({lane: _InstantLane() for lane in Lane}, instruments=instruments)
-                noop = lambda task: lambda: None  # noqa: E731
-                await scheduler.run(graph, noop, 0)  # warm up
-                start = time.perf_counter()
-                for step in range(steps):
-                    await scheduler.run(graph, noop, step)
-                await scheduler.join()
-                return time.perf_counter() - start
+                with ThreadPoolExecutor(max_workers=1) as executor:
+                    lanes: dict[Lane, LaneRunner] | Enqueuer = _ThreadTripEnqueuer(executor)
+                    if lanes_name == "instant":
+                        lanes = {lane: _InstantLane() for lane in Lane}
+                    elif lanes_name == "trip a task":
+                        lanes = dict.fromkeys(Lane, _ThreadTripLane(executor))
+                    scheduler = Scheduler(lanes, instruments=instruments)
+                    noop = lambda task: lambda: None  # noqa: E731
+                    await scheduler.run(graph, noop, 0)  # warm up
+                    start = time.perf_counter()
+                    for step in range(steps):
+                        await scheduler.run(graph, noop, step)
+                    await scheduler.join()
+                    return time.perf_counter() - start
 
             seconds = run(measure())
-            rows.append(
-                {
-                    "loop": loop_name,
-                    "tracing": traced,
-                    "tasks": steps * len(graph),
-                    "us_per_task": 1e6 * seconds / (steps * len(graph)),
-                }
-            )
+            tasks = steps * len(graph)
+            rows.append({"loop": loop_name, "lanes": lanes_name, "tracing": traced, "tasks": tasks,
+                         "us_per_task": 1e6 * seconds / tasks})  # fmt: skip
     return rows
 
 
@@ -270,10 +313,11 @@ def main() -> None:
     print(f"machine: {machine}, torch threads {torch.get_num_threads()}")
 
     overhead = scheduler_overhead(steps=5 if args.quick else 200)
-    print("\nscheduler overhead (96-block Algorithm 1 graph, lanes that do nothing)")
-    print(f"{'loop':<10}{'tracing':<10}{'tasks':>10}{'us/task':>10}")
+    print("\nscheduler overhead (96-block Algorithm 1 graph, lanes that do nothing): "
+          + "; ".join(f"{name}: {meaning}" for name, meaning in LANES.items()))  # fmt: skip
+    print(f"{'loop':<10}{'lanes':<14}{'tracing':<10}{'tasks':>10}{'us/task':>10}")
     for row in overhead:
-        print(f"{row['loop']:<10}{row['tracing']!s:<10}{row['tasks']:>10}{row['us_per_task']:>10.2f}")
+        print(f"{row['loop']:<10}{row['lanes']:<14}{row['tracing']!s:<10}{row['tasks']:>10}{row['us_per_task']:>10.2f}")
 
     host = [host_time_per_unit_task(steps=3 if args.quick else 50, unit=unit) for unit in UNIT_KINDS]
     print("\nhost time per unit compute task (8 blocks of hidden 16, 1x8 tokens; two-sided; median over tasks)")

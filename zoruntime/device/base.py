@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from ..runtime.graph import Lane, Task
-from ..runtime.scheduler import LaneRunner
+from ..runtime.scheduler import Enqueuer, LaneRunner
 
 
 class Backend(Protocol):
@@ -25,8 +25,9 @@ class Backend(Protocol):
     after ``drain``, and the tasks' times come from ``take_timings``."""
 
     @property
-    def lanes(self) -> Mapping[Lane, LaneRunner]:
-        """One runner per lane (upload, compute, offload)."""
+    def lanes(self) -> Mapping[Lane, LaneRunner] | Enqueuer:
+        """One runner per lane (upload, compute, offload), or one enqueuer that feeds them all a
+        pass at a time (CUDA)."""
         ...
 
     def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:

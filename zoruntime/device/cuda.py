@@ -1,16 +1,18 @@
 """The CUDA backend: three streams under asyncio, pinned flat host storage, GPU-side ordering by events.
 
 Each lane (upload, compute, offload) owns one CUDA stream; one thread enqueues the work of all
-three, in the order the scheduler hands it over. Running a task means, on that thread: make the
-lane's stream wait for the events of the task's dependencies (``wait_event``: the GPU orders the
-work, the host does not wait), enqueue the task's kernels and copies, and record a completion
-event that dependants will wait on. One thread rather than one a lane: every PyTorch call lets
-go of the GIL and takes it back, and with three enqueueing threads each call of a compute task
-could wait behind the others' Python (on an H200 a streamed unit's host time rose from 2.4 ms
-with nothing prefetched to 4.3 ms with uploads and offloads enqueued beside it). The
-scheduler therefore runs ahead of the GPU by a whole step; the host blocks nowhere inside a
-step. It waits only in ``drain`` (the step's result: the compute lane), in a waiter thread that sleeps on
-blocking events (no spinning core, no blocked event loop).
+three, and the scheduler hands it a whole pass at once, in graph order. Running a task means,
+on that thread: make the lane's stream wait for the events of the task's dependencies
+(``wait_event``: the GPU orders the work, the host does not wait), enqueue the task's kernels
+and copies, and record a completion event that dependants will wait on. One thread rather than
+one a lane, and one trip to it a pass rather than one a task: every PyTorch call lets go of the
+GIL and takes it back, and with other threads running Python (three enqueueing threads, or the
+event loop scheduling the next task) each call of a compute task could wait behind them (on an
+H200 a streamed unit's host time rose from 2.4 ms with nothing prefetched to 4.3 ms with
+uploads and offloads enqueued beside it, 0.7 ms of it trips through the event loop). The host
+runs ahead of the GPU by up to a whole step and blocks nowhere inside one. It waits only in
+``drain`` (the step's result: the compute lane), in a waiter thread that sleeps on blocking
+events (no spinning core, no blocked event loop).
 
 Host memory for master weights is pinned once, in place and at its exact size
 (``cudaHostRegister``; PyTorch's pinned allocator would round 600 MB up to 1 GB). With
@@ -23,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ..runtime.graph import Lane, Task
-from ..runtime.scheduler import Completion, Work
+from ..runtime.scheduler import Work
+
+T = TypeVar("T")
 
 
 def pin_in_place(flat: torch.Tensor) -> torch.Tensor:
@@ -60,39 +65,34 @@ class _Timed:
     end: torch.cuda.Event
 
 
-class StreamLane:
-    """Enqueues tasks on one CUDA stream from the backend's enqueueing thread; completes when the
-    task is enqueued."""
+class StreamEnqueuer:
+    """The three lanes' CUDA streams and the one thread that enqueues work on them; a task is
+    complete, for the scheduler, once it is enqueued (``runtime.scheduler.Enqueuer``)."""
 
-    def __init__(self, name: str, device: torch.device, backend: CUDABackend, executor: ThreadPoolExecutor) -> None:
-        self.name = name
-        self.stream = torch.cuda.Stream(device=device)
+    def __init__(self, device: torch.device, backend: CUDABackend) -> None:
+        self.streams = {lane: torch.cuda.Stream(device=device) for lane in Lane}
         self._backend = backend
-        self._executor = executor
+        self._executor = _device_thread(device, "zoruntime-cuda-enqueue")
 
-    def _enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
-        with torch.cuda.stream(self.stream):
+    def enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
+        stream = self.streams[task.lane]
+        with torch.cuda.stream(stream):
             for event in after:
                 if isinstance(event, torch.cuda.Event):
-                    self.stream.wait_event(event)
+                    stream.wait_event(event)
             start = self._backend.timing_event()
             work()
             done = torch.cuda.Event(enable_timing=start is not None)
-            done.record(self.stream)
+            done.record(stream)
         if start is not None:
             self._backend.timed(step, task, start, done)
         return done
 
-    async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._enqueue, step, task, work, after)
-        try:
-            done = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait([future])  # the thread cannot be interrupted: let it finish first
-            if not future.cancelled():
-                future.exception()  # the step already failed elsewhere: this one is not reported twice
-            raise
-        return Completion(handle=done)
+    async def call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 class CUDABackend:
@@ -111,9 +111,8 @@ class CUDABackend:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.clock = time.perf_counter
         self.timing = timing
-        self._enqueuer = _device_thread(self.device, "zoruntime-cuda-enqueue")
-        self._lanes = {lane: StreamLane(lane.value, self.device, self, self._enqueuer) for lane in Lane}
-        self.lanes = dict(self._lanes)
+        self.lanes = StreamEnqueuer(self.device, self)
+        self._streams = self.lanes.streams
         self._waiter = _device_thread(self.device, "zoruntime-cuda-waiter")
         self._registered: list[int] = []
         self._timed: list[_Timed] = []
@@ -144,17 +143,16 @@ class CUDABackend:
     def ready(self) -> None:
         """Make every lane's stream wait for work enqueued so far on the current (default) stream."""
         current = torch.cuda.current_stream(self.device)
-        for lane in self._lanes.values():
-            lane.stream.wait_stream(current)
+        for stream in self._streams.values():
+            stream.wait_stream(current)
 
     async def drain(self, lanes: Iterable[Lane] | None = None) -> None:
         """Wait, without blocking the event loop or spinning, until the work enqueued so far on
         ``lanes`` (every lane by default) is done."""
         events = []
-        for name in self._lanes if lanes is None else lanes:
-            lane = self._lanes[name]
+        for name in self._streams if lanes is None else lanes:
             event = torch.cuda.Event(blocking=True)
-            event.record(lane.stream)
+            event.record(self._streams[name])
             events.append(event)
         loop = asyncio.get_running_loop()
         for event in events:
@@ -164,7 +162,7 @@ class CUDABackend:
     def begin_step(self, step: int) -> None:
         if self.timing:
             origin = torch.cuda.Event(enable_timing=True)
-            origin.record(self._lanes[Lane.COMPUTE].stream)
+            origin.record(self._streams[Lane.COMPUTE])
             self._origin = origin
             self._origin_time = self.clock()
 
@@ -195,7 +193,7 @@ class CUDABackend:
         ]
 
     def close(self) -> None:
-        self._enqueuer.shutdown(wait=True)
+        self.lanes.close()
         self._waiter.shutdown(wait=True)
         # Outside any step: a failed step may have left copies in flight, and unpinning the host
         # buffers under a running DMA would be unsafe.

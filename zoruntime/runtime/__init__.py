@@ -2,11 +2,12 @@
 
 from .graph import Kind, Lane, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .instruments import Instrument, Instruments
-from .scheduler import Completion, LaneRunner, Scheduler, TaskFailed, Work
+from .scheduler import Completion, Enqueuer, LaneRunner, Scheduler, TaskFailed, Work
 from .units import Stage, Unit, UnitTable, uniform_units
 
 __all__ = [
     "Completion",
+    "Enqueuer",
     "Instrument",
     "Instruments",
     "Kind",

@@ -1,26 +1,35 @@
 """The asyncio scheduler: runs a task graph on lanes, in lane order, after each task's dependencies.
 
-One coroutine per lane and pass; nothing is fire-and-forget: the work a pass leaves running
-behind it is awaited by the next pass (or ``join``), which also raises its failure. A lane
-takes its tasks in graph order; before each it awaits the completions of the task's
-dependencies, then hands the task's work to the lane. What a completion means is the lane's
-business: a CPU thread lane completes when the work has run, a CUDA stream lane when the work
-is enqueued behind its events. The clock and the instruments are injected. Stdlib only: the
-scheduler never sees a tensor.
+Two kinds of lanes. Lanes that each run their own work (``LaneRunner``: CPU threads, the
+simulator) get one coroutine per lane and pass; nothing is fire-and-forget: the work a pass
+leaves running behind it is awaited by the next pass (or ``join``), which also raises its
+failure. A lane takes its tasks in graph order; before each it awaits the completions of the
+task's dependencies, then hands the task's work to the lane.
+
+Lanes that complete when a task is enqueued and are all fed by one thread (``Enqueuer``: CUDA
+streams ordered by events) get the whole pass in one trip to that thread: every task in graph
+order (a topological order, and each lane's own), each given its dependencies' handles. A
+trip per task would cost the host a round through the event loop and a thread handoff each,
+and the event loop's Python would contend for the GIL with the enqueueing thread's; in one
+trip the event loop sleeps while the host enqueues. Nothing is left behind on the host.
+
+The clock and the instruments are injected. Stdlib only: the scheduler never sees a tensor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .graph import Lane, Task, TaskGraph
 from .instruments import Instruments
 
 Work = Callable[[], object]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,19 @@ class LaneRunner(Protocol):
     """Runs one task's work at a time, in the order given."""
 
     async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion: ...
+
+
+class Enqueuer(Protocol):
+    """Lanes that complete when a task is enqueued, all fed by one thread: a pass goes over whole."""
+
+    def enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> object:
+        """On the enqueueing thread: order ``task``'s lane after the handles in ``after``, enqueue
+        its work there, and return the handle its dependants will be ordered after."""
+        ...
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the enqueueing thread."""
+        ...
 
 
 class TaskFailed(RuntimeError):
@@ -59,11 +81,11 @@ class Scheduler:
 
     def __init__(
         self,
-        lanes: Mapping[Lane, LaneRunner],
+        lanes: Mapping[Lane, LaneRunner] | Enqueuer,
         clock: Callable[[], float] = time.perf_counter,
         instruments: Instruments | None = None,
     ) -> None:
-        self.lanes = dict(lanes)
+        self.lanes = dict(lanes) if isinstance(lanes, Mapping) else lanes
         self.clock = clock
         self.instruments = instruments or Instruments()
         self._behind: dict[Lane, asyncio.Task[None]] = {}  # each lane's work still running from earlier passes
@@ -78,35 +100,57 @@ class Scheduler:
     async def run(
         self, graph: TaskGraph, work_for: Callable[[Task], Work], step: int, *, mark_end: bool = True
     ) -> None:
-        """Run ``graph`` until its waited tasks are done; the first failure (of this pass or of
-        work left behind by the one before) is raised as ``TaskFailed`` after every lane has
-        stopped (the others are cancelled and wait for their in-flight work).
+        """Run ``graph`` until its waited tasks are done (with an ``Enqueuer``: until every task is
+        enqueued); the first failure (of this pass or of work left behind by the one before) is
+        raised as ``TaskFailed`` after every lane has stopped (the others are cancelled and wait
+        for their in-flight work).
 
         ``mark_end=False`` leaves the ``step_finished`` hook to the caller: with lanes that
         complete when a task is enqueued (CUDA), the step ends when the device is done, which
         only the caller knows."""
-        loop = asyncio.get_running_loop()
-        behind, released, ahead = self._behind, self._released, self._ahead
-        self._behind, self._released, self._ahead = {}, {}, {}
-        done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
+        released, ahead = self._released, self._ahead
+        self._released, self._ahead = {}, {}
+        taken: dict[int, asyncio.Future[Completion]] = {}  # uploads the previous pass did ahead
         before: dict[int, asyncio.Future[Completion]] = {}  # a task's wait on the previous pass
-        taken: set[int] = set()  # uploads the previous pass did ahead
         for slot, index in graph.first_in_slot.items():
             upload = ahead.get((graph.tasks[index].unit.name, slot))
             if upload is not None:
-                _chain(upload, done[index])
-                taken.add(index)
+                taken[index] = upload
             elif slot in released:
                 before[index] = released[slot]
         works = {t.index: work_for(t) for t in graph.tasks if t.index not in taken}
         hooks = self.instruments
         if hooks:
             hooks.call("step_started", step, self.clock(), graph.phase)
+        if isinstance(self.lanes, Mapping):
+            done = await self._on_lanes(self.lanes, graph, works, taken, before, step)
+        else:
+            done = await self._in_one_trip(self.lanes, graph, works, taken, before, step)
+        self._released = {**released, **{slot: done[i] for slot, i in graph.releases.items()}}
+        self._ahead = {(t.unit.name, t.slot): done[t.index] for t in graph.ahead if t.slot is not None}
+        if hooks and mark_end:
+            hooks.call("step_finished", step, self.clock(), graph.phase)
+
+    async def _on_lanes(
+        self,
+        runners: Mapping[Lane, LaneRunner],
+        graph: TaskGraph,
+        works: Mapping[int, Work],
+        taken: Mapping[int, asyncio.Future[Completion]],
+        before: Mapping[int, asyncio.Future[Completion]],
+        step: int,
+    ) -> list[asyncio.Future[Completion]]:
+        """A coroutine per lane; returns once the waited tasks are done, the rest running behind."""
+        loop = asyncio.get_running_loop()
+        behind, self._behind = self._behind, {}
+        done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
+        for index, upload in taken.items():
+            _chain(upload, done[index])
         lanes: dict[Lane, asyncio.Task[None]] = {}
         for lane in graph.lanes:
             tasks = [t for t in graph.on_lane(lane) if t.index not in taken]
             if tasks:
-                run_lane = self._run_lane(self.lanes[lane], tasks, done, works, before, step, behind.get(lane))
+                run_lane = self._run_lane(runners[lane], tasks, done, works, before, step, behind.get(lane))
                 lanes[lane] = loop.create_task(run_lane)
             elif lane in behind:
                 lanes[lane] = behind[lane]
@@ -119,10 +163,59 @@ class Scheduler:
                     future.cancel()
             raise
         self._behind = {lane: t for lane, t in lanes.items() if not t.done()}
-        self._released = {**released, **{slot: done[i] for slot, i in graph.releases.items()}}
-        self._ahead = {(t.unit.name, t.slot): done[t.index] for t in graph.ahead if t.slot is not None}
-        if hooks and mark_end:
-            hooks.call("step_finished", step, self.clock(), graph.phase)
+        return done
+
+    async def _in_one_trip(
+        self,
+        enqueuer: Enqueuer,
+        graph: TaskGraph,
+        works: Mapping[int, Work],
+        taken: Mapping[int, asyncio.Future[Completion]],
+        before: Mapping[int, asyncio.Future[Completion]],
+        step: int,
+    ) -> list[asyncio.Future[Completion]]:
+        """Every task enqueued in graph order on the enqueueing thread, in one call; a cancelled
+        pass stops before its next task and waits for the one being enqueued."""
+        handles: dict[int, object] = {i: upload.result().handle for i, upload in taken.items()}
+        waits = {i: release.result().handle for i, release in before.items()}
+        issued: list[tuple[Task, float]] = []
+        stop, clock = threading.Event(), self.clock
+
+        def enqueue_pass() -> None:
+            for task in graph.tasks:
+                if task.index in handles:
+                    continue
+                if stop.is_set():
+                    return
+                after = [handles[dep] for dep in task.deps]
+                if task.index in waits:
+                    after.append(waits[task.index])
+                issued.append((task, clock()))
+                try:
+                    handles[task.index] = enqueuer.enqueue(step, task, works[task.index], after)
+                except Exception as error:
+                    raise TaskFailed(step, task, error) from error
+
+        trip = asyncio.ensure_future(enqueuer.call(enqueue_pass))
+        try:
+            await asyncio.shield(trip)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait([trip])  # the thread cannot be interrupted: let it finish its task
+            if not trip.cancelled():
+                trip.exception()  # a failure of the task in flight is not reported over the cancellation
+            raise
+        finally:
+            if self.instruments:
+                for task, at in issued:
+                    self.instruments.call("task_issued", step, task, at)
+        loop = asyncio.get_running_loop()
+        done: list[asyncio.Future[Completion]] = []
+        for task in graph.tasks:
+            future: asyncio.Future[Completion] = loop.create_future()
+            future.set_result(Completion(handle=handles[task.index]))
+            done.append(future)
+        return done
 
     async def join(self) -> None:
         """Wait for the work left behind by earlier passes; raise its failure, if any."""
