@@ -1,7 +1,8 @@
 """A pass in one trip (``Scheduler`` with an ``Enqueuer``, CUDA's path): every task handed to the
 enqueueing thread in graph order, each after exactly its dependencies' handles and the previous
 pass's slot releases; the uploads done ahead are not done twice; a failure or a cancellation
-stops the trip at a task; and the runtime through it equals the reference bit for bit."""
+stops the trip at a task; the runtime through it equals the reference bit for bit; and CUDA's
+enqueuer (with stand-in streams and events) orders each task on its own lane's stream."""
 
 from __future__ import annotations
 
@@ -196,3 +197,82 @@ async def test_the_runtime_in_one_trip_a_pass_equals_the_reference(
     assert evaluated == ref.evaluate(token_batch(ref_model.config, seed=9))
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _FakeStream:
+    def __init__(self, device: object = None) -> None:
+        self.log: list[str] = []
+
+    def wait_event(self, event: object) -> None:
+        self.log.append(f"wait {event}")
+
+
+class _FakeEvent:
+    made = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        _FakeEvent.made += 1
+        self.name = f"event {_FakeEvent.made}"
+
+    def record(self, stream: _FakeStream) -> None:
+        stream.log.append(f"record {self.name}")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@pytest.mark.asyncio
+async def test_the_cuda_enqueuer_orders_each_task_on_its_own_lanes_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``StreamEnqueuer`` with stand-ins for CUDA's streams and events: a task's stream waits for
+    each dependency's event, runs the work with that stream current, and records the event its
+    dependants get. Every call runs on the one enqueueing thread."""
+    from zoruntime.device import cuda
+
+    current: list[_FakeStream] = []
+
+    class _Current:
+        def __init__(self, stream: _FakeStream) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> None:
+            current.append(self.stream)
+
+        def __exit__(self, *exc: object) -> None:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(_FakeEvent, "made", 0)
+    monkeypatch.setattr(torch.cuda, "stream", _Current)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+    class _Untimed:
+        def timing_event(self) -> None:
+            return None
+
+    enqueuer = cuda.StreamEnqueuer(torch.device("cpu"), _Untimed())  # type: ignore[arg-type]
+    first, _ = _graphs(1)
+    ran: list[tuple[str, _FakeStream, int]] = []
+
+    def work_for(task: Task) -> Work:
+        return lambda: ran.append((str(task), current[-1], threading.get_ident()))
+
+    try:
+        await Scheduler(enqueuer).run(first, work_for, 0)
+    finally:
+        enqueuer.close()
+    streams = {lane.value: stream.log for lane, stream in enqueuer.streams.items()}
+    assert streams == {
+        "upload": ["record event 2", "wait event 4", "record event 6"],  # the next pass's upload, after the offload
+        "compute": [
+            "record event 1",
+            "wait event 2",
+            "wait event 1",
+            "record event 3",
+            "wait event 3",
+            "record event 5",
+        ],
+        "offload": ["wait event 3", "record event 4"],
+    }
+    assert [(name, stream) for name, stream, _ in ran] == [(str(t), enqueuer.streams[t.lane]) for t in first.tasks]
+    assert len({thread for _, _, thread in ran}) == 1 and threading.get_ident() not in {t for _, _, t in ran}
