@@ -77,9 +77,8 @@ class StreamEnqueuer:
     def enqueue(self, step: int, task: Task, work: Work, after: Sequence[object]) -> torch.cuda.Event:
         stream = self.streams[task.lane]
         with torch.cuda.stream(stream):
-            for event in after:
-                if isinstance(event, torch.cuda.Event):
-                    stream.wait_event(event)
+            for event in after:  # every handle is an event this enqueuer recorded
+                stream.wait_event(event)  # type: ignore[arg-type]
             start = self._backend.timing_event()
             work()
             done = torch.cuda.Event(enable_timing=start is not None)
