@@ -81,6 +81,7 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "tiny.log").exists()
     summary = done.stdout[done.stdout.index("zoruntime GPU suite:") :]  # the table printed at the end
     assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
+    assert 0 <= bench["trace"]["started_on_issue"] <= 1 and "host: a step issued over" in summary
     assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
     assert "host: the block as 5 linear units' tasks" in summary
     assert "host, each part alone (ms): update" in summary

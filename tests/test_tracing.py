@@ -85,6 +85,9 @@ def test_chrome_trace_has_the_required_fields_and_round_trips(cpu_timeline: Time
     assert sorted((s.step, s.index, s.kind, s.block, s.deps) for s in loaded.spans) == sorted(
         (s.step, s.index, s.kind, s.block, s.deps) for s in cpu_timeline.spans
     )
+    for original, back in zip(cpu_timeline.spans, loaded.spans, strict=True):  # issued on the trace's clock too
+        assert original.issued is not None and back.issued is not None
+        assert back.start - back.issued == pytest.approx(original.start - original.issued, abs=2e-6)
 
 
 def test_png_is_written_at_the_stated_size(cpu_timeline: Timeline, tmp_path: Path) -> None:
@@ -208,3 +211,33 @@ async def test_with_tracing_off_no_recorder_exists_and_no_hook_is_called(monkeyp
             rt.timeline  # noqa: B018
     with pytest.raises(AssertionError, match="recorder was created"):
         zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), trace=True)
+
+
+def test_each_span_says_when_it_was_issued_and_the_summary_how_far_ahead_the_host_was() -> None:
+    """On lanes that run their own tasks (the simulator here), a task is issued once what it
+    waits for is done and starts at once: every task started on issue, and a step's issues span
+    it (3 blocks, u = c = o = 1: from 0 to the head and last offload at 4)."""
+    timeline = simulate(3, 1.0, 1.0, 1.0, FixedDepth(1), block_bytes=10**9)
+    assert all(s.issued == s.start for s in timeline.spans)
+    summary = timeline.summary()
+    assert (summary.issue_seconds, summary.issue_to_start_seconds, summary.started_on_issue) == (4.0, 0.0, 1.0)
+    assert "host: a step's tasks issued over 4000.000 ms; compute-lane tasks started 0.000 ms after their " \
+           "issue (median), 100% within 0.05 ms of it" in summary.render()  # fmt: skip
+
+
+def test_a_host_that_keeps_ahead_and_one_that_falls_behind_read_differently() -> None:
+    """Device times as on CUDA, where the host enqueues ahead: issued 1 s before the upload-bound
+    schedule needs each task, the compute lane's tasks start well after issue; a host that issues
+    block 2's compute 0.5 s into the gap before it is named as what the compute lane waited for."""
+    simulated = simulate(4, 3.0, 1.0, 1.0, FixedDepth(1))
+    ahead = [replace(s, issued=s.start - 1.0) for s in simulated.spans]
+    summary = Timeline(ahead, simulated.steps).summary()
+    assert summary.issue_to_start_seconds == 1.0 and summary.started_on_issue == 0.0
+    late = next(s for s in ahead if s.kind == "compute" and s.unit == "block.2")
+    previous_end = max(s.end for s in ahead if s.lane == "compute" and s.end <= late.start)
+    behind = [replace(s, issued=previous_end + 0.5) if s is late else s for s in ahead]
+    gap = next(g for g in Timeline(behind, simulated.steps).summary().largest_gaps if g.task == "compute block.2")
+    assert gap.waiting_for == "upload block.2"  # its upload ended in the gap: that comes first
+    no_upload = [replace(s, end=previous_end) if s.kind == "upload" and s.unit == "block.2" else s for s in behind]
+    gap = next(g for g in Timeline(no_upload, simulated.steps).summary().largest_gaps if g.task == "compute block.2")
+    assert gap.waiting_for == "the host (it issued the task 500.000 ms into the gap)"

@@ -239,6 +239,10 @@ def render_summary(results: list[PartResult]) -> str:
             busy = ", ".join(f"{lane} {v:.0%}" for lane, v in t["lane_busy"].items())
             rows.append(f"{'':<10}trace: {t['steps']} steps of FixedDepth(1), lanes busy {busy}, "
                         f"overlap efficiency {t['overlap_efficiency']:.0%}; {t['png']}")  # fmt: skip
+            if t.get("issue_ms") is not None:  # did the host keep ahead of the GPU?
+                rows.append(f"{'':<10}host: a step issued over {t['issue_ms']:.1f} ms; compute tasks started "
+                            f"{t['issue_to_start_ms']:.2f} ms after issue (median), {t['started_on_issue']:.0%} "
+                            "on issue (the GPU waiting for the host)")  # fmt: skip
     if rows:
         lines += ["", header, *rows]
     return "\n".join(lines)

@@ -179,6 +179,9 @@ def trace(
         "upload_gb_s": summary.upload_gb_s,
         "offload_gb_s": summary.offload_gb_s,
         "overlap_efficiency": summary.overlap_efficiency,
+        "issue_ms": None if summary.issue_seconds is None else summary.issue_seconds * 1e3,
+        "issue_to_start_ms": None if summary.issue_to_start_seconds is None else summary.issue_to_start_seconds * 1e3,
+        "started_on_issue": summary.started_on_issue,
         "largest_gaps": [
             {"step": g.step, "ms": g.seconds * 1e3, "before": g.task, "waiting_for": g.waiting_for}
             for g in summary.largest_gaps

@@ -2,8 +2,8 @@
 
 Each lane is a named thread of one process; steps are spans on a separate "steps" thread.
 Every task is a complete event (``ph: "X"``, ``ts`` and ``dur`` in microseconds) whose args
-carry what the timeline needs to be rebuilt (step, task index, kind, unit, deps, slot, bytes)
-and the achieved GB/s of transfers. Stdlib only.
+carry what the timeline needs to be rebuilt (step, task index, kind, unit, deps, slot, bytes,
+when the host issued it) and the achieved GB/s of transfers. Stdlib only.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def to_events(timeline: Timeline) -> list[dict[str, Any]]:
             "step": span.step, "index": span.index, "kind": span.kind, "unit": span.unit,
             "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase, "ahead": span.ahead,
         }  # fmt: skip
+        if span.issued is not None:
+            args["issued_us"] = us(span.issued)  # on the trace's clock, like ts
         if span.bytes and span.duration > 0:
             args["GB/s"] = round(span.bytes / span.duration / 1e9, 3)
         events.append({"ph": "X", "name": span.name, "cat": span.kind, "pid": _PID, "tid": _tid(span.lane),
@@ -76,8 +78,9 @@ def load_chrome_trace(path: str | Path) -> Timeline:
                 steps.append(StepMark(a["step"], start, end, a["phase"]))
             else:
                 ahead = a.get("ahead", False)  # traces from before steps overlapped have none
+                issued = a["issued_us"] / 1e6 if "issued_us" in a else None  # nor from before issue times
                 spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["unit"], start, end,
-                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], ahead))  # fmt: skip
+                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], ahead, issued))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error
     return Timeline(spans, steps)

@@ -34,6 +34,7 @@ class Span:
     bytes: int = 0
     phase: str = "step"
     ahead: bool = False  # an upload for the next pass, which that pass's first compute on the slot uses
+    issued: float | None = None  # when the host handed the task to its lane (on CUDA: began to enqueue it)
 
     @property
     def duration(self) -> float:
@@ -139,17 +140,22 @@ class TimelineRecorder:
         self.timeline = timeline or Timeline()
         self.bytes_of = bytes_of
         # Keyed by pass (step and phase): a pass's last tasks finish while the next one runs.
+        self._issued: dict[tuple[int, str, int], float] = {}
         self._started: dict[tuple[int, str, int], float] = {}
         self._step_start: dict[tuple[int, str], float] = {}
 
     def step_started(self, step: int, time: float, phase: str) -> None:
         self._step_start[step, phase] = time
 
+    def task_issued(self, step: int, task: Task, time: float) -> None:
+        self._issued[step, task.phase, task.index] = time
+
     def task_started(self, step: int, task: Task, time: float) -> None:
         self._started[step, task.phase, task.index] = time
 
     def task_finished(self, step: int, task: Task, time: float) -> None:
         start = self._started.pop((step, task.phase, task.index))
+        issued = self._issued.pop((step, task.phase, task.index), None)
         moved = self.bytes_of(task) if self.bytes_of else 0
         self.timeline.spans.append(
             Span(
@@ -165,6 +171,7 @@ class TimelineRecorder:
                 moved,
                 task.phase,
                 task.ahead,
+                issued,
             )
         )
 

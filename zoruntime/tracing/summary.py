@@ -1,7 +1,8 @@
 """What a timeline's training steps say in numbers (eval, flush and load runs are left out):
 lane busy fractions, achieved transfer GB/s, overlap efficiency (the pipeline bound over the
-measured step time) and the largest idle gaps on the compute lane, each with the task it was
-waiting for. Stdlib only.
+measured step time), the largest idle gaps on the compute lane, each with the task it was
+waiting for, and when the host issued the tasks against when they started (on CUDA, whether
+the host kept ahead of the GPU). Stdlib only.
 
 A step's window runs from its first task's start to its last task's end, taken from the spans
 (on CUDA the GPU's own times, so a host that starves the GPU shows). Consecutive steps overlap,
@@ -13,12 +14,16 @@ busiest lane's total (no schedule beats either).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 from ..planning.cost import OpFigures
 from .recorder import Span, Timeline
 
 _TOLERANCE = 1e-9
+ON_ISSUE_SECONDS = 50e-6
+"""A task that starts this soon after the host issued it started on issue: the device (or its
+lane) was waiting for the host, not the host for the device."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,13 @@ class TimelineSummary:
     pipeline_bound_seconds: float = 0.0  # mean over steps
     overlap_efficiency: float = 0.0  # pipeline bound / measured step time
     largest_gaps: tuple[Gap, ...] = ()
+    # When the host issued the tasks (spans that carry issue times only): the mean time from a
+    # step's first task issued to its last, and how long after its issue each compute-lane task
+    # started (the median, and the fraction that started within ON_ISSUE_SECONDS: on CUDA, where
+    # the host enqueues ahead, those found the GPU waiting for the host).
+    issue_seconds: float | None = None
+    issue_to_start_seconds: float | None = None
+    started_on_issue: float | None = None
 
     def render(self) -> str:
         lines = [
@@ -52,6 +64,12 @@ class TimelineSummary:
         rates = [(n, r) for n, r in (("upload", self.upload_gb_s), ("offload", self.offload_gb_s)) if r is not None]
         if rates:
             lines.append("achieved: " + ", ".join(f"{name} {rate:.2f} GB/s" for name, rate in rates))
+        if self.issue_seconds is not None and self.issue_to_start_seconds is not None:
+            lines.append(
+                f"host: a step's tasks issued over {self.issue_seconds * 1e3:.3f} ms; compute-lane tasks started "
+                f"{self.issue_to_start_seconds * 1e3:.3f} ms after their issue (median), {self.started_on_issue:.0%} "
+                f"within {ON_ISSUE_SECONDS * 1e3:.2f} ms of it"
+            )
         if self.largest_gaps:
             lines.append("largest compute-lane gaps:")
             lines += [
@@ -115,11 +133,12 @@ def _gaps(step: int, spans: list[Span], step_start: float) -> list[Gap]:
         if idle > _TOLERANCE:
             deps = [by_index[d] for d in span.deps if d in by_index]
             latest = max(deps, key=lambda d: d.end, default=None)
-            blocker = (
-                latest.name
-                if latest is not None and latest.end > previous_end + _TOLERANCE
-                else "the scheduler (no dependency pending)"
-            )
+            if latest is not None and latest.end > previous_end + _TOLERANCE:
+                blocker = latest.name
+            elif span.issued is not None and span.issued > previous_end + _TOLERANCE:
+                blocker = f"the host (it issued the task {(span.issued - previous_end) * 1e3:.3f} ms into the gap)"
+            else:
+                blocker = "the scheduler (no dependency pending)"
             gaps.append(Gap(step, previous_end, idle, span.name, blocker))
         previous_end = max(previous_end, span.end)
     return gaps
@@ -148,6 +167,12 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
 
     step_seconds = total / len(steps)
     bound = _bound(spans_of_steps, len(steps)) / len(steps)
+    issue_spreads = []
+    for step in steps:
+        issued = [s.issued for s in timeline.for_step(step) if s.issued is not None]
+        if issued:
+            issue_spreads.append(max(issued) - min(issued))
+    leads = sorted(s.start - s.issued for s in spans_of_steps if s.lane == "compute" and s.issued is not None)
     order = {"upload": 0, "compute": 1, "offload": 2}
     return TimelineSummary(
         steps=len(steps),
@@ -158,4 +183,7 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
         pipeline_bound_seconds=bound,
         overlap_efficiency=bound / step_seconds if step_seconds > 0 else 0.0,
         largest_gaps=tuple(sorted(all_gaps, key=lambda g: -g.seconds)[:gaps]),
+        issue_seconds=_mean(issue_spreads) if issue_spreads else None,
+        issue_to_start_seconds=statistics.median(leads) if leads else None,
+        started_on_issue=sum(lead <= ON_ISSUE_SECONDS for lead in leads) / len(leads) if leads else None,
     )
