@@ -276,3 +276,53 @@ async def test_the_cuda_enqueuer_orders_each_task_on_its_own_lanes_stream(monkey
     }
     assert [(name, stream) for name, stream, _ in ran] == [(str(t), enqueuer.streams[t.lane]) for t in first.tasks]
     assert len({thread for _, _, thread in ran}) == 1 and threading.get_ident() not in {t for _, _, t in ran}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["thread lanes", "one trip"])
+async def test_a_step_cancelled_part_way_loses_nothing_and_the_run_goes_on(
+    request: pytest.FixtureRequest, path: str
+) -> None:
+    """The caller cancels a step while block 2's compute runs: the cancellation waits for that
+    task (a thread cannot be interrupted), nothing after it runs, the step is not counted, and
+    the same step called again continues the run bitwise as if nothing had happened."""
+    if path == "one trip":
+        request.getfixturevalue("one_trip")
+    config = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=5)
+    ref_model = tiny_model(seed=1, num_hidden_layers=4)
+    ref = ReferenceZO(ref_model, config)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(4)]
+    model = tiny_model(seed=1, num_hidden_layers=4)
+    entered, release = threading.Event(), threading.Event()
+    async with zoruntime.Runtime(model, config, policy=FixedDepth(1, offload_every=2)) as rt:
+        work = rt._work
+        assert work is not None
+        got = [await rt.step(token_batch(model.config, seed=0))]
+        original = work.for_task
+
+        def for_task(task: Task) -> Work:
+            run = original(task)
+            if work.state is None or work.state.step != 1 or str(task) != "compute of block.2" or entered.is_set():
+                return run
+
+            def blocked() -> None:
+                entered.set()
+                release.wait(10)
+                run()
+
+            return blocked
+
+        work.for_task = for_task  # type: ignore[method-assign]
+        running = asyncio.create_task(rt.step(token_batch(model.config, seed=1)))
+        await asyncio.to_thread(entered.wait, 10)
+        running.cancel()
+        await asyncio.sleep(0.05)
+        assert not running.done()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert rt.step_index == 1 and rt.statistics().failed_steps == 1
+        got += [await rt.step(token_batch(model.config, seed=i)) for i in range(1, 4)]
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
