@@ -60,7 +60,7 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path), "--device", "cpu",
          "--models", "tiny,tiny-llama:linear", "--seq", "32", "--trace", "tiny", "--skip", "pytest",
-         "--directions", "2"],
+         "--directions", "2", "--planned", "tiny=0.1"],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -82,12 +82,17 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     summary = done.stdout[done.stdout.index("zoruntime GPU suite:") :]  # the table printed at the end
     assert "tokens/s" in summary and "FixedDepth(1)" in summary and "trace: 3 steps" in summary
     assert 0 <= bench["trace"]["started_on_issue"] <= 1 and "host: a step issued over" in summary
+    (planned,) = [row for row in bench["rows"] if row["runner"].startswith("planned, 0.1 GB: ")]
+    assert planned["predicted_step_s"] > 0 and planned["predicted_gpu_mb"] > 0 and planned["tokens_s"] > 0
+    assert f"predicted {planned['predicted_step_s']:.3f} s" in summary
     assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
     assert "host: the block as 5 linear units' tasks" in summary
     assert "host, each part alone (ms): update" in summary
-    parts = default_parts(tmp_path, device="cuda", models=("opt-1.3b", "opt-175b:linear"), seq=2048)
+    parts = default_parts(tmp_path, device="cuda", models=("opt-1.3b", "opt-175b:linear"), seq=2048,
+                          planned={"opt-175b:linear": (8.0, 7.5)})  # fmt: skip
     on_a_gpu = {part.name: part.argv for part in parts}
     assert "--cuda-graphs" in on_a_gpu["opt-1.3b"] and "--cuda-graphs" not in on_a_gpu["opt-175b:linear"]
+    assert on_a_gpu["opt-175b:linear"][-3:] == ("--planned", "8", "7.5") and "--planned" not in on_a_gpu["opt-1.3b"]
 
 
 def test_unknown_part_names_are_refused(tmp_path: Path) -> None:
@@ -97,3 +102,13 @@ def test_unknown_part_names_are_refused(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "--skip names no part: nonsense" in done.stderr
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path / "out"), "--planned", "opt-1.3b=a"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--planned 'opt-1.3b=a': write MODEL=GB[,GB]" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path / "out"), "--planned", "opt-2b=8"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "the model must be one of --models" in done.stderr

@@ -4,7 +4,8 @@ Checks an install on a GPU and measures it. Parts, in order: the environment (GP
 PCIe link, versions); ``pytest -m cuda``; ``zoruntime bench`` for opt-1.3b, opt-6.7b, opt-13b,
 opt-30b and opt-175b (alias mode: the blocks share one host buffer), fp16, batch 1 x 2048,
 every runner (and, but for the aliased models, FixedDepth(1) with four directions a step), with
-a few traced steps of opt-13b drawn as a PNG.
+a few traced steps of opt-13b drawn as a PNG; with ``--planned MODEL=GB``, also the plan the
+planner finds within GB, its prediction from the model's own card beside the measurement.
 
 Each part runs in its own process under its own time limit, and the whole suite under a
 budget (``--budget-s``): a part that crashes, hangs or runs out of time is recorded as such and
@@ -161,6 +162,7 @@ def default_parts(
     seq: int,
     traced: frozenset[str] = frozenset(),
     directions: tuple[int, ...] = (),
+    planned: dict[str, tuple[float, ...]] | None = None,
 ) -> list[Part]:
     python = sys.executable
     parts = [Part("env", (python, "-m", "zoruntime.bench.environment"), 60)]
@@ -183,6 +185,8 @@ def default_parts(
             argv += ["--trace-out", str(out / f"trace_{entry.replace(':', '_')}")]
         if directions and model not in ALIASED:  # several directions a step cost several 175B steps' time
             argv += ["--directions", *map(str, directions)]
+        if planned and entry in planned:  # the planner's plan within each size, beside its prediction
+            argv += ["--planned", *(f"{gb:g}" for gb in planned[entry])]
         parts.append(Part(entry, tuple(argv), BENCH_LIMIT_S.get(model, 120)))
     return parts
 
@@ -234,6 +238,9 @@ def render_summary(results: list[PartResult]) -> str:
                 f"{fmt(row['peak_allocated_mb'], ',.0f'):>9}{fmt(row['used_mb'], ',.0f'):>9}"
                 f"{row['x_floor']:>8.2f}{fmt(row['x_mezo'], '.2f'):>7}"
             )
+            if "predicted_step_s" in row:
+                rows.append(f"{'':<10}{'':<26}predicted {row['predicted_step_s']:.3f} s, "
+                            f"{row['predicted_gpu_mb']:,.0f} MB, paced by {row['predicted_bound_by']}")  # fmt: skip
         if bench.get("trace"):
             t = bench["trace"]
             busy = ", ".join(f"{lane} {v:.0%}" for lane, v in t["lane_busy"].items())
@@ -263,15 +270,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", default="4",
                         help="comma-separated q: also time FixedDepth(1) with q two-sided directions a step, on "
                         "every model but the aliased ones (default 4; '' for none)")  # fmt: skip
+    parser.add_argument("--planned", nargs="*", default=[], metavar="MODEL=GB[,GB]",
+                        help="also run the plan zoruntime plan finds for MODEL (as --models names it) within each "
+                        "GB, its prediction beside it (opt-1.3b:linear=0.6 opt-175b:linear=8)")  # fmt: skip
     args = parser.parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
+    planned: dict[str, tuple[float, ...]] = {}
+    for text in args.planned:
+        entry, _, sizes = text.partition("=")
+        try:
+            planned[entry] = tuple(float(gb) for gb in sizes.split(","))
+        except ValueError:
+            parser.error(f"--planned {text!r}: write MODEL=GB[,GB], e.g. opt-175b:linear=8")
+        if entry not in models or not planned[entry] or min(planned[entry]) <= 0:
+            parser.error(f"--planned {text!r}: the model must be one of --models ({args.models}) and each GB positive")
     if args.seq <= 0 or args.budget_s <= 0:
         parser.error("--seq and --budget-s must be positive")
     out = Path(args.out)
     skip = {s for s in args.skip.split(",") if s}
     traced = frozenset(m for m in args.trace.split(",") if m)
     directions = tuple(int(q) for q in args.directions.split(",") if q)
-    parts = default_parts(out, device=args.device, models=models, seq=args.seq, traced=traced, directions=directions)
+    parts = default_parts(out, device=args.device, models=models, seq=args.seq, traced=traced, directions=directions,
+                          planned=planned)  # fmt: skip
     unknown = skip - {p.name for p in parts}
     if unknown:
         parser.error(f"--skip names no part: {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in parts)}")

@@ -11,7 +11,9 @@ the upload-only floor. Then one row per runner, when the whole model fits on the
 paper)", MeZO as its users run it (``zo.mezo``: all weights on the GPU, in-place perturbation,
 one z per tensor from a reseeded generator), and "zoruntime, all resident" (this runtime with
 every block on the GPU, no transfers); then the offloaded runtime under FixedDepth(0),
-FixedDepth(1), FixedDepth(2) and MemoryBudget (and ``--offload-every`` and ``--policy`` rows),
+FixedDepth(1), FixedDepth(2) and MemoryBudget (and ``--offload-every`` and ``--policy`` rows, and
+with ``--planned GB`` the plan ``zoruntime plan`` finds within GB, its prediction from this card
+printed beside it),
 each streaming ``--unit``s (whole blocks, halves, or a unit per linear layer). Columns:
 tokens/s, step seconds, peak allocated MB, device memory used MB (as nvidia-smi counts it),
 ratio to the floor and to MeZO. The last line is one JSON document.
@@ -45,7 +47,7 @@ from ..models.adapter import adapter_for
 from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
 from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.directions import fewest_directions
-from ..planning.planner import Workload, profile_from_card
+from ..planning.planner import Prediction, Workload, best, profile_from_card
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
@@ -225,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", nargs="*", default=[], metavar="P",
                         help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear); "
                         "their unit must be --unit's")  # fmt: skip
+    parser.add_argument("--planned", type=float, nargs="*", default=[], metavar="GB",
+                        help="also run the plan zoruntime plan finds within GB of GPU memory for --unit, each GB; "
+                        "its prediction from this run's own card is printed beside it")  # fmt: skip
     parser.add_argument("--directions", type=int, nargs="*", default=[], metavar="Q",
                         help="also run FixedDepth(1) with Q directions a step, for each Q (--estimator's)")  # fmt: skip
     parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="for --directions (default "
@@ -305,12 +310,11 @@ def main(argv: list[str] | None = None) -> int:
             f"in {facts['unit_tasks_enqueue_ms']:.2f} ms (the whole block's: {facts['compute_enqueue_ms']:.2f})"
         )
 
+    work = Workload(layout, shape_dims(config), args.batch, args.seq, args.unit, config.num_hidden_layers)
+    profile = profile_from_card(dev.describe(), facts, work, dev.total_bytes() / 1e9, duplex=min(1.0, facts["duplex"]),
+                                source=f"zoruntime bench --model {args.model} on {dev.describe()}; {versions}; "
+                                "duplex timed by the card (a block up and one down at once)")  # fmt: skip
     if args.save_profile:
-        work = Workload(layout, shape_dims(config), args.batch, args.seq)
-        gpu_gb = dev.total_bytes() / 1e9
-        profile = profile_from_card(dev.describe(), facts, work, gpu_gb, duplex=min(1.0, facts["duplex"]),
-                                    source=f"zoruntime bench --model {args.model} on {dev.describe()}; {versions}; "
-                                    "duplex timed by the card (a block up and one down at once)")  # fmt: skip
         print(f"  profile written to {profile.save(args.save_profile)}")
     free = dev.free_bytes()
     if args.budget_gb:
@@ -327,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     runners.append((budget_name(budget, named), MemoryBudget(budget, unit=unit)))
     runners += [(f"FixedDepth(1, offload_every={k}{named})", FixedDepth(1, k, unit)) for k in args.offload_every]
     runners += extra
+    predicted: dict[str, Prediction] = {}
+    for gigabytes in args.planned:
+        found = best(work, profile, int(gigabytes * 1e9))
+        if found is None:
+            print(f"  nothing the planner knows fits in {gigabytes:g} GB with {args.unit} units")
+            continue
+        name = f"planned, {gigabytes:g} GB: {found.policy}"
+        predicted[name] = found
+        runners.append((name, found.chosen))
     several = {f"FixedDepth(1{named}), q={q} {args.estimator}": replace(OPTIMIZER, directions=q,
                                                                         estimator=args.estimator)
                for q in args.directions}  # fmt: skip
@@ -358,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         peak, used = (f"{v:,.0f}" if v is not None else "-" for v in (row["peak_allocated_mb"], row["used_mb"]))
         print(f"{name:<32}{row['tokens_s']:>11,.0f}{row['step_s']:>9.3f}{peak:>10}{used:>10}"
               f"{row['x_floor']:>9.2f}{x_mezo:>8}", flush=True)  # fmt: skip
+        if name in predicted:  # the planner's figures for it, from this card
+            plan = predicted[name]
+            row.update(predicted_step_s=plan.step_s, predicted_gpu_mb=plan.gpu_bytes / 2**20,
+                       predicted_bound_by=plan.bound_by)  # fmt: skip
+            print(f"{'':<4}predicted from this card: {plan.step_s:.3f} s a step, {plan.gpu_bytes / 2**20:,.0f} MB, "
+                  f"paced by {plan.bound_by}")  # fmt: skip
     traced = trace(model, dev, batch, args.trace_steps, args.trace_out) if args.trace_out else None
     print(json.dumps({
         "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "alias": args.alias,

@@ -105,6 +105,7 @@ class Prediction:
     tokens_per_s: float
     floor_tokens_per_s: float
     paces: dict[str, float]  # seconds of a streamed unit's upload ("the link"), its task on "the GPU", on "the host"
+    chosen: Policy | None = None  # the policy predicted, to run it
 
     @property
     def bound_by(self) -> str:
@@ -201,7 +202,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     floor = replace(op, compute_s=gpu_s).upload_floor(layout.num_units)  # the link and the GPU
     paces = {"the link": op.upload_s, "the GPU": gpu_s, "the host": profile.host_s(work.probes)}
     return Prediction(name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s,
-                      work.tokens / floor, paces)  # fmt: skip
+                      work.tokens / floor, paces, policy)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
