@@ -18,6 +18,7 @@ from zoruntime.planning.planner import Workload, best, figures, predict, profile
 from zoruntime.planning.profiles import BUILT_IN, GPUProfile, load_profile
 from zoruntime.policies import FixedDepth, Plan
 from zoruntime.storage import model_layout
+from zoruntime.train.options import parse_policy
 
 
 def _work(name: str = "opt-1.3b", batch: int = 1, seq: int = 2048, unit: str = "block") -> Workload:
@@ -191,6 +192,9 @@ def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> No
         found[gigabytes] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "unit=" not in found["0.65"]["policy"] and found["0.65"]["gpu_bytes"] <= 0.65e9
     assert "unit='linear'" in found["0.6"]["policy"] and found["0.6"]["gpu_bytes"] <= 0.6e9
+    for result in found.values():  # what zoruntime train --policy takes to run that very plan
+        chosen = parse_policy(result["policy_arg"])
+        assert predict(_work("opt-1.3b", unit=chosen.unit), BUILT_IN["h200"], chosen).gpu_bytes == result["gpu_bytes"]
     assert found["0.6"]["bound_by"] == "the host" and found["0.6"]["step_s"] > found["0.65"]["step_s"]
     whole = _work("opt-1.3b")
     for profile in (BUILT_IN["h200"], replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)):

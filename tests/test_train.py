@@ -122,7 +122,7 @@ async def test_candidate_loss_trains_through_the_runtime() -> None:
         (["--steps", "0"], "--steps must be > 0, got 0"),
         (["--batch-size", "-2"], "--batch-size must be > 0, got -2"),
         (["--lr", "-1"], "lr must be a finite number >= 0"),
-        (["--policy", "fast"], "--policy 'fast' is not depth=K or memory=SIZE"),
+        (["--policy", "fast"], "--policy 'fast' is not depth=K, memory=SIZE or fit=SIZE"),
         (["--model", "/no/such/folder"], "the folder '/no/such/folder' does not exist; give the folder the model was"),
         (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs replays CUDA graphs and needs a GPU; leave it off with"),
     ],
@@ -172,3 +172,59 @@ def test_the_policy_option_reads_depth_memory_and_offload_every() -> None:
     assert parse_policy("memory=2MB,offload=3") == MemoryBudget(2 * 10**6, offload_every=3)
     with pytest.raises(UsageError, match=r"after the comma give offload=N with N >= 1"):
         parse_policy("depth=1,offload=0")
+    assert parse_policy("memory=2MB,depth=2,unit=linear") == MemoryBudget(2 * 10**6, 2, unit="linear")
+    with pytest.raises(UsageError, match=r"and/or depth=K \(with memory=\)"):
+        parse_policy("memory=2MB,depth=x")
+    with pytest.raises(UsageError, match=r"after the comma give offload=N"):
+        parse_policy("depth=1,depth=2")  # depth= after a comma goes with memory= only
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "depth=0", "depth=2,offload=4", "depth=1,unit=linear", "memory=123456789,depth=1",
+        "memory=5,depth=0,offload=3,unit=half",
+    ],
+)  # fmt: skip
+def test_policy_arg_writes_a_policy_as_the_policy_option_reads_it(policy: str) -> None:
+    from zoruntime.train.options import parse_policy, policy_arg
+
+    assert policy_arg(parse_policy(policy)) == policy
+
+
+def test_fit_names_the_memory_to_plan_within_and_refuses_what_is_not_a_size() -> None:
+    from zoruntime.train.options import UsageError, parse_fit
+
+    assert parse_fit("fit=24GB") == 24 * 10**9 and parse_fit("depth=1") is None
+    with pytest.raises(UsageError, match=r"fit= takes the GPU memory to plan within, e.g. fit=24GB"):
+        parse_fit("fit=lots")
+
+
+def test_fit_runs_the_fastest_plan_the_planner_finds_and_the_run_keeps_it(tmp_path: Path) -> None:
+    """``--policy fit=SIZE`` with an H200's profile on the built-in model and batch (8 x 64,
+    fp32): the plan ``best`` finds for that model and batch, said once, saved as the run's
+    policy, and within SIZE; resuming runs the same plan. Nothing fits in too little, and on a CPU
+    without a profile there is nothing to plan from: each one line."""
+    from zoruntime.planning.planner import best
+    from zoruntime.planning.profiles import BUILT_IN
+    from zoruntime.train.options import policy_arg
+    from zoruntime.workloads import workloads
+
+    done = _train("--steps", "2", "--eval-every", "0", "--policy", "fit=100MB", "--gpu-profile", "h200",
+                  "--out", str(tmp_path / "run"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = tiny_opt_config(num_hidden_layers=4, max_position_embeddings=128)
+    found = best(list(workloads(config, torch.float32, 8, 64).values()), BUILT_IN["h200"], 100 * 10**6)
+    assert found is not None and found.chosen is not None and found.gpu_bytes <= 100 * 10**6
+    saved = json.loads((tmp_path / "run" / "zoruntime.json").read_text())
+    assert saved["policy"] == policy_arg(found.chosen)
+    assert f"--policy fit=100MB: {found.policy}, predicted on the h200 profile" in done.stdout
+    again = _train("--resume", str(tmp_path / "run"), "--steps", "3")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "run" / "zoruntime.json").read_text())["policy"] == saved["policy"]
+    assert "predicted on the h200 profile" not in again.stdout  # nothing planned again
+    small = _train("--policy", "fit=10MB", "--gpu-profile", "h200", "--out", str(tmp_path / "small"))
+    assert small.returncode == 2 and small.stderr.strip().count("\n") == 0
+    assert "--policy fit=10MB: nothing fits in 0.01 GB at --batch-size 8 x --max-length 64; the least" in small.stderr
+    bare = _train("--device", "cpu", "--policy", "fit=1GB", "--out", str(tmp_path / "bare"))
+    assert bare.returncode == 2 and "--policy fit=1GB plans for a GPU: on cpu give --gpu-profile h200" in bare.stderr

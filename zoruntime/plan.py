@@ -25,15 +25,13 @@ from typing import Any
 
 import torch
 
-from .models.adapter import adapter_for
-from .models.init import meta_model
-from .models.shapes import MODEL_NAMES, named_config, shape_dims
+from .models.shapes import MODEL_NAMES, named_config
 from .planning.directions import auto_directions, fewest_directions
-from .planning.planner import Prediction, Workload, best, predict
+from .planning.planner import Prediction, best, predict
 from .planning.profiles import BUILT_IN, load_profile
-from .policies.base import UNIT_KINDS, FixedDepth
-from .storage import model_layout
-from .train.options import UsageError, parse_directions, parse_policy, parse_size
+from .policies.base import FixedDepth
+from .train.options import UsageError, parse_directions, parse_policy, parse_size, policy_arg
+from .workloads import workloads
 from .zo.estimator import ESTIMATORS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -50,20 +48,8 @@ def _show(title: str, prediction: Prediction) -> None:
     upload, gpu, host = (prediction.paces[k] * 1e3 for k in ("the link", "the GPU", "the host"))
     print(f"  a streamed unit: upload {upload:.2f} ms, its task on the GPU {gpu:.2f} ms, the host issuing it "
           f"{host:.2f} ms: paced by {prediction.bound_by}")  # fmt: skip
-
-
-def _workloads(config: Any, dtype: torch.dtype, args: argparse.Namespace) -> dict[str, Workload]:
-    """The model cut into each unit it can be (whole blocks always; halves and linear layers
-    where its blocks' forward can be paused between them)."""
-    model, works = meta_model(config, dtype), {}
-    for unit in UNIT_KINDS:
-        try:
-            layout = model_layout(adapter_for(model, unit), dtype, several_directions=args.directions != 1)
-        except ValueError:  # blocks that route tokens (experts) stream whole
-            continue
-        works[unit] = Workload(layout, shape_dims(config), args.batch, args.seq, unit,
-                               config.num_hidden_layers, args.directions, args.estimator)  # fmt: skip
-    return works
+    if prediction.chosen is not None:
+        print(f"  zoruntime train --policy {policy_arg(prediction.chosen)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq > config.max_position_embeddings:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
-        works = _workloads(config, dtype, args)
+        works = workloads(config, dtype, args.batch, args.seq, args.directions, args.estimator)
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
         policy = parse_policy(args.policy) if args.policy else None
         unit = getattr(policy, "unit", "block")
@@ -123,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
     result = chosen or found
+    summary: dict[str, Any] = result.summary() if result else {"policy": None}
+    if result is not None and result.chosen is not None:
+        summary["policy_arg"] = policy_arg(result.chosen)  # as zoruntime train --policy takes it
     print(json.dumps({"model": args.model, "gpu": profile.name, "directions": args.directions,
-                      "estimator": args.estimator, **(result.summary() if result else {"policy": None})}))  # fmt: skip
+                      "estimator": args.estimator, **summary}))  # fmt: skip
     return 0 if result is not None else 1
 
 

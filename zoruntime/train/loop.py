@@ -14,7 +14,7 @@ import contextlib
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
 from ..runs import RunLock, clear_run, describe_run, holds_run
 from .data import Evaluation, build_data, evaluate
-from .model import base_record, check_plan, load_model, save_model
-from .options import TrainConfig, UsageError, check, resolve_device
+from .model import base_record, check_plan, fitted_policy, load_model, save_model
+from .options import TrainConfig, UsageError, check, parse_fit, resolve_device
 from .watch import MetricsLog, save_curves, summary_table
 
 
@@ -108,6 +108,7 @@ async def train(config: TrainConfig) -> dict[str, Any]:
         prepared = _prepare(config, device, world_size, out, say)  # everything checked; nothing written yet
         if isinstance(prepared, dict):
             return prepared
+        config = prepared.config
         if world_size > 1:
             dist.barrier()  # every rank has read what it needs before rank 0 writes
         if lead and not config.resume:
@@ -123,8 +124,10 @@ async def train(config: TrainConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A run checked and ready: nothing of it has been written yet."""
+    """A run checked and ready: nothing of it has been written yet. ``config`` is the run's, with
+    ``--policy fit=SIZE`` replaced by the policy it chose."""
 
+    config: TrainConfig
     model: PreTrainedModel
     tokenizer: Any
     data: Task
@@ -138,6 +141,10 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
     """Load and check everything; the summary instead when a resumed run already finished."""
     resumed_base = out / "base" if config.resume and config.model is None and (out / "base").is_dir() else None
     model, tokenizer = load_model(config, resumed_base)
+    data = build_data(config, tokenizer)
+    fit = parse_fit(config.policy)
+    if fit is not None:  # chosen once, for this model and batch; the run keeps (and resumes with) the choice
+        config = replace(config, policy=fitted_policy(model, config, fit, device, world_size, data, say))
     base = base_record(config, model)
     if config.resume:
         if resumed_base is None and config.model is None:
@@ -148,7 +155,6 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
                 f"the base model {base['base']} is not the one {out} started from (its weights' fingerprint differs); "
                 "resume with the model the run started from"
             )
-    data = build_data(config, tokenizer)
     start = resume_point(config, model, out, say) if config.resume else Start()
     if start is None:
         say(f"{out}: the run already finished its {config.steps} steps; nothing to do (--steps N continues it)")
@@ -159,7 +165,7 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
         resolved["world_size"] = world_size
     runtime = check_plan(model, config, device, world_size, start.step, data)
     say("zoruntime train " + json.dumps(resolved))
-    return Prepared(model, tokenizer, data, start, base, resolved, runtime)
+    return Prepared(config, model, tokenizer, data, start, base, resolved, runtime)
 
 
 def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:

@@ -10,6 +10,7 @@ saves where it is told), the data itself, or the loop.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from ..models.init import load_pretrained, random_opt, tiny_opt_config
 from ..models.shapes import shape_dims
 from ..planning.directions import fewest_directions
 from ..planning.memory import activation_bytes
-from ..planning.planner import probe_count
-from ..policies.base import FixedDepth
-from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy
+from ..planning.planner import best, predict_memory, probe_count
+from ..planning.profiles import GPUProfile, load_profile, profile_for_device
+from ..policies.base import FixedDepth, Plan
+from ..workloads import workloads
+from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy, policy_arg
 
 BUILT_IN = "built-in"
 """The ``base`` of a run of the built-in default model (its copy is saved in ``OUT/base``)."""
@@ -78,6 +81,47 @@ def available_bytes(device: str) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def fitted_policy(
+    model: PreTrainedModel, config: TrainConfig, gpu_bytes: int, device: str, world_size: int, task: Task, say: Any
+) -> str:
+    """``--policy fit=SIZE``: the fastest plan the planner finds for ``model`` and the task's
+    batch within ``gpu_bytes`` (as ``zoruntime plan --gpu-memory`` would), as ``--policy`` text,
+    predicted on ``--gpu-profile`` or the GPU's built-in profile."""
+    profile: GPUProfile | None = None
+    if config.gpu_profile is not None:
+        profile = load_profile(config.gpu_profile)
+    elif device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        profile = profile_for_device(name)
+        if profile is None:
+            raise UsageError(
+                f"--policy {config.policy} predicts from a GPU profile, and the {name} has no built-in one: write one "
+                "with zoruntime bench --save-profile FILE and give --gpu-profile FILE"
+            )
+    else:
+        raise UsageError(
+            f"--policy {config.policy} plans for a GPU: on {device} give --gpu-profile h200, h100 or a profile file "
+            "to plan as for that GPU, or choose depth=K or memory=SIZE"
+        )
+    rows = -(-config.batch_size // world_size) * task.rows_per_example
+    directions = config.directions if isinstance(config.directions, int) else fewest_directions(config.estimator)
+    compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    works = workloads(model.config, DTYPES[config.dtype], rows, config.max_length, directions, config.estimator,
+                      compute)  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1) as planner:  # its simulator runs an event loop, and train's is running
+        found = planner.submit(best, list(works.values()), profile, gpu_bytes).result()
+    if found is None or found.chosen is None:
+        least = min(predict_memory(work, Plan(0)) for work in works.values())
+        raise UsageError(
+            f"--policy {config.policy}: nothing fits in {gpu_bytes / 1e9:.2f} GB at --batch-size {config.batch_size} "
+            f"x --max-length {config.max_length}; the least any plan needs is {least / 1e9:.2f} GB (depth 0, "
+            "the finest units): give more, or a smaller batch"
+        )
+    say(f"--policy {config.policy}: {found.policy}, predicted on the {profile.name} profile to take "
+        f"{found.gpu_bytes / 1e9:.2f} GB and {found.step_s:.3f} s a step, paced by {found.bound_by}")  # fmt: skip
+    return policy_arg(found.chosen)
 
 
 def check_plan(

@@ -76,7 +76,7 @@ class TrainConfig:
     rounding: str | None = None
     directions: int | str = 1  # or "auto"
     estimator: str = "two-sided"
-    gpu_profile: str | None = None  # for --directions auto: a built-in profile or a file (default: the GPU's)
+    gpu_profile: str | None = None  # for --directions auto and fit=: a built-in profile or a file (default: the GPU's)
     out: str = "runs/default"
     progress: bool = True
     log: str | None = None  # "tensorboard": metrics to TensorBoard too (metrics.jsonl always)
@@ -130,8 +130,10 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         default=d.policy,
-        help="depth=K (uploads K blocks ahead) or memory=SIZE (e.g. 20GB); "
-        "add ,offload=N to write blocks back every N steps (e.g. depth=1,offload=4)",
+        help="depth=K (uploads K blocks ahead), memory=SIZE (e.g. 20GB: as many blocks resident as fit; add "
+        ",depth=K), or fit=SIZE (the fastest plan zoruntime plan finds within SIZE of GPU memory, chosen for the "
+        "model and batch at the start and saved as the run's policy); add ,offload=N to write blocks back every N "
+        "steps and ,unit=half|linear to stream finer units (e.g. depth=1,offload=4,unit=linear)",
     )
     p.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="dev evaluation every N steps (0: only at the ends)"
@@ -158,8 +160,8 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
                    help="two-sided: 2 forwards per direction (MeZO); one-sided: 1 per direction and 1 at the weights, "
                    "the step normalised by their spread (FZOO; needs --directions 3 or more)")  # fmt: skip
     p.add_argument("--gpu-profile", default=d.gpu_profile,
-                   help="for --directions auto: h200, h100 or a file from zoruntime bench --save-profile "
-                   "(default: the GPU's built-in profile)")  # fmt: skip
+                   help="for --directions auto and --policy fit=SIZE: h200, h100 or a file from zoruntime bench "
+                   "--save-profile (default: the GPU's built-in profile)")  # fmt: skip
     p.add_argument("--resume", default=d.resume, help="continue the run in this --out folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
     p.add_argument(
@@ -207,30 +209,59 @@ def parse_size(text: str) -> int:
 
 def parse_policy(text: str) -> Policy:
     """``depth=K`` → FixedDepth(K); ``memory=SIZE`` → MemoryBudget (SIZE: bytes, or 512MB, 20GB,
-    1.5GiB); either followed by ``,offload=N`` (write streamed units back every N steps) and
-    ``,unit=block|half|linear`` (stream each block whole, as its halves, or a unit per linear)."""
+    1.5GiB; ``,depth=K`` sets its prefetch depth, 1 by default); either followed by ``,offload=N``
+    (write streamed units back every N steps) and ``,unit=block|half|linear`` (stream each block
+    whole, as its halves, or a unit per linear). ``policy_arg`` writes a policy back as this text."""
     main, *extras = text.split(",")
+    key, _, value = main.partition("=")
+    allowed = {"offload", "unit", "depth"} if key == "memory" else {"offload", "unit"}
     options: dict[str, str] = {}
     for extra in extras:
-        name, _, value = extra.partition("=")
-        if name in options or not (
-            (name == "offload" and value.isdigit() and int(value) >= 1) or (name == "unit" and value in UNIT_KINDS)
-        ):
+        name, _, given = extra.partition("=")
+        good = {"offload": given.isdigit() and int(given or 0) >= 1, "unit": given in UNIT_KINDS,
+                "depth": given.isdigit()}.get(name, False)  # fmt: skip
+        if name in options or name not in allowed or not good:
+            depth = " and/or depth=K (with memory=)" if key == "memory" else ""
             raise UsageError(
-                f"--policy {text!r}: after the comma give offload=N with N >= 1 and/or unit= one of "
-                f"{', '.join(UNIT_KINDS)} (e.g. depth=1,offload=4,unit=linear)"
+                f"--policy {text!r}: after the comma give offload=N with N >= 1, unit= one of "
+                f"{', '.join(UNIT_KINDS)}{depth} (e.g. depth=1,offload=4,unit=linear or memory=20GB,depth=2)"
             )
-        options[name] = value
+        options[name] = given
     offload_every, unit = int(options.get("offload", 1)), options.get("unit", "block")
-    key, _, value = main.partition("=")
     if key == "depth" and value.isdigit():
         return FixedDepth(int(value), offload_every=offload_every, unit=unit)
     if key == "memory" and (size := _size(value)) is not None:
-        return MemoryBudget(size, offload_every=offload_every, unit=unit)
+        return MemoryBudget(size, int(options.get("depth", 1)), offload_every=offload_every, unit=unit)
     raise UsageError(
-        f"--policy {text!r} is not depth=K or memory=SIZE, optionally with ,offload=N and ,unit=U (e.g. depth=2, "
-        "memory=20GB, depth=1,offload=4, depth=1,unit=linear)"
+        f"--policy {text!r} is not depth=K, memory=SIZE or fit=SIZE, optionally with ,offload=N and ,unit=U (e.g. "
+        "depth=2, memory=20GB, depth=1,offload=4, depth=1,unit=linear, fit=24GB)"
     )
+
+
+def parse_fit(text: str) -> int | None:
+    """The GPU memory of ``fit=SIZE`` (the planner's fastest plan within SIZE, chosen once the
+    model and the batch are known); None for any other policy."""
+    key, _, value = text.partition("=")
+    if key != "fit":
+        return None
+    size = _size(value)
+    if size is None or size <= 0:
+        raise UsageError(f"--policy {text!r}: fit= takes the GPU memory to plan within, e.g. fit=24GB or fit=600MB")
+    return size
+
+
+def policy_arg(policy: Policy) -> str:
+    """``policy`` as ``--policy`` text (``parse_policy`` reads it back as an equal policy)."""
+    extras = ""
+    if getattr(policy, "offload_every", 1) != 1:
+        extras += f",offload={policy.offload_every}"  # type: ignore[attr-defined]
+    if getattr(policy, "unit", "block") != "block":
+        extras += f",unit={policy.unit}"  # type: ignore[attr-defined]
+    if isinstance(policy, FixedDepth):
+        return f"depth={policy.depth}{extras}"
+    if isinstance(policy, MemoryBudget):
+        return f"memory={policy.budget_bytes},depth={policy.depth}{extras}"
+    raise ValueError(f"{policy!r} has no --policy text: zoruntime train takes FixedDepth and MemoryBudget")
 
 
 def check(config: TrainConfig) -> TrainConfig:
@@ -273,7 +304,8 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} is a folder; give a text file")
         if not Path(config.text_file).is_file():
             raise UsageError(f"--text-file {config.text_file} does not exist")
-    parse_policy(config.policy)
+    if parse_fit(config.policy) is None:
+        parse_policy(config.policy)
     try:
         optimizer(config).rounding_for(DTYPES[config.dtype])
         if config.freeze is not None:
