@@ -115,3 +115,58 @@ async def test_the_runtime_through_the_runner_equals_the_reference(runner: CUDAG
     assert evaluated == pytest.approx(ref.evaluate(token_batch(ref_model.config, seed=9)), rel=0, abs=0)
     for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _OffByOne(_Replay):
+    def replay(self) -> None:
+        self.buffer.copy_(self.layer(self.buffer, self.inputs) + 1)
+
+
+class _WrongGraphs(CUDAGraphs):
+    """A stand-in whose graph of ``wrong`` (block, probe) replays other bits than its forward."""
+
+    wrong = ("block.1", 0)
+
+    def forward(self, name: str, probe: int, layer: graphs.Layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        self._replaying = (name, probe)
+        return super().forward(name, probe, layer, hidden, kwargs)
+
+    def _capture(self, layer: graphs.Layer, buffer: torch.Tensor, inputs: dict[str, Any]) -> _Replay:
+        return (_OffByOne if self._replaying == self.wrong else _Replay)(layer, buffer, inputs)
+
+
+def test_each_capture_is_checked_against_its_eager_forward(runner: CUDAGraphs) -> None:
+    layer, kwargs = _layer(2.0), _inputs(0)
+    for _ in range(3):  # eager, capture (checked), replay
+        runner.forward("block.0", 0, layer, torch.ones(2, 3), kwargs)
+    assert [(name, probe, bool(differs)) for name, probe, differs in runner._checks] == [("block.0", 0, False)]
+    runner.confirm()  # the stand-in replays the forward itself: nothing differs
+    assert runner._checks == []  # each capture is checked once
+
+
+@pytest.mark.asyncio
+async def test_a_graph_that_replays_other_bits_drops_its_step_and_the_run_goes_on_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the step that captures (the second), block.1's graph for probe 0 is off by one: the step
+    raises naming it, logs no update and is counted failed; the runtime leaves graphs off and the
+    same step called again continues the run bitwise as the reference's."""
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    config = zoruntime.ZOSGD(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3)
+    ref_model = tiny_model(seed=1, num_hidden_layers=3)
+    ref = ReferenceZO(ref_model, config)
+    expected = [ref.step(token_batch(ref_model.config, seed=i)) for i in range(3)]
+    model = tiny_model(seed=1, num_hidden_layers=3)
+    async with zoruntime.Runtime(model, config, policy=FixedDepth(1)) as rt:
+        assert rt._work is not None
+        rt._work.graphs = _WrongGraphs(torch.device("cpu"))
+        got = [await rt.step(token_batch(model.config, seed=0))]
+        with pytest.raises(graphs.GraphMismatch, match=r"^the CUDA graph captured for block.1 \(probe 0\) gave other "
+                           r"bits than its eager forward \(1 of 6 graphs captured this step differed\)"):  # fmt: skip
+            await rt.step(token_batch(model.config, seed=1))
+        assert rt._work.graphs is None and rt.step_index == 1 and rt.statistics().failed_steps == 1
+        got += [await rt.step(token_batch(model.config, seed=i)) for i in (1, 2)]
+    assert got == expected
+    for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)

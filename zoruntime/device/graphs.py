@@ -14,8 +14,11 @@ ones. The graphs share one memory pool and hold nothing in it once captured, so 
 any order; a key's first call runs eagerly (a warm-up), its second captures.
 
 The kernels replayed are the ones the forward launches, so the bits are the eager forward's (a
-CUDA test checks the runtime against the reference, which runs eagerly). Knows CUDA graphs and
-tensors; nothing of ZO, models or schedules.
+CUDA test checks the runtime against the reference, which runs eagerly). Each capture checks it
+too: the step that captures a graph also runs that forward eagerly and compares, on the device,
+the graph's first output with the eager one; ``confirm`` reads the comparisons once the step's
+results are in (no wait of its own) and raises ``GraphMismatch`` naming the block if any
+differed. Knows CUDA graphs and tensors; nothing of ZO, models or schedules.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ def _copy_into(buffers: Any, value: Any) -> None:
             _copy_into(buffer, part)
 
 
+class GraphMismatch(RuntimeError):
+    """A captured graph's output differed from the eager forward's on the same inputs."""
+
+
 class CUDAGraphs:
     """Replays each (block, probe)'s forward from a graph on the current stream."""
 
@@ -69,6 +76,7 @@ class CUDAGraphs:
         self._warm: set[Hashable] = set()
         self._hidden: dict[tuple[int, Hashable], torch.Tensor] = {}  # (probe, signature) → its stream's buffer
         self._inputs: dict[Hashable, tuple[dict[str, Any], dict[str, Any]]] = {}  # signature → (buffers, copied)
+        self._checks: list[tuple[str, int, torch.Tensor]] = []  # (block, probe, whether a new graph's output differed)
 
     def forward(
         self, name: str, probe: int, layer: Layer, hidden: torch.Tensor, kwargs: dict[str, Any]
@@ -87,10 +95,27 @@ class CUDAGraphs:
             buffer.copy_(hidden)
         inputs = self._step_inputs(signature, kwargs)
         graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._capture(layer, buffer, inputs)
+        if graph is not None:
+            graph.replay()
+            return buffer
+        expected = layer(buffer, inputs)  # eagerly, before the replay overwrites the buffer it reads
+        graph = self._graphs[key] = self._capture(layer, buffer, inputs)
         graph.replay()
+        self._checks.append((name, probe, torch.ne(buffer, expected).any()))
         return buffer
+
+    def confirm(self) -> None:
+        """Raise ``GraphMismatch`` if a graph captured since the last call replayed other bits than
+        its eager forward; call it once the step's results are read (its comparisons are done by then)."""
+        checks, self._checks = self._checks, []
+        wrong = [(name, probe) for name, probe, differs in checks if bool(differs)]
+        if wrong:
+            name, probe = wrong[0]
+            raise GraphMismatch(
+                f"the CUDA graph captured for {name} (probe {probe}) gave other bits than its eager forward "
+                f"({len(wrong)} of {len(checks)} graphs captured this step differed): this step is dropped and the "
+                "run goes on without CUDA graphs (call again); please report it with your torch and GPU versions"
+            )
 
     def _step_inputs(self, signature: Hashable, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The buffers the graphs of this signature read the step's inputs from, refilled when
