@@ -61,6 +61,19 @@ class Enqueuer(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """One pass as the scheduler runs it: the graph, each task's work (but the uploads ``taken``
+    from the previous pass, done ahead), and the tasks that wait on the previous pass (``before``:
+    the first upload into a slot, after the slot's last use)."""
+
+    graph: TaskGraph
+    works: Mapping[int, Work]
+    taken: Mapping[int, asyncio.Future[Completion]]
+    before: Mapping[int, asyncio.Future[Completion]]
+    step: int
+
+
 class TaskFailed(RuntimeError):
     """A task of a step raised; ``task`` and ``step`` say which, ``__cause__`` holds the error."""
 
@@ -122,25 +135,19 @@ class Scheduler:
         hooks = self.instruments
         if hooks:
             hooks.call("step_started", step, self.clock(), graph.phase)
+        this = _Pass(graph, works, taken, before, step)
         if isinstance(self.lanes, Mapping):
-            done = await self._on_lanes(self.lanes, graph, works, taken, before, step)
+            done = await self._on_lanes(self.lanes, this)
         else:
-            done = await self._in_one_trip(self.lanes, graph, works, taken, before, step)
+            done = await self._in_one_trip(self.lanes, this)
         self._released = {**released, **{slot: done[i] for slot, i in graph.releases.items()}}
         self._ahead = {(t.unit.name, t.slot): done[t.index] for t in graph.ahead if t.slot is not None}
         if hooks and mark_end:
             hooks.call("step_finished", step, self.clock(), graph.phase)
 
-    async def _on_lanes(
-        self,
-        runners: Mapping[Lane, LaneRunner],
-        graph: TaskGraph,
-        works: Mapping[int, Work],
-        taken: Mapping[int, asyncio.Future[Completion]],
-        before: Mapping[int, asyncio.Future[Completion]],
-        step: int,
-    ) -> list[asyncio.Future[Completion]]:
+    async def _on_lanes(self, runners: Mapping[Lane, LaneRunner], this: _Pass) -> list[asyncio.Future[Completion]]:
         """A coroutine per lane; returns once the waited tasks are done, the rest running behind."""
+        graph, works, taken, before, step = this.graph, this.works, this.taken, this.before, this.step
         loop = asyncio.get_running_loop()
         behind, self._behind = self._behind, {}
         done: list[asyncio.Future[Completion]] = [loop.create_future() for _ in graph.tasks]
@@ -165,17 +172,10 @@ class Scheduler:
         self._behind = {lane: t for lane, t in lanes.items() if not t.done()}
         return done
 
-    async def _in_one_trip(
-        self,
-        enqueuer: Enqueuer,
-        graph: TaskGraph,
-        works: Mapping[int, Work],
-        taken: Mapping[int, asyncio.Future[Completion]],
-        before: Mapping[int, asyncio.Future[Completion]],
-        step: int,
-    ) -> list[asyncio.Future[Completion]]:
+    async def _in_one_trip(self, enqueuer: Enqueuer, this: _Pass) -> list[asyncio.Future[Completion]]:
         """Every task enqueued in graph order on the enqueueing thread, in one call; a cancelled
         pass stops before its next task and waits for the one being enqueued."""
+        graph, works, taken, before, step = this.graph, this.works, this.taken, this.before, this.step
         handles: dict[int, object] = {i: upload.result().handle for i, upload in taken.items()}
         waits = {i: release.result().handle for i, release in before.items()}
         issued: list[tuple[Task, float]] = []
