@@ -91,6 +91,31 @@ def test_a_profile_from_the_card_gives_back_the_cards_times(tmp_path) -> None:
     assert load_profile(str(profile.save(tmp_path / "mine.json"))) == profile
     older = {k: v for k, v in card.items() if not k.startswith("host")}  # a card from before the host was split
     assert profile_from_card("old", older, work, 80, 0.9, "a test").host_s(8) == 0
+    assert profile.host_graph_saving_ms == 0  # the card timed no forward from a graph
+
+
+def test_a_forward_from_a_cuda_graph_saves_the_host_what_the_card_timed_for_each_perturbed_probe(capsys) -> None:
+    """The card times a forward's host time eagerly and replayed from a graph: the difference is
+    what each perturbed probe of a whole block saves with ``cuda_graphs`` (never more than a
+    probe's time). A one-sided step's forward at θ runs eagerly; finer units have no graphs."""
+    card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 1.0, "compute_task_ms": 1.4,
+            "host_task_ms": 1.2, "host_probe_ms": 0.45,
+            "host_parts_ms": {"update": 0.2, "forward": 0.38, "graphed forward": 0.03}}  # fmt: skip
+    work = _work("opt-1.3b")
+    profile = profile_from_card("mine", card, work, gpu_memory_gb=80, duplex=0.9, source="a test")
+    assert profile.host_graph_saving_ms == pytest.approx(0.35)
+    graphed = replace(work, cuda_graphs=True)
+    assert graphed.host_s(profile) == pytest.approx((1.2 + 2 * 0.45 - 2 * 0.35) / 1e3)
+    one_sided = replace(graphed, directions=3, estimator="one-sided")  # four probes, three perturbed
+    assert one_sided.host_s(profile) == pytest.approx((1.2 + 4 * 0.45 - 3 * 0.35) / 1e3)
+    assert replace(graphed, unit="linear").host_s(profile) == work.host_s(profile)
+    assert replace(profile, host_graph_saving_ms=9.0).host_s(2, 2) == pytest.approx(1.2e-3)  # at most a probe's
+    assert (
+        predict(graphed, profile, FixedDepth(1)).paces["the host"]
+        < predict(work, profile, FixedDepth(1)).paces["the host"]
+    )
+    assert plan_main(["--model", "opt-1.3b", "--cuda-graphs", "--policy", "depth=1"]) == 0
+    assert "the profile has no measured saving: as without graphs" in capsys.readouterr().out  # the built-in H200's
 
 
 def test_a_profile_saved_before_host_times_loads_with_the_host_not_modelled(tmp_path) -> None:
@@ -194,7 +219,8 @@ def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> No
     assert "unit='linear'" in found["0.6"]["policy"] and found["0.6"]["gpu_bytes"] <= 0.6e9
     for result in found.values():  # what zoruntime train --policy takes to run that very plan
         chosen = parse_policy(result["policy_arg"])
-        assert predict(_work("opt-1.3b", unit=chosen.unit), BUILT_IN["h200"], chosen).gpu_bytes == result["gpu_bytes"]
+        unit = getattr(chosen, "unit", "block")
+        assert predict(_work("opt-1.3b", unit=unit), BUILT_IN["h200"], chosen).gpu_bytes == result["gpu_bytes"]
     assert found["0.6"]["bound_by"] == "the host" and found["0.6"]["step_s"] > found["0.65"]["step_s"]
     whole = _work("opt-1.3b")
     for profile in (BUILT_IN["h200"], replace(BUILT_IN["h200"], host_task_ms=0.0, host_probe_ms=0.0)):

@@ -382,7 +382,8 @@ class Runtime:
         assert self._backend is not None
         device, (rows, length) = self._backend.device, self.adapter.validate(batch).input_ids.shape
         blocks, unit = len({u.index for u in self.adapter.units.streamable}), getattr(self.policy, "unit", "block")
-        work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, unit, blocks)
+        work = Workload(self.layout, shape_dims(self.adapter.config), rows, length, unit, blocks,
+                        cuda_graphs=self._cuda_graphs)  # fmt: skip
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         q = await asyncio.to_thread(directions_for, work, self.plan, self.optimizer.estimator, self._profile, gpu)
         q = agreed_max(q, device) if self.world_size > 1 else q

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
     parser.add_argument("--directions", type=parse_directions, default=1, help="per step, or auto (default 1)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="two-sided", help="(default two-sided)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="whole blocks' forwards replayed from CUDA graphs, as zoruntime train --cuda-graphs "
+                        "(the host's saving a probe comes from the profile)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.batch <= 0 or args.seq <= 0:
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq > config.max_position_embeddings:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
-        works = workloads(config, dtype, args.batch, args.seq, args.directions, args.estimator)
+        works = workloads(config, dtype, args.batch, args.seq, args.directions, args.estimator,
+                          cuda_graphs=args.cuda_graphs)  # fmt: skip
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
         policy = parse_policy(args.policy) if args.policy else None
         unit = getattr(policy, "unit", "block")
@@ -102,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     several = f", {args.directions} {args.estimator} direction(s) a step{' (auto)' if auto else ''}"
     print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}{several}, "
           f"on the {profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
+    if args.cuda_graphs:
+        saving = profile.host_graph_saving_ms
+        print(f"  with CUDA graphs: a whole block's perturbed probe costs the host {saving:.3f} ms less"
+              + ("" if saving else " (the profile has no measured saving: as without graphs; measure one with "
+                 "zoruntime bench --cuda-graphs --save-profile FILE)"))  # fmt: skip
     if chosen is not None:
         _show("your policy", chosen)
     if found is not None:

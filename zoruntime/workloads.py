@@ -26,10 +26,12 @@ def workloads(
     directions: int = 1,
     estimator: str = "two-sided",
     compute_dtype: torch.dtype | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, Workload]:
     """The model of ``config`` (masters in ``dtype``, forwards in ``compute_dtype``, by default
     the same) cut into each unit it can be (whole blocks always; halves and linear layers where
-    its blocks' forward can be paused between them), with a step's batch and directions."""
+    its blocks' forward can be paused between them), with a step's batch and directions (and
+    ``cuda_graphs``: whole blocks' perturbed forwards replayed from CUDA graphs)."""
     model, works = meta_model(config, dtype), {}
     for unit in UNIT_KINDS:
         try:
@@ -37,5 +39,5 @@ def workloads(
         except ValueError:  # blocks that route tokens (experts) stream whole
             continue
         works[unit] = Workload(layout, shape_dims(config), batch, seq, unit, config.num_hidden_layers, directions,
-                               estimator)  # fmt: skip
+                               estimator, cuda_graphs)  # fmt: skip
     return works

@@ -21,7 +21,7 @@ memory model's figure plus the activations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -52,6 +52,7 @@ class Workload:
     blocks: int | None = None  # decoder blocks (None: one unit each)
     directions: int = 1
     estimator: str = "two-sided"
+    cuda_graphs: bool = False  # whole blocks' perturbed forwards replayed from CUDA graphs (finer units run eagerly)
 
     @property
     def probes(self) -> int:
@@ -61,6 +62,15 @@ class Workload:
     def perturbed_probes(self) -> int:
         """Probes on a perturbed copy (a one-sided step's forward at θ reads the weights)."""
         return 2 * self.directions if self.estimator == "two-sided" else self.directions
+
+    @property
+    def graphed_probes(self) -> int:
+        """Probes whose forward replays from a CUDA graph: the perturbed ones, with graphs and whole blocks."""
+        return self.perturbed_probes if self.cuda_graphs and self.unit == "block" else 0
+
+    def host_s(self, profile: GPUProfile) -> float:
+        """Seconds the host takes to issue a unit's compute task on ``profile``."""
+        return profile.host_s(self.probes, self.graphed_probes)
 
     @property
     def tokens(self) -> int:
@@ -133,13 +143,16 @@ def forward_flops(work: Workload) -> float:
 
 
 def profile_from_card(
-    name: str, card: dict[str, float], work: Workload, gpu_memory_gb: float, duplex: float, source: str
+    name: str, card: Mapping[str, Any], work: Workload, gpu_memory_gb: float, duplex: float, source: str
 ) -> GPUProfile:
     """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
     compute rate from both forwards, the memory rate from the rest of the compute task, the
-    host's time per task and per probe as the card split it, and per piece of the head's loss (a
-    card without them: not modelled)."""
+    host's time per task and per probe as the card split it, what a forward replayed from a CUDA
+    graph saves a probe (the card's eager forward's host time less the replay's), and per piece of
+    the head's loss (a card without them: not modelled)."""
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
+    parts: Mapping[str, float] = card.get("host_parts_ms", {})
+    graph_saving = max(0.0, parts["forward"] - parts["graphed forward"]) if "graphed forward" in parts else 0.0
     if task_s <= forward_s:
         raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
     return GPUProfile(
@@ -147,7 +160,8 @@ def profile_from_card(
         tflops=2 * forward_flops(work) / forward_s / 1e12,
         memory_gb_s=work.compute_task_bytes() / (task_s - forward_s) / 1e9,
         gpu_memory_gb=gpu_memory_gb, host_task_ms=card.get("host_task_ms", 0.0),
-        host_probe_ms=card.get("host_probe_ms", 0.0), host_piece_ms=card.get("host_piece_ms", 0.0), source=source,
+        host_probe_ms=card.get("host_probe_ms", 0.0), host_piece_ms=card.get("host_piece_ms", 0.0),
+        host_graph_saving_ms=graph_saving, source=source,
     )  # fmt: skip
 
 
@@ -170,7 +184,7 @@ def figures(work: Workload, profile: GPUProfile) -> tuple[OpFigures, float]:
     head_host_s = work.probes * pieces * profile.host_piece_ms / 1e3
     op = OpFigures(
         upload_s=params * itemsize / (profile.upload_gb_s * 1e9),
-        compute_s=max(gpu_compute_s(work, profile), profile.host_s(work.probes)),
+        compute_s=max(gpu_compute_s(work, profile), work.host_s(profile)),
         offload_s=params * itemsize / (profile.offload_gb_s * 1e9),
         head_s=max(head_gpu_s, head_host_s),
     )
@@ -200,7 +214,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
     step_s = (starts[2 * cycle] - starts[cycle]) / cycle  # the second cycle: steps overlapping steps
     gpu_s = gpu_compute_s(work, profile)
     floor = replace(op, compute_s=gpu_s).upload_floor(layout.num_units)  # the link and the GPU
-    paces = {"the link": op.upload_s, "the GPU": gpu_s, "the host": profile.host_s(work.probes)}
+    paces = {"the link": op.upload_s, "the GPU": gpu_s, "the host": work.host_s(profile)}
     return Prediction(name or str(policy), plan, memory, sum(memory.values()), step_s, work.tokens / step_s,
                       work.tokens / floor, paces, policy)  # fmt: skip
 

@@ -4,8 +4,8 @@ A profile holds the link's speeds (pinned host→device and device→host alone,
 of that each keeps while both run), the compute rate the two forwards of a block reach, the
 rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update), and
 the host's time to issue a compute task (a part per task, a part per probe: Python and kernel
-launches, which the GPU cannot hide when its own work per task is shorter) and a piece of the
-head's loss. The
+launches, which the GPU cannot hide when its own work per task is shorter), what a probe saves
+when a whole block's forward replays from a CUDA graph, and a piece of the head's loss. The
 built-in ones were measured by ``zoruntime bench`` on the machines named in them;
 ``zoruntime bench --save-profile FILE`` writes one for your own GPU.
 """
@@ -29,21 +29,26 @@ class GPUProfile:
     host_task_ms: float = 0.0  # the host's time to issue a unit's compute task, besides its probes (0: not modelled)
     host_probe_ms: float = 0.0  # and per probe (a draw, a perturbed copy, a forward)
     host_piece_ms: float = 0.0  # the host's time per piece of the head's loss (memory.loss_pieces; 0: not modelled)
+    host_graph_saving_ms: float = (
+        0.0  # what a perturbed probe's forward replayed from a CUDA graph saves (0: unmeasured)
+    )
     source: str = ""
 
     def __post_init__(self) -> None:
         for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
-        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms"):
+        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms", "host_graph_saving_ms"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be >= 0, got {getattr(self, field)!r}")
         if not 0 < self.duplex <= 1:
             raise ValueError(f"profile {self.name!r}: duplex must be in (0, 1], got {self.duplex!r}")
 
-    def host_s(self, probes: int) -> float:
-        """Seconds the host takes to issue a unit's compute task of ``probes`` forwards."""
-        return (self.host_task_ms + probes * self.host_probe_ms) / 1e3
+    def host_s(self, probes: int, graphed: int = 0) -> float:
+        """Seconds the host takes to issue a unit's compute task of ``probes`` forwards, ``graphed``
+        of them replayed from CUDA graphs (each saving ``host_graph_saving_ms``, at most a probe's)."""
+        saving = min(self.host_graph_saving_ms, self.host_probe_ms)
+        return (self.host_task_ms + probes * self.host_probe_ms - graphed * saving) / 1e3
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
