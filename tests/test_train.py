@@ -200,31 +200,38 @@ def test_fit_names_the_memory_to_plan_within_and_refuses_what_is_not_a_size() ->
         parse_fit("fit=lots")
 
 
-def test_fit_runs_the_fastest_plan_the_planner_finds_and_the_run_keeps_it(tmp_path: Path) -> None:
+def test_fit_runs_the_fastest_plan_the_planner_finds_and_the_run_keeps_it(tmp_path: Path, capsys) -> None:
     """``--policy fit=SIZE`` with an H200's profile on the built-in model and batch (8 x 64,
     fp32): the plan ``best`` finds for that model and batch, said once, saved as the run's
     policy, and within SIZE; resuming runs the same plan. Nothing fits in too little, and on a CPU
-    without a profile there is nothing to plan from: each one line."""
+    without a profile there is nothing to plan from: each one line. (In process: each run in a
+    process of its own would pay a fresh import.)"""
     from zoruntime.planning.planner import best
     from zoruntime.planning.profiles import BUILT_IN
+    from zoruntime.train import main as train_main
     from zoruntime.train.options import policy_arg
     from zoruntime.workloads import workloads
 
-    done = _train("--steps", "2", "--eval-every", "0", "--policy", "fit=100MB", "--gpu-profile", "h200",
-                  "--out", str(tmp_path / "run"))  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    run = ["--no-progress", "--no-trace", "--out", str(tmp_path / "run")]
+    assert (
+        train_main([*run, "--steps", "2", "--eval-every", "0", "--policy", "fit=100MB", "--gpu-profile", "h200"]) == 0
+    )
+    said = capsys.readouterr().out
     config = tiny_opt_config(num_hidden_layers=4, max_position_embeddings=128)
     found = best(list(workloads(config, torch.float32, 8, 64).values()), BUILT_IN["h200"], 100 * 10**6)
     assert found is not None and found.chosen is not None and found.gpu_bytes <= 100 * 10**6
     saved = json.loads((tmp_path / "run" / "zoruntime.json").read_text())
     assert saved["policy"] == policy_arg(found.chosen)
-    assert f"--policy fit=100MB: {found.policy}, predicted on the h200 profile" in done.stdout
-    again = _train("--resume", str(tmp_path / "run"), "--steps", "3")
-    assert again.returncode == 0, again.stderr
+    assert f"--policy fit=100MB: {found.policy}, predicted on the h200 profile" in said
+    assert train_main(["--no-progress", "--resume", str(tmp_path / "run"), "--steps", "3"]) == 0
     assert json.loads((tmp_path / "run" / "zoruntime.json").read_text())["policy"] == saved["policy"]
-    assert "predicted on the h200 profile" not in again.stdout  # nothing planned again
-    small = _train("--policy", "fit=10MB", "--gpu-profile", "h200", "--out", str(tmp_path / "small"))
-    assert small.returncode == 2 and small.stderr.strip().count("\n") == 0
-    assert "--policy fit=10MB: nothing fits in 0.01 GB at --batch-size 8 x --max-length 64; the least" in small.stderr
-    bare = _train("--device", "cpu", "--policy", "fit=1GB", "--out", str(tmp_path / "bare"))
-    assert bare.returncode == 2 and "--policy fit=1GB plans for a GPU: on cpu give --gpu-profile h200" in bare.stderr
+    assert "predicted on the h200 profile" not in capsys.readouterr().out  # nothing planned again
+    for policy, message in (
+        ("fit=10MB", "--policy fit=10MB: nothing fits in 0.01 GB at --batch-size 8 x --max-length 64; the least"),
+        ("fit=1GB", None),
+    ):
+        profile = ["--gpu-profile", "h200"] if message else ["--device", "cpu"]
+        assert train_main(["--no-progress", "--policy", policy, *profile, "--out", str(tmp_path / policy)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0
+        assert (message or "--policy fit=1GB plans for a GPU: on cpu give --gpu-profile h200") in err
