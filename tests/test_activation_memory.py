@@ -37,9 +37,9 @@ def _step_forwards(name: str, unit: str, probes: int = 2) -> tuple[int, int]:
         with LiveBytes() as live:
             hidden = [embedded.clone() for _ in range(probes)]  # the streams, counted
             if unit == "block":
-                block = adapter.bound_block(0, params)
+                layer, kwargs = adapter.bound_layer(0, params), adapter.layer_inputs(0, inputs)
                 for p in range(probes):
-                    hidden[p] = block(hidden[p], inputs)
+                    hidden[p] = layer(hidden[p], kwargs)
             else:
                 runs = [adapter.segmented_block(0, params)(hidden[p], inputs) for p in range(probes)]
                 for part in range(len(blocks)):

@@ -110,21 +110,21 @@ def test_the_loss_in_pieces_equals_hfs_loss(variant: str, monkeypatch) -> None:
     assert torch.allclose(loss, expected, rtol=1e-6, atol=0), (loss, expected)
 
 
-def test_a_bound_block_runs_the_tensors_it_was_bound_to_as_they_are_now() -> None:
-    """``bound_block`` runs bitwise what ``block`` runs on the same tensors, follows their values
-    when they change in place, shares no weights with the model, and refuses incomplete params."""
+def test_a_bound_layer_runs_the_tensors_it_was_bound_to_as_they_are_now() -> None:
+    """``bound_layer`` on the step's ``layer_inputs`` runs bitwise what ``block`` runs on the same
+    tensors, follows their values when they change in place, shares no weights with the model,
+    and refuses incomplete params."""
     model = tiny_model(seed=5)
     adapter = OPTAdapter(model)
     inputs = adapter.prepare(adapter.validate(token_batch(model.config, seed=6)), torch.device("cpu"), torch.float32)
     hidden = adapter.embed(adapter.embed_head_parameters(), inputs)
     params = {name: p.detach().clone() for name, p in adapter.block_parameters(1).items()}
-    run = adapter.bound_block(1, params)
+    layer = adapter.bound_layer(1, params)
+    run = lambda hidden, inputs: layer(hidden, adapter.layer_inputs(1, inputs))  # noqa: E731
     assert torch.equal(run(hidden, inputs), adapter.block(1, params, hidden, inputs))
     for tensor in params.values():
         tensor.mul_(1.5)
     assert torch.equal(run(hidden, inputs), adapter.block(1, params, hidden, inputs))
     assert not torch.equal(run(hidden, inputs), adapter.block(1, adapter.block_parameters(1), hidden, inputs))
-    layer = adapter.bound_layer(1, params)  # the same, given the layer's inputs for the step
-    assert torch.equal(layer(hidden, adapter.layer_inputs(1, inputs)), run(hidden, inputs))
     with pytest.raises(ValueError, match="lack some of the block's parameters"):
-        adapter.bound_block(0, dict(list(params.items())[1:]))
+        adapter.bound_layer(0, dict(list(params.items())[1:]))

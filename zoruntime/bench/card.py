@@ -96,7 +96,8 @@ def card(
     rounding = ZOSGD().rounding_for(layout.dtype)  # as the runtime updates these masters by default
     pending = PendingUpdate.from_gradient(0, 1, 0.0, 0.0, torch.zeros((), device=dev.device), rounding)  # lr 0
 
-    block = adapter.bound_block(first.index, params)  # as the runtime runs a block's perturbed copies
+    layer = adapter.bound_layer(first.index, params)  # as the runtime runs a block's perturbed copies
+    block = lambda hidden, inputs: layer(hidden, adapter.layer_inputs(first.index, inputs))  # noqa: E731
 
     def dual_forward() -> None:
         with torch.no_grad():

@@ -238,10 +238,10 @@ def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: i
                 for lay, w, z in zip(layouts, weights, scratch, strict=True):
                     update_group(w, update, lay, sampler, z)
             if unit == "block":
-                block = adapter.bound_block(0, views)
+                layer = adapter.bound_layer(0, views)
                 with _Dispatched() as probe_ops:
                     perturb_into(scratch[0], weights[0], draw_direction(sampler, 2, layouts[0], scratch[0]), 1e-3)
-                    block(hidden, inputs)
+                    layer(hidden, adapter.layer_inputs(0, inputs))
             else:
                 run = adapter.segmented_block(0, views)(hidden, inputs)
                 with _Dispatched() as probe_ops:

@@ -66,20 +66,15 @@ class ModelAdapter(Protocol):
 
     def block(self, index: int, params: Params, hidden: torch.Tensor, inputs: Any) -> torch.Tensor: ...
 
-    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, Any], torch.Tensor]:
-        """Block ``index`` bound once to ``params``, tensors whose values may change between calls
-        but never their memory: ``run(hidden, inputs)`` equals ``block(index, params, hidden,
-        inputs)`` without rebinding the weights on every call."""
-        ...
-
     def layer_inputs(self, index: int, inputs: Any) -> dict[str, Any]:
         """The keyword arguments block ``index``'s layer takes in the step of ``inputs`` (masks,
         positions, rotary tables): tensors, tuples of them, or None."""
         ...
 
     def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
-        """``bound_block`` given the step's ``layer_inputs`` rather than its stage inputs:
-        ``layer(hidden, layer_inputs(index, inputs))`` equals ``bound_block(...)(hidden, inputs)``."""
+        """Block ``index``'s layer bound once to ``params``, tensors whose values may change between
+        calls but never their memory: ``layer(hidden, layer_inputs(index, inputs))`` equals
+        ``block(index, params, hidden, inputs)`` without rebinding the weights on every call."""
         ...
 
     def segmented_block(self, index: int, params: Params) -> SegmentStarter:

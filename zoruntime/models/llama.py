@@ -172,13 +172,9 @@ class LlamaLikeAdapter:
         """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
         return self.layout.segmented(index, params, lambda inputs: self.layer_inputs(index, inputs))
 
-    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
-        """Layer ``index`` bound once to ``params`` (see ``OPTAdapter.bound_block``)."""
-        layer = self.bound_layer(index, params)
-        return lambda hidden, inputs: layer(hidden, self.layer_inputs(index, inputs))
-
     def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
-        """``bound_block`` given the step's ``layer_inputs`` rather than the stage inputs."""
+        """Layer ``index`` bound once to ``params``, called on the step's ``layer_inputs`` (see
+        ``OPTAdapter.bound_layer``)."""
         return bound_layer_call(bind_layer(self.blocks[index], params))
 
     def final_hidden(self, params: EndParams, hidden: torch.Tensor) -> torch.Tensor:

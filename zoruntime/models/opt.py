@@ -173,15 +173,11 @@ class OPTAdapter:
         """Block ``index`` bound once to ``params``, run a unit at a time (``DecoderLayout.segmented``)."""
         return self.layout.segmented(index, params, lambda inputs: self.layer_inputs(index, inputs))
 
-    def bound_block(self, index: int, params: Params) -> Callable[[torch.Tensor, StageInputs], torch.Tensor]:
-        """Block ``index`` bound once to ``params``: a copy of the HF layer that shares no weights
-        (each parameter's place holds the given tensor), so a call costs the layer's forward and
-        no per-call swapping of parameters. Same module code, same weights: the same bits."""
-        layer = self.bound_layer(index, params)
-        return lambda hidden, inputs: layer(hidden, self.layer_inputs(index, inputs))
-
     def bound_layer(self, index: int, params: Params) -> Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]:
-        """``bound_block`` given the step's ``layer_inputs`` rather than the stage inputs."""
+        """Layer ``index`` bound once to ``params``, called on the step's ``layer_inputs``: a copy of
+        the HF layer that shares no weights (each parameter's place holds the given tensor), so a
+        call costs the layer's forward and no per-call swapping of parameters. Same module code,
+        same weights: the same bits as ``block``."""
         return bound_layer_call(bind_layer(self.blocks[index], params))
 
     def head(self, params: EndParams, hidden: torch.Tensor, final: bool = False) -> torch.Tensor:
