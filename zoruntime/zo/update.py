@@ -165,11 +165,7 @@ def update_group(
             raise ValueError("an update of several directions needs a float32 step buffer")
         span = min(step.numel(), z.numel(), layout.numel)
         one = torch.ones((), dtype=torch.float32, device=weights.device)  # the sum is the step itself
-    in_kernel = changed is not None and fused.usable(weights)  # the kernel counts every element it changes
-    counter = None
-    if changed is not None and in_kernel:
-        counter = changed.counter(_trainable_between(layout, 0, layout.numel), weights.device)
-    sample = changed.before(layout, weights) if changed is not None and not in_kernel else None
+    counter, sample = changed.watch(layout, weights, 0, layout.numel) if changed is not None else (None, None)
     for start in range(0, layout.numel, span):
         count = min(span, layout.numel - start)
         if update.directions == 1:
@@ -193,8 +189,8 @@ class ChangeCount:
     """Counts how many elements the applied updates changed, on the device (reading the count is
     the caller's one host sync). With tensor operations it samples: before an update ``SAMPLE``
     trainable elements of the group, spread evenly, are copied; after it, those that differ are
-    counted. The update kernel counts every element it writes as it goes (``counter``): no
-    operations of its own to issue."""
+    counted. The update kernel counts every element it writes as it goes (``watch`` hands it the
+    counter): no operations of its own to issue."""
 
     SAMPLE = 4096
 
@@ -204,19 +200,22 @@ class ChangeCount:
         self._counter: torch.Tensor | None = None  # the kernel's count, made on the device by its first update
         self.sampled = 0
 
-    def counter(self, elements: int, device: torch.device) -> torch.Tensor:
-        """The counter an update kernel adds its changes to, for an update of ``elements``."""
-        if self._counter is None:
-            self._counter = torch.zeros(1, dtype=torch.int64, device=device)
-        self.sampled += elements
-        return self._counter
-
-    def before(self, layout: GroupLayout, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def watch(
+        self, layout: GroupLayout, weights: torch.Tensor, lo: int, hi: int
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """How an update of elements ``[lo, hi)`` of the group counts what it changes: on a GPU with
+        Triton, the counter the update kernel adds to (each trainable element counted); else a
+        sample taken now, for ``after`` to compare."""
+        if fused.usable(weights):
+            if self._counter is None:
+                self._counter = torch.zeros(1, dtype=torch.int64, device=weights.device)
+            self.sampled += _trainable_between(layout, lo, hi)
+            return self._counter, None
         key = (layout.group, weights.device)
         if key not in self._indices:
             self._indices[key] = _spread_over(layout.update_ranges, self.SAMPLE).to(weights.device)
         index = self._indices[key]
-        return index, weights[index]
+        return None, (index, weights[index])
 
     def after(self, weights: torch.Tensor, sample: tuple[torch.Tensor, torch.Tensor]) -> None:
         index, old = sample
@@ -279,10 +278,9 @@ def apply_update(
     stochastic = update.rounding is Rounding.STOCHASTIC
     if stochastic and weights.dtype not in DROPPED_BITS:
         raise ValueError(f"stochastic rounding is for 16-bit masters; these are {weights.dtype}: use nearest")
-    in_kernel = fused.usable(weights)  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
-    if changed is not None and in_kernel:
-        counter = changed.counter(_trainable_between(layout, offset, offset + z.numel()), weights.device)
-    sample = changed.before(layout, weights) if changed is not None and not in_kernel else None
+    sample = None
+    if changed is not None:
+        counter, sample = changed.watch(layout, weights, offset, offset + z.numel())
     if scale is not None:
         scaled_grad = scale
     elif update.directions == 1:
@@ -291,7 +289,7 @@ def apply_update(
         raise ValueError(f"an update of {update.directions} directions is applied by update_group, not apply_update")
     decay = update.lr * update.weight_decay
     dropped = DROPPED_BITS[weights.dtype] if stochastic else 0
-    if in_kernel:
+    if fused.usable(weights):  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
         group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # keyed by element
         fused.update_span(weights, z, scaled_grad, layout.update_ranges, decay, dropped, group_seed, offset, counter)
     else:
