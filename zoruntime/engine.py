@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import group_snapshot, layout_fingerprint, save_checkpoint
 from .device.base import Backend, backend_for
-from .device.graphs import CUDAGraphs, GraphMismatch
+from .device.graphs import CUDAGraphs
 from .distributed import LossReducer, agreed_max, causal_lm_weight, row_weight, world
 from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
@@ -349,6 +349,7 @@ class Runtime:
         await scheduler.run(graph, work.for_task, step, mark_end=not deferred)
         self._rotation = graph.rotation_after
         await backend.drain(graph.waited_lanes)
+        work.confirm_graphs()  # a graph that replayed other bits fails the pass, as a failed task would
         for span_step, task, start, end in backend.take_timings():
             self._instruments.call("task_started", span_step, task, start)
             self._instruments.call("task_finished", span_step, task, end)
@@ -399,12 +400,6 @@ class Runtime:
         assert self._work is not None
         self._work.changed.clear()  # count this step's updates only (not a failed or an evaluation pass's)
         await self._run("step" if self.plan.offloads_at(t) else "step without offloads", state, t)
-        if self._work.graphs is not None:
-            try:
-                self._work.graphs.confirm()
-            except GraphMismatch:  # its losses came from a wrong graph: the step is dropped, its update not logged
-                self._work.graphs, self.failed_steps = None, self.failed_steps + 1
-                raise
         stats = state.outcome(self._work.changed.take())
         if stats.skipped:  # a non-finite loss makes no update; the step still counts (its seed is used up)
             self.skipped_steps += 1

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .device.graphs import CUDAGraphs
+from .device.graphs import CUDAGraphs, GraphMismatch
 from .distributed import LossReducer, causal_lm_weight, row_weight
 from .models.adapter import ModelAdapter, Params
 from .models.batch import Batch, LossFn, map_tensors
@@ -159,6 +159,17 @@ class TaskWork:
                 run.cancel()
             self.state.runs.clear()
         self.state = None
+
+    def confirm_graphs(self) -> None:
+        """Once a step's results are read: raise ``GraphMismatch`` if a CUDA graph it captured
+        replayed other bits than its eager forward, and run eagerly from then on."""
+        if self.graphs is None:
+            return
+        try:
+            self.graphs.confirm()
+        except GraphMismatch:
+            self.graphs = None
+            raise
 
     def oldest_held(self) -> int:
         """The newest step whose update every trained group's authoritative copy holds (a frozen
