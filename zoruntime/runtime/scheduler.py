@@ -136,6 +136,7 @@ class Scheduler:
         if hooks:
             hooks.call("step_started", step, self.clock(), graph.phase)
         this = _Pass(graph, works, taken, before, step)
+        done: Mapping[int, asyncio.Future[Completion]] | list[asyncio.Future[Completion]]
         if isinstance(self.lanes, Mapping):
             done = await self._on_lanes(self.lanes, this)
         else:
@@ -172,9 +173,10 @@ class Scheduler:
         self._behind = {lane: t for lane, t in lanes.items() if not t.done()}
         return done
 
-    async def _in_one_trip(self, enqueuer: Enqueuer, this: _Pass) -> list[asyncio.Future[Completion]]:
+    async def _in_one_trip(self, enqueuer: Enqueuer, this: _Pass) -> dict[int, asyncio.Future[Completion]]:
         """Every task enqueued in graph order on the enqueueing thread, in one call; a cancelled
-        pass stops before its next task and waits for the one being enqueued."""
+        pass stops before its next task and waits for the one being enqueued. Returns the
+        completions the next pass orders after (its slots' releases and the uploads done ahead)."""
         graph, works, taken, before, step = this.graph, this.works, this.taken, this.before, this.step
         handles: dict[int, object] = {i: upload.result().handle for i, upload in taken.items()}
         waits = {i: release.result().handle for i, release in before.items()}
@@ -210,11 +212,10 @@ class Scheduler:
                 for task, at in issued:
                     self.instruments.call("task_issued", step, task, at)
         loop = asyncio.get_running_loop()
-        done: list[asyncio.Future[Completion]] = []
-        for task in graph.tasks:
-            future: asyncio.Future[Completion] = loop.create_future()
-            future.set_result(Completion(handle=handles[task.index]))
-            done.append(future)
+        done: dict[int, asyncio.Future[Completion]] = {}  # only what the next pass waits on
+        for index in (*graph.releases.values(), *(t.index for t in graph.ahead)):
+            done[index] = loop.create_future()
+            done[index].set_result(Completion(handle=handles[index]))
         return done
 
     async def join(self) -> None:
