@@ -148,7 +148,7 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
     steps = sorted({s.step for s in timeline.spans if s.phase == "step"})
     if not steps:
         return TimelineSummary(steps=0, step_seconds=0.0)
-    windows, all_gaps, spans_of_steps = [], [], []
+    windows, all_gaps, spans_of_steps, issue_spreads = [], [], [], []
     busy: dict[str, float] = {}
     for step in steps:
         spans = timeline.for_step(step)
@@ -157,6 +157,9 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
         windows.append(window)
         for s in spans:
             busy[s.lane] = busy.get(s.lane, 0.0) + s.duration
+        issued = [s.issued for s in spans if s.issued is not None]
+        if issued:
+            issue_spreads.append(max(issued) - min(issued))
         all_gaps += _gaps(step, spans, window[0])
     total = _covered(windows)
 
@@ -167,11 +170,6 @@ def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
 
     step_seconds = total / len(steps)
     bound = _bound(spans_of_steps, len(steps)) / len(steps)
-    issue_spreads = []
-    for step in steps:
-        issued = [s.issued for s in timeline.for_step(step) if s.issued is not None]
-        if issued:
-            issue_spreads.append(max(issued) - min(issued))
     leads = sorted(s.start - s.issued for s in spans_of_steps if s.lane == "compute" and s.issued is not None)
     order = {"upload": 0, "compute": 1, "offload": 2}
     return TimelineSummary(
