@@ -13,6 +13,7 @@ from zoruntime.models import adapter_for
 from zoruntime.policies import FixedDepth, MemoryBudget
 from zoruntime.testing import check_timeline
 from zoruntime.zo.reference import ReferenceZO
+from zoruntime.zo.update import perturb_into
 
 pytestmark = [
     pytest.mark.cuda,
@@ -167,6 +168,20 @@ def test_device_timing_leaves_out_the_hosts_launch_overhead() -> None:
 
     gpu, host = meter.seconds(many_tiny_kernels, repeat=5), meter.enqueue_seconds(many_tiny_kernels, repeat=5)
     assert 0 < gpu < host  # 300 launches take the host far longer than the GPU needs to run them
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_copy_perturbed_in_pieces_on_cuda_equals_one_perturbed_whole(dtype: torch.dtype) -> None:
+    """CUDA's add applies one function to every element, aligned for its vector loads or not: the
+    kept group's rows (61 of 27 here) equal a whole copy's, as ``perturb_into`` promises."""
+    gen = torch.Generator().manual_seed(0)
+    weights = (torch.randn(61 * 27, generator=gen) * 0.05).to(dtype).cuda()
+    z = torch.randn(61 * 27, generator=gen).to(dtype).cuda()
+    whole = perturb_into(torch.empty_like(weights), weights, z, 1e-3)
+    rows = torch.empty_like(weights)
+    for at in range(0, weights.numel(), 27):
+        perturb_into(rows[at : at + 27], weights[at : at + 27], z[at : at + 27], 1e-3)
+    assert torch.equal(rows.view(torch.int16), whole.view(torch.int16))
 
 
 def test_a_batch_is_staged_pinned_so_its_copy_does_not_stop_the_host() -> None:

@@ -283,6 +283,45 @@ def test_stochastic_rounding_is_for_16_bit_masters_only() -> None:
     assert zoruntime.ZOSGD().rounding_for(torch.float32) is Rounding.NEAREST
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights_dtype", ["same", "float32"])
+def test_a_16_bit_copy_perturbed_in_pieces_equals_one_perturbed_whole(dtype, weights_dtype) -> None:
+    """The kept group is perturbed a span and a chunk of rows at a time, the reference's whole: on
+    a CPU PyTorch's 16-bit add with alpha rounds its scalar tail otherwise than its vectorised
+    body, so ``perturb_into`` must not depend on where an element lies (61 rows of 27, each row
+    its own call, and each element)."""
+    gen = torch.Generator().manual_seed(0)
+    source = torch.float32 if weights_dtype == "float32" else dtype
+    weights = (torch.randn(61 * 27, generator=gen) * 0.05).to(source)
+    z = torch.randn(61 * 27, generator=gen).to(source)
+    for scale in (1e-3, -1e-3):
+        whole = perturb_into(torch.empty(61 * 27, dtype=dtype), weights, z, scale)
+        for width in (27, 1):
+            pieces = torch.empty_like(whole)
+            for at in range(0, whole.numel(), width):
+                perturb_into(pieces[at : at + width], weights[at : at + width], z[at : at + width], scale)
+            assert torch.equal(pieces.view(torch.int16), whole.view(torch.int16)), (scale, width)
+        expected = (z.float() * scale + weights.float()).to(dtype)  # a float32 multiply and add, rounded once
+        assert torch.equal(whole.view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("dtype", "unit"), [(torch.bfloat16, "block"), (torch.float16, "linear")])
+async def test_16_bit_masters_of_odd_widths_equal_the_reference_bitwise(dtype: torch.dtype, unit: str) -> None:
+    """Widths no vector length divides (hidden 27, a vocabulary of 61): the kept group's rows and
+    spans end mid-vector, where the reference's whole copy does not."""
+    shape = dict(hidden_size=27, word_embed_proj_dim=27, ffn_dim=50, num_attention_heads=3, vocab_size=61)
+    model, reference_model = (tiny_model(seed=5, dtype=dtype, **shape) for _ in range(2))
+    config = zoruntime.ZOSGD(lr=1e-3, eps=1e-3, seed=5)
+    reference = ReferenceZO(reference_model, config, unit=unit)
+    async with zoruntime.Runtime(model, config, policy=FixedDepth(1, unit=unit)) as rt:
+        for i in range(3):
+            batch = token_batch(model.config, seed=i)
+            assert await rt.step(batch) == reference.step(batch)
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
 async def test_16_bit_masters_equal_the_reference_bitwise_with_either_rounding(rounding: str) -> None:
