@@ -29,6 +29,8 @@ def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
     card = result["card"]  # on a CPU the copies take microseconds and their times are noise: only their shape
     assert all(card[k] > 0 for k in ("both_directions_ms", "upload_ms", "offload_ms"))
     assert card["duplex_floor_tokens_s"] <= card["floor_tokens_s"]
+    assert card["blas_workspace_mib"] == 0  # cuBLAS's: a GPU's alone
+    assert card["compute_rest_ms"] > 0  # the task without its forwards, timed on its own
     assert card["host_task_ms"] >= 0 and card["host_probe_ms"] >= 0  # the host's time split as profiles take it
     assert set(card["host_parts_ms"]) == {"update", "draw", "perturb", "forward", "upload"}
     assert all(ms > 0 for ms in card["host_parts_ms"].values())

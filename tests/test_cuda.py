@@ -3,6 +3,8 @@ on the same GPU bitwise in fp32, never drifts in fp16, and overlaps upload with 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_model, token_batch
@@ -182,6 +184,16 @@ def test_a_16_bit_copy_perturbed_in_pieces_on_cuda_equals_one_perturbed_whole(dt
     for at in range(0, weights.numel(), 27):
         perturb_into(rows[at : at + 27], weights[at : at + 27], z[at : at + 27], 1e-3)
     assert torch.equal(rows.view(torch.int16), whole.view(torch.int16))
+
+
+def test_the_meter_finds_cublas_workspace_where_pytorch_documents_it() -> None:
+    """32 MiB a stream from compute capability 9 (Hopper) on, PyTorch's default there, unless
+    CUBLAS_WORKSPACE_CONFIG says otherwise; measured again after the meter freed it."""
+    meter = DeviceMeter("cuda")
+    found = meter.blas_workspace_bytes(torch.float16)
+    assert found > 0 and meter.blas_workspace_bytes(torch.float16) == found
+    if torch.cuda.get_device_capability()[0] == 9 and "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        assert found == 32 * 2**20
 
 
 def test_a_batch_is_staged_pinned_so_its_copy_does_not_stop_the_host() -> None:

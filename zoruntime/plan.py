@@ -4,7 +4,7 @@
     zoruntime plan --model opt-13b --policy depth=1 --directions auto --estimator one-sided
 
 Prints the GPU memory a policy needs, part by part (the memory model, the figure the runtime
-allocates, plus activations), its predicted step time and tokens/s (the real scheduler on the
+allocates, plus activations and cuBLAS's workspaces), its predicted step time and tokens/s (the real scheduler on the
 simulator, with times from a GPU profile), the upload-only floor, and the fastest policy the
 search finds within the memory given, over every depth, offload interval, resident set and
 unit (whole blocks, halves, a unit per linear layer). With ``--directions q`` (and

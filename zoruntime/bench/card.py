@@ -104,18 +104,20 @@ def card(
             block(hidden, inputs)
             block(hidden, inputs)
 
-    def compute_task(directions: int = 1) -> None:
+    def compute_task(directions: int = 1, forwards: bool = True) -> None:
         with torch.no_grad():
             update_group(slot, pending, layout, sampler, z)
             for direction in range(directions):
                 draw_direction(sampler, 2, layout, z, direction=direction)
                 for eps in (1e-3, -1e-3):
                     perturb_into(scratch, slot, z, eps)
-                    block(hidden, inputs)
+                    if forwards:
+                        block(hidden, inputs)
 
     perturb_into(scratch, slot, sampler.draw(2, first.group, z), 1e-3)
     forward = dev.seconds(dual_forward, repeat=10)
     task = dev.seconds(compute_task, repeat=10)
+    rest = dev.seconds(lambda: compute_task(forwards=False), repeat=10)  # timed whole: never a difference of two
     enqueue = dev.enqueue_seconds(compute_task, repeat=10)
     enqueue_two = dev.enqueue_seconds(lambda: compute_task(2), repeat=10)  # 4 probes: the host's cost per probe
     host_probe = min(max(enqueue_two - enqueue, 0.0), enqueue) / 2  # the split always adds up to `enqueue`
@@ -151,6 +153,7 @@ def card(
         "offload_gb_s": layout.nbytes / down / 1e9,
         "dual_forward_ms": forward * 1e3,
         "compute_task_ms": task * 1e3,
+        "compute_rest_ms": rest * 1e3,  # the task without its forwards: draws, perturbed copies, the update
         "compute_enqueue_ms": enqueue * 1e3,  # host time to issue it; above the larger of the two: host-bound
         "host_task_ms": (enqueue - 2 * host_probe) * 1e3,  # that time as a cost per task
         "host_probe_ms": host_probe * 1e3,  # and one per probe (from a task of two directions)
@@ -160,6 +163,7 @@ def card(
         "head_enqueue_ms": head_enqueue * 1e3,  # and the host's time to issue it
         "host_piece_ms": head_enqueue * 1e3 / pieces,  # that time per piece of the loss, as profiles take it
         **cut,  # with --unit half or linear: the host's time for the block's unit tasks
+        "blas_workspace_mib": dev.blas_workspace_bytes(dtype) / 2**20,  # cuBLAS's, on each stream that runs matmuls
         "both_directions_ms": both * 1e3,  # one upload and one offload of a block at once
         "duplex": max(up, down) / both,  # the fraction of its speed each direction keeps while both run
         "floor_step_s": floor,

@@ -121,6 +121,7 @@ class DeviceMeter:
         """Return the memory of what is no longer referenced (between runs), and reset the peak."""
         gc.collect()
         if self.cuda:
+            _clear_blas_workspaces(self.device)  # each run's peak counts the workspaces its own streams take
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -139,6 +140,20 @@ class DeviceMeter:
         free, total = torch.cuda.mem_get_info(self.device)
         return (total - free) / 2**20
 
+    def blas_workspace_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes a stream's first matmuls leave allocated, as a block runs them (``dtype``, with
+        and without a bias): cuBLAS's workspace, which PyTorch takes from its caching allocator
+        once per stream and keeps (cuBLASLt's too, where it has its own). 0 on a CPU."""
+        if not self.cuda:
+            return 0
+        weight = torch.ones(64, 64, dtype=dtype, device=self.device)
+        bias = torch.ones(64, dtype=dtype, device=self.device)
+        _clear_blas_workspaces(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        outputs = [weight @ weight, torch.nn.functional.linear(weight, weight, bias)]
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.memory_allocated(self.device) - before - sum(o.nbytes for o in outputs)
+
     def free_bytes(self) -> int | None:
         return torch.cuda.mem_get_info(self.device)[0] if self.cuda else None
 
@@ -147,6 +162,12 @@ class DeviceMeter:
         if self.cuda:
             return int(torch.cuda.mem_get_info(self.device)[1])
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _clear_blas_workspaces(device: torch.device) -> None:
+    """Free cuBLAS's workspaces, every stream's (once the device is idle: a kernel may use one)."""
+    torch.cuda.synchronize(device)
+    torch._C._cuda_clearCublasWorkspaces()
 
 
 def _unpin(pointer: int, device: torch.device) -> None:

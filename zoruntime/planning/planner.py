@@ -16,7 +16,8 @@ task: an approximation where the host sets the pace).
 The simulator then runs the real scheduler on those times for two offload cycles, and the step
 time is the second cycle's mean: steps overlap, as the runtime's do when the caller calls again
 at once (the host's own time between calls is not modelled). The GPU memory a plan needs is the
-memory model's figure plus the activations.
+memory model's figure plus the activations and cuBLAS's workspace on each stream that runs
+matmuls (the compute lane's, and the one CUDA graphs are captured on).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class Workload:
     def host_s(self, profile: GPUProfile) -> float:
         """Seconds the host takes to issue a unit's compute task on ``profile``."""
         return profile.host_s(self.probes, self.graphed_probes)
+
+    @property
+    def matmul_streams(self) -> int:
+        """Streams that run matmuls: the compute lane's, and with graphs the one they are captured on."""
+        return 2 if self.graphed_probes else 1
 
     @property
     def tokens(self) -> int:
@@ -146,22 +152,25 @@ def profile_from_card(
     name: str, card: Mapping[str, Any], work: Workload, gpu_memory_gb: float, duplex: float, source: str
 ) -> GPUProfile:
     """The profile that ``figures`` turns back into the card's times: link speeds as measured, the
-    compute rate from both forwards, the memory rate from the rest of the compute task, the
+    compute rate from both forwards, the memory rate from the rest of the compute task (timed on
+    its own, so a task timed no longer than its forwards on a noisy host still gives one; a card
+    from before that: the task less its forwards), the
     host's time per task and per probe as the card split it, what a forward replayed from a CUDA
-    graph saves a probe (the card's eager forward's host time less the replay's), and per piece of
-    the head's loss (a card without them: not modelled)."""
+    graph saves a probe (the card's eager forward's host time less the replay's), per piece of
+    the head's loss, and cuBLAS's workspace a stream (a card without them: not modelled)."""
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
+    rest_s = card["compute_rest_ms"] / 1e3 if "compute_rest_ms" in card else task_s - forward_s
     parts: Mapping[str, float] = card.get("host_parts_ms", {})
     graph_saving = max(0.0, parts["forward"] - parts["graphed forward"]) if "graphed forward" in parts else 0.0
-    if task_s <= forward_s:
+    if rest_s <= 0:
         raise ValueError(f"the card's compute task ({task_s * 1e3:.3f} ms) is not longer than its forwards")
     return GPUProfile(
         name, upload_gb_s=card["upload_gb_s"], offload_gb_s=card["offload_gb_s"], duplex=duplex,
         tflops=2 * forward_flops(work) / forward_s / 1e12,
-        memory_gb_s=work.compute_task_bytes() / (task_s - forward_s) / 1e9,
+        memory_gb_s=work.compute_task_bytes() / rest_s / 1e9,
         gpu_memory_gb=gpu_memory_gb, host_task_ms=card.get("host_task_ms", 0.0),
         host_probe_ms=card.get("host_probe_ms", 0.0), host_piece_ms=card.get("host_piece_ms", 0.0),
-        host_graph_saving_ms=graph_saving, source=source,
+        host_graph_saving_ms=graph_saving, blas_workspace_mib=card.get("blas_workspace_mib", 0.0), source=source,
     )  # fmt: skip
 
 
@@ -202,6 +211,7 @@ def predict(work: Workload, profile: GPUProfile, policy: Policy, name: str | Non
         "streaming slots": parts.slots,
         "working buffers (a perturbed copy)": parts.working,
         "activations": _activations(work),
+        "cuBLAS's workspaces (one a stream that runs matmuls)": _workspaces(work, profile),
     }
     op, update_s = figures(work, profile)
     cycle = plan.offload_every
@@ -229,7 +239,7 @@ class PlanGiven:
         return self.fixed
 
 
-def candidates(work: Workload, gpu_bytes: int) -> list[tuple[str, Policy]]:
+def candidates(work: Workload, profile: GPUProfile, gpu_bytes: int) -> list[tuple[str, Policy]]:
     """Every policy the search tries for ``work``'s unit: each depth and offload interval
     streamed, and with as many units resident as ``gpu_bytes`` leaves room for."""
     tried: list[tuple[str, Policy]] = []
@@ -238,7 +248,7 @@ def candidates(work: Workload, gpu_bytes: int) -> list[tuple[str, Policy]]:
         for every in OFFLOAD_EVERY:
             offload = "" if every == 1 else f", offload_every={every}"
             tried.append((f"FixedDepth({depth}{offload}{unit})", FixedDepth(depth, every, work.unit)))
-            streaming = predict_memory(work, Plan(depth, offload_every=every))
+            streaming = predict_memory(work, Plan(depth, offload_every=every), profile)
             budget = work.layout.breakdown(Plan(depth)).units + gpu_bytes - streaming
             if budget > 0:
                 name = f"MemoryBudget({budget / 1e9:.2f} GB, depth={depth}, offload_every={every}{unit})"
@@ -252,9 +262,13 @@ def _activations(work: Workload) -> int:
                             paused=work.unit != "block", probes=work.probes)  # fmt: skip
 
 
-def predict_memory(work: Workload, plan: Plan) -> int:
-    """GPU bytes of ``plan``: the memory model's buffers and the activations."""
-    return work.layout.bytes_needed(plan) + _activations(work)
+def _workspaces(work: Workload, profile: GPUProfile) -> int:
+    return round(profile.blas_workspace_mib * 2**20) * work.matmul_streams
+
+
+def predict_memory(work: Workload, plan: Plan, profile: GPUProfile) -> int:
+    """GPU bytes of ``plan`` on ``profile``'s GPU: the memory model's buffers, the activations, cuBLAS's workspaces."""
+    return work.layout.bytes_needed(plan) + _activations(work) + _workspaces(work, profile)
 
 
 def best(works: Workload | Sequence[Workload], profile: GPUProfile, gpu_bytes: int) -> Prediction | None:
@@ -265,9 +279,9 @@ def best(works: Workload | Sequence[Workload], profile: GPUProfile, gpu_bytes: i
     then the least memory."""
     fitting = []
     for work in [works] if isinstance(works, Workload) else works:
-        for name, policy in candidates(work, gpu_bytes):
+        for name, policy in candidates(work, profile, gpu_bytes):
             try:
-                if predict_memory(work, policy.plan(work.layout)) > gpu_bytes:
+                if predict_memory(work, policy.plan(work.layout), profile) > gpu_bytes:
                     continue  # does not fit: not worth simulating
             except ValueError:  # a budget too small for its depth
                 continue

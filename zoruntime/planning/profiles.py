@@ -5,8 +5,10 @@ of that each keeps while both run), the compute rate the two forwards of a block
 rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update), and
 the host's time to issue a compute task (a part per task, a part per probe: Python and kernel
 launches, which the GPU cannot hide when its own work per task is shorter), what a probe saves
-when a whole block's forward replays from a CUDA graph, and a piece of the head's loss. The
-built-in ones were measured by ``zoruntime bench`` on the machines named in them;
+when a whole block's forward replays from a CUDA graph, and a piece of the head's loss; and the
+workspace cuBLAS takes on each stream that runs matmuls (PyTorch allocates it from its caching
+allocator on a stream's first matmul and keeps it). The built-in ones were measured by
+``zoruntime bench`` on the machines named in them (their source says what was not);
 ``zoruntime bench --save-profile FILE`` writes one for your own GPU.
 """
 
@@ -32,13 +34,14 @@ class GPUProfile:
     host_graph_saving_ms: float = (
         0.0  # what a perturbed probe's forward replayed from a CUDA graph saves (0: unmeasured)
     )
+    blas_workspace_mib: float = 0.0  # cuBLAS's workspace on each stream that runs matmuls (0: not modelled)
     source: str = ""
 
     def __post_init__(self) -> None:
         for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
-        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms", "host_graph_saving_ms"):
+        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms", "host_graph_saving_ms", "blas_workspace_mib"):
             if not getattr(self, field) >= 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be >= 0, got {getattr(self, field)!r}")
         if not 0 < self.duplex <= 1:
@@ -59,20 +62,21 @@ class GPUProfile:
 BUILT_IN = {
     "h200": GPUProfile(
         "h200", upload_gb_s=55.2, offload_gb_s=55.4, duplex=0.91, tflops=655.0, memory_gb_s=1750.0,
-        gpu_memory_gb=139.8, host_task_ms=1.18, host_probe_ms=0.46, host_piece_ms=0.138,
+        gpu_memory_gb=139.8, host_task_ms=1.18, host_probe_ms=0.46, host_piece_ms=0.138, blas_workspace_mib=32.0,
         source="measured: zoruntime bench on an NVIDIA H200, PCIe gen 5 x16, 2026-11-27 (links, opt-13b card); "
         "duplex 0.909 to 0.913 on five cards that evening; host: the opt-13b card of "
         "docs/results/2026-11-27-h200-fused-update.json (2.10 ms to enqueue a two-probe block task, "
         "1.18 ms a task + 0.46 ms a probe as its fit splits it; opt-1.3b's 2.12 ms), 0.138 ms a piece of "
         "the head's loss (tensor operations: an upper bound for the loss kernel's pieces); all with "
-        "the update a launch per run and three enqueueing threads",
+        "the update a launch per run and three enqueueing threads; cuBLAS's workspace PyTorch's default on "
+        "Hopper (32 MiB a stream, cuBLASLt sharing it), not measured",
     ),
     "h100": GPUProfile(
         "h100", upload_gb_s=54.7, offload_gb_s=53.0, duplex=0.9, tflops=590.0, memory_gb_s=1700.0,
-        gpu_memory_gb=79.6, host_task_ms=1.17, host_probe_ms=0.67,
+        gpu_memory_gb=79.6, host_task_ms=1.17, host_probe_ms=0.67, blas_workspace_mib=32.0,
         source="measured: zoruntime bench on an NVIDIA H100 80GB HBM3, PCIe gen 5 x16, 2026-11-26 (opt-13b card); "
         "duplex assumed as on the H200; host: a two-probe task spanned 2.5 ms of an opt-1.3b trace against "
-        "1.6 ms of GPU time, split as on the H200",
+        "1.6 ms of GPU time, split as on the H200; cuBLAS's workspace as on the H200",
     ),
 }  # fmt: skip
 

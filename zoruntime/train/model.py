@@ -113,7 +113,7 @@ def fitted_policy(
     with ThreadPoolExecutor(max_workers=1) as planner:  # its simulator runs an event loop, and train's is running
         found = planner.submit(best, list(works.values()), profile, gpu_bytes).result()
     if found is None or found.chosen is None:
-        least = min(predict_memory(work, Plan(0)) for work in works.values())
+        least = min(predict_memory(work, Plan(0), profile) for work in works.values())
         raise UsageError(
             f"--policy {config.policy}: nothing fits in {gpu_bytes / 1e9:.2f} GB at --batch-size {config.batch_size} "
             f"x --max-length {config.max_length}; the least any plan needs is {least / 1e9:.2f} GB (depth 0, "
