@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, OPTForCausalLM
 
 import zoruntime
@@ -45,6 +46,9 @@ def test_default_run_writes_a_model_folder_that_from_pretrained_loads(tmp_path: 
     trained = OPTForCausalLM.from_pretrained(tmp_path / "model")
     start = random_opt(tiny_opt_config(num_hidden_layers=4), seed=0)
     assert trained.lm_head.weight is trained.model.decoder.embed_tokens.weight
+    with safe_open(tmp_path / "model" / "model.safetensors", "pt") as saved:
+        names = set(saved.keys())
+    assert "model.decoder.embed_tokens.weight" in names and "lm_head.weight" not in names  # the tied head once
     differs = [not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters(), strict=True)]
     assert all(differs)
     config = json.loads((tmp_path / "zoruntime.json").read_text())

@@ -17,7 +17,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
-        "train": "fine-tune an OPT model; no options: the built-in default (zoruntime train --help)",
+        "train": "fine-tune an OPT or Llama-family model; no options: the built-in default (zoruntime train --help)",
         "bench": "throughput benchmark against MeZO and the transfer floor (zoruntime bench --help)",
         "plan": "GPU memory and predicted speed of a plan, and the fastest that fits (zoruntime plan --help)",
         "trace": "summarise or plot a saved timeline (zoruntime trace --help)",

@@ -32,7 +32,7 @@ from .models.adapter import adapter_for
 from .models.fingerprint import weights_fingerprint
 from .models.freeze import freeze
 from .models.groups import adopt_into_flat
-from .models.init import load_pretrained
+from .models.init import load_pretrained, save_pretrained
 from .planning.memory import STEP_SPAN_ELEMENTS
 from .runs import RunFolderError, RunLock, check_writable
 from .zo.directions import DirectionSampler
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             out = stack.enter_context(RunLock(Path(args.out), "zoruntime replay"))
             count = replay(model, records, args.device, header.get("unit", "block"))
             nn.Module.to(model, "cpu")
-            model.save_pretrained(out.folder, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+            save_pretrained(model, out.folder)
             if ByteTokenizer.saved_in(base):
                 ByteTokenizer().save_pretrained(out.folder)
     except (ValueError, RunFolderError) as error:

@@ -7,7 +7,7 @@ initialises OPT. Also holds the built-in tiny configurations used by tests and d
 a Llama for the Llama family), ``materialize_flat`` (groups born flat in pinned buffers, for
 benchmarks of big shapes of any family an adapter runs) and
 ``load_pretrained`` (a local folder or a hub name of any family an adapter runs, with errors
-that say what to do).
+that say what to do) with its inverse ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -243,6 +243,20 @@ def _offline_options(where: str) -> dict[str, Any]:
         f"{where!r} is not a local folder, and the Hugging Face hub cannot be reached from here: download it first "
         f"on a machine with network (huggingface-cli download {where}) or pass the folder it is in"
     )
+
+
+def save_pretrained(model: PreTrainedModel, folder: Path | str) -> None:
+    """``model.save_pretrained(folder)`` of a copy of its tensors (they may be views of one flat
+    group, which safetensors refuses as shared), each copied once: a tied head stays one tensor
+    with the embedding and is written once, as Hugging Face writes it."""
+    copies: dict[object, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride()) if tensor.numel() else name
+        if key not in copies:
+            copies[key] = tensor.detach().clone()
+        state[name] = copies[key]
+    model.save_pretrained(folder, state_dict=state)
 
 
 def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedModel:

@@ -1,4 +1,4 @@
-"""``zoruntime train``: fine-tune an OPT model with the offloaded runtime, from the command line.
+"""``zoruntime train``: fine-tune an OPT or Llama-family model with the offloaded runtime, from the command line.
 
 Writes to ``--out``: the model as a Hugging Face folder (``save_pretrained``, safetensors) with
 its tokenizer, the resolved configuration with the base model's fingerprint (``zoruntime.json``),

@@ -22,7 +22,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
-from ..models.init import load_pretrained, random_opt, tiny_opt_config
+from ..models.init import load_pretrained, random_opt, save_pretrained, tiny_opt_config
 from ..models.shapes import shape_dims
 from ..planning.directions import fewest_directions
 from ..planning.memory import activation_bytes
@@ -58,9 +58,8 @@ def load_model(config: TrainConfig, base: Path | None = None) -> tuple[PreTraine
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, folder: Path) -> None:
-    """``save_pretrained`` of the model (a copy of its tensors: they may be views of flat groups)
-    and the tokenizer."""
-    model.save_pretrained(folder, state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
+    """The model (``models.init.save_pretrained``) and the tokenizer."""
+    save_pretrained(model, folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -98,7 +98,10 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--model", default=d.model, help="local folder or hub name of an OPT model; none: the built-in tiny one"
+        "--model",
+        default=d.model,
+        help="local folder or hub name of an OPT or Llama-family model (llama, mistral, qwen2, "
+        "qwen3); none: the built-in tiny OPT",
     )
     p.add_argument("--task", default=d.task,
                    help="lm (causal LM), sst2 (GLUE SST-2, MeZO's prompt), classify, choice or generate (on --data), "
