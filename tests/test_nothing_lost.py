@@ -25,6 +25,7 @@ from zoruntime.checkpoint import CheckpointError, latest_checkpoint, load_checkp
 from zoruntime.data.tokenizer import ByteTokenizer
 from zoruntime.journal import VERSION, Journal, JournalError, Record, read_header, read_journal, truncate_journal
 from zoruntime.models import random_opt, tiny_opt_config
+from zoruntime.policies import FixedDepth
 from zoruntime.zo import DIRECTION_SCHEME
 
 ARGS = ["--steps", "150", "--checkpoint-every", "15", "--eval-every", "0", "--no-trace", "--max-length", "32"]
@@ -126,11 +127,14 @@ def test_a_checkpoint_of_another_direction_scheme_is_refused_not_passed_over(tmp
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("family", FAMILIES)
-async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "unit"), [*((family, "block") for family in FAMILIES), (FAMILIES[0], "linear"),
+                                              (FAMILIES[-1], "half")])  # fmt: skip
+async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Path, family: str, unit: str) -> None:
+    """Whatever units the run streamed: its checkpoint holds a group a unit, and the twin is
+    restored through an adapter cutting its blocks the same way."""
     model, twin = tiny_model(family, num_hidden_layers=3), tiny_model(family, num_hidden_layers=3)
     config = zoruntime.ZOSGD(lr=1e-2, seed=3)
-    async with zoruntime.Runtime(model, config) as rt:
+    async with zoruntime.Runtime(model, config, policy=FixedDepth(1, unit=unit)) as rt:
         for i in range(4):
             await rt.step(token_batch(model.config, seed=i))
         folder = await rt.save_checkpoint(tmp_path, {"next_batch": 4})
@@ -139,7 +143,7 @@ async def test_a_checkpoint_holds_every_update_and_restores_exactly(tmp_path: Pa
     assert folder.name == "checkpoint-00000004" and latest_checkpoint(tmp_path) == folder
     state = restore_checkpoint(twin, tmp_path)
     assert state["step"] == 4 and state["next_batch"] == 4
-    async with zoruntime.Runtime(twin, config, start_step=state["step"]) as rt:
+    async with zoruntime.Runtime(twin, config, policy=FixedDepth(1, unit=unit), start_step=state["step"]) as rt:
         again = [await rt.step(token_batch(twin.config, seed=i)) for i in (4, 5)]
     assert again == after
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))

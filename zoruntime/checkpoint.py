@@ -14,7 +14,8 @@ from it would regenerate different directions from the run's seeds. There is no 
 to an older checkpoint then (all of a run's checkpoints share its scheme, and an older one
 would silently throw steps away). The caller applies the pending update first
 (``Runtime.save_checkpoint`` does), so the weights hold every update up to the step.
-``restore_checkpoint`` loads one into a model's parameters through its adapter's groups.
+``restore_checkpoint`` loads one into a model's parameters through its adapter's groups (its
+blocks cut into the units the writing run streamed).
 Knows nothing about runtimes or training.
 """
 
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models.adapter import ModelAdapter, adapter_for
+from .policies.base import UNIT_KINDS
 from .zo.directions import DIRECTION_SCHEME
 
 LATEST = "latest"
@@ -181,13 +183,26 @@ def group_snapshot(adapter: ModelAdapter, masters: Sequence[torch.Tensor]) -> di
     return {name: masters[group] for group, name in _group_names(adapter).items()}
 
 
+def _adapter_written_by(model: nn.Module, layout: Any) -> ModelAdapter | None:
+    """``model``'s adapter whose groups a checkpoint of ``layout`` holds: its blocks cut into the
+    units the writing runtime streamed (whole blocks, halves or linears), or None."""
+    for unit in UNIT_KINDS:
+        try:
+            adapter = adapter_for(model, unit)
+        except ValueError:  # blocks this model cannot be cut into
+            continue
+        if layout == layout_fingerprint(adapter):
+            return adapter
+    return None
+
+
 def restore_checkpoint(model: nn.Module, root: str | Path) -> dict[str, Any]:
     """Load the newest readable checkpoint in ``root`` into ``model``'s parameters; returns its
     state (``state["step"]`` is where a ``Runtime(..., start_step=...)`` continues) with
     ``state["passed_over"]``: a line for each newer checkpoint that was damaged."""
-    adapter = adapter_for(model)
     groups, state, passed_over = load_checkpoint(root)
-    if state.get("layout") != layout_fingerprint(adapter):
+    adapter = _adapter_written_by(model, state.get("layout"))
+    if adapter is None:
         raise CheckpointError(
             f"the checkpoint in {root} was written for a different model (its groups, sizes or dtypes differ); "
             "resume with the model the run started from"
