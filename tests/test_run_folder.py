@@ -267,3 +267,81 @@ def test_ctrl_c_checkpoints_the_last_step_and_resume_ends_where_a_clean_run_does
     assert train(capsys, "--resume", str(stopped))[0] == 0
     assert same_weights(clean / "model", stopped / "model")
     assert read_journal(clean / "journal.jsonl") == read_journal(stopped / "journal.jsonl")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_rates(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "tokens_per_s"} for line in lines]
+
+
+def _ctrl_c_when(monkeypatch: pytest.MonkeyPatch, target: object, name: str, when=lambda *args: True) -> None:
+    """Send this process SIGINT (as Ctrl-C does) inside ``target.name`` when ``when(*its args)``."""
+    original = getattr(target, name)
+
+    def wrapped(*args, **kwargs):
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+def test_ctrl_c_on_an_evaluation_step_evaluates_it_before_stopping(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The resumed run starts after that step, so an evaluation left for after the interrupt would
+    never be made: the interrupted run's metrics, resumed, equal a clean run's."""
+    from zoruntime.train.watch import MetricsLog
+
+    args = ["--steps", "6", "--eval-every", "2", "--checkpoint-every", "100"]
+    assert train(capsys, *args, "--out", str(tmp_path / "clean"))[0] == 0
+    with monkeypatch.context() as patched:
+        _ctrl_c_when(patched, MetricsLog, "train", lambda log, done, *rest: done == 4)
+        code, _, err = train(capsys, *args, "--out", str(tmp_path / "stopped"))
+    assert code == 130 and "interrupted at step 4: checkpointed" in err
+    assert {"kind": "dev", "step": 4}.items() <= _metrics(tmp_path / "stopped")[-1].items()
+    assert train(capsys, "--resume", str(tmp_path / "stopped"))[0] == 0
+    assert _without_rates(_metrics(tmp_path / "stopped")) == _without_rates(_metrics(tmp_path / "clean"))
+    assert same_weights(tmp_path / "clean" / "model", tmp_path / "stopped" / "model")
+
+
+def test_ctrl_c_while_the_outputs_are_written_lets_them_finish(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The run is over: the model, summary and curves are written whole, and it says so (not
+    "nothing was trained")."""
+    from zoruntime.train import loop
+
+    _ctrl_c_when(monkeypatch, loop, "save_model", lambda model, tokenizer, folder: folder.name == "model")
+    code, out, err = train(capsys, "--steps", "3", "--out", str(tmp_path / "run"))
+    assert code == 0 and "nothing was trained" not in err
+    assert "Ctrl-C came while the outputs were written; they were finished first" in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    assert weights(tmp_path / "run" / "model")
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume_without_repeating_itself(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Ctrl-C during the last checkpoint stops there (one line saying how to finish); resume then
+    only evaluates and writes: one dev line for the last step, the run's own tokens/s, and the
+    trace of the steps it trained is not replaced by one of an evaluation."""
+    from zoruntime import engine
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        _ctrl_c_when(patched, engine.Runtime, "save_checkpoint", lambda rt, *rest: rt.step_index == 4)
+        code, _, err = train(capsys, "--steps", "4", "--eval-every", "2", "--trace", "--out", str(run))
+    assert code == 130 and err.count("\n") == 1
+    assert f"interrupted after the last step (4): checkpointed; write the model and the summary with " \
+           f"zoruntime train --resume {run}" in err  # fmt: skip
+    assert not (run / "summary.json").exists() and not (run / "model").exists()
+    assert train(capsys, "--resume", str(run))[0] == 0
+    lines = _metrics(run)
+    assert [line["step"] for line in lines if line["kind"] == "dev"] == [0, 2, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens_per_s"] == next(line for line in reversed(lines) if line["kind"] == "train")["tokens_per_s"]
+    trace, written = run / "trace.json", (run / "trace.json").read_bytes() if (run / "trace.json").exists() else None
+    (run / "summary.json").unlink()  # as if killed while writing: resume finishes it again
+    assert train(capsys, "--resume", str(run))[0] == 0
+    assert [line["step"] for line in _metrics(run) if line["kind"] == "dev"] == [0, 2, 4]
+    assert (trace.read_bytes() if trace.exists() else None) == written

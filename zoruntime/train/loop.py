@@ -275,25 +275,29 @@ async def _run(
                 if metrics is not None:
                     metrics.train(done, stats, rate)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{rate:,.0f}", **dev_shown, refresh=False)
-                if interrupted.is_set():
-                    bar.close()
-                    if lead:
-                        await checkpoint()
-                    raise Interrupted(
-                        f"interrupted at step {done}: checkpointed; continue with zoruntime train --resume {out}"
-                    )
                 if done < config.steps and config.eval_every and done % config.eval_every == 0:
-                    evaluation = await evaluate(rt, data)
+                    evaluation = await evaluate(rt, data)  # before an interrupt's checkpoint: a resume skips it
                     dev_shown = _dev_postfix(evaluation)
                     if metrics is not None:
                         metrics.dev(done, evaluation.loss, evaluation.perplexity, evaluation.metric)
                     if lead:
                         bar.write(f"step {done}: {evaluation}")
-                if lead and done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0:
+                due = done < config.steps and config.checkpoint_every and done % config.checkpoint_every == 0
+                if lead and (due or interrupted.is_set()):
                     await checkpoint()
+                if interrupted.is_set():
+                    bar.close()
+                    raise Interrupted(
+                        f"interrupted at step {done}: checkpointed; continue with zoruntime train --resume {out}"
+                    )
             bar.close()
             if lead and start.step < config.steps:
                 await checkpoint()  # the last step, always: a finished run can be extended or checked
+            if interrupted.is_set():
+                raise Interrupted(
+                    f"interrupted after the last step ({config.steps}): checkpointed; write the model and the "
+                    f"summary with zoruntime train --resume {out}"
+                )
             after = await evaluate(rt, data)
             say(f"after:  {after}")
             if metrics is not None:
@@ -301,18 +305,35 @@ async def _run(
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
             directions = rt.directions
+            logged_rate = metrics.last_tokens_per_s() if metrics is not None else None  # the run's last
+        seconds = time.perf_counter() - started
+        if world_size > 1:
+            dist.barrier()
+        if not lead:
+            return {}
+        summary = _write_outputs(config, start, before, after, model, tokenizer, timeline, out,
+                                 seconds, tokens, logged_rate, skipped, directions)  # fmt: skip
+        await asyncio.sleep(0.01)  # a Ctrl-C held back during the writes reaches its handler, not the loop's runner
+        if interrupted.is_set():
+            say("zoruntime train: Ctrl-C came while the outputs were written; they were finished first")
+        return summary
     finally:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGINT)
-    seconds = time.perf_counter() - started
-    if world_size > 1:
-        dist.barrier()
-    if not lead:
-        return {}
+
+
+def _write_outputs(
+    config: TrainConfig, start: Start, before: Evaluation | None, after: Evaluation, model: PreTrainedModel,
+    tokenizer: Any, timeline: Any, out: Path, seconds: float, tokens: int, rate: float | None, skipped: int,
+    directions: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The finished run's model, trace and timeline (of steps this call trained), curves and
+    summary, and its printed table. ``rate``: the tokens/s to report where this call trained no step
+    (it only finished a run stopped after its last checkpoint)."""
     assert before is not None
     model_dir = out / "model"
     save_model(model, tokenizer, model_dir)
-    if timeline is not None and timeline.spans:
+    if timeline is not None and timeline.training_step_numbers:
         timeline.save_chrome_trace(out / "trace.json")
         last = timeline.training_steps_from(max(start.step, config.steps - 3))  # a few steps: readable
         last.save_png(out / "timeline.png", recorded=len(timeline.training_step_numbers))
@@ -320,7 +341,7 @@ async def _run(
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "metric": None, "steps": config.steps, "directions": directions, "skipped_steps": skipped,
-        "seconds": seconds, "tokens_per_s": tokens / seconds, "out": str(out),
+        "seconds": seconds, "tokens_per_s": tokens / seconds if tokens or rate is None else rate, "out": str(out),
     }  # fmt: skip
     for when, evaluation in (("before", before), ("after", after)):  # the task's metric under its own name
         if evaluation.metric is not None:
