@@ -202,6 +202,33 @@ def test_an_all_zero_attention_mask_row_is_refused_naming_the_row() -> None:
         make_batch(batch, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
 
 
+@pytest.mark.parametrize("label", [64, 10**6, -5])
+def test_labels_outside_the_vocabulary_are_refused_by_value(label: int) -> None:
+    """A label the head has no row for would index past it (or, below the vocabulary's size in a
+    piece, score some other row silently); -100 alone means not scored."""
+    config = _model().config
+    batch = token_batch(config)
+    batch["labels"][1, 5] = label
+    assert config.vocab_size == 64
+    expected = rf"^labels must be token ids in \[0, 64\) or -100 \(not scored\), found {label};"
+    with pytest.raises(ValueError, match=expected):
+        make_batch(batch, vocab_size=config.vocab_size, max_positions=config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("value", [0.4, 1.7, math.nan])
+def test_an_attention_mask_of_other_values_than_0_and_1_is_refused_before_any_cast(value: float) -> None:
+    config = _model().config
+    batch = token_batch(config)
+    mask = batch["attention_mask"].float()
+    mask[0, :4] = value  # as long(), 0.4 would silently become padding and 1.7 a token
+    with pytest.raises(ValueError, match=r"^attention_mask must hold only 0 \(padding\) and 1 \(token\)$"):
+        make_batch({**batch, "attention_mask": mask}, vocab_size=config.vocab_size,
+                   max_positions=config.max_position_embeddings)  # fmt: skip
+    exact = make_batch({**batch, "attention_mask": batch["attention_mask"].float()}, vocab_size=config.vocab_size,
+                       max_positions=config.max_position_embeddings)  # fmt: skip
+    assert exact.attention_mask is not None and torch.equal(exact.attention_mask, batch["attention_mask"])
+
+
 @pytest.mark.asyncio
 async def test_a_batch_with_no_attended_token_is_a_value_error_not_a_skipped_nan_step() -> None:
     model = _model()
@@ -263,3 +290,19 @@ async def test_closing_frees_the_compute_buffers_without_the_garbage_collector()
         assert all(ref() is None for ref in buffers)
     finally:
         gc.enable()
+
+
+def test_master_weights_of_another_dtype_than_32_or_16_bits_are_refused_at_construction() -> None:
+    """fp64 ran a first step, then every update failed (stochastic rounding is for 16-bit
+    masters) and the runtime could not close: refused before anything runs."""
+    with pytest.raises(ValueError, match=r"^zoruntime trains float32, float16 or bfloat16 master weights; these are "
+                                         r"torch.float64: convert the model first \(model.float\(\)"):  # fmt: skip
+        zoruntime.Runtime(_model().double(), CONFIG)
+
+
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.float16, 1e-10), (torch.bfloat16, 1e-45)])
+def test_an_eps_that_rounds_to_zero_in_the_compute_dtype_is_refused(dtype: torch.dtype, eps: float) -> None:
+    """Nothing would be perturbed, every g 0/0 and every step skipped as non-finite."""
+    with pytest.raises(ValueError, match=rf"^eps {eps:g} rounds to 0 in {dtype}, so nothing would be perturbed"):
+        zoruntime.Runtime(_model().to(dtype), zoruntime.ZOSGD(lr=1e-3, eps=eps))
+    zoruntime.Runtime(_model().to(dtype), zoruntime.ZOSGD(lr=1e-3, eps=1e-7))  # a subnormal eps still perturbs

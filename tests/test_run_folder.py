@@ -345,3 +345,18 @@ def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume_without_r
     assert train(capsys, "--resume", str(run))[0] == 0
     assert [line["step"] for line in _metrics(run) if line["kind"] == "dev"] == [0, 2, 4]
     assert (trace.read_bytes() if trace.exists() else None) == written
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "fp16", "--eps", "1e-10"], "--eps 1e-10 rounds to 0 in torch.float16, so nothing would be "
+                                                "perturbed: give a larger --eps"),
+        (["--dtype", "fp16", "--compute-dtype", "fp32"], "--compute-dtype fp32 is wider than the weights (--dtype "
+                                                         "fp16): give --dtype fp32 to keep fp32 masters"),
+    ],
+)  # fmt: skip
+def test_options_that_cannot_train_are_one_line_naming_the_flag(tmp_path: Path, capsys, args, message) -> None:
+    code, _, err = train(capsys, "--steps", "2", *args, "--out", str(tmp_path / "run"))
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

@@ -118,9 +118,7 @@ def make_batch(batch: Batch | Mapping[str, Any], *, vocab_size: int, max_positio
             raise ValueError(
                 f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}; they must match"
             )
-        if mask.is_floating_point() or mask.dtype == torch.bool:
-            mask = mask.long()
-        if bool(((mask != 0) & (mask != 1)).any()):
+        if bool(((mask != 0) & (mask != 1)).any()):  # before any cast: a float 0.4 or 1.7 is not a 0 or a 1
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         mask = mask.long()
         empty = [int(r) for r in (mask.sum(dim=1) == 0).nonzero().flatten()]
@@ -143,6 +141,12 @@ def make_batch(batch: Batch | Mapping[str, Any], *, vocab_size: int, max_positio
                 f"labels have shape {tuple(labels.shape)} but input_ids has {tuple(ids.shape)}; they must match"
             )
         labels = labels.long().clone()
+        wrong = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))]
+        if wrong.numel():
+            raise ValueError(
+                f"labels must be token ids in [0, {vocab_size}) or {IGNORE_INDEX} (not scored), found {int(wrong[0])}; "
+                "are they the model's tokenizer's ids?"
+            )
     if mask is not None:
         labels[mask == 0] = IGNORE_INDEX
     extras = {k: v for k, v in raw.items() if k not in _KNOWN and isinstance(v, torch.Tensor)}

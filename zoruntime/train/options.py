@@ -23,10 +23,12 @@ import torch
 
 from ..data.files import FILE_TASKS, check_template, parse_labels
 from ..models.freeze import parse_freeze
+from ..planning.directions import fewest_directions
 from ..planning.profiles import load_profile
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
 from ..zo.config import ZOSGD
+from ..zo.estimator import estimator_for
 from .watch import tensorboard_missing
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -309,6 +311,16 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} does not exist")
     if parse_fit(config.policy) is None:
         parse_policy(config.policy)
+    compute = DTYPES[config.compute_dtype or config.dtype]
+    if compute.itemsize > DTYPES[config.dtype].itemsize:
+        raise UsageError(
+            f"--compute-dtype {config.compute_dtype} is wider than the weights (--dtype {config.dtype}): give "
+            f"--dtype {config.compute_dtype} to keep {config.compute_dtype} masters, or a narrower --compute-dtype"
+        )
+    try:
+        estimator_for(config.estimator, config.eps, compute, fewest_directions(config.estimator))  # its eps, as held
+    except ValueError as error:
+        raise UsageError("--" + str(error).replace("a larger eps", "a larger --eps")) from None
     try:
         optimizer(config).rounding_for(DTYPES[config.dtype])
         if config.freeze is not None:

@@ -56,6 +56,11 @@ class ZOSGD:
 
     def rounding_for(self, master: torch.dtype) -> Rounding:
         """The rounding the updates of ``master`` weights use (a clear error if it cannot apply)."""
+        if master not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"zoruntime trains float32, float16 or bfloat16 master weights; these are {master}: convert the model "
+                "first (model.float(), model.half() or model.bfloat16())"
+            )
         if self.rounding is None:
             return Rounding.NEAREST if master == torch.float32 else Rounding.STOCHASTIC
         rounding = Rounding(self.rounding)

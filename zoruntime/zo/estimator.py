@@ -70,8 +70,14 @@ class Estimator(Protocol):
 
 
 def _exact(eps: float, compute_dtype: torch.dtype) -> float:
-    """``eps`` rounded to ``compute_dtype``: a 16-bit add rounds its scale, so g divides by what was applied."""
-    return float(torch.tensor(eps, dtype=compute_dtype))
+    """``eps`` rounded to ``compute_dtype``: a 16-bit add rounds its scale, so g divides by what was
+    applied. One that rounds to 0 (no perturbation at all, every g 0/0) is refused."""
+    exact = float(torch.tensor(eps, dtype=compute_dtype))
+    if exact == 0:
+        tiny = torch.finfo(compute_dtype).smallest_normal
+        raise ValueError(f"eps {eps:g} rounds to 0 in {compute_dtype}, so nothing would be perturbed: give a larger "
+                         f"eps (its smallest normal number is {tiny:g}; MeZO uses 1e-3)")  # fmt: skip
+    return exact
 
 
 @dataclass(frozen=True, slots=True)
