@@ -18,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zoruntime.data.tokenizer import ByteTokenizer
 from zoruntime.journal import read_journal
+from zoruntime.models import random_opt, tiny_opt_config
 from zoruntime.replay import main as replay_main
 from zoruntime.runs import RunLock
 from zoruntime.train import main as train_main
@@ -360,3 +362,49 @@ def test_options_that_cannot_train_are_one_line_naming_the_flag(tmp_path: Path, 
     code, _, err = train(capsys, "--steps", "2", *args, "--out", str(tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+TASK_OF_BAD_BATCHES = """
+import torch
+from zoruntime.data.tasks import ExampleTask
+
+
+def make(config, tokenizer, batch):
+    rows = [list(range(10 + i % 5, 30 + i % 5)) for i in range(20)]
+    return ExampleTask(rows[:18], rows[18:], batch, config.batch_size, config.seed)
+
+
+def float_ids(config, tokenizer):
+    return make(config, tokenizer, lambda rows: {"input_ids": torch.tensor(rows).float()})
+
+
+def nothing_scored(config, tokenizer):
+    return make(config, tokenizer, lambda rows: {"input_ids": torch.tensor(rows),
+                                                 "labels": torch.full((len(rows), 20), -100)})
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "{tasks}:float_ids"], "--task {tasks}:float_ids, its training batch 0: input_ids must hold "
+                                          "integer token ids (torch.long), got dtype torch.float32; use .long()"),
+        (["--task", "{tasks}:nothing_scored"], "--task {tasks}:nothing_scored, its training batch 0: no token to "
+                                               "score (every label after a row's first token is -100 or padding)"),
+        (["--model", "{model}", "--max-length", "500"], "--task lm, its training batch 0: sequence length 500 is "
+                                                        "longer than the model's 128 positions; truncate to "
+                                                        "--max-length 128"),
+    ],
+)  # fmt: skip
+def test_a_task_whose_batches_the_runtime_refuses_is_one_line_before_anything_is_written(
+    tmp_path: Path, capsys, args, message
+) -> None:
+    tasks, model = tmp_path / "tasks.py", tmp_path / "model"
+    tasks.write_text(TASK_OF_BAD_BATCHES)
+    if "{model}" in args:  # a saved model, whose 128 positions --max-length cannot stretch
+        random_opt(tiny_opt_config(max_position_embeddings=128), seed=0).save_pretrained(model)
+        ByteTokenizer().save_pretrained(model)
+    args = [arg.format(tasks=tasks, model=model) for arg in args]
+    code, _, err = train(capsys, "--steps", "2", *args, "--out", str(tmp_path / "run"))
+    assert code == 2 and err.count("\n") == 1 and message.format(tasks=tasks) in err, err
+    assert not (tmp_path / "run").exists()  # a plain rerun is not blocked by a half-made folder

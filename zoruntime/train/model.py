@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from ..data.tasks import Task
 from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
+from ..models.batch import IGNORE_INDEX
 from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
 from ..models.init import load_pretrained, random_opt, save_pretrained, tiny_opt_config
@@ -159,4 +160,28 @@ def check_plan(
             f"--batch-size {config.batch_size} x --max-length {config.max_length} needs about {need / 1e9:.1f} GB of "
             f"working memory on {device}, and {free / 1e9:.1f} GB is free; lower --batch-size or --max-length"
         )
+    check_batches(runtime, config, task)
     return runtime
+
+
+def check_batches(runtime: Runtime, config: TrainConfig, task: Task) -> None:
+    """The task's first training batch and first dev batch through the runtime's own checks (and,
+    for the causal-LM loss, that each has a token to score), before anything is written: a task
+    whose batches the runtime refuses would otherwise stop the run after its folder was made."""
+    refusals = (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError)
+
+    def first_dev() -> Any:
+        batches = task.dev_batches()
+        if not batches:
+            raise ValueError("it has none (give the task dev data)")
+        return batches[0]
+
+    for which, make in (("training batch 0", lambda: task.train_batch(0)), ("first dev batch", first_dev)):
+        try:
+            validated = runtime.adapter.validate(make())
+        except refusals as error:
+            message = str(error).replace("max_length=", "--max-length ")
+            raise UsageError(f"--task {config.task}, its {which}: {message}") from None
+        if task.loss_fn is None and not bool((validated.labels[:, 1:] != IGNORE_INDEX).any()):
+            raise UsageError(f"--task {config.task}, its {which}: no token to score (every label after a row's "
+                             f"first token is {IGNORE_INDEX} or padding), so its loss is not defined")  # fmt: skip
