@@ -90,6 +90,12 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
         throughput.main(["--device", "cpu", "--cuda-graphs"])
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --cuda-graphs replays CUDA graphs: it needs --device cuda")
+    for size in ("-1", "0"):  # -1 was a traceback; 0 was taken as "not given"
+        with pytest.raises(SystemExit) as done:
+            throughput.main(["--device", "cpu", "--budget-gb", size])
+        assert done.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: --budget-gb must be > 0 (the MemoryBudget row's size "
+                                                        f"in GiB), got {float(size)}")  # fmt: skip
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:

@@ -408,3 +408,37 @@ def test_a_task_whose_batches_the_runtime_refuses_is_one_line_before_anything_is
     code, _, err = train(capsys, "--steps", "2", *args, "--out", str(tmp_path / "run"))
     assert code == 2 and err.count("\n") == 1 and message.format(tasks=tasks) in err, err
     assert not (tmp_path / "run").exists()  # a plain rerun is not blocked by a half-made folder
+
+
+def test_inputs_that_raised_a_traceback_are_one_line_and_write_nothing(tmp_path: Path, capsys) -> None:
+    """A template with another field, --data naming a folder, a model whose weights file is
+    damaged, an --out that cannot be made (/proc refuses what os.access allows)."""
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"text": "good film", "label": "pos"}\n{"text": "bad film", "label": "neg"}\n' * 10)
+    damaged = tmp_path / "damaged"
+    random_opt(tiny_opt_config(), seed=0).save_pretrained(damaged)
+    ByteTokenizer().save_pretrained(damaged)
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)
+    classify = ["--task", "classify", "--data", str(records), "--labels", "neg:bad,pos:good"]
+    cases = [
+        ([*classify, "--template", "{text} {oops}"], "--template '{text} {oops}': only {text} may stand in braces"),
+        ([*classify, "--template", "{0} {text}"], "--template '{0} {text}': only {text} may stand in braces"),
+        (["--task", "lm", "--data", str(tmp_path)], f"--data {tmp_path} is a folder; give a file"),
+        (["--model", str(damaged)], f"could not load the weights of '{damaged}': "),
+    ]
+    for args, message in cases:
+        code, _, err = train(capsys, "--steps", "2", *args, "--out", str(tmp_path / "run"))
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "run").exists()
+    if Path("/proc").is_dir() and os.access("/proc", os.W_OK):
+        code, _, err = train(capsys, "--steps", "2", "--out", "/proc/zoruntime-run")
+        assert code == 2 and err.count("\n") == 1 and "/proc/zoruntime-run cannot be created (" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_replay_on_a_gpu_this_machine_lacks_is_one_line(finished_run: Path, tmp_path: Path, capsys) -> None:
+    assert replay_main(["--run", str(finished_run), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "zoruntime replay: error: --device cuda, but no CUDA GPU is visible; use --device cpu\n"
+    )

@@ -35,6 +35,7 @@ from .models.groups import adopt_into_flat
 from .models.init import load_pretrained, save_pretrained
 from .planning.memory import STEP_SPAN_ELEMENTS
 from .runs import RunFolderError, RunLock, check_writable
+from .train.options import UsageError, resolve_device
 from .zo.directions import DirectionSampler
 from .zo.estimator import coefficients
 from .zo.update import PendingUpdate, Rounding, update_group
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         args.run is None and (args.base is None or args.journal is None)
     ):
         parser.error("give --run DIR, or both --base and --journal")
+    try:
+        args.device = resolve_device(args.device)
+    except UsageError as error:
+        return _replay_error(str(error))
     try:
         check_writable(Path(args.out))
         run_folder = Path(args.run) if args.run else None

@@ -80,7 +80,12 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # what check_writable cannot foresee: /proc, a read-only mount
+            raise RunFolderError(
+                f"{self.folder} cannot be created ({error.strerror or error}); choose another folder"
+            ) from None
         if fcntl is None:
             return self
         path = self.folder / LOCK

@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = (args.batch, args.seq, args.steps, args.trace_steps, *args.offload_every)
     if min(counts) <= 0:
         parser.error("--batch, --seq, --steps, --trace-steps and --offload-every must be positive")
+    if args.budget_gb is not None and not args.budget_gb > 0:
+        parser.error(f"--budget-gb must be > 0 (the MemoryBudget row's size in GiB), got {args.budget_gb}")
 
     try:
         extra: list[tuple[str, Policy | None]] = [(text, parse_policy(text)) for text in args.policy]
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_profile:
         print(f"  profile written to {profile.save(args.save_profile)}")
     free = dev.free_bytes()
-    if args.budget_gb:
+    if args.budget_gb is not None:
         budget = int(args.budget_gb * 2**30)
     else:  # half the free GPU memory; on a CPU, room for half the blocks beside the slots
         budget = free // 2 if free is not None else (blocks // 2 + 5) * block_bytes

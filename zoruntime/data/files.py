@@ -75,6 +75,12 @@ def parse_labels(text: str) -> dict[str, str]:
 def check_template(template: str) -> None:
     if "{text}" not in template:
         raise ValueError(f"--template {template!r} has no {{text}}: say where the text goes, e.g. '{{text}} It was'")
+    try:
+        template.format(text="")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(
+            f"--template {template!r}: only {{text}} may stand in braces (write {{{{ and }}}} for a brace itself)"
+        ) from None
 
 
 def _split(train: list[Any], dev: list[Any] | None) -> tuple[list[Any], list[Any]]:

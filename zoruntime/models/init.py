@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -283,7 +284,7 @@ def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedM
         raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains these model types: {supported}")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **offline)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # missing, or a damaged file
         raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
     if dtype is None:
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"

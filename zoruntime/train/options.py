@@ -281,6 +281,10 @@ def check(config: TrainConfig) -> TrainConfig:
     if config.data is not None and (config.task not in FILE_TASKS or config.text_file is not None):
         raise UsageError("--data goes with --task classify, choice, lm or generate (and not with --text-file)")
     for option, where in (("--data", config.data), ("--dev", config.dev)):
+        if where is not None and Path(where).is_dir():
+            raise UsageError(
+                f"{option} {where} is a folder; give a file (.jsonl, .csv, .parquet, .txt) or a hub dataset"
+            )
         if where is not None and Path(where).suffix and not Path(where).is_file():
             raise UsageError(f"{option} {where} does not exist")
     try:
