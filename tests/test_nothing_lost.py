@@ -234,6 +234,8 @@ def test_resuming_with_a_different_config_or_model_is_refused(tmp_path: Path, ca
         assert "cannot resume" in err and message in err, err
     assert train_main(["--resume", str(tmp_path)]) == 2
     assert "no zoruntime.json there" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # auto names the device the run resolved (the CPU): not a change
+        assert train_main(["--resume", str(out), "--device", "auto", "--steps", "5", "--no-progress"]) == 0
 
 
 @pytest.mark.slow

@@ -419,6 +419,7 @@ def test_inputs_that_raised_a_traceback_are_one_line_and_write_nothing(tmp_path:
     random_opt(tiny_opt_config(), seed=0).save_pretrained(damaged)
     ByteTokenizer().save_pretrained(damaged)
     (damaged / "model.safetensors").write_bytes(b"\xff" * 64)
+    capsys.readouterr()  # saving it may have drawn transformers' progress bar
     classify = ["--task", "classify", "--data", str(records), "--labels", "neg:bad,pos:good"]
     cases = [
         ([*classify, "--template", "{text} {oops}"], "--template '{text} {oops}': only {text} may stand in braces"),
@@ -442,3 +443,15 @@ def test_replay_on_a_gpu_this_machine_lacks_is_one_line(finished_run: Path, tmp_
         capsys.readouterr().err
         == "zoruntime replay: error: --device cuda, but no CUDA GPU is visible; use --device cpu\n"
     )
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(capsys, monkeypatch) -> None:
+    """Before train's own handler is set (importing torch and transformers takes seconds)."""
+    from zoruntime import cli, plan
+
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan, "main", interrupted)
+    assert cli.main(["plan", "--model", "opt-1.3b"]) == 130
+    assert capsys.readouterr().err == "zoruntime plan: interrupted\n"

@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<8} {what}")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    try:
+        return _run(command, rest, commands)
+    except KeyboardInterrupt:  # while a command's libraries load: nothing started (train says more once running)
+        print(f"zoruntime {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(command: str, rest: list[str], commands: dict[str, str]) -> int:
     if command == "train":
         from .train import main as train
 

@@ -380,6 +380,8 @@ def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainCon
     fields = set(TrainConfig.__dataclass_fields__)
     saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k in fields}
     given = vars(parser(only_given=True).parse_args(argv))
+    if "device" in given and resolve_device(given["device"]) == saved.get("device"):
+        del given["device"]  # the run saved the device it resolved: --device auto names the same one
     different = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if different:
         changes = ", ".join(
