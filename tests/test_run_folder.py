@@ -356,6 +356,13 @@ def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume_without_r
                                                 "perturbed: give a larger --eps"),
         (["--dtype", "fp16", "--compute-dtype", "fp32"], "--compute-dtype fp32 is wider than the weights (--dtype "
                                                          "fp16): give --dtype fp32 to keep fp32 masters"),
+        (["--dev", "dev.jsonl"], "--dev goes with --data (or --text-file): the built-in corpus and sst2 bring their "
+                                 "own dev"),
+        (["--labels", "a:b"], "--labels goes with --task classify, not --task lm"),
+        (["--task", "classify", "--data", __file__, "--labels", "neg:bad,pos:bad"], "--labels 'neg:bad,pos:bad': "
+                                                                                     "the word 'bad' comes twice"),
+        (["--task", "classify", "--data", __file__, "--labels", "neg:bad,neg:good"], "--labels 'neg:bad,neg:good': "
+                                                                                      "the label 'neg' comes twice"),
     ],
 )  # fmt: skip
 def test_options_that_cannot_train_are_one_line_naming_the_flag(tmp_path: Path, capsys, args, message) -> None:

@@ -69,7 +69,12 @@ def parse_labels(text: str) -> dict[str, str]:
     pairs = [part.partition(":") for part in text.split(",")]
     if any(not label.strip() or not colon or not word.strip() for label, colon, word in pairs):
         raise ValueError(f"--labels {text!r}: give label:word pairs, e.g. negative:terrible,positive:great")
-    return {label.strip(): word.strip() for label, _, word in pairs}
+    labels, words = [label.strip() for label, _, _ in pairs], [word.strip() for _, _, word in pairs]
+    for kind, names in (("label", labels), ("word", words)):
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:  # a label twice hides one; a word twice cannot tell its labels apart
+            raise ValueError(f"--labels {text!r}: the {kind} {twice!r} comes twice; give each label its own word")
+    return dict(zip(labels, words, strict=True))
 
 
 def check_template(template: str) -> None:

@@ -280,6 +280,10 @@ def check(config: TrainConfig) -> TrainConfig:
         raise UsageError(f"--task {config.task} trains on your records: give --data FILE (.jsonl, .csv, .parquet)")
     if config.data is not None and (config.task not in FILE_TASKS or config.text_file is not None):
         raise UsageError("--data goes with --task classify, choice, lm or generate (and not with --text-file)")
+    if config.dev is not None and config.data is None and config.text_file is None and ":" not in config.task:
+        raise UsageError("--dev goes with --data (or --text-file): the built-in corpus and sst2 bring their own dev")
+    if config.labels is not None and config.task != "classify" and ":" not in config.task:
+        raise UsageError(f"--labels goes with --task classify, not --task {config.task}")
     for option, where in (("--data", config.data), ("--dev", config.dev)):
         if where is not None and Path(where).is_dir():
             raise UsageError(
