@@ -15,6 +15,7 @@ from zoruntime.models import OPTAdapter, adapter_for
 from zoruntime.models.init import TINY_CONFIGS, materialize_flat, tiny_opt_config
 from zoruntime.models.shapes import OPT_NAMES, opt_config
 from zoruntime.planning.memory import loss_pieces
+from zoruntime.train.model import available_bytes
 
 
 def test_bench_smoke_run_on_cpu_prints_a_table_and_a_json_line() -> None:
@@ -90,6 +91,15 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
         throughput.main(["--device", "cpu", "--cuda-graphs"])
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: --cuda-graphs replays CUDA graphs: it needs --device cuda")
+    if (available_bytes("cpu") or 0) < 300e9:  # opt-175b's 349 GB of fp16 weights: one line, not an allocation
+        with pytest.raises(SystemExit) as done:
+            throughput.main(["--device", "cpu", "--model", "opt-175b"])
+        assert done.value.code == 2
+        expected = (
+            r"error: --model opt-175b's weights take 349\.2 GB of host memory and [\d.]+ GB is free; "
+            r"--alias shares one block's buffer among all \(4\.9 GB\)$"
+        )
+        assert re.search(expected, capsys.readouterr().err)
     for size in ("-1", "0"):  # -1 was a traceback; 0 was taken as "not given"
         with pytest.raises(SystemExit) as done:
             throughput.main(["--device", "cpu", "--budget-gb", size])

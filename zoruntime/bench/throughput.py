@@ -44,13 +44,14 @@ from transformers import PreTrainedModel
 from ..device.measure import DeviceMeter
 from ..engine import Runtime, run
 from ..models.adapter import adapter_for
-from ..models.init import TINY_CONFIGS, copy_to, materialize_flat
+from ..models.init import TINY_CONFIGS, copy_to, materialize_flat, meta_model
 from ..models.shapes import MODEL_NAMES, named_config, shape_dims
 from ..planning.directions import fewest_directions
 from ..planning.planner import Prediction, Workload, best, profile_from_card
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
+from ..train.model import available_bytes
 from ..train.options import UsageError, parse_policy
 from ..zo.config import ZOSGD
 from ..zo.estimator import ESTIMATORS
@@ -191,6 +192,14 @@ def trace(
     }
 
 
+def host_bytes(config: Any, dtype: torch.dtype, alias: bool) -> int:
+    """Host memory the bench's weights take: every group, or with ``alias`` the ends and one block."""
+    layout = model_layout(adapter_for(meta_model(config, dtype)), dtype)
+    kept = sum(g.nbytes for g in layout.groups if not g.streamable)
+    blocks = sum(g.nbytes for g in layout.streamable)
+    return kept + (blocks // layout.num_units if alias else blocks)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zoruntime bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -273,6 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     if args.seq > config.max_position_embeddings:
         parser.error(f"--seq {args.seq} is longer than {args.model}'s {config.max_position_embeddings} positions")
+    need, free = host_bytes(config, dtype, args.alias), available_bytes("cpu")
+    if free is not None and need > 0.9 * free:
+        alias = (
+            ""
+            if args.alias
+            else f"; --alias shares one block's buffer among all ({host_bytes(config, dtype, True) / 1e9:.1f} GB)"
+        )
+        parser.error(f"--model {args.model}'s weights take {need / 1e9:.1f} GB of host memory and {free / 1e9:.1f} GB "
+                     f"is free{alias}")  # fmt: skip
     t0 = time.perf_counter()
     fill_device = dev.device if dev.cuda else None  # a GPU draws the random weights ~100x faster than a CPU
     model = materialize_flat(config, dev.host_buffer, dtype=dtype, alias_blocks=args.alias, fill_device=fill_device,
