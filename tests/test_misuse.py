@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 
 import pytest
 import torch
@@ -306,3 +307,23 @@ def test_an_eps_that_rounds_to_zero_in_the_compute_dtype_is_refused(dtype: torch
     with pytest.raises(ValueError, match=rf"^eps {eps:g} rounds to 0 in {dtype}, so nothing would be perturbed"):
         zoruntime.Runtime(_model().to(dtype), zoruntime.ZOSGD(lr=1e-3, eps=eps))
     zoruntime.Runtime(_model().to(dtype), zoruntime.ZOSGD(lr=1e-3, eps=1e-7))  # a subnormal eps still perturbs
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": "1e-3"}, "lr must be a finite number >= 0, got '1e-3'"),
+        ({"lr": True}, "lr must be a finite number >= 0, got True"),
+        ({"eps": "x"}, "eps must be a finite number > 0, got 'x'"),
+        ({"weight_decay": None}, "weight_decay must be a finite number >= 0, got None"),
+    ],
+)
+def test_optimizer_values_of_the_wrong_type_are_refused_naming_the_field(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        zoruntime.ZOSGD(**options)
+
+
+def test_a_schedule_that_returns_no_number_names_itself() -> None:
+    with pytest.raises(ValueError, match=r"^lr_schedule\(3\) must return a number, got 'x'$"):
+        zoruntime.ZOSGD(lr_schedule=lambda step: "x").lr_at(3)
+    assert zoruntime.ZOSGD(lr_schedule=lambda step: torch.tensor(0.5)).lr_at(0) == 0.5  # a 0-d tensor is a number

@@ -21,8 +21,12 @@ LRSchedule = Callable[[int], float]
 """Maps a step index (0-based) to that step's learning rate."""
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_lr(lr: float, where: str) -> None:
-    if not math.isfinite(lr) or lr < 0:
+    if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"{where} must be a finite number >= 0, got {lr!r}; pass e.g. lr=1e-6")
 
 
@@ -73,9 +77,9 @@ class ZOSGD:
 
     def __post_init__(self) -> None:
         _check_lr(self.lr, "lr")
-        if not math.isfinite(self.eps) or self.eps <= 0:
+        if not _is_number(self.eps) or not math.isfinite(self.eps) or self.eps <= 0:
             raise ValueError(f"eps must be a finite number > 0, got {self.eps!r}; pass e.g. eps=1e-3")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+        if not _is_number(self.weight_decay) or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
@@ -95,6 +99,12 @@ class ZOSGD:
         """The learning rate of ``step``, checked: a schedule returning a bad value fails loudly."""
         if self.lr_schedule is None:
             return self.lr
-        lr = float(self.lr_schedule(step))
+        value = self.lr_schedule(step)
+        try:  # a float, or a 0-d tensor or numpy scalar
+            lr = float(value) if not isinstance(value, str | bool) else math.nan
+        except (TypeError, ValueError, RuntimeError):
+            lr = math.nan
+        if math.isnan(lr):
+            raise ValueError(f"lr_schedule({step}) must return a number, got {value!r}")
         _check_lr(lr, f"lr_schedule({step})")
         return lr
