@@ -327,3 +327,31 @@ def test_a_schedule_that_returns_no_number_names_itself() -> None:
     with pytest.raises(ValueError, match=r"^lr_schedule\(3\) must return a number, got 'x'$"):
         zoruntime.ZOSGD(lr_schedule=lambda step: "x").lr_at(3)
     assert zoruntime.ZOSGD(lr_schedule=lambda step: torch.tensor(0.5)).lr_at(0) == 0.5  # a 0-d tensor is a number
+
+
+@pytest.mark.asyncio
+async def test_a_second_runtime_over_a_model_an_open_one_holds_is_refused_until_it_closes() -> None:
+    model = _model()
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        await rt.step(_batch(0))
+        second = zoruntime.Runtime(model, CONFIG)
+        with pytest.raises(RuntimeError, match=r"^another open Runtime holds this model: close it first"):
+            await second.open()
+        await rt.step(_batch(1))  # the first goes on, untouched
+    async with second:  # once it closed, the model is free
+        await second.step(_batch(2))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("loss_fn", "what"), [(lambda logits, batch: logits.mean(-1), "a tensor of shape (3, 12)"),
+                                               (lambda logits, batch: 1.0, "1.0")])  # fmt: skip
+async def test_a_loss_fn_that_returns_no_single_number_fails_its_step_saying_so(loss_fn, what: str) -> None:
+    model = _model()
+    async with zoruntime.Runtime(model, CONFIG, loss_fn=loss_fn) as rt:
+        with pytest.raises(Exception, match=re.escape(f"loss_fn must return the batch's loss as a one-element tensor, "
+                                                      f"got {what}")):  # fmt: skip
+            await rt.step(_batch(0))
+    with pytest.raises(
+        TypeError, match=r"^compute_dtype must be a torch.dtype \(torch.bfloat16, say\), got 'float16'$"
+    ):
+        zoruntime.Runtime(model, CONFIG, compute_dtype="float16")  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +59,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+_HELD: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
+"""Each model an open runtime holds (its weights live in that runtime's buffers until it closes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,8 @@ class Runtime:
         self._layouts = [layout for layout, _ in self.adapter.groups()]
         self._device = device
         master = self._layouts[self.adapter.units.streamable[0].group].dtype
+        if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
+            raise TypeError(f"compute_dtype must be a torch.dtype (torch.bfloat16, say), got {compute_dtype!r}")
         self.compute_dtype = compute_dtype or master
         if not self.compute_dtype.is_floating_point or self.compute_dtype.itemsize > master.itemsize:
             raise ValueError(
@@ -185,6 +192,11 @@ class Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""
         if self._backend is not None:
             raise RuntimeError("this runtime is already open")
+        if _HELD.get(self.model, self) is not self:
+            raise RuntimeError(
+                "another open Runtime holds this model: close it first (two runtimes over one model would each "
+                "write their weights back over the other's)"
+            )
         backend = backend_for(self._device, timing=self._recorder is not None)
         try:
             storage = self._allocate(backend)
@@ -209,6 +221,7 @@ class Runtime:
             backend.close()
             self._backend = None
             raise
+        _HELD[self.model] = self
         return self
 
     async def close(self) -> None:
@@ -243,6 +256,7 @@ class Runtime:
         self._shut()
 
     def _shut(self) -> None:
+        _HELD.pop(self.model, None)
         backend, self._backend = self._backend, None
         self._closing = False
         self._work = self._scheduler = None  # the buffers go now, not when the garbage collector runs

@@ -345,7 +345,11 @@ class TaskWork:
         """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""
         if self.loss_fn is None:
             return self.adapter.head_loss(params, hidden, batch)
-        return self.loss_fn(self.adapter.head(params, hidden), batch)
+        loss = self.loss_fn(self.adapter.head(params, hidden), batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+            raise TypeError(f"loss_fn must return the batch's loss as a one-element tensor, got {what}")
+        return loss
 
     def _conclude(self, st: StepState) -> None:
         """The head of a step: losses averaged over ranks, projected gradients, the step's update."""
