@@ -175,6 +175,8 @@ def test_train_freeze_leaves_those_parts_as_they_were_and_replay_agrees(tmp_path
     assert train_main([*FAST, "--steps", "3", "--freeze", "blocks:9", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--freeze 'blocks:9': the model has no block.9" in err
+    assert train_main([*FAST, "--steps", "3", "--freeze", "blocks:0-99", "--out", str(tmp_path / "bad")]) == 2
+    assert "the model has no block.4, block.5, block.6 and 93 more (its blocks are 0-3)" in capsys.readouterr().err
 
 
 # -- 16-bit masters --------------------------------------------------------------------------

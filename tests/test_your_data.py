@@ -144,6 +144,10 @@ def test_a_task_of_your_own_from_a_file_of_yours(tmp_path: Path, capsys) -> None
         "    return ExampleTask(rows[:30], rows[30:], batch, config.batch_size, config.seed)\n"
         "def wrong(config, tokenizer):\n"
         "    return 42\n"
+        "def refuses(config, tokenizer):\n"
+        "    raise ValueError('no data for this split')\n"
+        "def takes_nothing():\n"
+        "    return None\n"
     )
     code, summary, err = _train(capsys, tmp_path, "--task", f"{tmp_path / 'mytask.py'}:make")
     assert code == 0 and summary is not None and summary["dev_loss_after"] > 0, err
@@ -151,6 +155,11 @@ def test_a_task_of_your_own_from_a_file_of_yours(tmp_path: Path, capsys) -> None
     assert code == 2 and "it returned a int, not a task" in err
     code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", "nowhere_module:make")
     assert code == 2 and "cannot import nowhere_module" in err
+    mine = tmp_path / "mytask.py"
+    code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", f"{mine}:refuses")
+    assert code == 2 and err.endswith(f"error: --task {mine}:refuses: no data for this split\n")  # which task said it
+    code, _, err = _train(capsys, tmp_path, "--overwrite", "--task", f"{mine}:takes_nothing")
+    assert code == 2 and "takes_nothing must take (config, tokenizer) and return a task" in err
 
 
 TASK_WITH_A_METRIC = """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import random
 import re
 import sys
@@ -108,4 +109,10 @@ def load_task_factory(spec: str) -> Callable[..., Task]:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"--task {spec!r}: {where} has no function {name}")
+    try:
+        inspect.signature(factory).bind(None, None)
+    except TypeError:
+        raise ValueError(f"--task {spec!r}: {name} must take (config, tokenizer) and return a task") from None
+    except ValueError:  # a builtin without a signature: the call will say
+        pass
     return factory

@@ -47,7 +47,8 @@ def freeze(model: nn.Module, spec: str) -> list[str]:
     missing = [p for p in wanted if p not in parts]
     if missing:
         blocks = sum(1 for name in parts if name.startswith("block."))
-        raise ValueError(f"--freeze {spec!r}: the model has no {', '.join(missing)} (its blocks are 0-{blocks - 1})")
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"--freeze {spec!r}: the model has no {named} (its blocks are 0-{blocks - 1})")
     for name in wanted:
         for param in parts[name]:
             param.requires_grad_(False)

@@ -26,7 +26,11 @@ def build_data(config: TrainConfig, tokenizer: Any) -> Task:
     """The task ``config`` names, train and dev, encoded with ``tokenizer`` (a text file: its last 10% is dev)."""
     try:
         if ":" in config.task:
-            task = load_task_factory(config.task)(config, tokenizer)
+            factory = load_task_factory(config.task)
+            try:
+                task = factory(config, tokenizer)
+            except ValueError as error:  # the task's own refusal: named, as every other task's is
+                raise ValueError(f"--task {config.task}: {error}") from None
             if not isinstance(task, Task):
                 raise ValueError(f"--task {config.task}: it returned a {type(task).__name__}, not a task (see "
                                  "zoruntime.data.tasks.Task)")  # fmt: skip
