@@ -244,6 +244,25 @@ async def test_a_batch_with_no_attended_token_is_a_value_error_not_a_skipped_nan
         assert (statistics.steps, statistics.skipped_steps, statistics.failed_steps) == (0, 0, 0)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("unscored", ["labels", "one token"])
+async def test_a_training_batch_with_no_token_to_score_is_a_value_error_not_a_skipped_nan_step(unscored: str) -> None:
+    """Every label -100, or rows of one token (nothing after it to predict): the causal-LM loss is
+    a mean over nothing. A loss of the user's own may score such a batch: it is not refused then."""
+    model = _model()
+    batch = _batch(0)
+    batch = {**batch, "labels": torch.full_like(batch["labels"], -100)} if unscored == "labels" else {
+        "input_ids": batch["input_ids"][:, :1]}  # fmt: skip
+    async with zoruntime.Runtime(model, CONFIG) as rt:
+        with pytest.raises(ValueError, match=r"^the batch has no token to score: every label after a row's first "
+                                             r"token is -100 or padding"):  # fmt: skip
+            await rt.step(batch)
+        assert rt.statistics().steps == 0 and rt.step_index == 0  # no seed spent
+    own = zoruntime.Runtime(model, CONFIG, loss_fn=lambda logits, batch: logits.float().mean())
+    async with own:
+        assert not (await own.step(batch)).skipped
+
+
 # -- 1d: evaluation is never a silent nan ------------------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

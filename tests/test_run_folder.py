@@ -396,8 +396,9 @@ def nothing_scored(config, tokenizer):
     [
         (["--task", "{tasks}:float_ids"], "--task {tasks}:float_ids, its training batch 0: input_ids must hold "
                                           "integer token ids (torch.long), got dtype torch.float32; use .long()"),
-        (["--task", "{tasks}:nothing_scored"], "--task {tasks}:nothing_scored, its training batch 0: no token to "
-                                               "score (every label after a row's first token is -100 or padding)"),
+        (["--task", "{tasks}:nothing_scored"], "--task {tasks}:nothing_scored, its training batch 0: the batch has "
+                                               "no token to score: every label after a row's first token is -100 "
+                                               "or padding"),
         (["--model", "{model}", "--max-length", "500"], "--task lm, its training batch 0: sequence length 500 is "
                                                         "longer than the model's 128 positions; truncate to "
                                                         "--max-length 128"),

@@ -33,6 +33,15 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def check_scored(self) -> None:
+        """Refuse a batch in which the causal-LM loss scores no token (a mean over none)."""
+        if not bool((self.labels[:, 1:] != IGNORE_INDEX).any()):
+            raise ValueError(
+                f"the batch has no token to score: every label after a row's first token is {IGNORE_INDEX} or "
+                "padding, so its loss is not defined (a step over it would be skipped as non-finite); give at "
+                "least one row a labelled token after its first"
+            )
+
     def to(self, device: torch.device) -> Batch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True)
         extras = {k: v.to(device, non_blocking=True) for k, v in self.extras.items()}

@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 from ..data.tasks import Task
 from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
-from ..models.batch import IGNORE_INDEX
 from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
 from ..models.init import load_pretrained, random_opt, save_pretrained, tiny_opt_config
@@ -179,9 +178,8 @@ def check_batches(runtime: Runtime, config: TrainConfig, task: Task) -> None:
     for which, make in (("training batch 0", lambda: task.train_batch(0)), ("first dev batch", first_dev)):
         try:
             validated = runtime.adapter.validate(make())
+            if task.loss_fn is None:
+                validated.check_scored()
         except refusals as error:
             message = str(error).replace("max_length=", "--max-length ")
             raise UsageError(f"--task {config.task}, its {which}: {message}") from None
-        if task.loss_fn is None and not bool((validated.labels[:, 1:] != IGNORE_INDEX).any()):
-            raise UsageError(f"--task {config.task}, its {which}: no token to score (every label after a row's "
-                             f"first token is {IGNORE_INDEX} or padding), so its loss is not defined")  # fmt: skip
