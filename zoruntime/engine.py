@@ -33,14 +33,13 @@ from .models.adapter import ModelAdapter, adapter_for
 from .models.batch import Batch, LossFn, map_tensors
 from .models.shapes import shape_dims
 from .planning.directions import directions_for
-from .planning.memory import ModelLayout
 from .planning.planner import Workload
 from .planning.profiles import GPUProfile, load_profile
-from .policies.base import UNIT_KINDS, FixedDepth, Plan, Policy, out_of_memory_advice
+from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
 from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler, TaskFailed
-from .storage import Storage, model_layout
+from .storage import Storage, compute_dtype_for, finer_layouts, model_layout
 from .tracing.recorder import Timeline, TimelineRecorder
 from .work import Mode, StepState, TaskWork
 from .zo.config import ZOSGD
@@ -114,14 +113,7 @@ class Runtime:
         self._layouts = [layout for layout, _ in self.adapter.groups()]
         self._device = device
         master = self._layouts[self.adapter.units.streamable[0].group].dtype
-        if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
-            raise TypeError(f"compute_dtype must be a torch.dtype (torch.bfloat16, say), got {compute_dtype!r}")
-        self.compute_dtype = compute_dtype or master
-        if not self.compute_dtype.is_floating_point or self.compute_dtype.itemsize > master.itemsize:
-            raise ValueError(
-                f"compute_dtype {self.compute_dtype} must be a floating type no wider than the master weights' "
-                f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
-            )
+        self.compute_dtype = compute_dtype_for(master, compute_dtype)
         self.layout = model_layout(self.adapter, self.compute_dtype, several_directions=optimizer.directions != 1)
         self.plan: Plan = policy.plan(self.layout)
         self.plan.validate(self.layout.num_units)
@@ -174,19 +166,8 @@ class Runtime:
         except torch.OutOfMemoryError as error:
             free = backend.free_bytes() or 0
             what = f"{type(self.policy).__name__} (depth {self.plan.depth}, {len(self.plan.resident)} resident)"
-            raise MemoryError(
-                out_of_memory_advice(self.layout, self.plan, free, what, self._finer_layouts())
-            ) from error
-
-    def _finer_layouts(self) -> dict[str, ModelLayout]:
-        """The model cut into each unit finer than the policy's, where its blocks can be."""
-        current, found = getattr(self.policy, "unit", "block"), {}
-        for unit in UNIT_KINDS[UNIT_KINDS.index(current) + 1 :]:
-            try:
-                found[unit] = model_layout(adapter_for(self.model, unit), self.compute_dtype)
-            except ValueError:  # blocks that route tokens stream whole
-                continue
-        return found
+            finer = finer_layouts(self.model, getattr(self.policy, "unit", "block"), self.compute_dtype)
+            raise MemoryError(out_of_memory_advice(self.layout, self.plan, free, what, finer)) from error
 
     async def open(self) -> Runtime:
         """Lay out the weights, allocate buffers, bring resident blocks to the compute device."""

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from .device.base import Backend
-from .models.adapter import ModelAdapter
+from .models.adapter import ModelAdapter, adapter_for
 from .models.groups import GroupLayout, ParamSlice, adopt_into_flat, existing_flat
 from .planning import memory
 from .planning.memory import GroupSize, ModelLayout, rows_per_chunk
-from .policies.base import Plan
+from .policies.base import UNIT_KINDS, Plan
 from .zo.directions import DrawnChunk
 
 
@@ -86,6 +86,33 @@ def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype, several_dire
         chunked, rows = sum(p.numel for p in vocab), sum(_chunk_numel(p) for p in vocab)
         groups.append(GroupSize(layout.numel, layout.dtype.itemsize, layout.group in streamable, chunked, rows))
     return ModelLayout(tuple(groups), compute_dtype.itemsize, several_directions)
+
+
+def finer_layouts(model: nn.Module, unit: str, compute_dtype: torch.dtype) -> dict[str, ModelLayout]:
+    """``model`` cut into each unit finer than ``unit``, where its blocks can be (for the advice an
+    out-of-memory error gives)."""
+    found = {}
+    for finer in UNIT_KINDS[UNIT_KINDS.index(unit) + 1 :]:
+        try:
+            found[finer] = model_layout(adapter_for(model, finer), compute_dtype)
+        except ValueError:  # blocks that route tokens stream whole
+            continue
+    return found
+
+
+def compute_dtype_for(master: torch.dtype, requested: object) -> torch.dtype:
+    """The dtype the perturbed copies and forwards use: ``requested`` (None: the masters'), a
+    floating ``torch.dtype`` no wider than the masters'."""
+    if requested is None:
+        return master
+    if not isinstance(requested, torch.dtype):
+        raise TypeError(f"compute_dtype must be a torch.dtype (torch.bfloat16, say), got {requested!r}")
+    if not requested.is_floating_point or requested.itemsize > master.itemsize:
+        raise ValueError(
+            f"compute_dtype {requested} must be a floating type no wider than the master weights' "
+            f"{master}; load the model in float32 to compute in float16 or bfloat16 with fp32 masters"
+        )
+    return requested
 
 
 class Storage:

@@ -305,14 +305,15 @@ async def _run(
             timeline = rt.timeline if config.trace else None
             skipped = rt.statistics().skipped_steps
             directions = rt.directions
-            logged_rate = metrics.last_tokens_per_s() if metrics is not None else None  # the run's last
+            resumed_rate = metrics.resumed_tokens_per_s if metrics is not None else None
         seconds = time.perf_counter() - started
+        rate = tokens / seconds if tokens else resumed_rate or 0.0  # a call that only finished the run: its rate
         if world_size > 1:
             dist.barrier()
         if not lead:
             return {}
         summary = _write_outputs(config, start, before, after, model, tokenizer, timeline, out,
-                                 seconds, tokens, logged_rate, skipped, directions)  # fmt: skip
+                                 seconds, rate, skipped, directions)  # fmt: skip
         await asyncio.sleep(0.01)  # a Ctrl-C held back during the writes reaches its handler, not the loop's runner
         if interrupted.is_set():
             say("zoruntime train: Ctrl-C came while the outputs were written; they were finished first")
@@ -324,12 +325,11 @@ async def _run(
 
 def _write_outputs(
     config: TrainConfig, start: Start, before: Evaluation | None, after: Evaluation, model: PreTrainedModel,
-    tokenizer: Any, timeline: Any, out: Path, seconds: float, tokens: int, rate: float | None, skipped: int,
+    tokenizer: Any, timeline: Any, out: Path, seconds: float, tokens_per_s: float, skipped: int,
     directions: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     """The finished run's model, trace and timeline (of steps this call trained), curves and
-    summary, and its printed table. ``rate``: the tokens/s to report where this call trained no step
-    (it only finished a run stopped after its last checkpoint)."""
+    summary, and its printed table."""
     assert before is not None
     model_dir = out / "model"
     save_model(model, tokenizer, model_dir)
@@ -341,7 +341,7 @@ def _write_outputs(
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "metric": None, "steps": config.steps, "directions": directions, "skipped_steps": skipped,
-        "seconds": seconds, "tokens_per_s": tokens / seconds if tokens or rate is None else rate, "out": str(out),
+        "seconds": seconds, "tokens_per_s": tokens_per_s, "out": str(out),
     }  # fmt: skip
     for when, evaluation in (("before", before), ("after", after)):  # the task's metric under its own name
         if evaluation.metric is not None:

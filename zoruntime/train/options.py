@@ -27,6 +27,7 @@ from ..planning.directions import fewest_directions
 from ..planning.profiles import load_profile
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
 from ..runs import RunFolderError, check_writable
+from ..storage import compute_dtype_for
 from ..zo.config import ZOSGD
 from ..zo.estimator import estimator_for
 from .watch import tensorboard_missing
@@ -319,12 +320,15 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} does not exist")
     if parse_fit(config.policy) is None:
         parse_policy(config.policy)
-    compute = DTYPES[config.compute_dtype or config.dtype]
-    if compute.itemsize > DTYPES[config.dtype].itemsize:
+    try:
+        compute = compute_dtype_for(
+            DTYPES[config.dtype], DTYPES[config.compute_dtype] if config.compute_dtype else None
+        )
+    except ValueError:  # the runtime's rule, in the flags' words
         raise UsageError(
             f"--compute-dtype {config.compute_dtype} is wider than the weights (--dtype {config.dtype}): give "
             f"--dtype {config.compute_dtype} to keep {config.compute_dtype} masters, or a narrower --compute-dtype"
-        )
+        ) from None
     try:
         estimator_for(config.estimator, config.eps, compute, fewest_directions(config.estimator))  # its eps, as held
     except ValueError as error:

@@ -43,7 +43,9 @@ class MetricsLog:
         path.write_text("".join(json.dumps(line) + "\n" for line in kept))
         self.path = path
         self._evaluated = {line["step"] for line in kept if line["kind"] == "dev"}
-        self._rate = next((line["tokens_per_s"] for line in reversed(kept) if line["kind"] == "train"), None)
+        self.resumed_tokens_per_s: float | None = next(  # the last step's before the resume (None: none)
+            (line["tokens_per_s"] for line in reversed(kept) if line["kind"] == "train"), None
+        )
         self.skipped_steps = max((line["skipped_steps"] for line in kept if line["kind"] == "train"), default=0)
         self._file: IO[str] | None = path.open("a")
         self._writer: Any = None
@@ -55,7 +57,6 @@ class MetricsLog:
     def train(self, done: int, stats: StepStats, tokens_per_s: float) -> None:
         """Step ``done`` (counted from 1); ``skipped_steps`` counts the run's, from its start."""
         self.skipped_steps += stats.skipped
-        self._rate = tokens_per_s
         self._write({"kind": "train", "step": done, "loss": stats.loss, "losses": list(stats.losses),
                      "projected_grads": list(stats.projected_grads), "lr": stats.lr, "tokens_per_s": tokens_per_s,
                      "skipped_steps": self.skipped_steps})  # fmt: skip
@@ -72,10 +73,6 @@ class MetricsLog:
             name, value = metric
             line.update({metric_key(name): value, "metric": name})
         self._write(line)
-
-    def last_tokens_per_s(self) -> float | None:
-        """The tokens/s of the last training step logged (None: none yet)."""
-        return self._rate
 
     def _write(self, line: dict[str, Any]) -> None:
         assert self._file is not None, "the metrics log is closed"
