@@ -371,6 +371,42 @@ def test_options_that_cannot_train_are_one_line_naming_the_flag(tmp_path: Path, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture(scope="module")
+def saved_in_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-block OPT saved in fp16, with its byte-level tokenizer."""
+    folder = tmp_path_factory.mktemp("fp16") / "base"
+    random_opt(tiny_opt_config(num_hidden_layers=2), seed=0, dtype=torch.float16).save_pretrained(folder)
+    ByteTokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_dtype_auto_trains_a_model_in_the_dtype_it_was_saved_in(saved_in_fp16: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    code, _, err = train(capsys, "--model", str(saved_in_fp16), "--steps", "2", "--checkpoint-every", "1",
+                         "--out", str(run))  # fmt: skip
+    assert code == 0, err
+    assert json.loads((run / "zoruntime.json").read_text())["dtype"] == "fp16"
+    assert {t.dtype for t in weights(run / "model").values()} == {torch.float16}
+    code, _, err = train(capsys, "--resume", str(run), "--steps", "3", "--dtype", "auto")
+    assert code == 0, err
+    code, _, err = train(capsys, "--resume", str(run), "--steps", "4", "--dtype", "fp32")
+    assert code == 2 and "--dtype 'fp32' (the run used 'fp16')" in err, err
+
+
+def test_dtype_auto_is_fp32_for_the_built_in_model(finished_run: Path) -> None:
+    assert json.loads((finished_run / "zoruntime.json").read_text())["dtype"] == "fp32"
+
+
+def test_dtype_auto_is_checked_as_the_dtype_it_takes(saved_in_fp16: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = train(capsys, "--model", str(saved_in_fp16), "--compute-dtype", "fp32", "--out", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--compute-dtype fp32 is wider than the weights (--dtype fp16): give --dtype fp32 to keep fp32 masters, " \
+           "or a narrower --compute-dtype (--dtype auto: fp16, as the model was saved)" in err  # fmt: skip
+    assert not (tmp_path / "r").exists()
+    code, _, err = train(capsys, "--model", str(tmp_path / "none"), "--out", str(tmp_path / "r"))
+    assert code == 2 and f"the folder '{tmp_path / 'none'}' does not exist" in err, err
+
+
 TASK_OF_BAD_BATCHES = """
 import torch
 from zoruntime.data.tasks import ExampleTask

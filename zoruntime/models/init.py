@@ -260,11 +260,10 @@ def save_pretrained(model: PreTrainedModel, folder: Path | str) -> None:
     model.save_pretrained(folder, state_dict=state)
 
 
-def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` on a local folder or a hub name, for a model type
-    an adapter runs (``models.adapter.ADAPTERS``), in ``dtype`` (None: the dtype it was saved in);
-    every failure becomes a ValueError whose message says what to do."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _pretrained_config(where: str) -> tuple[Any, dict[str, Any]]:
+    """The saved config of a model ``load_pretrained`` can load, and the options that load it
+    (offline where the hub cannot be reached); every failure a ValueError saying what to do."""
+    from transformers import AutoConfig
 
     from .adapter import ADAPTERS
 
@@ -282,12 +281,33 @@ def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedM
     if config.model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise ValueError(f"{where!r} is a {config.model_type!r} model; zoruntime trains these model types: {supported}")
+    return config, offline
+
+
+def _dtype_saved_in(config: Any) -> torch.dtype:
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
+
+
+def saved_dtype(where: str) -> torch.dtype:
+    """The dtype the model in ``where`` (a local folder or a hub name) was saved in, as its
+    config.json records it (float32 where it records none), read without loading the weights;
+    a ValueError as ``load_pretrained``'s where it cannot be read."""
+    return _dtype_saved_in(_pretrained_config(where)[0])
+
+
+def load_pretrained(where: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` on a local folder or a hub name, for a model type
+    an adapter runs (``models.adapter.ADAPTERS``), in ``dtype`` (None: the dtype it was saved in);
+    every failure becomes a ValueError whose message says what to do."""
+    from transformers import AutoModelForCausalLM
+
+    config, offline = _pretrained_config(where)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **offline)
     except (OSError, SafetensorError) as error:  # missing, or a damaged file
         raise ValueError(f"could not load the weights of {where!r}: {str(error).splitlines()[0]}") from None
     if dtype is None:
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-        dtype = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved).removeprefix("torch."))
+        dtype = _dtype_saved_in(config)
     nn.Module.to(model, dtype=dtype)
     return model.eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..engine import Runtime
 from ..models.fingerprint import weights_fingerprint
 from ..models.freeze import freeze
-from ..models.init import load_pretrained, random_opt, save_pretrained, tiny_opt_config
+from ..models.init import load_pretrained, random_opt, save_pretrained, saved_dtype, tiny_opt_config
 from ..models.shapes import shape_dims
 from ..planning.directions import fewest_directions
 from ..planning.memory import activation_bytes
@@ -30,19 +31,38 @@ from ..planning.planner import best, predict_memory, probe_count
 from ..planning.profiles import GPUProfile, load_profile, profile_for_device
 from ..policies.base import FixedDepth, Plan
 from ..workloads import workloads
-from .options import DTYPES, TrainConfig, UsageError, optimizer, parse_policy, policy_arg
+from .options import DTYPES, TrainConfig, UsageError, check_dtypes, optimizer, parse_policy, policy_arg
 
 BUILT_IN = "built-in"
 """The ``base`` of a run of the built-in default model (its copy is saved in ``OUT/base``)."""
 
 
+def resolve_dtype(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``--dtype auto`` made the dtype its model was saved in (fp32 for the
+    built-in, and for a model saved in another dtype than fp32, fp16 and bf16), read from the
+    model's config.json alone, then checked as a given ``--dtype`` is (``check_dtypes``)."""
+    if config.dtype != "auto":
+        return config
+    try:
+        saved = saved_dtype(config.model) if config.model is not None else torch.float32
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    resolved = replace(config, dtype=next((name for name, d in DTYPES.items() if d == saved), "fp32"))
+    try:
+        check_dtypes(resolved)
+    except UsageError as error:
+        raise UsageError(f"{error} (--dtype auto: {resolved.dtype}, as the model was saved)") from None
+    return resolved
+
+
 def load_model(config: TrainConfig, base: Path | None = None) -> tuple[PreTrainedModel, Any]:
-    """The model to train (``base``: the saved copy of a resumed built-in run) and its tokenizer."""
-    dtype = DTYPES[config.dtype]
+    """The model to train (``base``: the saved copy of a resumed built-in run) and its tokenizer,
+    in ``config.dtype`` (auto: the dtype it was saved in)."""
+    dtype = DTYPES.get(config.dtype)
     where = config.model if config.model is not None else (str(base) if base is not None else None)
     if where is None:
         return random_opt(tiny_opt_config(num_hidden_layers=4, max_position_embeddings=max(128, config.max_length)),
-                          seed=config.seed, dtype=dtype), ByteTokenizer()  # fmt: skip
+                          seed=config.seed, dtype=dtype or torch.float32), ByteTokenizer()  # fmt: skip
     try:
         model = load_pretrained(where, dtype)
     except ValueError as error:

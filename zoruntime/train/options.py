@@ -67,7 +67,7 @@ class TrainConfig:
     max_length: int = 64
     seed: int = 0
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # or a DTYPES name; auto: the dtype the model was saved in (fp32 for the built-in)
     compute_dtype: str | None = None
     policy: str = "depth=1"
     eval_every: int = 250
@@ -130,7 +130,12 @@ def parser(only_given: bool = False) -> argparse.ArgumentParser:
         "--seed", type=int, default=d.seed, help="seeds the directions, the data order and the default model"
     )
     p.add_argument("--device", default=d.device, help="auto (cuda when present), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES), help="master weights' dtype")
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=["auto", *sorted(DTYPES)],
+        help="master weights' dtype; auto: the dtype the model was saved in (fp32 for the built-in)",
+    )
     p.add_argument("--compute-dtype", default=d.compute_dtype, choices=sorted(DTYPES),
                    help="dtype of the forwards (default: --dtype); 16-bit with --dtype fp32: fp32 masters")  # fmt: skip
     p.add_argument(
@@ -320,6 +325,27 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} does not exist")
     if parse_fit(config.policy) is None:
         parse_policy(config.policy)
+    if config.dtype != "auto":  # auto is checked once the model says its dtype (``train.model.resolve_dtype``)
+        check_dtypes(config)
+    if config.gpu_profile is not None:
+        try:
+            load_profile(config.gpu_profile)
+        except ValueError as error:
+            raise UsageError(str(error).replace("--gpu ", "--gpu-profile ")) from None
+    if resolve_device(config.device) == "cpu" and config.cuda_graphs:
+        raise UsageError("--cuda-graphs replays CUDA graphs and needs a GPU; leave it off with --device cpu")
+    if config.overwrite and config.resume:
+        raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
+    try:
+        check_writable(Path(config.out))
+    except RunFolderError as error:
+        raise UsageError(str(error)) from None
+    return config
+
+
+def check_dtypes(config: TrainConfig) -> None:
+    """What the master dtype (a DTYPES name, not auto) rules out: a wider --compute-dtype, an
+    --eps that rounds to 0, a rounding the masters cannot take; each a ``UsageError``."""
     try:
         compute = compute_dtype_for(
             DTYPES[config.dtype], DTYPES[config.compute_dtype] if config.compute_dtype else None
@@ -340,20 +366,6 @@ def check(config: TrainConfig) -> TrainConfig:
     except ValueError as error:
         message = str(error).replace("rounding=", "--rounding ").replace("directions=", "--directions ")
         raise UsageError(message.replace("estimator=", "--estimator ")) from None
-    if config.gpu_profile is not None:
-        try:
-            load_profile(config.gpu_profile)
-        except ValueError as error:
-            raise UsageError(str(error).replace("--gpu ", "--gpu-profile ")) from None
-    if resolve_device(config.device) == "cpu" and config.cuda_graphs:
-        raise UsageError("--cuda-graphs replays CUDA graphs and needs a GPU; leave it off with --device cpu")
-    if config.overwrite and config.resume:
-        raise UsageError("--overwrite starts a run again and --resume continues one: give one of them")
-    try:
-        check_writable(Path(config.out))
-    except RunFolderError as error:
-        raise UsageError(str(error)) from None
-    return config
 
 
 def optimizer(config: TrainConfig) -> ZOSGD:
@@ -390,6 +402,8 @@ def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainCon
     given = vars(parser(only_given=True).parse_args(argv))
     if "device" in given and resolve_device(given["device"]) == saved.get("device"):
         del given["device"]  # the run saved the device it resolved: --device auto names the same one
+    if given.get("dtype") == "auto":
+        del given["dtype"]  # the run saved the dtype its model was saved in: auto names the same one
     different = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if different:
         changes = ", ".join(
