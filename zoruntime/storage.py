@@ -80,12 +80,13 @@ def model_layout(adapter: ModelAdapter, compute_dtype: torch.dtype, several_dire
     """The sizes the planner and the memory model see: each group, and whether a plan may stream
     it; ``several_directions``: steps may use more than one direction."""
     streamable = {u.group for u in adapter.units.streamable}
-    groups = []
+    groups, mixed = [], False
     for layout, _ in adapter.groups():
+        mixed |= layout.group in streamable and layout.dtype != compute_dtype
         vocab = [p for p in layout.slices if p.name in adapter.vocab_names and layout.group not in streamable]
         chunked, rows = sum(p.numel for p in vocab), sum(_chunk_numel(p) for p in vocab)
         groups.append(GroupSize(layout.numel, layout.dtype.itemsize, layout.group in streamable, chunked, rows))
-    return ModelLayout(tuple(groups), compute_dtype.itemsize, several_directions)
+    return ModelLayout(tuple(groups), compute_dtype.itemsize, several_directions, mixed)
 
 
 def finer_layouts(model: nn.Module, unit: str, compute_dtype: torch.dtype) -> dict[str, ModelLayout]:

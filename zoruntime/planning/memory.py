@@ -103,6 +103,7 @@ class ModelLayout:
     groups: tuple[GroupSize, ...]
     compute_itemsize: int
     several_directions: bool = False
+    mixed_dtypes: bool = False  # the streamed groups' dtype is not the compute dtype, even one as wide (fp16, bf16)
 
     def __post_init__(self) -> None:
         if not self.streamable:
@@ -135,8 +136,9 @@ class ModelLayout:
     @property
     def needs_directions(self) -> bool:
         """Whether the streamed groups' z needs a buffer of its own: it is drawn in the masters'
-        dtype, so only when the compute dtype differs (else it is drawn into the perturbed copy's buffer)."""
-        return any(g.itemsize != self.compute_itemsize for g in self.streamable)
+        dtype, so only when the compute dtype differs (else it is drawn into the perturbed copy's
+        buffer), if only in kind (fp16 masters, bf16 forwards)."""
+        return self.mixed_dtypes or any(g.itemsize != self.compute_itemsize for g in self.streamable)
 
     def breakdown(self, plan: Plan) -> MemoryBreakdown:
         """Compute-side bytes ``plan`` takes (before activations)."""
