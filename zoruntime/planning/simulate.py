@@ -45,8 +45,8 @@ def simulate(
 
     ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
     longer (both directions share the link; a whole-step approximation). ``update_s``: with
-    ``offload_every=k``, a block's compute on the i-th step of a cycle applies i more updates
-    than usual, each taking this long. ``unit_sizes``: the units' relative sizes in model order
+    ``offload_every=k``, a streamed block's compute on the i-th step of a cycle applies i more
+    updates than usual, each taking this long (a resident block's never lags). ``unit_sizes``: the units' relative sizes in model order
     (elements, say), for units of unequal size (a block cut into its linear layers): each unit's
     upload, compute and offload then take its share of ``num_blocks`` times the figures given,
     which are the mean unit's; default equal."""
@@ -63,6 +63,8 @@ def simulate(
         mean = sum(unit_sizes) / num_blocks
         share.update({u.name: size / mean for u, size in zip(units.streamable, unit_sizes, strict=True)})
     plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
+    # the units whose slot copy may lag updates (a resident unit is updated on the device each step)
+    lagging = {u.name for j, u in enumerate(units.streamable) if j not in plan.resident}
 
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
@@ -72,7 +74,7 @@ def simulate(
         seconds = figures.duration(task.kind) * share[task.unit.name]
         if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) and current["offloads"]:
             return seconds / duplex
-        if task.kind == Kind.COMPUTE and task.unit.streamable:
+        if task.kind == Kind.COMPUTE and task.unit.name in lagging:
             return seconds + current["missed"] * update_s * share[task.unit.name]
         return seconds
 
