@@ -100,12 +100,17 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
             r"--alias shares one block's buffer among all \(4\.9 GB\)$"
         )
         assert re.search(expected, capsys.readouterr().err)
-    for size in ("-1", "0"):  # -1 was a traceback; 0 was taken as "not given"
+    for size in ("-1", "0", "inf"):  # -1 and inf were tracebacks; 0 was taken as "not given"
         with pytest.raises(SystemExit) as done:
             throughput.main(["--device", "cpu", "--budget-gb", size])
         assert done.value.code == 2
-        assert capsys.readouterr().err.strip().endswith(f"error: --budget-gb must be > 0 (the MemoryBudget row's size "
-                                                        f"in GiB), got {float(size)}")  # fmt: skip
+        assert capsys.readouterr().err.strip().endswith(f"error: --budget-gb must be a size > 0 (the MemoryBudget "
+                                                        f"row's, in GiB), got {float(size)}")  # fmt: skip
+    for sizes in (["1.2", "inf"], ["nan"]):  # tracebacks converting to bytes
+        with pytest.raises(SystemExit) as done:
+            throughput.main(["--device", "cpu", "--planned", *sizes])
+        assert done.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: --planned takes sizes > 0 in GB, got {' '.join(sizes)}")
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -260,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = (args.batch, args.seq, args.steps, args.trace_steps, *args.offload_every)
     if min(counts) <= 0:
         parser.error("--batch, --seq, --steps, --trace-steps and --offload-every must be positive")
-    if args.budget_gb is not None and not args.budget_gb > 0:
-        parser.error(f"--budget-gb must be > 0 (the MemoryBudget row's size in GiB), got {args.budget_gb}")
+    if args.budget_gb is not None and not 0 < args.budget_gb < math.inf:
+        parser.error(f"--budget-gb must be a size > 0 (the MemoryBudget row's, in GiB), got {args.budget_gb}")
+    if any(not 0 < gigabytes < math.inf for gigabytes in args.planned):
+        parser.error(f"--planned takes sizes > 0 in GB, got {' '.join(f'{g:g}' for g in args.planned)}")
 
     try:
         extra: list[tuple[str, Policy | None]] = [(text, parse_policy(text)) for text in args.policy]
