@@ -110,7 +110,8 @@ def test_bench_refuses_a_device_it_cannot_run_on(capsys: pytest.CaptureFixture[s
         with pytest.raises(SystemExit) as done:
             throughput.main(["--device", "cpu", "--planned", *sizes])
         assert done.value.code == 2
-        assert capsys.readouterr().err.strip().endswith(f"error: --planned takes sizes > 0 in GB, got {' '.join(sizes)}")
+        expected = f"error: --planned takes sizes > 0 in GB, got {' '.join(sizes)}"
+        assert capsys.readouterr().err.strip().endswith(expected)
 
 
 def test_bench_names_the_budget_and_the_link_for_the_device() -> None:
@@ -187,7 +188,7 @@ def test_bench_takes_llama_family_shapes_by_name(capsys) -> None:
 
 def test_bench_streams_the_units_it_is_told_and_takes_policies_as_train_does(capsys) -> None:
     args = ["--device", "cpu", "--seq", "16", "--steps", "1", "--skip-mezo", "--alias", "--unit", "linear"]
-    assert throughput.main([*args, "--policy", "depth=1,offload=2,unit=linear"]) == 0
+    assert throughput.main([*args, "--policy", "depth=1,offload=2,unit=linear", "fit=1GB"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:3] == [
@@ -195,7 +196,8 @@ def test_bench_streams_the_units_it_is_told_and_takes_policies_as_train_does(cap
         "FixedDepth(1, unit='linear')",
         "FixedDepth(2, unit='linear')",
     ]
-    assert runners[-1] == "depth=1,offload=2,unit=linear" and all(row["tokens_s"] > 0 for row in result["rows"])
+    assert runners[-2] == "depth=1,offload=2,unit=linear" and all(row["tokens_s"] > 0 for row in result["rows"])
+    assert runners[-1].startswith("planned, 1 GB: ")  # fit=SIZE runs as --planned GB
     with pytest.raises(SystemExit):
         throughput.main([*args, "--policy", "depth=1"])
     assert "--policy depth=1: its unit differs from --unit linear" in capsys.readouterr().err

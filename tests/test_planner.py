@@ -206,6 +206,22 @@ def test_bad_plan_inputs_are_one_line(capsys, tmp_path) -> None:
         GPUProfile("x", 1, 1, 1.5, 1, 1, 1)
 
 
+def test_plan_takes_fit_as_train_does(capsys) -> None:
+    """--policy fit=SIZE plans within SIZE, as --gpu-memory SIZE (the refusal of a bad policy
+    names fit=SIZE, so plan must take it)."""
+    lines = []
+    for args in (
+        ["--policy", "fit=0.7GB"],
+        ["--gpu-memory", "0.7GB"],
+        ["--policy", "fit=0.7GB", "--gpu-memory", "0.7GB"],
+    ):
+        assert plan_main(["--model", "opt-1.3b", *args]) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lines[0] == lines[1] == lines[2]
+    assert plan_main(["--model", "opt-1.3b", "--policy", "fit=0.7GB", "--gpu-memory", "24GB"]) == 2
+    assert "--policy fit=0.7GB and --gpu-memory 24GB differ: give one of them" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("name", "gigabytes"), [("opt-175b", 8), ("opt-66b", 6), ("opt-30b", 4)])
 def test_big_models_fit_small_cards_with_a_unit_per_linear_layer(name: str, gigabytes: float) -> None:
     """fp16 with ZOSGD's stochastic rounding, batch 1 x 2048, the H200 profile (predictions):

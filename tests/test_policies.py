@@ -95,7 +95,6 @@ def test_the_upload_floor_is_each_block_up_the_link_or_computed_whichever_is_lon
     assert OpFigures(upload_s=1.0, compute_s=3.0, offload_s=5.0).upload_floor(4) == 12.0  # compute-bound
 
 
-
 def test_the_simulator_charges_missed_updates_to_streamed_units_only() -> None:
     from zoruntime.planning.planner import PlanGiven
 
@@ -110,6 +109,7 @@ def test_the_simulator_charges_missed_updates_to_streamed_units_only() -> None:
     blocks = sorted({unit for _, unit in some if unit.startswith("block")})
     assert [some[step, blocks[0]] for step in range(4)] == [1.0, 2.0, 3.0, 4.0]
     assert [some[step, blocks[1]] for step in range(4)] == [1.0] * 4
+
 
 def test_the_cost_model_chooses_how_often_to_offload() -> None:
     from zoruntime.planning.cost import choose_offload_every, cycle_block_time

@@ -30,7 +30,7 @@ from .planning.directions import auto_directions, fewest_directions
 from .planning.planner import Prediction, best, predict
 from .planning.profiles import BUILT_IN, load_profile
 from .policies.base import FixedDepth
-from .train.options import UsageError, parse_directions, parse_policy, parse_size, policy_arg
+from .train.options import UsageError, parse_directions, parse_fit, parse_policy, parse_size, policy_arg
 from .workloads import workloads
 from .zo.estimator import ESTIMATORS
 
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     parser.add_argument("--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file")
     parser.add_argument(
-        "--policy", default=None, help="a policy to predict, as in zoruntime train (depth=1,offload=4,unit=linear)"
+        "--policy",
+        default=None,
+        help="a policy to predict, as in zoruntime train (depth=1,offload=4,unit=linear; fit=24GB: as --gpu-memory)",
     )
     parser.add_argument("--gpu-memory", default=None, help="memory to plan within, e.g. 24GB (default: the GPU's)")
     parser.add_argument("--directions", type=parse_directions, default=1, help="per step, or auto (default 1)")
@@ -88,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         works = workloads(config, dtype, args.batch, args.seq, args.directions, args.estimator,
                           cuda_graphs=args.cuda_graphs)  # fmt: skip
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
-        policy = parse_policy(args.policy) if args.policy else None
+        fit = parse_fit(args.policy) if args.policy else None  # fit=SIZE: the fastest plan within SIZE
+        if fit is not None and args.gpu_memory and fit != gpu_bytes:
+            raise UsageError(f"--policy {args.policy} and --gpu-memory {args.gpu_memory} differ: give one of them")
+        gpu_bytes = fit if fit is not None else gpu_bytes
+        policy = parse_policy(args.policy) if args.policy and fit is None else None
         unit = getattr(policy, "unit", "block")
         if policy is not None and unit not in works:
             raise UsageError(f"--policy {args.policy}: {args.model}'s blocks cannot be cut into unit={unit!r}")

@@ -53,7 +53,7 @@ from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from ..storage import model_layout
 from ..tracing.recorder import Timeline
 from ..train.model import available_bytes
-from ..train.options import UsageError, parse_policy
+from ..train.options import UsageError, parse_fit, parse_policy
 from ..zo.config import ZOSGD
 from ..zo.estimator import ESTIMATORS
 from ..zo.mezo import MeZOBaseline
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also run FixedDepth(1) (and all resident) with whole blocks replayed from CUDA graphs",
     )
     parser.add_argument("--policy", nargs="*", default=[], metavar="P",
-                        help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear); "
+                        help="also run these policies, as zoruntime train takes them (depth=1,offload=4,unit=linear; "
+                        "fit=24GB: as --planned 24); "
                         "their unit must be --unit's")  # fmt: skip
     parser.add_argument("--planned", type=float, nargs="*", default=[], metavar="GB",
                         help="also run the plan zoruntime plan finds within GB of GPU memory for --unit, each GB; "
@@ -267,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--planned takes sizes > 0 in GB, got {' '.join(f'{g:g}' for g in args.planned)}")
 
     try:
-        extra: list[tuple[str, Policy | None]] = [(text, parse_policy(text)) for text in args.policy]
+        fits = [text for text in args.policy if parse_fit(text) is not None]  # fit=SIZE: as --planned
+        args.planned += [(parse_fit(text) or 0) / 1e9 for text in fits]
+        extra: list[tuple[str, Policy | None]] = [
+            (text, parse_policy(text)) for text in args.policy if text not in fits
+        ]
     except UsageError as error:
         parser.error(str(error))
     for text, asked in extra:

@@ -46,10 +46,10 @@ def simulate(
     ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
     longer (both directions share the link; a whole-step approximation). ``update_s``: with
     ``offload_every=k``, a streamed block's compute on the i-th step of a cycle applies i more
-    updates than usual, each taking this long (a resident block's never lags). ``unit_sizes``: the units' relative sizes in model order
-    (elements, say), for units of unequal size (a block cut into its linear layers): each unit's
-    upload, compute and offload then take its share of ``num_blocks`` times the figures given,
-    which are the mean unit's; default equal."""
+    updates than usual, each taking this long (a resident block's never lags). ``unit_sizes``:
+    the units' relative sizes in model order (elements, say), for units of unequal size (a block
+    cut into its linear layers): each unit's upload, compute and offload then take its share of
+    ``num_blocks`` times the figures given, which are the mean unit's; default equal."""
     if not 0 < duplex <= 1 or update_s < 0 or host_gap_s < 0:
         raise ValueError(
             f"need 0 < duplex <= 1, update_s >= 0 and host_gap_s >= 0, got {duplex}, {update_s} and {host_gap_s}"
