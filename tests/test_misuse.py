@@ -374,3 +374,39 @@ async def test_a_loss_fn_that_returns_no_single_number_fails_its_step_saying_so(
         TypeError, match=r"^compute_dtype must be a torch.dtype \(torch.bfloat16, say\), got 'float16'$"
     ):
         zoruntime.Runtime(model, CONFIG, compute_dtype="float16")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["lanes", "one trip"])  # CPU's thread lanes; CUDA's pass in one trip
+@pytest.mark.parametrize("policy", [FixedDepth(0), FixedDepth(1), FixedDepth(2, offload_every=3)])
+def test_one_event_loop_a_call_trains_exactly_as_one_loop_does(policy: FixedDepth, path: str, request) -> None:
+    """A synchronous helper (one ``zoruntime.run`` a call): the loop that ran a call ends, and
+    with it the work left running behind it; the next call goes on under its own loop. It was
+    "Event loop is closed" on the next step, or a hang, and the last update never written back."""
+    if path == "one trip":
+        request.getfixturevalue("one_trip")
+    model, twin = _model(), _model()
+    reference = ReferenceZO(twin, CONFIG)
+    rt = zoruntime.Runtime(model, CONFIG, policy=policy)
+    zoruntime.run(rt.open())
+    for step in range(4):
+        assert zoruntime.run(rt.step(_batch(step))) == reference.step(_batch(step))
+        if step == 1:
+            assert zoruntime.run(rt.evaluate(_batch(9))) == reference.evaluate(_batch(9))
+    zoruntime.run(rt.close())
+    assert rt.statistics().failed_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+def test_a_call_on_another_loop_while_the_runtimes_own_still_runs_is_refused() -> None:
+    rt = zoruntime.Runtime(_model(), CONFIG)
+    own = asyncio.new_event_loop()
+    try:
+        own.run_until_complete(rt.open())
+        with pytest.raises(RuntimeError, match="another event loop than the one running the runtime, which has not "
+                                               "ended; nothing was changed"):  # fmt: skip
+            zoruntime.run(rt.step(_batch(0)))
+        assert rt.step_index == 0
+        own.run_until_complete(rt.step(_batch(0)))
+        own.run_until_complete(rt.close())
+    finally:
+        own.close()

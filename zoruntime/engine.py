@@ -138,6 +138,7 @@ class Runtime:
         self._graphs: dict[tuple[str, int], TaskGraph] = {}  # (name, rotation) → graph, made on first use
         self._rotation = 0  # the slot where the next pass starts streaming (slots turn across passes)
         self._backend: Backend | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event loop that opened it
         self._work: TaskWork | None = None
         self._reducer: LossReducer | None = None
         self._scheduler: Scheduler | None = None
@@ -197,10 +198,11 @@ class Runtime:
             )
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
             self._backend = backend
+            self._loop = asyncio.get_running_loop()
             await self._execute(load_graph(self.adapter.units, self.plan), -1)
         except BaseException:
             backend.close()
-            self._backend = None
+            self._backend = self._loop = None
             raise
         _HELD[self.model] = self
         return self
@@ -215,6 +217,7 @@ class Runtime:
         under a running step."""
         if self._backend is None:
             return
+        await self._follow_loop("rt.close()")
         try:
             await asyncio.sleep(0)  # calls created just before (create_task) start first: waited for, not refused
             self._closing = True
@@ -241,6 +244,7 @@ class Runtime:
         backend, self._backend = self._backend, None
         self._closing = False
         self._work = self._scheduler = None  # the buffers go now, not when the garbage collector runs
+        self._loop = None
         if backend is not None:
             backend.close()
 
@@ -272,6 +276,26 @@ class Runtime:
                 "call it inside the block and await it there"
             )
         return self._work, self._scheduler
+
+    async def _follow_loop(self, what: str) -> None:
+        """Go on under the running event loop when the one that ran the earlier calls has ended
+        (one ``asyncio.run()`` a call, say), as after a failed pass: the work that ran behind
+        those calls finished or was cancelled with that loop, each task whole or not at all (the
+        stamps say which update each copy holds), so the device is drained and the next pass
+        waits on nothing of theirs. Refuse ``what`` while that loop still runs; changes nothing."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None or self._loop is loop:
+            return
+        if not self._loop.is_closed():
+            raise RuntimeError(
+                f"{what} was called on another event loop than the one running the runtime, which has not "
+                "ended; nothing was changed. Make every call on one loop (or close the runtime on its own first)"
+            )
+        assert self._backend is not None and self._scheduler is not None
+        await self._backend.drain()
+        self._backend.take_timings()
+        self._scheduler.forget()
+        self._loop = loop
 
     def _claim(self, what: str, *, closing: bool = False) -> TaskWork:
         """Make ``what`` the one call that owns the runtime until ``_release``, or refuse it (and
@@ -389,6 +413,7 @@ class Runtime:
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
+        await self._follow_loop("rt.step()")
         t = self.step_index
         if self._estimator is None:  # directions="auto": decided once
             self._ready("rt.step()")
@@ -420,6 +445,7 @@ class Runtime:
         for the loss). As ``evaluate``, which is ``measure`` with one metric."""
         if not metrics:
             raise ValueError("measure() needs at least one metric, e.g. {'loss': None}")
+        await self._follow_loop("rt.evaluate()")
         state = self._state(batch, Mode.EVAL, self.step_index)
         state.metrics = tuple(metrics.values())
         await self._run("eval", state, self.step_index)
@@ -443,12 +469,14 @@ class Runtime:
 
     async def flush(self) -> None:
         """Apply the pending update to every group and write all weights back into the model."""
+        await self._follow_loop("rt.flush()")
         await self._run("flush", None, self.step_index)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     async def save_checkpoint(self, root: str | Path, state: Mapping[str, Any] | None = None) -> Path:
         """Apply the pending update, then snapshot every master group into ``root`` (atomically;
         see ``zoruntime.checkpoint``). ``state`` is stored beside it (e.g. the data position)."""
+        await self._follow_loop("rt.save_checkpoint()")
         self._ready("rt.save_checkpoint()")
         await self.flush()
         # Own the runtime while the snapshot is written, so no step changes the masters under it.

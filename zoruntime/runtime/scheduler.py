@@ -218,6 +218,13 @@ class Scheduler:
             done[index].set_result(Completion(handle=handles[index]))
         return done
 
+    def forget(self) -> None:
+        """Drop what earlier passes left behind (their lanes' work, the slots' releases, uploads
+        done ahead) once it can no longer be awaited: their event loop has ended. The next pass
+        waits on nothing of theirs and uploads its first units itself; the caller first waits
+        until the device has done all they enqueued."""
+        self._behind, self._released, self._ahead = {}, {}, {}
+
     async def join(self) -> None:
         """Wait for the work left behind by earlier passes; raise its failure, if any."""
         behind, self._behind = self._behind, {}
