@@ -77,6 +77,35 @@ def test_an_object_without_plan_is_not_a_policy() -> None:
         zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=3)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Returns:
+    """A user's policy whose plan is whatever it was given."""
+
+    what: object
+
+    def plan(self, layout: ModelLayout) -> object:
+        return self.what
+
+
+@pytest.mark.parametrize("what", [None, (1, frozenset()), {"depth": 1}])
+def test_a_policy_that_returns_no_plan_is_refused_naming_it(what: object) -> None:
+    with pytest.raises(TypeError, match=r"Returns\.plan\(layout\) must return a zoruntime\.policies\.Plan, got "):
+        zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=Returns(what))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("resident", ["01", None, frozenset({"0"}), frozenset({1.5}), 3, [True]])
+def test_a_plan_of_other_resident_units_than_ints_is_refused(resident: object) -> None:
+    with pytest.raises(ValueError, match=r"resident must be a set of unit numbers \(ints\), got "):
+        Plan(1, resident)  # type: ignore[arg-type]
+
+
+def test_a_plan_keeps_a_copy_of_the_resident_units_it_was_given() -> None:
+    given = [0, 1]
+    plan = Plan(1, given)  # type: ignore[arg-type]
+    given.append(2)
+    assert plan.resident == frozenset({0, 1}) and plan == Plan(1, frozenset({0, 1}))
+
+
 def test_cost_model_turns_bytes_and_flops_into_the_simulated_step() -> None:
     from zoruntime.policies import CostModel
 

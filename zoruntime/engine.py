@@ -115,7 +115,13 @@ class Runtime:
         master = self._layouts[self.adapter.units.streamable[0].group].dtype
         self.compute_dtype = compute_dtype_for(master, compute_dtype)
         self.layout = model_layout(self.adapter, self.compute_dtype, several_directions=optimizer.directions != 1)
-        self.plan: Plan = policy.plan(self.layout)
+        plan = policy.plan(self.layout)
+        if not isinstance(plan, Plan):
+            raise TypeError(
+                f"{type(policy).__name__}.plan(layout) must return a zoruntime.policies.Plan, got {plan!r} "
+                "(e.g. Plan(depth=1, resident=frozenset({0, 1})))"
+            )
+        self.plan: Plan = plan
         self.plan.validate(self.layout.num_units)
         if not any(layout.trainable for layout in self._layouts):
             raise ValueError(

@@ -13,7 +13,7 @@ decoder blocks into units (see ``UNIT_KINDS``), before ``plan`` sees the layout.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -49,6 +49,13 @@ class Plan:
     offload_every: int = 1
 
     def __post_init__(self) -> None:
+        resident = self.resident
+        if isinstance(resident, str | bytes) or not isinstance(resident, Iterable):
+            raise ValueError(f"resident must be a set of unit numbers (ints), got {resident!r}")
+        resident = frozenset(resident)  # a list or set given is copied: the plan cannot change later
+        if any(not isinstance(u, int) or isinstance(u, bool) for u in resident):
+            raise ValueError(f"resident must be a set of unit numbers (ints), got {self.resident!r}")
+        object.__setattr__(self, "resident", resident)
         if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
             raise ValueError(
                 f"prefetch depth must be an int >= 0 (0 = serial, 1 = ZO2's Algorithm 1), got {self.depth!r}"
