@@ -110,16 +110,22 @@ def test_the_two_sided_estimator_probes_plus_and_minus_eps() -> None:
 
 @pytest.mark.asyncio
 async def test_measure_gives_several_metrics_from_one_pass_equal_to_separate_evaluations() -> None:
-    model = tiny_model(num_hidden_layers=3)
-    batch = token_batch(model.config)
+    """The loss beside other metrics is the one evaluate() and the reference take (the causal-LM
+    loss in pieces): it was HF's on the full logits, a few ulps apart at this shape."""
+    model = tiny_model(num_hidden_layers=3, vocab_size=64, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32)
+    batch = token_batch(model.config, seed=123)
+    reference = ReferenceZO(tiny_model(num_hidden_layers=3, vocab_size=64, hidden_size=32, ffn_dim=64,
+                                       word_embed_proj_dim=32), zoruntime.ZOSGD(lr=1e-2))  # fmt: skip
 
     def argmax_share(logits: torch.Tensor, b) -> torch.Tensor:
         return (logits.argmax(-1) == b.labels).float().mean()
 
     async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-2), trace=True) as rt:
         await rt.step(batch)
+        reference.step(batch)
         passes = len([m for m in rt.timeline.steps if m.phase == "eval"])
         both = await rt.measure(batch, {"loss": None, "share": argmax_share})
+        assert both["loss"] == reference.evaluate(batch)
         assert len([m for m in rt.timeline.steps if m.phase == "eval"]) == passes + 1
         assert both == {"loss": await rt.evaluate(batch), "share": await rt.evaluate(batch, metric=argmax_share)}
         with pytest.raises(ValueError, match="needs at least one metric"):

@@ -302,10 +302,10 @@ class TaskWork:
             return
         if all(metric is None for metric in st.metrics):  # the loss alone: no full logits needed
             st.values = [self._loss(params, hidden, batch)] * len(st.metrics)
-        else:
+        else:  # the loss beside them is the one a step and evaluate() take (in pieces, for the causal LM)
             logits = self.adapter.head(params, hidden)
-            loss = self.loss_fn or self.adapter.causal_lm_loss
-            st.values = [(metric or loss)(logits, batch) for metric in st.metrics]
+            st.values = [self._loss(params, hidden, batch, logits) if metric is None else metric(logits, batch)
+                         for metric in st.metrics]  # fmt: skip
         if self.reducer is not None:  # each metric averaged over ranks with the weight it counts by
             for i, metric in enumerate(st.metrics):
                 weight = row_weight(batch) if metric is not None else self.loss_weight(batch)
@@ -341,11 +341,14 @@ class TaskWork:
             )
         return layer
 
-    def _loss(self, params: EndParams, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The user's loss on full logits, or the causal-LM loss in pieces (``head_loss``)."""
+    def _loss(
+        self, params: EndParams, hidden: torch.Tensor, batch: Batch, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The user's loss on full logits (``logits``, when the head has made them), or the
+        causal-LM loss in pieces (``head_loss``)."""
         if self.loss_fn is None:
             return self.adapter.head_loss(params, hidden, batch)
-        loss = self.loss_fn(self.adapter.head(params, hidden), batch)
+        loss = self.loss_fn(self.adapter.head(params, hidden) if logits is None else logits, batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
             raise TypeError(f"loss_fn must return the batch's loss as a one-element tensor, got {what}")
