@@ -3,6 +3,7 @@ and nothing at all when tracing is off."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -241,3 +242,47 @@ def test_a_host_that_keeps_ahead_and_one_that_falls_behind_read_differently() ->
     no_upload = [replace(s, end=previous_end) if s.kind == "upload" and s.unit == "block.2" else s for s in behind]
     gap = next(g for g in Timeline(no_upload, simulated.steps).summary().largest_gaps if g.task == "compute block.2")
     assert gap.waiting_for == "the host (it issued the task 500.000 ms into the gap)"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("depth", [0, 1, 2])
+async def test_a_second_pass_of_one_step_and_phase_is_told_apart_and_a_failed_one_marked(depth: int, tmp_path) -> None:
+    """Two evaluations in a row, and a step retried after a failed head: the same step and phase
+    twice. Each pass is its own attempt, a failed one's spans are abandoned, and the summary's
+    step window is the retry's alone (it took in the failed attempt and the wait before the
+    retry: 92 ms against 9 for a clean step); the timeline's checks hold (they failed)."""
+    from zoruntime.runtime.scheduler import TaskFailed
+    from zoruntime.testing import inject_faults
+
+    model = tiny_model(num_hidden_layers=4)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-3), policy=FixedDepth(depth), trace=True) as rt:
+        batch = token_batch(model.config)
+        for _ in range(2):
+            await rt.step(batch)
+        first, second = await rt.evaluate(batch), await rt.evaluate(batch)
+        assert first == second
+        injected = inject_faults(rt, lambda step, task: step == 2 and task.kind.value == "head" and not injected)
+        with pytest.raises(TaskFailed, match="fault injected into head of step 2"):
+            await rt.step(batch)
+        await asyncio.sleep(0.2)  # the caller's wait before it retries: in no step's window
+        await rt.step(batch)
+        await rt.step(batch)
+    timeline = rt.timeline
+    check_timeline(timeline)
+    evals = [m for m in timeline.steps if m.phase == "eval"]
+    assert [(m.step, m.attempt) for m in evals] == [(2, 0), (2, 1)]
+    assert {s.attempt for s in timeline.for_step(2, "eval")} == {1}
+    failed = [s for s in timeline.spans if s.abandoned]
+    assert failed and {(s.step, s.phase, s.attempt) for s in failed} == {(2, "step", 0)}
+    assert not any(s.kind == "head" for s in failed)  # the head raised: it has no span
+    retried = timeline.for_step(2)
+    assert {s.attempt for s in retried} == {1} and any(s.kind == "head" for s in retried)
+    assert [(m.step, m.attempt) for m in timeline.steps if m.phase == "step"] == [(0, 0), (1, 0), (2, 1), (3, 0)]
+    summary = timeline.summary()
+    assert summary.steps == 4 and summary.step_seconds < 0.2 / 4
+    loaded = Timeline.load(timeline.save_chrome_trace(tmp_path / "trace.json"))
+    who = lambda spans: [(s.step, s.phase, s.index, s.attempt, s.abandoned) for s in spans]  # noqa: E731
+    assert who(loaded.spans) == who(timeline.spans)
+    assert [(m.step, m.phase, m.attempt) for m in loaded.steps] == [
+        (m.step, m.phase, m.attempt) for m in timeline.steps
+    ]

@@ -152,6 +152,7 @@ class Runtime:
         self._idle: asyncio.Future[None] | None = None  # resolved when that call's graph has finished
         self._closing = False
         self._broken: BaseException | None = None
+        self._last_pass: tuple[int, str] | None = None  # (step, phase) of the last pass started
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(
                 f"start_step must be an int >= 0 (the step a resumed run continues from), got {start_step!r}"
@@ -324,7 +325,11 @@ class Runtime:
         backend = self._backend
         assert backend is not None
         work.begin(state)
+        phase, started = self._graph(graph).phase, False
         try:
+            if self._last_pass == (step, phase):  # an evaluation again, a retry: the one before ends first
+                await self._settle_behind()
+            self._last_pass, started = (step, phase), True
             await self._execute(self._graph(graph), step)
         except BaseException as error:
             # The step is abandoned, the weights are not: every group's stamp says which update it
@@ -341,11 +346,30 @@ class Runtime:
                 backend.take_timings()
             except BaseException as error:
                 self._broken = error
+            if self._recorder is not None and started:
+                self._recorder.abandoned(step, phase)
             raise
         finally:
             work.end()
             self._release()
         self._log.settle(work.oldest_held())  # what every group's authoritative copy holds is done
+
+    async def _settle_behind(self) -> None:
+        """Wait for the work earlier passes left running behind, and report its times: a pass
+        of the same step and phase as the one before (a second evaluation, a retry) then starts
+        with nothing of that one still running, so the timeline tells the two apart."""
+        backend, scheduler = self._backend, self._scheduler
+        assert backend is not None and scheduler is not None
+        await scheduler.join()
+        await backend.drain()
+        self._report_timings()
+
+    def _report_timings(self) -> None:
+        """Report the device times of the tasks done so far (lanes that complete on enqueue: CUDA)."""
+        assert self._backend is not None
+        for span_step, task, start, end in self._backend.take_timings():
+            self._instruments.call("task_started", span_step, task, start)
+            self._instruments.call("task_finished", span_step, task, end)
 
     def _graph(self, name: str) -> TaskGraph:
         """The graph ``name`` ("step", "step without offloads", "eval", "flush") for this pass's rotation."""
@@ -375,9 +399,7 @@ class Runtime:
         self._rotation = graph.rotation_after
         await backend.drain(graph.waited_lanes)
         work.confirm_graphs()  # a graph that replayed other bits fails the pass, as a failed task would
-        for span_step, task, start, end in backend.take_timings():
-            self._instruments.call("task_started", span_step, task, start)
-            self._instruments.call("task_finished", span_step, task, end)
+        self._report_timings()
         if deferred:
             self._instruments.call("step_finished", step, backend.clock(), graph.phase)
 

@@ -25,9 +25,10 @@ _SLACK = 1e-12
 def check_timeline(timeline: Timeline) -> None:
     """Raise ``AssertionError`` unless: each lane runs one task at a time; a task starts after
     its dependencies (in its own pass, or, for the first compute on a slot, after the upload
-    that an earlier pass did ahead into it); and a slot's tasks never interleave across units
+    that an earlier pass did ahead into it; a second pass of one step and phase, a retry or
+    another evaluation, is its own); and a slot's tasks never interleave across units
     (an upload starts after every earlier task on its slot has ended)."""
-    by_index = {(s.step, s.phase, s.index): s for s in timeline.spans}
+    by_index = {(s.step, s.phase, s.attempt, s.index): s for s in timeline.spans}
     ahead = sorted((s for s in timeline.spans if s.ahead), key=lambda s: s.end)
     for lane in {s.lane for s in timeline.spans}:
         spans = sorted((s for s in timeline.spans if s.lane == lane), key=lambda s: s.start)
@@ -35,7 +36,7 @@ def check_timeline(timeline: Timeline) -> None:
             assert a.end <= b.start + _SLACK, f"{a.name} and {b.name} overlap on the {lane} lane"
     for span in timeline.spans:
         for dep in span.deps:
-            done = by_index.get((span.step, span.phase, dep))
+            done = by_index.get((span.step, span.phase, span.attempt, dep))
             if done is None:  # the upload came ahead, from the pass before
                 done = next(s for s in reversed(ahead) if s.slot == span.slot and s.start <= span.start)
             assert done.end <= span.start + _SLACK, f"{span.name} (step {span.step}) started before {done.name}"

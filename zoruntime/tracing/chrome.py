@@ -38,12 +38,15 @@ def to_events(timeline: Timeline) -> list[dict[str, Any]]:
     for mark in timeline.steps:
         start, dur = us(mark.start), us(mark.end) - us(mark.start)
         events.append({"ph": "X", "name": mark.name, "cat": "step", "pid": _PID, "tid": _STEPS_TID,
-                       "ts": start, "dur": dur, "args": {"step": mark.step, "phase": mark.phase}})  # fmt: skip
+                       "ts": start, "dur": dur, "args": {"step": mark.step, "phase": mark.phase,
+                                                         "attempt": mark.attempt}})  # fmt: skip
     for span in timeline.spans:
         args: dict[str, Any] = {
             "step": span.step, "index": span.index, "kind": span.kind, "unit": span.unit,
             "deps": list(span.deps), "slot": span.slot, "bytes": span.bytes, "phase": span.phase, "ahead": span.ahead,
         }  # fmt: skip
+        if span.attempt or span.abandoned:  # a second pass of its step and phase, or a failed one
+            args |= {"attempt": span.attempt, "abandoned": span.abandoned}
         if span.issued is not None:
             args["issued_us"] = us(span.issued)  # on the trace's clock, like ts
         if span.bytes and span.duration > 0:
@@ -75,12 +78,13 @@ def load_chrome_trace(path: str | Path) -> Timeline:
             start, end = e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6
             a = e["args"]
             if e.get("cat") == "step":
-                steps.append(StepMark(a["step"], start, end, a["phase"]))
+                steps.append(StepMark(a["step"], start, end, a["phase"], a.get("attempt", 0)))
             else:
                 ahead = a.get("ahead", False)  # traces from before steps overlapped have none
                 issued = a["issued_us"] / 1e6 if "issued_us" in a else None  # nor from before issue times
                 spans.append(Span(a["step"], a["index"], lanes[e["tid"]], a["kind"], a["unit"], start, end,
-                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], ahead, issued))  # fmt: skip
+                                  tuple(a["deps"]), a["slot"], a["bytes"], a["phase"], ahead, issued,
+                                  a.get("attempt", 0), a.get("abandoned", False)))  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a zoruntime Chrome trace ({type(error).__name__}: {error})") from error
     return Timeline(spans, steps)

@@ -8,7 +8,7 @@ scheduler makes no hook calls. Knows nothing about how spans are drawn or export
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,8 @@ class Span:
     phase: str = "step"
     ahead: bool = False  # an upload for the next pass, which that pass's first compute on the slot uses
     issued: float | None = None  # when the host handed the task to its lane (on CUDA: began to enqueue it)
+    attempt: int = 0  # the how-many-th pass of this step and phase (a retry after a failure, a second eval)
+    abandoned: bool = False  # its pass failed (a later attempt ran the step again)
 
     @property
     def duration(self) -> float:
@@ -61,6 +63,7 @@ class StepMark:
     start: float
     end: float
     phase: str = "step"
+    attempt: int = 0  # as the spans': which pass of this step and phase
 
     @property
     def name(self) -> str:
@@ -75,7 +78,10 @@ class Timeline:
         self.steps: list[StepMark] = steps or []
 
     def for_step(self, step: int, phase: str = "step") -> list[Span]:
-        return [s for s in self.spans if s.step == step and s.phase == phase]
+        """The spans of the last pass of ``step`` and ``phase`` that was not abandoned."""
+        spans = [s for s in self.spans if s.step == step and s.phase == phase and not s.abandoned]
+        last = max((s.attempt for s in spans), default=0)
+        return [s for s in spans if s.attempt == last]
 
     def training_steps_from(self, first: int) -> Timeline:
         """A timeline of the training steps from ``first`` on (no eval, flush or load runs)."""
@@ -139,13 +145,28 @@ class TimelineRecorder:
     def __init__(self, timeline: Timeline | None = None, bytes_of: Callable[[Task], int] | None = None) -> None:
         self.timeline = timeline or Timeline()
         self.bytes_of = bytes_of
-        # Keyed by pass (step and phase): a pass's last tasks finish while the next one runs.
+        # Keyed by pass (step and phase): a pass's last tasks finish while the next one runs. The
+        # runtime never starts a pass while one of the same step and phase still runs behind, so
+        # every event of a pass comes between its start and the next one's of that step and phase.
         self._issued: dict[tuple[int, str, int], float] = {}
         self._started: dict[tuple[int, str, int], float] = {}
         self._step_start: dict[tuple[int, str], float] = {}
+        self._attempt: dict[tuple[int, str], int] = {}  # the current pass of (step, phase): 0, 1, ...
 
     def step_started(self, step: int, time: float, phase: str) -> None:
-        self._step_start[step, phase] = time
+        key = (step, phase)
+        self._attempt[key] = self._attempt[key] + 1 if key in self._attempt else 0
+        self._step_start[key] = time
+
+    def abandoned(self, step: int, phase: str) -> None:
+        """The current pass of ``step`` and ``phase`` failed: its spans are marked abandoned (the
+        runtime calls this once the pass's lanes have stopped)."""
+        attempt = self._attempt.get((step, phase), 0)
+        self._step_start.pop((step, phase), None)
+        self.timeline.spans[:] = [
+            replace(s, abandoned=True) if (s.step, s.phase, s.attempt) == (step, phase, attempt) else s
+            for s in self.timeline.spans
+        ]
 
     def task_issued(self, step: int, task: Task, time: float) -> None:
         self._issued[step, task.phase, task.index] = time
@@ -172,8 +193,10 @@ class TimelineRecorder:
                 task.phase,
                 task.ahead,
                 issued,
+                self._attempt.get((step, task.phase), 0),
             )
         )
 
     def step_finished(self, step: int, time: float, phase: str) -> None:
-        self.timeline.steps.append(StepMark(step, self._step_start.pop((step, phase)), time, phase))
+        attempt = self._attempt.get((step, phase), 0)
+        self.timeline.steps.append(StepMark(step, self._step_start.pop((step, phase)), time, phase, attempt))

@@ -5,7 +5,8 @@ waiting for, and when the host issued the tasks against when they started (on CU
 the host kept ahead of the GPU). Stdlib only.
 
 A step's window runs from its first task's start to its last task's end, taken from the spans
-(on CUDA the GPU's own times, so a host that starves the GPU shows). Consecutive steps overlap,
+of its pass that returned, not of a failed attempt (on CUDA the GPU's own times, so a host that
+starves the GPU shows). Consecutive steps overlap,
 so the time measured is what the windows cover together, each moment once. The pipeline bound
 of steps whose blocks are all streamed is ``OpFigures.pipeline_bound`` over all of them (one
 fill, then the busiest lane) with the mean task times; when some blocks are resident it is the
@@ -145,7 +146,7 @@ def _gaps(step: int, spans: list[Span], step_start: float) -> list[Gap]:
 
 
 def summarize(timeline: Timeline, gaps: int = 5) -> TimelineSummary:
-    steps = sorted({s.step for s in timeline.spans if s.phase == "step"})
+    steps = sorted({s.step for s in timeline.spans if s.phase == "step" and not s.abandoned})
     if not steps:
         return TimelineSummary(steps=0, step_seconds=0.0)
     windows, all_gaps, spans_of_steps, issue_spreads = [], [], [], []
