@@ -197,3 +197,121 @@ def test_a_tasks_own_metric_is_shown_logged_and_summarised_under_its_name(tmp_pa
     assert all(line["metric"] == "exact match" and "exact_match" in line for line in dev)
     assert "accuracy" not in out and not any("accuracy" in line for line in dev)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+
+
+def test_a_choice_answer_is_an_options_text_first_and_a_number_its_index(tmp_path: Path) -> None:
+    """Options that are numbers themselves: the answer "2" is the option '2' (it was read as the
+    index of '3'), a JSON number is an index, and "4" among ["2", "4"] is no longer refused."""
+    options = TrainConfig(data=str(tmp_path / "q.jsonl"), dev=str(tmp_path / "q.jsonl"), text_field="q",
+                          label_field="answer", batch_size=4)  # fmt: skip
+    for answers, gold in ((["2", "4", "0", "6"], [1, 1, 0, 2]), ([2, 4, 0, 1], [2, 1, 0, 1])):  # texts, numbers
+        offered = [["1", "2", "3"], ["2", "4", "6"], ["x", "y", "z"], ["2", "4", "6"]]
+        _jsonl(
+            tmp_path / "q.jsonl", [{"q": "q", "options": o, "answer": a} for o, a in zip(offered, answers, strict=True)]
+        )
+        assert file_task("choice", options, ByteTokenizer()).dev_batches()[0]["label"].tolist() == gold
+    data = tmp_path / "q.jsonl"
+    for answer in (True, "7", 7):
+        _jsonl(data, [{"q": "q", "options": ["1", "2", "3"], "answer": answer}] * 2)
+        with pytest.raises(ValueError, match=f"record 1: answer {answer!r} is neither an option nor an option's index"):
+            file_task("choice", options, ByteTokenizer())
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"q": "a", "options": ["x", "y"], "answer": 0}, {"q": "b", "options": ["x", "y", "z"], "answer": 0}] * 3,
+         "every record needs as many options (a batch scores them together); the first has 2, example 2 has 3"),
+        ([{"q": "a", "options": ["x", "a very long option " * 4], "answer": 0}] * 6,
+         "the option 'a very long option a very long option a ' leaves no room for its prompt within "
+         "--max-length 48"),
+    ],
+)  # fmt: skip
+def test_choice_records_a_batch_cannot_score_are_one_line_before_the_run(tmp_path: Path, capsys, records, message):
+    """They stopped the run with a traceback at the first batch that met them, its folder made."""
+    data = _jsonl(tmp_path / "q.jsonl", records)
+    code, _, err = _train(capsys, tmp_path, "--task", "choice", "--data", str(data), "--text-field", "q",
+                          "--label-field", "answer")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_one_line_before_the_run(tmp_path: Path, capsys) -> None:
+    from zoruntime.models import random_opt, tiny_opt_config
+
+    folder = tmp_path / "base"
+    random_opt(tiny_opt_config(num_hidden_layers=2, max_position_embeddings=32), seed=0).save_pretrained(folder)
+    ByteTokenizer().save_pretrained(folder)
+    data = _reviews(tmp_path / "r.jsonl")
+    code, _, err = _train(capsys, tmp_path, "--model", str(folder), "--task", "classify", "--data", str(data),
+                          "--labels", LABELS)  # fmt: skip
+    assert code == 2 and "--max-length 48 is longer than the model's 32 positions; give --max-length 32" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_lm_on_a_text_file_reads_dev_records_by_their_text_field(tmp_path: Path) -> None:
+    plain = tmp_path / "notes.txt"
+    plain.write_text("the cat sat on the mat. " * 60)
+    dev = _jsonl(tmp_path / "dev.jsonl", [{"body": "a dog ran. " * 8}] * 2)
+    task = file_task(
+        "lm", TrainConfig(data=str(plain), dev=str(dev), text_field="body", max_length=16), ByteTokenizer()
+    )
+    first = bytes(i - 4 for i in task.dev_batches()[0]["input_ids"][0].tolist() if i >= 4).decode()
+    assert first == "a dog ran. a dog"  # it was the JSON text itself: '{"body": "a dog ...'
+
+
+def test_the_dev_loss_of_generate_does_not_depend_on_the_batch_size(tmp_path: Path) -> None:
+    """Each batch counts by the tokens it scores (it counted by rows: targets of 1 and 10 tokens
+    gave 5.526, 5.543, 5.544 at batch sizes 1, 2, 3)."""
+    import zoruntime
+    from zoruntime.policies import FixedDepth
+    from zoruntime.train.data import build_data, evaluate
+
+    records = [{"prompt": f"P{i}:", "target": " " + "abcdefghij"[: 1 if i % 2 else 10]} for i in range(6)]
+    data = _jsonl(tmp_path / "g.jsonl", records)
+    model = zoruntime.random_opt(zoruntime.tiny_opt_config(), seed=1)
+
+    async def dev_loss(batch_size: int) -> float:
+        task = build_data(TrainConfig(task="generate", data=str(data), dev=str(data), batch_size=batch_size,
+                                      max_length=32), ByteTokenizer())  # fmt: skip
+        async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=0.0), policy=FixedDepth(1)) as rt:
+            return (await evaluate(rt, task)).loss
+
+    losses = [zoruntime.run(dev_loss(size)) for size in (1, 2, 6)]
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6) and losses[1] == pytest.approx(losses[2], rel=1e-6)
+
+
+class _NoBos(ByteTokenizer):
+    """A tokenizer that adds no BOS token (GPT-2 and Qwen2 add none)."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return super().encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(("tokenizer", "kept"), [(ByteTokenizer(), "ur five six"), (_NoBos(), "our five six")])
+def test_a_long_prompt_is_cut_from_the_left_keeping_the_bos_the_tokenizer_adds(tokenizer, kept: str) -> None:
+    """Without a BOS the prompt's first token was kept as if it were one: 'xur five six'."""
+    from zoruntime.data.sst2 import candidate_rows
+
+    ((ids, _),) = candidate_rows("xne two three four five", ["six"], tokenizer, max_length=12, suffix="")
+    assert len(ids) == 12 and (ids[0] == ByteTokenizer.bos_token_id) == (not isinstance(tokenizer, _NoBos))
+    assert bytes(i - 4 for i in ids if i >= 4).decode() == kept
+
+
+def test_generate_cuts_a_long_prompt_keeping_the_bos(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "g.jsonl", [{"prompt": "xne two three four five", "target": " six"}] * 2)
+    task = file_task("generate", TrainConfig(data=str(data), dev=str(data), max_length=12), ByteTokenizer())
+    ids = task.dev_batches()[0]["input_ids"][0].tolist()
+    assert ids[0] == ByteTokenizer.bos_token_id and bytes(i - 4 for i in ids[1:]).decode() == "ur five six"
+
+
+def test_lm_reads_a_name_that_is_no_file_as_a_hub_dataset(monkeypatch) -> None:
+    """As the other tasks do (it was read as a text file: FileNotFoundError, a traceback)."""
+    from zoruntime.data import files
+
+    asked = []
+    monkeypatch.setattr(
+        files, "read_records", lambda where: asked.append(where) or [{"text": "a b c d e f " * 20}] * 20
+    )
+    task = file_task("lm", TrainConfig(data="someone/notes", max_length=16), ByteTokenizer())
+    assert asked == ["someone/notes"] and task.dev_batches()

@@ -4,7 +4,8 @@ online) read through ``datasets``, checked up front, made into one of four tasks
 - ``classify``: ``template`` (with ``{text}``) then each label's word, scored as candidates, as
   MeZO prompts SST-2; loss: cross-entropy over the candidates; dev metric: accuracy.
 - ``choice``: a question with options (a list field); the options are the candidates and the
-  answer (an option's index or its text) the gold one; accuracy.
+  answer (an option's text, or a number: its index) the gold one; accuracy. Every record offers
+  as many options.
 - ``lm``: a text field (or a plain text file), the causal-LM loss on every token.
 - ``generate``: a prompt field and a target field; the loss on the target's tokens only.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .lm import LMData
-from .sst2 import Tokenizer, candidate_accuracy, candidate_loss, padded, scored_batch
+from .sst2 import Tokenizer, candidate_accuracy, candidate_loss, keep_right, padded, scored_batch
 from .tasks import ExampleTask, Task
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -103,17 +104,23 @@ def file_task(kind: str, options: Any, tokenizer: Tokenizer) -> Task:
     if kind not in FILE_TASKS:
         raise ValueError(f"unknown file task {kind!r}; choose {', '.join(FILE_TASKS)}")
     files = [options.data] + ([options.dev] if options.dev else [])
-    if kind == "lm" and Path(options.data).suffix not in FORMATS:  # a plain text file
+    if kind == "lm" and _plain_text(options.data):
         text = Path(options.data).read_text(encoding="utf-8", errors="replace")
         cut = int(len(text) * 0.9)
-        dev_text = Path(options.dev).read_text(encoding="utf-8") if options.dev else text[cut:]
-        train_text = text if options.dev else text[:cut]
-        return LMData(tokenizer.encode(train_text), tokenizer.encode(dev_text), options.max_length,
-                      options.batch_size, options.seed)  # fmt: skip
+        if options.dev is None:
+            train_ids, dev_ids = tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])
+        elif _plain_text(options.dev):
+            train_ids, dev_ids = tokenizer.encode(text), tokenizer.encode(Path(options.dev).read_text(encoding="utf-8"))
+        else:  # dev records: their text field, as --data records would be read
+            train_ids = tokenizer.encode(text)
+            dev_ids = [t for row in _lm(read_records(options.dev), options.dev, options, tokenizer) for t in row]
+        return LMData(train_ids, dev_ids, options.max_length, options.batch_size, options.seed)
     records = [read_records(where) for where in files]
     builders = {"classify": _classify, "choice": _choice, "lm": _lm, "generate": _generate}
     built = [builders[kind](rs, where, options, tokenizer) for rs, where in zip(records, files, strict=True)]
     train, dev = _split(built[0], built[1] if len(built) > 1 else None)
+    if kind in ("classify", "choice"):
+        _check_candidates(train + dev, files, options.max_length, tokenizer, "." if kind == "classify" else "")
     if kind == "lm":
         return LMData([t for row in train for t in row], [t for row in dev for t in row], options.max_length,
                       options.batch_size, options.seed)  # fmt: skip
@@ -128,6 +135,38 @@ def file_task(kind: str, options: Any, tokenizer: Tokenizer) -> Task:
 
     return ExampleTask(train, dev, batch, options.batch_size, options.seed, candidate_loss,
                        ("accuracy", candidate_accuracy), max(candidates))  # fmt: skip
+
+
+def _plain_text(where: str) -> bool:
+    """A local file that is not records (JSON Lines, CSV, Parquet): its text is the corpus."""
+    return Path(where).suffix not in FORMATS and Path(where).is_file()
+
+
+def _check_candidates(
+    examples: Sequence[tuple[str, Sequence[str], int]],
+    files: Sequence[str],
+    max_length: int,
+    tokenizer: Tokenizer,
+    suffix: str,
+) -> None:
+    """Every example offers as many candidates (a batch scores them as one table), and each
+    candidate leaves room for a prompt within ``max_length``: refused up front, not at the batch
+    that would meet it mid-run."""
+    counts = {len(candidates) for _, candidates, _ in examples}
+    if len(counts) > 1:
+        first = len(examples[0][1])
+        other = next(i for i, (_, candidates, _) in enumerate(examples) if len(candidates) != first)
+        raise ValueError(
+            f"{' and '.join(files)}: every record needs as many options (a batch scores them together); the first "
+            f"has {first}, example {other + 1} has {len(examples[other][1])}"
+        )
+    tail = len(tokenizer.encode(suffix, add_special_tokens=False)) if suffix else 0
+    for candidate in dict.fromkeys(c for _, candidates, _ in examples for c in candidates):
+        if max_length - len(tokenizer.encode(f" {candidate}", add_special_tokens=False)) - tail < 2:
+            raise ValueError(
+                f"the option {candidate[:40]!r} leaves no room for its prompt within --max-length {max_length}: give "
+                "a larger --max-length or shorter options"
+            )
 
 
 def _classify(records: list[dict[str, Any]], where: str, options: Any, _tokenizer: Tokenizer) -> list[Any]:
@@ -154,13 +193,24 @@ def _choice(records: list[dict[str, Any]], where: str, options: Any, _tokenizer:
         if not isinstance(offered, list) or len(offered) < 2:
             raise ValueError(f"{where}, record {i + 1}: {options.options_field!r} must list two or more options")
         offered = [str(o) for o in offered]
-        gold = int(answer) if isinstance(answer, int) or str(answer).isdigit() else None
-        if gold is None and str(answer) in offered:
-            gold = offered.index(str(answer))
-        if gold is None or not 0 <= gold < len(offered):
+        gold = _gold(answer, offered)
+        if gold is None:
             raise ValueError(f"{where}, record {i + 1}: answer {answer!r} is neither an option nor an option's index")
         examples.append((str(question).strip(), offered, gold))
     return examples
+
+
+def _gold(answer: object, offered: list[str]) -> int | None:
+    """The index of the answer among ``offered``: a number is an index, a string the option's
+    text (else, written in digits, an index); None for neither (or a bool)."""
+    if isinstance(answer, bool):
+        return None
+    text = str(answer)
+    if isinstance(answer, int):  # a number beyond the options may still be one's text (a CSV's "4")
+        return answer if 0 <= answer < len(offered) else offered.index(text) if text in offered else None
+    if text in offered:
+        return offered.index(text)
+    return int(text) if text.isdigit() and int(text) < len(offered) else None
 
 
 def _lm(records: list[dict[str, Any]], where: str, options: Any, tokenizer: Tokenizer) -> list[Any]:
@@ -179,6 +229,6 @@ def _generate(records: list[dict[str, Any]], where: str, options: Any, tokenizer
         if room < 1 or not tail:
             raise ValueError(f"{where}, record {i + 1}: the target is empty or longer than --max-length "
                              f"{options.max_length}")  # fmt: skip
-        head = head[len(head) - room :] if len(head) > room else head
+        head = keep_right(head, room, tokenizer)
         rows.append((head + tail, [-100] * len(head) + tail))
     return rows

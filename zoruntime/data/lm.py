@@ -2,7 +2,9 @@
 
 Training batches are windows at positions drawn from ``random.Random(seed + step)``, so batch
 ``k`` is the same whatever happened before it (a resumed run sees the same data). The dev set
-is the stream cut into consecutive rows. Knows nothing about models or runtimes.
+is the stream cut into consecutive rows, the first ``max_rows`` of them (64: the same rows at
+every evaluation, about 4 training steps' worth of a batch of 8). Knows nothing about models or
+runtimes.
 """
 
 from __future__ import annotations

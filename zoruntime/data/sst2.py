@@ -44,11 +44,21 @@ def candidate_rows(
         room = max_length - len(candidate) - len(tail)
         if room < 2:
             raise ValueError(f"--max-length {max_length} leaves no room for the prompt before {word!r}")
-        head = head_ids if len(head_ids) <= room else head_ids[:1] + head_ids[len(head_ids) - room + 1 :]
+        head = keep_right(head_ids, room, tokenizer)
         ids = head + candidate + tail
         labels = [IGNORE_INDEX] * len(head) + candidate + [IGNORE_INDEX] * len(tail)
         rows.append((ids, labels))
     return rows
+
+
+def keep_right(ids: list[int], room: int, tokenizer: Tokenizer) -> list[int]:
+    """A prompt's ``ids`` cut from the left to ``room`` tokens, keeping the BOS token the
+    tokenizer begins with, if it adds one (OPT, Llama do; GPT-2, Qwen2 add none)."""
+    if len(ids) <= room:
+        return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    keep = 1 if bos is not None and ids[:1] == [bos] and tokenizer.encode("", add_special_tokens=True) == [bos] else 0
+    return ids[:keep] + ids[len(ids) - room + keep :]
 
 
 def prompt_rows(sentence: str, tokenizer: Tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:

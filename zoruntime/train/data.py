@@ -16,7 +16,7 @@ from ..data.files import file_task
 from ..data.lm import LMData
 from ..data.sst2 import DataUnavailable, candidate_accuracy, candidate_batch, candidate_loss, load_sst2
 from ..data.tasks import ExampleTask, Task, load_task_factory, show_metric
-from ..distributed import examples_in, shard
+from ..distributed import causal_lm_weight, examples_in, shard
 from ..engine import Runtime
 from ..models.batch import LossFn
 from .options import TrainConfig, UsageError
@@ -65,9 +65,13 @@ class Evaluation:
 
 
 async def evaluate(rt: Runtime, data: Task) -> Evaluation:
-    """Dev loss (and the task's metric); with several ranks each evaluates its shard of every batch."""
+    """Dev loss (and the task's metric); with several ranks each evaluates its shard of every
+    batch. Batches are weighted as their means are taken: the causal-LM loss by the tokens it
+    scores, a task's own loss and its metric by examples; so the figures do not depend on how
+    the dev set is cut into batches."""
     batches = [b for b in data.dev_batches() if examples_in(b) >= rt.world_size]
-    sizes = [b["input_ids"].shape[0] for b in batches]
+    examples = [examples_in(b) for b in batches]
+    scored = [int(causal_lm_weight(rt.adapter.validate(b))) for b in batches] if data.loss_fn is None else examples
     batches = [shard(b, rt.rank, rt.world_size) for b in batches]
     metrics: dict[str, LossFn | None] = {"loss": None}
     if data.metric is not None:
@@ -80,7 +84,8 @@ async def evaluate(rt: Runtime, data: Task) -> Evaluation:
             "with --overwrite, or --resume from a checkpoint kept from before"
         ) from None
 
-    def mean(name: str) -> float:
-        return sum(v[name] * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+    def mean(name: str, weights: list[int]) -> float:
+        return sum(v[name] * n for v, n in zip(values, weights, strict=True)) / sum(weights)
 
-    return Evaluation(mean("loss"), (data.metric[0], mean("metric")) if data.metric is not None else None)
+    metric = (data.metric[0], mean("metric", examples)) if data.metric is not None else None
+    return Evaluation(mean("loss", scored), metric)

@@ -150,6 +150,12 @@ def check_plan(
     the batch against memory."""
     compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
     policy = parse_policy(config.policy)
+    positions = model.config.max_position_embeddings
+    if config.max_length > positions:  # a batch as long would be refused at whichever step first made one
+        raise UsageError(
+            f"--max-length {config.max_length} is longer than the model's {positions} positions; give --max-length "
+            f"{positions} or less"
+        )
     blocks = model.config.num_hidden_layers
     if isinstance(policy, FixedDepth) and policy.depth >= blocks:
         raise UsageError(
