@@ -35,9 +35,13 @@ async def main(out: Path, family: str) -> None:
         for step in range(5):
             g = torch.Generator().manual_seed(step)
             batch = {"input_ids": torch.randint(4, 260, (4, 24), generator=g)}  # the global batch
+            if step == 4:  # odd rows score nothing: rank 1's shard has no token to score (its weight is 0)
+                batch["labels"] = batch["input_ids"].clone()
+                batch["labels"][1::2] = -100
+                evaluated = await rt.evaluate(shard(batch, rank, world))
             stats.append(await rt.step(shard(batch, rank, world)))
         statistics = rt.statistics()
-    result = {"weights": [p.detach().clone() for p in model.parameters()], "stats": stats,
+    result = {"weights": [p.detach().clone() for p in model.parameters()], "stats": stats, "evaluated": evaluated,
               "bytes": statistics.bytes_all_reduced, "world": statistics.world_size}  # fmt: skip
     torch.save(result, out / f"rank{rank}.pt")
     if dist.is_initialized():

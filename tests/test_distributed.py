@@ -50,8 +50,10 @@ def test_two_ranks_stay_bitwise_equal_and_match_one_process(tmp_path: Path, fami
         assert a.projected_grads[0] == pytest.approx(b.projected_grads[0], abs=1e-3)
     for a, b in zip(rank0["weights"], single["weights"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
-    # all that crossed between ranks: one all-reduce of three float64 numbers per step
-    assert rank0["bytes"] == 5 * 24 and single["bytes"] == 0
+    # a shard with nothing to score (step 4, and the evaluation before it) adds nothing: it was nan
+    assert rank0["evaluated"] == pytest.approx(single["evaluated"], abs=2e-5)
+    # all that crossed between ranks: one all-reduce of three float64 numbers per step, two for the evaluation
+    assert rank0["bytes"] == 5 * 24 + 16 and single["bytes"] == 0
 
 
 @pytest.mark.slow
@@ -68,6 +70,24 @@ def test_torchrun_train_writes_files_from_rank_zero_only(tmp_path: Path) -> None
     assert done.stdout.count("after:  dev loss") == 1
     assert json.loads((out / "zoruntime.json").read_text())["world_size"] == 2
     assert (out / "model" / "model.safetensors").exists()
+    # every dev batch counts, the last one of a single row too (whole on each rank): as one process
+    import zoruntime
+    from zoruntime.train.data import build_data, evaluate
+    from zoruntime.train.model import load_model
+    from zoruntime.train.options import TrainConfig
+
+    config = TrainConfig(batch_size=7)
+    model, tokenizer = load_model(config)
+    data = build_data(config, tokenizer)
+    assert data.dev_batches()[-1]["input_ids"].shape[0] == 1
+
+    async def before() -> float:
+        async with zoruntime.Runtime(model, zoruntime.ZOSGD()) as rt:
+            return (await evaluate(rt, data)).loss
+
+    dev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(line for line in dev if line["kind"] == "dev")
+    assert first["step"] == 0 and first["loss"] == pytest.approx(zoruntime.run(before()), abs=2e-6)
 
 
 def test_sharding_keeps_candidate_rows_together() -> None:

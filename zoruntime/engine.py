@@ -407,8 +407,8 @@ class Runtime:
         self._ready("rt.step()" if mode is Mode.TRAIN else "rt.evaluate()")
         assert self._backend is not None
         validated = self.adapter.validate(batch)
-        if mode is Mode.TRAIN and self._loss_fn is None:
-            validated.check_scored()
+        if mode is Mode.TRAIN and self._loss_fn is None and self.world_size == 1:  # a rank's shard may score
+            validated.check_scored()  # nothing (its weight is 0): the ranks' sum is what counts
         # Positions and masks are built here, where the batch is (on the host, normally) and while
         # the previous pass's last copies still run; pinned, so the embed unit's copy is async.
         staged = map_tensors(self.adapter.prepare(validated, validated.input_ids.device, self.compute_dtype),

@@ -69,10 +69,12 @@ async def evaluate(rt: Runtime, data: Task) -> Evaluation:
     batch. Batches are weighted as their means are taken: the causal-LM loss by the tokens it
     scores, a task's own loss and its metric by examples; so the figures do not depend on how
     the dev set is cut into batches."""
-    batches = [b for b in data.dev_batches() if examples_in(b) >= rt.world_size]
+    batches = data.dev_batches()
     examples = [examples_in(b) for b in batches]
     scored = [int(causal_lm_weight(rt.adapter.validate(b))) for b in batches] if data.loss_fn is None else examples
-    batches = [shard(b, rt.rank, rt.world_size) for b in batches]
+    # a batch of fewer examples than ranks is evaluated whole on every rank: the ranks' weighted
+    # mean of one figure is that figure
+    batches = [shard(b, rt.rank, rt.world_size) if examples_in(b) >= rt.world_size else b for b in batches]
     metrics: dict[str, LossFn | None] = {"loss": None}
     if data.metric is not None:
         metrics["metric"] = data.metric[1]  # from the same forward as the loss
