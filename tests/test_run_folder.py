@@ -397,6 +397,30 @@ def test_dtype_auto_is_fp32_for_the_built_in_model(finished_run: Path) -> None:
     assert json.loads((finished_run / "zoruntime.json").read_text())["dtype"] == "fp32"
 
 
+def test_a_run_named_by_relative_paths_resumes_and_replays_from_any_folder(
+    saved_in_fp16: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The run records its inputs' absolute paths (it recorded them as typed, so resume and
+    replay from another folder looked for 'base' there)."""
+    (tmp_path / "work").mkdir()
+    shutil.copytree(saved_in_fp16, tmp_path / "work" / "base")
+    (tmp_path / "work" / "notes.txt").write_text("the cat sat on the mat. " * 80)
+    monkeypatch.chdir(tmp_path / "work")
+    code, _, err = train(capsys, "--model", "base", "--text-file", "notes.txt", "--steps", "2",
+                         "--checkpoint-every", "1", "--out", "run")  # fmt: skip
+    assert code == 0, err
+    saved = json.loads(Path("run/zoruntime.json").read_text())
+    assert saved["model"] == str(tmp_path / "work" / "base") and saved["text_file"] == str(tmp_path / "work/notes.txt")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = train(capsys, "--resume", "work/run", "--steps", "3")
+    assert code == 0, err
+    assert replay_main(["--run", "work/run", "--out", "replayed"]) == 0, capsys.readouterr().err
+    assert same_weights(tmp_path / "work" / "run" / "model", tmp_path / "replayed")
+    monkeypatch.chdir(tmp_path / "work")  # the same inputs named as at the start: the same run
+    code, _, err = train(capsys, "--resume", "run", "--steps", "4", "--model", "base", "--text-file", "notes.txt")
+    assert code == 0, err
+
+
 def test_dtype_auto_is_checked_as_the_dtype_it_takes(saved_in_fp16: Path, tmp_path: Path, capsys) -> None:
     code, _, err = train(capsys, "--model", str(saved_in_fp16), "--compute-dtype", "fp32", "--out", str(tmp_path / "r"))
     assert code == 2 and err.count("\n") == 1, err
@@ -435,9 +459,8 @@ def nothing_scored(config, tokenizer):
         (["--task", "{tasks}:nothing_scored"], "--task {tasks}:nothing_scored, its training batch 0: the batch has "
                                                "no token to score: every label after a row's first token is -100 "
                                                "or padding"),
-        (["--model", "{model}", "--max-length", "500"], "--task lm, its training batch 0: sequence length 500 is "
-                                                        "longer than the model's 128 positions; truncate to "
-                                                        "--max-length 128"),
+        (["--model", "{model}", "--max-length", "500"], "--max-length 500 is longer than the model's 128 positions; "
+                                                        "give --max-length 128 or less"),
     ],
 )  # fmt: skip
 def test_a_task_whose_batches_the_runtime_refuses_is_one_line_before_anything_is_written(

@@ -31,7 +31,7 @@ from ..journal import Journal, JournalError, Record, truncate_journal
 from ..runs import RunLock, clear_run, describe_run, holds_run
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, fitted_policy, load_model, resolve_dtype, save_model
-from .options import TrainConfig, UsageError, check, parse_fit, resolve_device
+from .options import TrainConfig, UsageError, check, parse_fit, resolve_device, with_absolute_paths
 from .watch import MetricsLog, save_curves, summary_table
 
 
@@ -83,7 +83,7 @@ def before_from_state(state: dict[str, Any]) -> Evaluation:
 
 async def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``config`` end to end (or continue it, with ``resume``); returns the printed, saved summary."""
-    config = resolve_dtype(check(config))
+    config = resolve_dtype(with_absolute_paths(check(config)))
     device = resolve_device(config.device)
     rank, world_size, local_rank = init_from_environment(device)
     if world_size > 1 and device == "cuda":

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -368,6 +369,29 @@ def check_dtypes(config: TrainConfig) -> None:
         raise UsageError(message.replace("estimator=", "--estimator ")) from None
 
 
+PATH_OPTIONS = ("model", "data", "dev", "text_file", "gpu_profile", "task")
+"""Options that may name a local file or folder (``task``: ``file.py:function``)."""
+
+
+def absolute_path(name: str, value: Any) -> Any:
+    """``value`` of option ``name`` with a local file or folder it names made absolute (a hub
+    name, a built-in profile, a module stays as it is): a run records where its inputs are, so
+    ``--resume`` and ``zoruntime replay`` find them from any folder."""
+    if name not in PATH_OPTIONS or not isinstance(value, str):
+        return value
+    where, colon, function = value.rpartition(":") if name == "task" else ("", "", value)
+    path = Path(function if not colon else where)
+    if not path.exists():
+        return value
+    return f"{path.resolve()}:{function}" if colon else str(path.resolve())
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with every local path it names made absolute (``absolute_path``)."""
+    changes: dict[str, Any] = {name: absolute_path(name, getattr(config, name)) for name in PATH_OPTIONS}
+    return replace(config, **changes)
+
+
 def optimizer(config: TrainConfig) -> ZOSGD:
     """The run's ZO-SGD settings."""
     return ZOSGD(lr=config.lr, eps=config.eps, weight_decay=config.weight_decay, seed=config.seed,
@@ -398,8 +422,8 @@ def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainCon
     if not saved_file.is_file():
         raise UsageError(f"--resume {folder}: no zoruntime.json there; is it the --out folder of a run?")
     fields = set(TrainConfig.__dataclass_fields__)
-    saved = {k: v for k, v in json.loads(saved_file.read_text()).items() if k in fields}
-    given = vars(parser(only_given=True).parse_args(argv))
+    saved = {k: absolute_path(k, v) for k, v in json.loads(saved_file.read_text()).items() if k in fields}
+    given = {k: absolute_path(k, v) for k, v in vars(parser(only_given=True).parse_args(argv)).items()}
     if "device" in given and resolve_device(given["device"]) == saved.get("device"):
         del given["device"]  # the run saved the device it resolved: --device auto names the same one
     if given.get("dtype") == "auto":
