@@ -232,9 +232,9 @@ def _update_by_definition(weights: torch.Tensor, z: torch.Tensor, update: Pendin
     for start, stop, decays in layout.update_ranges:
         trainable[start:stop], decayed[start:stop] = True, decays
     decayed, trainable, g = decayed[offset:end], trainable[offset:end], update.scaled_grads[0]
-    exact = w.float()
+    exact, z = w.float(), z.float()  # the step and the sum in float32, rounded once (nearest, or stochastically)
     stochastic = update.rounding is Rounding.STOCHASTIC
-    plain = exact.clone().addcmul_(z, g) if stochastic else w.clone().addcmul_(z, g).float()  # undecayed
+    plain = exact.clone().addcmul_(z, g)  # undecayed
     stepped = exact + torch.mul(exact, -update.lr * update.weight_decay).addcmul_(z, g)
     new = torch.where(decayed, stepped, plain)
     if stochastic:
@@ -347,3 +347,52 @@ def test_train_warns_once_when_updates_stop_changing_the_weights() -> None:
     warnings = [s for s in seen if s]
     assert len(warnings) == 1 and "--rounding stochastic" in warnings[0] and "of the weights" in warnings[0]
     assert watch.see(None, "nearest") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decayed", [False, True])
+def test_a_16_bit_update_rounded_to_nearest_takes_the_step_in_float32_and_rounds_once(dtype, decayed) -> None:
+    """−lr·g in float32, not rounded to 16 bits before the multiply (bf16 made a step of
+    −0.00123456784 one of −0.00123596191, on every weight that takes no decay)."""
+    numel, g = 100_000, torch.Generator().manual_seed(3)
+    weights = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+    z = torch.randn(numel, generator=g).to(dtype)
+    update = PendingUpdate.from_gradient(0, 0, 1e-2, 0.0, torch.tensor(0.123456784), Rounding.NEAREST)
+    step = update.scaled_grads[0]
+    assert step.to(dtype).float() != step  # not representable in 16 bits: the case that was wrong
+    expected = torch.addcmul(weights.float(), z.float(), step).to(dtype)
+    apply_update(weights, z, update, _layout(numel, dtype, decayed), SAMPLER)
+    assert torch.equal(weights, expected)
+
+
+def test_the_changed_fraction_samples_the_whole_group_evenly() -> None:
+    """Between 4,096 and 8,192 elements the stride was 1: only the first 4,096 were sampled."""
+    numel = 8_096
+    layout = GroupLayout(1, (ParamSlice("a", (4_000,), 0, False), ParamSlice("b", (4_096,), 4_000, False)), numel,
+                         torch.float32)  # fmt: skip
+    weights = torch.zeros(numel)
+    changed = ChangeCount()
+    update = PendingUpdate.from_gradient(0, 0, 1.0, 0.0, torch.tensor(1.0))
+    z = torch.cat([torch.zeros(4_000), torch.ones(4_096)])  # only b changes: about half the group
+    apply_update(weights, z, update, layout, SAMPLER, changed)
+    assert changed.take() == pytest.approx(4_096 / numel, abs=0.01)
+
+
+@pytest.mark.asyncio
+async def test_the_lr_schedule_is_asked_for_the_steps_that_run_not_for_evaluations() -> None:
+    """An evaluation asked for the next step's lr: a schedule of exactly the run's steps failed."""
+    asked: list[int] = []
+    rates = [1e-2, 5e-3, 0.0]
+
+    def schedule(step: int) -> float:
+        asked.append(step)
+        return rates[step]
+
+    model = tiny_model(num_hidden_layers=2)
+    batch = token_batch(model.config)
+    async with zoruntime.Runtime(model, zoruntime.ZOSGD(lr=1e-2, lr_schedule=schedule)) as rt:
+        before = await rt.evaluate(batch)
+        for _ in rates:
+            await rt.step(batch)
+        assert await rt.evaluate(batch) != before
+    assert asked == [0, 1, 2]

@@ -413,9 +413,10 @@ class Runtime:
         # the previous pass's last copies still run; pinned, so the embed unit's copy is async.
         staged = map_tensors(self.adapter.prepare(validated, validated.input_ids.device, self.compute_dtype),
                              self._backend.staged)  # fmt: skip
-        seed, lr = step_seed(self.optimizer.seed, step), self.optimizer.lr_at(step)
-        if mode is Mode.EVAL:
-            return StepState(mode, step, seed, lr, validated, UNPERTURBED, inputs=staged)
+        seed = step_seed(self.optimizer.seed, step)
+        if mode is Mode.EVAL:  # no update: the schedule is asked for the steps that run, not for evaluations
+            return StepState(mode, step, seed, 0.0, validated, UNPERTURBED, inputs=staged)
+        lr = self.optimizer.lr_at(step)
         assert self._estimator is not None, "directions='auto' is decided before the first step's state"
         estimator = self._estimator
         return StepState(mode, step, seed, lr, validated, estimator.probes(), estimator, inputs=staged)

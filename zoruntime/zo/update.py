@@ -259,7 +259,8 @@ def _spread_over(runs: tuple[tuple[int, int, bool], ...], count: int) -> torch.T
     without listing every element."""
     lengths = torch.tensor([end - start for start, end, _ in runs])
     total = int(lengths.sum())
-    positions = torch.arange(0, total, max(1, total // count))[:count]  # among the runs' elements
+    taken = min(count, total)
+    positions = torch.arange(taken, dtype=torch.int64) * total // taken  # among the runs' elements, evenly
     ends = torch.cumsum(lengths, 0)
     run = torch.searchsorted(ends, positions, right=True)
     starts = torch.tensor([start for start, _, _ in runs])
@@ -338,7 +339,7 @@ def _update_runs(
         if start >= end:
             continue
         run_decay = decay if decayed else 0.0
-        if not dropped and not run_decay:  # one fused multiply-add over the run, no temporaries
+        if weights.dtype == torch.float32 and not run_decay:  # one fused multiply-add over the run, no temporaries
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
             continue
         lo = start
@@ -386,15 +387,15 @@ class _SpanNoise:
 def _update_run(
     w: torch.Tensor, z: torch.Tensor, scaled_grad: torch.Tensor, decay: float, noise: torch.Tensor | None
 ) -> None:
-    if w.dtype == torch.float32 or (noise is None and not decay):
+    if w.dtype == torch.float32:  # (16-bit: a float32 scaled_grad would be rounded to 16 bits first)
         if decay:  # θ + (−lr·g·z − lr·wd·θ): one rounding of the step, one of the sum
             step = torch.mul(w, -decay).addcmul_(z, scaled_grad)
             w.add_(step)
         else:  # one fused multiply-add, rounded once
             w.addcmul_(z, scaled_grad)
         return
-    exact = w.float()  # the step and the sum in float32, then one rounding to the masters' dtype
-    if decay:
+    exact, z = w.float(), z.float()  # the step and the sum in float32, then one rounding to the masters' dtype
+    if decay:  # (z in float32 first: an op of mixed dtypes may round its vector body and its tail apart)
         exact.add_(torch.mul(exact, -decay).addcmul_(z, scaled_grad))
     else:
         exact.addcmul_(z, scaled_grad)
