@@ -210,6 +210,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path: Path, 
     code, _, err = train(capsys, "--lr", "1e10", "--steps", "50", "--stop-after-nonfinite", "3", "--out", str(out))
     assert code == 2 and err.count("\n") == 1
     assert "the last 3 steps had a non-finite loss (the run diverged); lower --lr (it is 1e+10)" in err
+    assert "checkpoints" not in err  # none was due yet: none is pointed at
     assert not (out / "model").exists() and not (out / "summary.json").exists()
     assert len(read_journal(out / "journal.jsonl")) < 50
 
@@ -522,3 +523,18 @@ def test_ctrl_c_while_a_command_loads_is_one_line(capsys, monkeypatch) -> None:
     monkeypatch.setattr(plan, "main", interrupted)
     assert cli.main(["plan", "--model", "opt-1.3b"]) == 130
     assert capsys.readouterr().err == "zoruntime plan: interrupted\n"
+
+
+def test_a_dev_loss_of_zero_finishes_the_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Candidate scoring sure of every dev answer rounds its loss to 0: the relative change was a
+    ZeroDivisionError after the table, and no summary.json."""
+    from zoruntime.train import loop
+    from zoruntime.train.data import Evaluation
+
+    async def certain(rt, data) -> Evaluation:
+        return Evaluation(0.0, ("accuracy", 1.0))
+
+    monkeypatch.setattr(loop, "evaluate", certain)
+    code, out, err = train(capsys, "--steps", "2", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "dev loss 0.0000 -> 0.0000 in " in out and (tmp_path / "run" / "summary.json").exists()

@@ -261,10 +261,11 @@ async def _run(
                 nonfinite = nonfinite + 1 if stats.skipped else 0
                 if nonfinite >= config.stop_after_nonfinite:
                     bar.close()
+                    kept = out / "checkpoints"
+                    older = f"; the checkpoints kept in {kept} are from before" if checkpoints(kept) else ""
                     raise UsageError(
                         f"stopped at step {done}: the last {nonfinite} steps had a non-finite loss (the run diverged); "
-                        f"lower --lr (it is {config.lr:g}) and start again with --overwrite; the checkpoints kept "
-                        f"in {out / 'checkpoints'} are from before"
+                        f"lower --lr (it is {config.lr:g}) and start again with --overwrite{older}"
                     )
                 warning = watch.see(stats.changed_fraction, rt.rounding)
                 if warning and lead:
@@ -349,9 +350,12 @@ def _write_outputs(
             summary.update({"metric": name, f"{metric_key(name)}_{when}": value})
     save_curves(out, out / "curves.png")
     print(summary_table(summary))
-    drop = 1 - after.loss / before.loss
-    change = f"{abs(drop):.1%} {'lower' if drop >= 0 else 'higher'}"
-    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f} ({change}) in {seconds:.0f} s; saved {model_dir}"
+    if before.loss > 0:
+        drop = 1 - after.loss / before.loss
+        change = f" ({abs(drop):.1%} {'lower' if drop >= 0 else 'higher'})"
+    else:  # a loss of 0 (candidate scoring sure of every answer) has no relative change
+        change = ""
+    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f}{change} in {seconds:.0f} s; saved {model_dir}"
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

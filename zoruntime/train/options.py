@@ -93,13 +93,23 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonf
 """Options a resumed run may change; every other one must match the run it continues."""
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help already says it or there is none
+    (a help that says what happens without the option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(only_given: bool = False) -> argparse.ArgumentParser:
     """The option parser; ``only_given`` leaves out options not on the command line."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="zoruntime train",
         description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     p.add_argument(
         "--model",
