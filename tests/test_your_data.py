@@ -315,3 +315,20 @@ def test_lm_reads_a_name_that_is_no_file_as_a_hub_dataset(monkeypatch) -> None:
     )
     task = file_task("lm", TrainConfig(data="someone/notes", max_length=16), ByteTokenizer())
     assert asked == ["someone/notes"] and task.dev_batches()
+
+
+def test_a_hub_dataset_that_cannot_be_had_says_what_to_download(monkeypatch) -> None:
+    import datasets
+
+    from zoruntime.data.files import read_records
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/notes' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    expected = (
+        r"could not read someone/notes \(ConnectionError: .*\); for a hub dataset, download it once "
+        r".*load_dataset\('someone/notes'\).* HF_DATASETS_OFFLINE=1"
+    )
+    with pytest.raises(ValueError, match=expected):
+        read_records("someone/notes")

@@ -50,7 +50,17 @@ def read_records(where: str) -> list[dict[str, Any]]:
     except ValueError:
         raise
     except Exception as error:  # the library's own errors: a malformed file, no network, an unknown name
-        raise ValueError(f"could not read {where} ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        hub = (
+            ""
+            if path.suffix in FORMATS
+            else (
+                f'; for a hub dataset, download it once on a machine with network (python -c "import datasets; '
+                f"datasets.load_dataset('{where}')\") and run with HF_DATASETS_OFFLINE=1"
+            )
+        )
+        raise ValueError(
+            f"could not read {where} ({type(error).__name__}: {str(error).splitlines()[0]}){hub}"
+        ) from None
     records = list(loaded)
     if not records:
         raise ValueError(f"{where} has no records")
