@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+
 from zoruntime.bench import environment
 from zoruntime.bench.gpu_suite import Part, default_parts, render_summary, run_suite
 
@@ -112,3 +115,13 @@ def test_unknown_part_names_are_refused(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 2 and "the model must be one of --models" in done.stderr
+
+
+def test_the_suite_on_a_machine_without_a_gpu_is_one_line(tmp_path: Path) -> None:
+    """Each part failed after its own start-up (about 30 s) and the suite ended with 1."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = subprocess.run([sys.executable, "-m", "zoruntime.bench.gpu_suite", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 2 and "no CUDA GPU is visible here; run it on the machine with the GPU" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--skip names no part: {', '.join(sorted(unknown))}; parts: {', '.join(p.name for p in parts)}")
     parts = [p for p in parts if p.name not in skip]
+    import torch  # here, not at the top: the suite's parts run as processes of their own
+
+    if args.device == "cuda" and not torch.cuda.is_available():  # each part would fail after its start-up
+        parser.error("no CUDA GPU is visible here; run it on the machine with the GPU (or --device cpu: a smoke run)")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run_suite(parts, out, args.budget_s)
