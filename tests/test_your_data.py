@@ -332,3 +332,28 @@ def test_a_hub_dataset_that_cannot_be_had_says_what_to_download(monkeypatch) -> 
     )
     with pytest.raises(ValueError, match=expected):
         read_records("someone/notes")
+
+
+def test_an_unreachable_hub_makes_datasets_work_offline_for_the_call(monkeypatch) -> None:
+    """A cached dataset loads, a missing one fails at once (datasets retried for about 30 s)."""
+    import datasets
+    import huggingface_hub.constants
+
+    from zoruntime.data.files import read_records
+    from zoruntime.models import init
+
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        return [{"text": "cached"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(init, "hub_reachable", lambda: False)
+    assert read_records("someone/notes") == [{"text": "cached"}]
+    monkeypatch.setattr(init, "hub_reachable", lambda: True)
+    assert read_records("someone/notes") == [{"text": "cached"}]
+    assert seen == [(True, True), (False, huggingface_hub.constants.HF_HUB_OFFLINE)]
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .hub import offline_unless_reachable
 from .lm import LMData
 from .sst2 import Tokenizer, candidate_accuracy, candidate_loss, keep_right, padded, scored_batch
 from .tasks import ExampleTask, Task
@@ -46,7 +47,8 @@ def read_records(where: str) -> list[dict[str, Any]]:
         elif path.exists():
             raise ValueError(f"{where}: give a .jsonl, .json, .csv or .parquet file")
         else:
-            loaded = datasets.load_dataset(where, split="train")
+            with offline_unless_reachable():
+                loaded = datasets.load_dataset(where, split="train")
     except ValueError:
         raise
     except Exception as error:  # the library's own errors: a malformed file, no network, an unknown name

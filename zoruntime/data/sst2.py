@@ -123,8 +123,11 @@ def load_sst2(train_examples: int, dev_examples: int, seed: int) -> tuple[list[t
         import datasets
     except ImportError:
         raise DataUnavailable("--task sst2 needs the datasets library: pip install datasets") from None
+    from .hub import offline_unless_reachable
+
     try:
-        glue: Any = datasets.load_dataset("glue", "sst2")
+        with offline_unless_reachable():
+            glue: Any = datasets.load_dataset("glue", "sst2")
     except Exception as error:  # offline, missing cache, hub errors: all end the same way for the user
         raise DataUnavailable(
             "could not load GLUE SST-2 "
