@@ -276,3 +276,11 @@ def test_the_search_cuts_blocks_finer_only_when_memory_asks_for_it(capsys) -> No
             assert roomy.tokens_per_s == pytest.approx(streamed.tokens_per_s)
         else:
             assert roomy.tokens_per_s > streamed.tokens_per_s
+
+
+@pytest.mark.parametrize("value", [True, float("inf"), float("nan"), "55"])
+def test_a_profile_figure_that_is_no_finite_number_is_refused_naming_it(value: object) -> None:
+    """A JSON true was taken as 1 GB/s and 1e400 as infinitely fast."""
+    figures = {**asdict(BUILT_IN["h200"]), "upload_gb_s": value}
+    with pytest.raises(ValueError, match=rf"profile 'h200': upload_gb_s must be a finite number, got {value!r}"):
+        GPUProfile(**figures)

@@ -15,6 +15,7 @@ allocator on a stream's first matmul and keeps it). The built-in ones were measu
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class GPUProfile:
     source: str = ""
 
     def __post_init__(self) -> None:
+        for field in (*_FIGURES, "duplex"):  # numbers, finite (a JSON true or 1e400 is none)
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"profile {self.name!r}: {field} must be a finite number, got {value!r}")
         for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
@@ -58,6 +63,9 @@ class GPUProfile:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
+
+_FIGURES = ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb", "host_task_ms", "host_probe_ms",
+            "host_piece_ms", "host_graph_saving_ms", "blas_workspace_mib")  # fmt: skip
 
 BUILT_IN = {
     "h200": GPUProfile(
