@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import policies
-    from .engine import Runtime, RuntimeStatistics, run
+    from .engine import Runtime, run
     from .models import Batch, OPTAdapter, random_opt, tiny_opt_config
-    from .runtime import TaskFailed
+    from .runtime import RuntimeStatistics, TaskFailed
     from .zo import ZOSGD, StepStats
 
 _WHERE = {
     "Runtime": ".engine",
-    "RuntimeStatistics": ".engine",
+    "RuntimeStatistics": ".runtime",
     "run": ".engine",
     "Batch": ".models",
     "OPTAdapter": ".models",

@@ -60,8 +60,7 @@ class LossReducer:
         """``sum_r(value_r · w_r) / sum_r(w_r)`` for each value, from one all-reduce; a rank of
         weight 0 (a shard with nothing to score, whose mean is nan) adds nothing."""
         w = weight.to(torch.float64)
-        zero = torch.zeros((), dtype=torch.float64, device=w.device)
-        packed = torch.stack([*(torch.where(w > 0, v.to(torch.float64) * w, zero) for v in values), w])
+        packed = torch.stack([*(torch.where(w > 0, v.to(torch.float64) * w, 0.0) for v in values), w])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
         self.bytes_reduced += packed.numel() * packed.element_size()
         return [(packed[i] / packed[-1]).to(torch.float32) for i in range(len(values))]

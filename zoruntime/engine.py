@@ -14,11 +14,8 @@ applies what is pending and writes everything back into the model.
 from __future__ import annotations
 
 import asyncio
-import math
 import weakref
 from collections.abc import Coroutine, Iterable, Mapping
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,13 +32,14 @@ from .models.shapes import shape_dims
 from .planning.directions import directions_for
 from .planning.planner import Workload
 from .planning.profiles import GPUProfile, load_profile
-from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice
-from .runtime.graph import Kind, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
+from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice, plan_for
+from .runtime import RuntimeStatistics
+from .runtime.graph import Kind, Task, TaskGraph, graph_named, load_graph
 from .runtime.instruments import Instruments
 from .runtime.scheduler import Scheduler, TaskFailed
 from .storage import Storage, compute_dtype_for, finer_layouts, model_layout
 from .tracing.recorder import Timeline, TimelineRecorder
-from .work import Mode, StepState, TaskWork
+from .work import Mode, StepState, TaskWork, finite_values
 from .zo.config import ZOSGD
 from .zo.directions import DirectionSampler, step_seed
 from .zo.estimator import UNPERTURBED, Estimator, estimator_for
@@ -62,24 +60,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 _HELD: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
 """Each model an open runtime holds (its weights live in that runtime's buffers until it closes)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeStatistics:
-    """A snapshot of the runtime: steps done, the plan, compute-side memory, steps skipped or failed."""
-
-    steps: int
-    num_units: int  # units a plan places (the decoder blocks today)
-    depth: int
-    resident_units: tuple[int, ...]
-    slots: int
-    unit_bytes: int  # the largest streamable unit
-    compute_bytes: int  # every compute-side buffer (the memory model's figure), before activations
-    pending_update: bool
-    skipped_steps: int  # a loss was not finite: no update
-    failed_steps: int  # a task raised: the step was abandoned, the weights kept
-    world_size: int  # data-parallel ranks (1: not distributed)
-    bytes_all_reduced: int  # between ranks, in all steps and evaluations so far
 
 
 class Runtime:
@@ -115,14 +95,7 @@ class Runtime:
         master = self._layouts[self.adapter.units.streamable[0].group].dtype
         self.compute_dtype = compute_dtype_for(master, compute_dtype)
         self.layout = model_layout(self.adapter, self.compute_dtype, several_directions=optimizer.directions != 1)
-        plan = policy.plan(self.layout)
-        if not isinstance(plan, Plan):
-            raise TypeError(
-                f"{type(policy).__name__}.plan(layout) must return a zoruntime.policies.Plan, got {plan!r} "
-                "(e.g. Plan(depth=1, resident=frozenset({0, 1})))"
-            )
-        self.plan: Plan = plan
-        self.plan.validate(self.layout.num_units)
+        self.plan: Plan = plan_for(policy, self.layout)
         if not any(layout.trainable for layout in self._layouts):
             raise ValueError(
                 "every parameter of the model has requires_grad=False: nothing to train; unfreeze some "
@@ -224,7 +197,6 @@ class Runtime:
         under a running step."""
         if self._backend is None:
             return
-        await self._follow_loop("rt.close()")
         try:
             await asyncio.sleep(0)  # calls created just before (create_task) start first: waited for, not refused
             self._closing = True
@@ -321,6 +293,7 @@ class Runtime:
 
     async def _run(self, graph: str, state: StepState | None, step: int, *, closing: bool = False) -> None:
         what = "rt.step()" if graph.startswith("step") else {"eval": "rt.evaluate()"}.get(graph, "rt.flush()")
+        await self._follow_loop(what)  # every call comes through here: step, evaluate, flush, checkpoint, close
         work = self._claim(what, closing=closing)
         backend = self._backend
         assert backend is not None
@@ -375,14 +348,7 @@ class Runtime:
         """The graph ``name`` ("step", "step without offloads", "eval", "flush") for this pass's rotation."""
         key = (name, self._rotation)
         if key not in self._graphs:
-            units, plan = self.adapter.units, self.plan
-            build = {
-                "step": partial(step_graph, units, plan),
-                "step without offloads": partial(step_graph, units, plan, offload=False),
-                "eval": partial(eval_graph, units, plan),
-                "flush": partial(flush_graph, units, plan),
-            }[name]
-            self._graphs[key] = build(rotation=self._rotation)
+            self._graphs[key] = graph_named(self.adapter.units, self.plan, name, self._rotation)
         return self._graphs[key]
 
     async def _execute(self, graph: TaskGraph, step: int) -> None:
@@ -442,7 +408,6 @@ class Runtime:
 
     async def step(self, batch: Batch | Mapping[str, object]) -> StepStats:
         """One ZO-SGD step; its update is applied lazily, group by group, during the next pass."""
-        await self._follow_loop("rt.step()")
         t = self.step_index
         if self._estimator is None:  # directions="auto": decided once
             self._ready("rt.step()")
@@ -474,38 +439,19 @@ class Runtime:
         for the loss). As ``evaluate``, which is ``measure`` with one metric."""
         if not metrics:
             raise ValueError("measure() needs at least one metric, e.g. {'loss': None}")
-        await self._follow_loop("rt.evaluate()")
         state = self._state(batch, Mode.EVAL, self.step_index)
         state.metrics = tuple(metrics.values())
         await self._run("eval", state, self.step_index)
-        values = {name: float(v) for name, v in zip(metrics, state.values, strict=True)}
-        for name, value in values.items():
-            if math.isfinite(value):
-                continue
-            if metrics[name] is not None:
-                which = f" {name!r}" if len(metrics) > 1 else ""
-                raise FloatingPointError(
-                    f"evaluation metric{which} is {value}: metric(logits, batch) returned a non-finite value; "
-                    "check the metric (an empty selection gives 0/0 = nan) and the weights (inf or nan weights "
-                    "give non-finite logits)"
-                )
-            raise FloatingPointError(
-                f"evaluation loss is {value}: the weights or the batch give non-finite logits or loss; look for "
-                "inf or nan in the model's parameters (a diverged run: lower lr or eps) and check that the batch "
-                "has labels other than -100 (the pending update was applied as usual)"
-            )
-        return values
+        return finite_values(metrics, state.values)
 
     async def flush(self) -> None:
         """Apply the pending update to every group and write all weights back into the model."""
-        await self._follow_loop("rt.flush()")
         await self._run("flush", None, self.step_index)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     async def save_checkpoint(self, root: str | Path, state: Mapping[str, Any] | None = None) -> Path:
         """Apply the pending update, then snapshot every master group into ``root`` (atomically;
         see ``zoruntime.checkpoint``). ``state`` is stored beside it (e.g. the data position)."""
-        await self._follow_loop("rt.save_checkpoint()")
         self._ready("rt.save_checkpoint()")
         await self.flush()
         # Own the runtime while the snapshot is written, so no step changes the masters under it.

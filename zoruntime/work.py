@@ -21,7 +21,7 @@ model family runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -366,6 +366,28 @@ class TaskWork:
     def _current(self) -> StepState:
         assert self.state is not None, "a step task ran outside a step"
         return self.state
+
+
+def finite_values(metrics: Mapping[str, object], values: Sequence[torch.Tensor]) -> dict[str, float]:
+    """An evaluation's ``values`` by the names of ``metrics`` (None: the loss), or a
+    ``FloatingPointError`` saying which one is not finite and where to look."""
+    named = {name: float(v) for name, v in zip(metrics, values, strict=True)}
+    for name, value in named.items():
+        if math.isfinite(value):
+            continue
+        if metrics[name] is not None:
+            which = f" {name!r}" if len(metrics) > 1 else ""
+            raise FloatingPointError(
+                f"evaluation metric{which} is {value}: metric(logits, batch) returned a non-finite value; "
+                "check the metric (an empty selection gives 0/0 = nan) and the weights (inf or nan weights "
+                "give non-finite logits)"
+            )
+        raise FloatingPointError(
+            f"evaluation loss is {value}: the weights or the batch give non-finite logits or loss; look for "
+            "inf or nan in the model's parameters (a diverged run: lower lr or eps) and check that the batch "
+            "has labels other than -100 (the pending update was applied as usual)"
+        )
+    return named
 
 
 def _tensors(params: EndParams) -> Params:

@@ -23,7 +23,15 @@ from typing import Any
 
 from .hub import offline_unless_reachable
 from .lm import LMData
-from .sst2 import Tokenizer, candidate_accuracy, candidate_loss, keep_right, padded, scored_batch
+from .sst2 import (
+    Tokenizer,
+    candidate_accuracy,
+    candidate_loss,
+    candidate_rows,
+    keep_right,
+    padded,
+    scored_batch,
+)
 from .tasks import ExampleTask, Task
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -172,13 +180,14 @@ def _check_candidates(
             f"{' and '.join(files)}: every record needs as many options (a batch scores them together); the first "
             f"has {first}, example {other + 1} has {len(examples[other][1])}"
         )
-    tail = len(tokenizer.encode(suffix, add_special_tokens=False)) if suffix else 0
     for candidate in dict.fromkeys(c for _, candidates, _ in examples for c in candidates):
-        if max_length - len(tokenizer.encode(f" {candidate}", add_special_tokens=False)) - tail < 2:
+        try:  # the row a batch would make of it, with the shortest prompt
+            candidate_rows("", [candidate], tokenizer, max_length, suffix)
+        except ValueError:
             raise ValueError(
                 f"the option {candidate[:40]!r} leaves no room for its prompt within --max-length {max_length}: give "
                 "a larger --max-length or shorter options"
-            )
+            ) from None
 
 
 def _classify(records: list[dict[str, Any]], where: str, options: Any, _tokenizer: Tokenizer) -> list[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from ..policies.base import FixedDepth, Policy
+from ..policies.base import FixedDepth, Policy, plan_for
 from ..runtime.graph import Kind, Task, step_graph
 from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Scheduler
@@ -62,7 +62,7 @@ def simulate(
             raise ValueError(f"unit_sizes needs {num_blocks} positive sizes, got {list(unit_sizes)}")
         mean = sum(unit_sizes) / num_blocks
         share.update({u.name: size / mean for u, size in zip(units.streamable, unit_sizes, strict=True)})
-    plan = (policy or FixedDepth(1)).plan(ModelLayout.uniform(num_blocks, block_bytes))
+    plan = plan_for(policy or FixedDepth(1), ModelLayout.uniform(num_blocks, block_bytes))
     # the units whose slot copy may lag updates (a resident unit is updated on the device each step)
     lagging = {u.name for j, u in enumerate(units.streamable) if j not in plan.resident}
 

@@ -96,6 +96,18 @@ class Policy(Protocol):
     def plan(self, layout: ModelLayout) -> Plan: ...
 
 
+def plan_for(policy: Policy, layout: ModelLayout) -> Plan:
+    """``policy.plan(layout)``, checked: a ``Plan`` whose resident units the layout has."""
+    plan = policy.plan(layout)
+    if not isinstance(plan, Plan):
+        raise TypeError(
+            f"{type(policy).__name__}.plan(layout) must return a zoruntime.policies.Plan, got {plan!r} "
+            "(e.g. Plan(depth=1, resident=frozenset({0, 1})))"
+        )
+    plan.validate(layout.num_units)
+    return plan
+
+
 @dataclass(frozen=True, slots=True)
 class FixedDepth:
     """Stream every unit with ``depth`` uploads running ahead (0 = serial, 1 = ZO2's Algorithm 1),

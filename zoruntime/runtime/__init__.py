@@ -3,6 +3,7 @@
 from .graph import Kind, Lane, Task, TaskGraph, eval_graph, flush_graph, load_graph, step_graph
 from .instruments import Instrument, Instruments
 from .scheduler import Completion, Enqueuer, LaneRunner, Scheduler, TaskFailed, Work
+from .statistics import RuntimeStatistics
 from .units import Stage, Unit, UnitTable, uniform_units
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Kind",
     "Lane",
     "LaneRunner",
+    "RuntimeStatistics",
     "Scheduler",
     "Stage",
     "Task",

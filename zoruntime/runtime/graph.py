@@ -265,3 +265,14 @@ def load_graph(units: UnitTable, plan: Plan) -> TaskGraph:
     for unit in (*units.kept, *placed.resident):
         b.add(Kind.UPLOAD, unit)
     return b.graph()
+
+
+def graph_named(units: UnitTable, plan: Plan, name: str, rotation: int) -> TaskGraph:
+    """The pass ``name`` ("step", "step without offloads", "eval", "flush") at ``rotation``."""
+    if name == "eval":
+        return eval_graph(units, plan, rotation=rotation)
+    if name == "flush":
+        return flush_graph(units, plan, rotation=rotation)
+    if name not in ("step", "step without offloads"):
+        raise ValueError(f"no pass is named {name!r}")
+    return step_graph(units, plan, offload=name == "step", rotation=rotation)
