@@ -229,4 +229,6 @@ def test_on_a_gpu_the_update_is_one_kernel_and_the_head_a_quarter_of_the_pieces(
     ops = overhead.dispatched_per_task()
     for row in ops["units"].values():  # z drawn a chunk at a time, then one kernel for the group
         assert row["update_ops_gpu"] < row["update_ops"] / 10
+        # a 16-bit perturbed copy is one add on a GPU, a multiply and an add a span on a CPU
+        assert row["probe_ops_gpu"] < row["probe_ops"] / 2
     assert ops["head_ops_gpu"] < ops["head_ops"] / 4  # 14 pieces a probe instead of 56

@@ -49,6 +49,7 @@ from ..runtime.scheduler import Completion, Enqueuer, LaneRunner, Scheduler, Wor
 from ..runtime.units import uniform_units
 from ..tracing.recorder import TimelineRecorder
 from ..zo import fused
+from ..zo import update as update_module
 from ..zo.config import ZOSGD
 from ..zo.directions import DirectionSampler
 from ..zo.reference import ReferenceZO
@@ -200,13 +201,46 @@ def _launch(*args: object, **kwargs: object) -> None:
 @contextmanager
 def _kernel_path() -> Iterator[None]:
     """The calls as on a GPU with Triton, here: the update and the head's loss take their kernel
-    paths (``zo/fused.py``, ``models/fused_loss.py``), each kernel counted as one launch."""
+    paths (``zo/fused.py``, ``models/fused_loss.py``), each kernel counted as one launch, and a
+    16-bit perturbed copy is one add, as off a CPU (``zo.update.perturb_into``)."""
     with ExitStack() as stack:
+        stack.enter_context(patch.object(update_module, "_SIXTEEN_BIT", ()))
         for module in (fused, fused_loss):
             stack.enter_context(patch.object(module, "usable", lambda tensor: True))
         stack.enter_context(patch.object(fused, "update_span", _launch))
         stack.enter_context(patch.object(fused_loss, "lse_and_pick", _launch))
         yield
+
+
+def _probe_ops(
+    adapter: Any,
+    layouts: list[Any],
+    weights: list[torch.Tensor],
+    scratch: list[torch.Tensor],
+    views: dict[str, torch.Tensor],
+    hidden: torch.Tensor,
+    inputs: Any,
+    sampler: DirectionSampler,
+    on_gpu: bool,
+    unit: str,
+) -> int:
+    """Operations one probe of a block's ``unit``s dispatches: z drawn into each unit's scratch,
+    the perturbed copy, the unit's part of the forward (``on_gpu``: the copy as on a GPU)."""
+    with ExitStack() as stack:
+        if on_gpu:
+            stack.enter_context(_kernel_path())
+        if unit == "block":
+            layer = adapter.bound_layer(0, views)
+            with _Dispatched() as ops:
+                perturb_into(scratch[0], weights[0], draw_direction(sampler, 2, layouts[0], scratch[0]), 1e-3)
+                layer(hidden, adapter.layer_inputs(0, inputs))
+        else:
+            run = adapter.segmented_block(0, views)(hidden, inputs)
+            with _Dispatched() as ops:
+                for lay, w, z in zip(layouts, weights, scratch, strict=True):
+                    perturb_into(z, w, draw_direction(sampler, 2, lay, z), 1e-3)
+                    run.resume()
+        return ops.count
 
 
 def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: int = 2048) -> dict[str, Any]:
@@ -237,20 +271,11 @@ def dispatched_per_task(name: str = "opt-1.3b", tokens: int = 16, head_tokens: i
             with _kernel_path(), _Dispatched() as update_gpu_ops:
                 for lay, w, z in zip(layouts, weights, scratch, strict=True):
                     update_group(w, update, lay, sampler, z)
-            if unit == "block":
-                layer = adapter.bound_layer(0, views)
-                with _Dispatched() as probe_ops:
-                    perturb_into(scratch[0], weights[0], draw_direction(sampler, 2, layouts[0], scratch[0]), 1e-3)
-                    layer(hidden, adapter.layer_inputs(0, inputs))
-            else:
-                run = adapter.segmented_block(0, views)(hidden, inputs)
-                with _Dispatched() as probe_ops:
-                    for lay, w, z in zip(layouts, weights, scratch, strict=True):
-                        perturb_into(z, w, draw_direction(sampler, 2, lay, z), 1e-3)
-                        run.resume()
+            probe_ops = [_probe_ops(adapter, layouts, weights, scratch, views, hidden, inputs, sampler, on_gpu, unit)
+                         for on_gpu in (False, True)]  # fmt: skip
         units[unit] = {"units_per_block": len(layouts), "update_ops": update_ops.count / len(layouts),
-                       "update_ops_gpu": update_gpu_ops.count / len(layouts),
-                       "probe_ops": probe_ops.count / len(layouts)}  # fmt: skip
+                       "update_ops_gpu": update_gpu_ops.count / len(layouts), "probe_ops": probe_ops[0] / len(layouts),
+                       "probe_ops_gpu": probe_ops[1] / len(layouts)}  # fmt: skip
     adapter = adapter_for(meta_model(config, torch.float16))
     ends = {k: torch.empty(p.shape, dtype=p.dtype, device="meta") for k, p in adapter.groups()[0][1].items()}
     batch = map_tensors(adapter.validate({"input_ids": ids}), lambda t: t.to("meta"))
@@ -333,10 +358,10 @@ def main() -> None:
     ops = dispatched_per_task()
     print(f"\noperations dispatched, {ops['model']} (fp16, stochastic rounding, weight decay), per unit task; on a GPU "
           "with Triton, a kernel counts one")  # fmt: skip
-    print(f"{'unit':<8}{'a block':>9}{'update':>9}{'on a GPU':>10}{'+ a probe':>11}")
+    print(f"{'unit':<8}{'a block':>9}{'update':>9}{'on a GPU':>10}{'+ a probe':>11}{'on a GPU':>10}")
     for unit, row in ops["units"].items():
         print(f"{unit:<8}{row['units_per_block']:>9}{row['update_ops']:>9.0f}{row['update_ops_gpu']:>10.0f}"
-              f"{row['probe_ops']:>11.0f}")  # fmt: skip
+              f"{row['probe_ops']:>11.0f}{row['probe_ops_gpu']:>10.0f}")  # fmt: skip
     print(f"the head's loss over {ops['head_tokens']} tokens, each probe: {ops['head_ops']} "
           f"({ops['head_ops_gpu']} on a GPU)")  # fmt: skip
 
