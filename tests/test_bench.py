@@ -12,9 +12,12 @@ import torch
 
 from zoruntime.bench import throughput
 from zoruntime.models import OPTAdapter, adapter_for
-from zoruntime.models.init import TINY_CONFIGS, materialize_flat, tiny_opt_config
-from zoruntime.models.shapes import OPT_NAMES, opt_config
+from zoruntime.models.init import TINY_CONFIGS, materialize_flat, meta_model, tiny_opt_config
+from zoruntime.models.shapes import OPT_NAMES, opt_config, shape_dims
 from zoruntime.planning.memory import loss_pieces
+from zoruntime.planning.planner import Workload, forward_flops
+from zoruntime.planning.profiles import load_profile
+from zoruntime.storage import model_layout
 from zoruntime.train.model import available_bytes
 
 
@@ -186,10 +189,17 @@ def test_bench_takes_llama_family_shapes_by_name(capsys) -> None:
     assert "unknown model shape 'llama-5'; known: opt-125m" in capsys.readouterr().err
 
 
-def test_bench_streams_the_units_it_is_told_and_takes_policies_as_train_does(capsys) -> None:
+def test_bench_streams_the_units_it_is_told_and_takes_policies_as_train_does(capsys, tmp_path) -> None:
     args = ["--device", "cpu", "--seq", "16", "--steps", "1", "--skip-mezo", "--alias", "--unit", "linear"]
-    assert throughput.main([*args, "--policy", "depth=1,offload=2,unit=linear", "fit=1GB"]) == 0
+    saved = ["--save-profile", str(tmp_path / "cpu.json")]
+    assert throughput.main([*args, "--policy", "depth=1,offload=2,unit=linear", "fit=1GB", *saved]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config, card = TINY_CONFIGS["tiny"](max_position_embeddings=16), result["card"]  # the profile: from whole blocks
+    blocks = Workload(model_layout(adapter_for(meta_model(config, torch.float16)), torch.float16), shape_dims(config),
+                      1, 16, "block", config.num_hidden_layers)  # fmt: skip
+    profile = load_profile(str(tmp_path / "cpu.json"))
+    assert profile.tflops == pytest.approx(2 * forward_flops(blocks) / card["dual_forward_ms"] * 1e3 / 1e12)
+    assert profile.host_cut_ms == {"linear": card["unit_tasks_enqueue_ms"]}
     runners = [row["runner"] for row in result["rows"]]
     assert runners[:3] == [
         "FixedDepth(0, unit='linear')",

@@ -284,3 +284,46 @@ def test_a_profile_figure_that_is_no_finite_number_is_refused_naming_it(value: o
     figures = {**asdict(BUILT_IN["h200"]), "upload_gb_s": value}
     with pytest.raises(ValueError, match=rf"profile 'h200': upload_gb_s must be a finite number, got {value!r}"):
         GPUProfile(**figures)
+
+
+def test_a_profile_is_made_from_a_card_of_whole_blocks_and_keeps_what_a_cut_block_costs_the_host(tmp_path) -> None:
+    """The card times whole blocks: a finer unit's flops over a block's time gave a third of the
+    rate at linear units (``bench --unit linear --save-profile`` predicted each linear unit's task
+    as long as a block's). A card of a cut block also times the host issuing its units' tasks."""
+    card = {"upload_gb_s": 55.2, "offload_gb_s": 55.5, "dual_forward_ms": 3.88, "compute_task_ms": 7.65,
+            "host_task_ms": 1.2, "host_probe_ms": 0.45, "unit": "linear", "units_per_block": 3,
+            "unit_tasks_enqueue_ms": 1.5}  # fmt: skip
+    with pytest.raises(
+        ValueError, match="the card times whole blocks: give a Workload of whole blocks, not of 'linear' units"
+    ):
+        profile_from_card("mine", card, _work("opt-13b", unit="linear"), 80, 0.9, "a test")
+    profile = profile_from_card("mine", card, _work("opt-13b"), 80, 0.9, "a test")
+    assert profile.host_cut_ms == {"linear": 1.5}
+    assert load_profile(str(profile.save(tmp_path / "mine.json"))) == profile
+    linear, half = _work("opt-13b", unit="linear"), _work("opt-13b", unit="half")
+    ops = {work.unit: figures(work, profile)[0] for work in (_work("opt-13b"), linear, half)}
+    assert ops["linear"].compute_s == pytest.approx(ops["block"].compute_s / 3, rel=0.02)  # packed: about a third each
+    assert linear.host_s(profile) == pytest.approx(1.5e-3 / 3)  # its share of the cut block's two probes
+    assert replace(linear, directions=2).host_s(profile) == pytest.approx(0.5e-3 * (1.2 + 4 * 0.45) / (1.2 + 2 * 0.45))
+    assert half.host_s(profile) == _work("opt-13b").host_s(profile) == pytest.approx(2.1e-3)  # unmeasured: a block's
+
+
+@pytest.mark.parametrize("cut", [{"quarter": 1.0}, {"linear": -1.0}, {"linear": True}, {"half": float("inf")}, [1.0]])
+def test_a_profile_with_a_bad_cut_block_time_is_refused_naming_it(cut: object) -> None:
+    figures = {**asdict(BUILT_IN["h200"]), "host_cut_ms": cut}
+    with pytest.raises(ValueError, match="profile 'h200': host_cut_ms takes half and linear units, each a time > 0"):
+        GPUProfile(**figures)
+
+
+def test_plan_says_when_a_finer_units_host_time_is_a_whole_blocks_and_uses_a_measured_cut(capsys, tmp_path) -> None:
+    args = ["--model", "opt-1.3b", "--gpu-memory", "0.6GB"]
+    assert plan_main(args) == 0
+    out = capsys.readouterr().out
+    assert "the host's time for a linear unit is a whole block's, an upper bound" in out
+    upper = json.loads(out.strip().splitlines()[-1])
+    measured = replace(BUILT_IN["h200"], name="cut", host_cut_ms={"linear": 1.5}).save(tmp_path / "cut.json")
+    assert plan_main([*args, "--gpu", str(measured)]) == 0
+    out = capsys.readouterr().out
+    cut = json.loads(out.strip().splitlines()[-1])
+    assert "a whole block's, an upper bound" not in out and "unit='linear'" in upper["policy"]
+    assert cut["unit_s"]["the host"] == pytest.approx(1.5e-3 / 3) and cut["step_s"] < upper["step_s"]

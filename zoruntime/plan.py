@@ -28,7 +28,7 @@ import torch
 from .models.shapes import MODEL_NAMES, named_config
 from .planning.directions import auto_directions, fewest_directions
 from .planning.planner import Prediction, best, predict
-from .planning.profiles import BUILT_IN, load_profile
+from .planning.profiles import BUILT_IN, GPUProfile, load_profile
 from .policies.base import FixedDepth
 from .train.options import UsageError, parse_directions, parse_fit, parse_policy, parse_size, policy_arg
 from .workloads import workloads
@@ -37,7 +37,7 @@ from .zo.estimator import ESTIMATORS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def _show(title: str, prediction: Prediction) -> None:
+def _show(title: str, prediction: Prediction, profile: GPUProfile) -> None:
     print(f"{title}: {prediction.policy}")
     for part, size in prediction.memory.items():
         print(f"  {part:<56}{size / 1e9:>9.3f} GB")
@@ -48,6 +48,10 @@ def _show(title: str, prediction: Prediction) -> None:
     upload, gpu, host = (prediction.paces[k] * 1e3 for k in ("the link", "the GPU", "the host"))
     print(f"  a streamed unit: upload {upload:.2f} ms, its task on the GPU {gpu:.2f} ms, the host issuing it "
           f"{host:.2f} ms: paced by {prediction.bound_by}")  # fmt: skip
+    unit = getattr(prediction.chosen, "unit", "block")
+    if unit != "block" and unit not in profile.host_cut_ms:
+        print(f"  (the host's time for a {unit} unit is a whole block's, an upper bound: the profile has no cut block; "
+              f"measure one with zoruntime bench --unit {unit} --save-profile FILE)")  # fmt: skip
     if prediction.chosen is not None:
         print(f"  zoruntime train --policy {policy_arg(prediction.chosen)}")
 
@@ -118,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if saving else " (the profile has no measured saving: as without graphs; measure one with "
                  "zoruntime bench --cuda-graphs --save-profile FILE)"))  # fmt: skip
     if chosen is not None:
-        _show("your policy", chosen)
+        _show("your policy", chosen, profile)
     if found is not None:
-        _show("fastest that fits", found)
+        _show("fastest that fits", found, profile)
     else:
         print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
     result = chosen or found

@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     work = Workload(layout, shape_dims(config), args.batch, args.seq, args.unit, config.num_hidden_layers)
-    profile = profile_from_card(dev.describe(), facts, work, dev.total_bytes() / 1e9, duplex=min(1.0, facts["duplex"]),
+    blocks_work = replace(work, layout=model_layout(adapter_for(model), dtype), unit="block")  # what the card timed
+    profile = profile_from_card(dev.describe(), facts, blocks_work, dev.total_bytes() / 1e9,
+                                duplex=min(1.0, facts["duplex"]),
                                 source=f"zoruntime bench --model {args.model} on {dev.describe()}; {versions}; "
                                 "duplex timed by the card (a block up and one down at once)")  # fmt: skip
     if args.save_profile:

@@ -71,7 +71,7 @@ class Workload:
 
     def host_s(self, profile: GPUProfile) -> float:
         """Seconds the host takes to issue a unit's compute task on ``profile``."""
-        return profile.host_s(self.probes, self.graphed_probes)
+        return profile.host_s(self.probes, self.graphed_probes, self.unit, self.units_per_block)
 
     @property
     def matmul_streams(self) -> int:
@@ -157,7 +157,13 @@ def profile_from_card(
     from before that: the task less its forwards), the
     host's time per task and per probe as the card split it, what a forward replayed from a CUDA
     graph saves a probe (the card's eager forward's host time less the replay's), per piece of
-    the head's loss, and cuBLAS's workspace a stream (a card without them: not modelled)."""
+    the head's loss, and cuBLAS's workspace a stream (a card without them: not modelled).
+
+    The card times whole blocks, so ``work`` must stream whole blocks: a finer unit's flops over
+    a block's time would give a fraction of the rate. A card of a block cut into finer units
+    (``bench --unit``) also gives the host's time for the cut block's tasks (``host_cut_ms``)."""
+    if work.unit != "block":
+        raise ValueError(f"the card times whole blocks: give a Workload of whole blocks, not of {work.unit!r} units")
     forward_s, task_s = card["dual_forward_ms"] / 1e3, card["compute_task_ms"] / 1e3
     rest_s = card["compute_rest_ms"] / 1e3 if "compute_rest_ms" in card else task_s - forward_s
     parts: Mapping[str, float] = card.get("host_parts_ms", {})
@@ -171,6 +177,7 @@ def profile_from_card(
         gpu_memory_gb=gpu_memory_gb, host_task_ms=card.get("host_task_ms", 0.0),
         host_probe_ms=card.get("host_probe_ms", 0.0), host_piece_ms=card.get("host_piece_ms", 0.0),
         host_graph_saving_ms=graph_saving, blas_workspace_mib=card.get("blas_workspace_mib", 0.0), source=source,
+        host_cut_ms={card["unit"]: card["unit_tasks_enqueue_ms"]} if "unit_tasks_enqueue_ms" in card else {},
     )  # fmt: skip
 
 

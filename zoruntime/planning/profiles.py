@@ -5,7 +5,9 @@ of that each keeps while both run), the compute rate the two forwards of a block
 rate of the memory-bound work of a compute task (drawing z, perturbed copies, the update), and
 the host's time to issue a compute task (a part per task, a part per probe: Python and kernel
 launches, which the GPU cannot hide when its own work per task is shorter), what a probe saves
-when a whole block's forward replays from a CUDA graph, and a piece of the head's loss; and the
+when a whole block's forward replays from a CUDA graph, and a piece of the head's loss, and where
+measured, a whole block's tasks cut into finer units (else each unit is charged a whole block's
+task: an upper bound, since a unit issues part of a block's operations); and the
 workspace cuBLAS takes on each stream that runs matmuls (PyTorch allocates it from its caching
 allocator on a stream's first matmul and keeps it). The built-in ones were measured by
 ``zoruntime bench`` on the machines named in them (their source says what was not);
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -37,26 +39,42 @@ class GPUProfile:
     )
     blas_workspace_mib: float = 0.0  # cuBLAS's workspace on each stream that runs matmuls (0: not modelled)
     source: str = ""
+    # the host's time to issue a whole block's compute tasks (two probes) cut into units of a kind
+    # ("half", "linear"), as ``zoruntime bench --unit KIND`` times it; a kind not here: unmeasured
+    host_cut_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for field in (*_FIGURES, "duplex"):  # numbers, finite (a JSON true or 1e400 is none)
-            value = getattr(self, field)
+        for figure in (*_FIGURES, "duplex"):  # numbers, finite (a JSON true or 1e400 is none)
+            value = getattr(self, figure)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"profile {self.name!r}: {field} must be a finite number, got {value!r}")
-        for field in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
-            if not getattr(self, field) > 0:
-                raise ValueError(f"profile {self.name!r}: {field} must be > 0, got {getattr(self, field)!r}")
-        for field in ("host_task_ms", "host_probe_ms", "host_piece_ms", "host_graph_saving_ms", "blas_workspace_mib"):
-            if not getattr(self, field) >= 0:
-                raise ValueError(f"profile {self.name!r}: {field} must be >= 0, got {getattr(self, field)!r}")
+                raise ValueError(f"profile {self.name!r}: {figure} must be a finite number, got {value!r}")
+        for figure in ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb"):
+            if not getattr(self, figure) > 0:
+                raise ValueError(f"profile {self.name!r}: {figure} must be > 0, got {getattr(self, figure)!r}")
+        for figure in ("host_task_ms", "host_probe_ms", "host_piece_ms", "host_graph_saving_ms", "blas_workspace_mib"):
+            if not getattr(self, figure) >= 0:
+                raise ValueError(f"profile {self.name!r}: {figure} must be >= 0, got {getattr(self, figure)!r}")
+        cuts = self.host_cut_ms.items() if isinstance(self.host_cut_ms, dict) else [("not a mapping", self.host_cut_ms)]
+        for kind, ms in cuts:
+            number = isinstance(ms, int | float) and not isinstance(ms, bool)
+            if kind not in _FINER_UNITS or not number or not 0 < ms < math.inf:
+                raise ValueError(f"profile {self.name!r}: host_cut_ms takes {' and '.join(_FINER_UNITS)} units, each a "
+                                 f"time > 0 in ms, got {kind!r}: {ms!r}")  # fmt: skip
         if not 0 < self.duplex <= 1:
             raise ValueError(f"profile {self.name!r}: duplex must be in (0, 1], got {self.duplex!r}")
 
-    def host_s(self, probes: int, graphed: int = 0) -> float:
-        """Seconds the host takes to issue a unit's compute task of ``probes`` forwards, ``graphed``
-        of them replayed from CUDA graphs (each saving ``host_graph_saving_ms``, at most a probe's)."""
+    def host_s(self, probes: int, graphed: int = 0, unit: str = "block", units_per_block: float = 1.0) -> float:
+        """Seconds the host takes to issue a ``unit``'s compute task of ``probes`` forwards, ``graphed``
+        of them replayed from CUDA graphs (each saving ``host_graph_saving_ms``, at most a probe's).
+        A finer unit with a measured cut block: its share of the cut block's two-probe time, scaled
+        to ``probes`` as a whole block's task scales; unmeasured: a whole block's task."""
         saving = min(self.host_graph_saving_ms, self.host_probe_ms)
-        return (self.host_task_ms + probes * self.host_probe_ms - graphed * saving) / 1e3
+        block_ms = self.host_task_ms + probes * self.host_probe_ms - graphed * saving
+        if unit not in self.host_cut_ms:
+            return block_ms / 1e3
+        two_probes_ms = self.host_task_ms + 2 * self.host_probe_ms
+        scale = block_ms / two_probes_ms if two_probes_ms > 0 else probes / 2
+        return self.host_cut_ms[unit] / units_per_block * scale / 1e3
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -64,6 +82,7 @@ class GPUProfile:
         return path
 
 
+_FINER_UNITS = ("half", "linear")
 _FIGURES = ("upload_gb_s", "offload_gb_s", "tflops", "memory_gb_s", "gpu_memory_gb", "host_task_ms", "host_probe_ms",
             "host_piece_ms", "host_graph_saving_ms", "blas_workspace_mib")  # fmt: skip
 
