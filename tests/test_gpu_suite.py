@@ -15,6 +15,7 @@ import torch
 
 from zoruntime.bench import environment
 from zoruntime.bench.gpu_suite import Part, default_parts, render_summary, run_suite
+from zoruntime.planning.profiles import load_profile
 
 
 def _python(code: str) -> tuple[str, ...]:
@@ -90,6 +91,9 @@ def test_the_suite_runs_end_to_end_in_cpu_smoke_mode(tmp_path: Path) -> None:
     assert f"predicted {planned['predicted_step_s']:.3f} s" in summary
     assert "host: a task" in summary and "to issue (" in summary  # the host's figures beside the card's
     assert "host: the block as 5 linear units' tasks" in summary
+    profile = load_profile(str(tmp_path / "profile_tiny-llama_linear.json"))  # zoruntime plan --gpu takes it
+    assert profile.host_cut_ms == {"linear": cut["unit_tasks_enqueue_ms"]}
+    assert load_profile(str(tmp_path / "profile_tiny.json")).host_cut_ms == {}
     assert "host, each part alone (ms): update" in summary
     parts = default_parts(tmp_path, device="cuda", models=("opt-1.3b", "opt-175b:linear"), seq=2048,
                           planned={"opt-175b:linear": (8.0, 7.5)})  # fmt: skip

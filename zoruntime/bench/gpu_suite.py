@@ -181,6 +181,7 @@ def default_parts(
             argv += ["--unit", unit]
         elif device != "cpu":  # whole blocks on a GPU: FixedDepth(1) and all resident again, from CUDA graphs
             argv.append("--cuda-graphs")
+        argv += ["--save-profile", str(out / f"profile_{entry.replace(':', '_')}.json")]  # for zoruntime plan --gpu
         if entry in traced:
             argv += ["--trace-out", str(out / f"trace_{entry.replace(':', '_')}")]
         if directions and model not in ALIASED:  # several directions a step cost several 175B steps' time
