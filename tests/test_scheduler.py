@@ -156,7 +156,7 @@ def test_resident_units_skip_transfers_and_shorten_a_transfer_bound_step() -> No
 def test_a_failing_task_is_named_and_no_task_is_left_behind() -> None:
     loop = VirtualClockLoop()
 
-    def durations(task: Task) -> float:
+    def durations(step: int, task: Task) -> float:
         if task.kind == Kind.COMPUTE and task.unit.name == "block.2":
             raise ValueError("boom")
         return 1.0
@@ -182,7 +182,7 @@ def test_a_failure_behind_a_pass_is_raised_by_the_next_one_and_nothing_is_left_r
     loop = VirtualClockLoop()
     failing = {"on": True}
 
-    def durations(task: Task) -> float:
+    def durations(step: int, task: Task) -> float:
         return 0.0 if task.kind == Kind.HEAD else 2.0 if task.kind == Kind.OFFLOAD else 1.0
 
     class FailingLane(SimulatedLane):
@@ -218,7 +218,7 @@ def test_a_deadlocked_graph_raises_instead_of_hanging() -> None:
     block = uniform_units(1).streamable[0]
     graph = TaskGraph((Task(0, Kind.UPLOAD, block, (1,), slot=0), Task(1, Kind.COMPUTE, block, (0,), slot=0)))
     loop = VirtualClockLoop()
-    scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time)
+    scheduler = Scheduler(simulated_lanes(lambda step, task: 1.0), clock=loop.time)
     try:
         with pytest.raises(SimulationDeadlock, match="deadlocked"):
             loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
@@ -260,7 +260,7 @@ def test_mark_end_false_leaves_the_end_of_the_step_to_the_caller() -> None:
 
     hooks = StepHooks()
     loop = VirtualClockLoop()
-    scheduler = Scheduler(simulated_lanes(lambda task: 1.0), clock=loop.time, instruments=Instruments([hooks]))
+    scheduler = Scheduler(simulated_lanes(lambda step, task: 1.0), clock=loop.time, instruments=Instruments([hooks]))
     graph = step_graph(uniform_units(2), Plan(1))
     try:
         loop.run_simulation(scheduler.run(graph, lambda task: lambda: None, 0))
@@ -298,3 +298,17 @@ def test_consecutive_steps_overlap_with_one_pipeline_fill_for_all_of_them() -> N
     marks = timeline.steps
     assert [b.start - a.end for a, b in itertools.pairwise(marks)] == [1.0] * (k - 1)  # the caller's gap
     check_timeline(timeline)
+
+
+def test_a_copy_takes_the_link_speed_of_the_step_that_issued_it_whenever_it_starts() -> None:
+    """Offloading every second step on a half-duplex link (0.5): every copy of steps 1 and 3 (they
+    write back) takes twice as long, every copy of steps 0 and 2 does not, though step 1's last
+    offload and its uploads ahead run on after step 2 has begun."""
+    timeline = simulate(3, 1.0, 1.0, 1.0, FixedDepth(1, offload_every=2), head_s=0.5, steps=4, duplex=0.5)
+    starts = {mark.step: mark.start for mark in timeline.steps}
+    copies = [s for s in timeline.spans if s.kind in ("upload", "offload")]
+    assert any(s.step == 1 and s.start >= starts[2] for s in copies)  # the case this checks
+    assert {(s.step, s.kind, s.end - s.start) for s in copies} == {
+        (0, "upload", 1.0), (1, "upload", 2.0), (1, "offload", 2.0),
+        (2, "upload", 1.0), (3, "upload", 2.0), (3, "offload", 2.0),
+    }  # fmt: skip

@@ -43,8 +43,9 @@ def simulate(
     ``host_gap_s`` before the next call, and meanwhile the last offloads and the next step's
     first uploads run (the last step uploads nothing ahead: no step follows it).
 
-    ``duplex``: on a step that writes blocks back, uploads and offloads take ``1 / duplex``
-    longer (both directions share the link; a whole-step approximation). ``update_s``: with
+    ``duplex``: on a step that writes blocks back, the uploads and offloads it issues take
+    ``1 / duplex`` longer, even those that run on after the next step has begun (both directions
+    share the link; a whole-step approximation). ``update_s``: with
     ``offload_every=k``, a streamed block's compute on the i-th step of a cycle applies i more
     updates than usual, each taking this long (a resident block's never lags). ``unit_sizes``:
     the units' relative sizes in model order (elements, say), for units of unequal size (a block
@@ -68,14 +69,13 @@ def simulate(
 
     recorder = TimelineRecorder(bytes_of=lambda task: block_bytes if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) else 0)
     loop = VirtualClockLoop()
-    current = {"offloads": True, "missed": 0}
 
-    def duration(task: Task) -> float:
+    def duration(step: int, task: Task) -> float:  # by the step that issued the task, whenever it starts
         seconds = figures.duration(task.kind) * share[task.unit.name]
-        if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) and current["offloads"]:
+        if task.kind in (Kind.UPLOAD, Kind.OFFLOAD) and plan.offloads_at(step):
             return seconds / duplex
         if task.kind == Kind.COMPUTE and task.unit.name in lagging:
-            return seconds + current["missed"] * update_s * share[task.unit.name]
+            return seconds + step % plan.offload_every * update_s * share[task.unit.name]
         return seconds
 
     scheduler = Scheduler(
@@ -89,7 +89,6 @@ def simulate(
         for step in range(steps):
             if step:
                 await asyncio.sleep(host_gap_s)
-            current.update(offloads=plan.offloads_at(step), missed=step % plan.offload_every)
             graph = step_graph(units, plan, plan.offloads_at(step), step < steps - 1, rotation)
             await scheduler.run(graph, lambda task: _no_work, step)
             rotation = graph.rotation_after

@@ -59,8 +59,8 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
             raise
 
 
-Durations = Callable[[Task], float]
-"""Seconds a task takes on its lane."""
+Durations = Callable[[int, Task], float]
+"""Seconds a task of a step (the pass that issued it) takes on its lane."""
 
 
 class SimulatedLane:
@@ -72,7 +72,7 @@ class SimulatedLane:
     async def run(self, step: int, task: Task, work: Work, after: Sequence[object]) -> Completion:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await asyncio.sleep(self.durations(task))
+        await asyncio.sleep(self.durations(step, task))
         return Completion(started, loop.time())
 
 
