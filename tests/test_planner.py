@@ -327,3 +327,16 @@ def test_plan_says_when_a_finer_units_host_time_is_a_whole_blocks_and_uses_a_mea
     cut = json.loads(out.strip().splitlines()[-1])
     assert "a whole block's, an upper bound" not in out and "unit='linear'" in upper["policy"]
     assert cut["unit_s"]["the host"] == pytest.approx(1.5e-3 / 3) and cut["step_s"] < upper["step_s"]
+
+
+def test_a_policy_given_that_does_not_fit_is_said_so_and_exits_1(capsys) -> None:
+    """opt-1.3b at depth 1 needs 0.873 GB: within 0.5 GB the prediction is shown, with a line
+    saying it would not fit, ``fits`` false and exit status 1; within 1 GB it fits."""
+    assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "0.5GB"]) == 1
+    out = capsys.readouterr().out
+    assert "  needs 0.873 GB, more than the 0.50 GB planned within: it would run out of memory\n" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["policy_arg"] == "depth=1" and result["gpu_bytes"] == 873168896 and result["fits"] is False
+    assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "planned within" not in out and json.loads(out.strip().splitlines()[-1])["fits"] is True

@@ -10,7 +10,8 @@ search finds within the memory given, over every depth, offload interval, reside
 unit (whole blocks, halves, a unit per linear layer). With ``--directions q`` (and
 ``--estimator``) a step evaluates q directions per upload; ``--directions auto`` takes the
 largest q whose forwards the transfers of ``--policy`` (default depth=1) hide, as ``zoruntime
-train --directions auto`` would. The last line is one JSON object.
+train --directions auto`` would. The last line is one JSON object (``fits``: whether the policy it
+describes fits in the memory given; the exit status is 1 when it does not, or nothing fits).
 Predictions, not measurements: ``zoruntime bench`` measures, and ``--save-profile`` turns its
 card into a profile.
 """
@@ -123,17 +124,21 @@ def main(argv: list[str] | None = None) -> int:
                  "zoruntime bench --cuda-graphs --save-profile FILE)"))  # fmt: skip
     if chosen is not None:
         _show("your policy", chosen, profile)
+        if chosen.gpu_bytes > gpu_bytes:
+            print(f"  needs {chosen.gpu_bytes / 1e9:.3f} GB, more than the {gpu_bytes / 1e9:.2f} GB planned within: "
+                  "it would run out of memory")  # fmt: skip
     if found is not None:
         _show("fastest that fits", found, profile)
     else:
         print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
     result = chosen or found
-    summary: dict[str, Any] = result.summary() if result else {"policy": None}
+    fits = result is not None and result.gpu_bytes <= gpu_bytes
+    summary: dict[str, Any] = {**result.summary(), "fits": fits} if result else {"policy": None}
     if result is not None and result.chosen is not None:
         summary["policy_arg"] = policy_arg(result.chosen)  # as zoruntime train --policy takes it
     print(json.dumps({"model": args.model, "gpu": profile.name, "directions": args.directions,
                       "estimator": args.estimator, **summary}))  # fmt: skip
-    return 0 if result is not None else 1
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":
