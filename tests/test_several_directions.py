@@ -346,3 +346,20 @@ def test_plan_predicts_several_directions_and_auto_as_train_would(capsys) -> Non
     assert four["step_s"] == predict(replace(work, directions=4), BUILT_IN["h200"], FixedDepth(1)).step_s
     assert plan_main([*args, "--directions", "2", "--estimator", "one-sided"]) == 2
     assert "--directions must be a number >= 3 with --estimator one-sided, or auto" in capsys.readouterr().err
+
+
+def test_plan_counts_the_buffer_the_runtime_keeps_for_auto_whatever_it_decides(capsys) -> None:
+    """directions="auto" keeps the float32 buffer of several directions' updates (64 MiB at
+    opt-13b) even where it decides on one direction; plan and train's fit=SIZE count it too."""
+    from zoruntime.plan import main as plan_main
+    from zoruntime.workloads import workloads
+
+    with_buffer = _opt13b(seq=512).layout.breakdown(Plan(1)).working
+    assert with_buffer - replace(_opt13b().layout, several_directions=False).breakdown(Plan(1)).working == 2**26
+    args = ["--model", "opt-13b", "--seq", "512", "--policy", "depth=1", "--gpu-memory", "1GB", "--directions", "auto"]
+    assert plan_main(args) == 1  # no plan fits in 1 GB: the search is short
+    result = json.loads(capsys.readouterr().out.strip().split("\n")[-1])
+    assert result["directions"] == 1 and result["memory"]["working buffers (a perturbed copy)"] == with_buffer
+    assert workloads(named_config("opt-13b"), torch.float16, 1, 512, auto=True)["block"].layout.several_directions
+    model = tiny_model(num_hidden_layers=BLOCKS)
+    assert zoruntime.Runtime(model, _config("auto", "two-sided")).layout.several_directions  # type: ignore[arg-type]

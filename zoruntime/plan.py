@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--seq {args.seq} is longer than the model's {config.max_position_embeddings} positions")
         dtype = DTYPES[args.dtype]
         works = workloads(config, dtype, args.batch, args.seq, args.directions, args.estimator,
-                          cuda_graphs=args.cuda_graphs)  # fmt: skip
+                          cuda_graphs=args.cuda_graphs, auto=auto)  # fmt: skip
         gpu_bytes = parse_size(args.gpu_memory) if args.gpu_memory else int(profile.gpu_memory_gb * 1e9)
         fit = parse_fit(args.policy) if args.policy else None  # fit=SIZE: the fastest plan within SIZE
         if fit is not None and args.gpu_memory and fit != gpu_bytes:

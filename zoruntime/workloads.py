@@ -27,15 +27,18 @@ def workloads(
     estimator: str = "two-sided",
     compute_dtype: torch.dtype | None = None,
     cuda_graphs: bool = False,
+    auto: bool = False,
 ) -> dict[str, Workload]:
     """The model of ``config`` (masters in ``dtype``, forwards in ``compute_dtype``, by default
     the same) cut into each unit it can be (whole blocks always; halves and linear layers where
     its blocks' forward can be paused between them), with a step's batch and directions (and
-    ``cuda_graphs``: whole blocks' perturbed forwards replayed from CUDA graphs)."""
-    model, works = meta_model(config, dtype), {}
+    ``cuda_graphs``: whole blocks' perturbed forwards replayed from CUDA graphs). ``auto``: the
+    directions are ``directions="auto"``'s (``directions`` stands in until it decides), for which
+    the runtime keeps the buffer of several directions' updates, whatever number it decides."""
+    model, works, several = meta_model(config, dtype), {}, auto or directions != 1
     for unit in UNIT_KINDS:
         try:
-            layout = model_layout(adapter_for(model, unit), compute_dtype or dtype, several_directions=directions != 1)
+            layout = model_layout(adapter_for(model, unit), compute_dtype or dtype, several_directions=several)
         except ValueError:  # blocks that route tokens (experts) stream whole
             continue
         works[unit] = Workload(layout, shape_dims(config), batch, seq, unit, config.num_hidden_layers, directions,

@@ -128,7 +128,7 @@ def fitted_policy(
     directions = config.directions if isinstance(config.directions, int) else fewest_directions(config.estimator)
     compute = DTYPES[config.compute_dtype] if config.compute_dtype else None
     works = workloads(model.config, DTYPES[config.dtype], rows, config.max_length, directions, config.estimator,
-                      compute, config.cuda_graphs)  # fmt: skip
+                      compute, config.cuda_graphs, auto=config.directions == "auto")  # fmt: skip
     with ThreadPoolExecutor(max_workers=1) as planner:  # its simulator runs an event loop, and train's is running
         found = planner.submit(best, list(works.values()), profile, gpu_bytes).result()
     if found is None or found.chosen is None:
