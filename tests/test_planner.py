@@ -14,11 +14,12 @@ from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import opt_config, shape_dims
 from zoruntime.plan import main as plan_main
 from zoruntime.planning.memory import activation_bytes, loss_pieces
-from zoruntime.planning.planner import Workload, best, figures, predict, profile_from_card
+from zoruntime.planning.planner import Workload, best, figures, predict, predict_memory, profile_from_card
 from zoruntime.planning.profiles import BUILT_IN, GPUProfile, load_profile
 from zoruntime.policies import FixedDepth, Plan
 from zoruntime.storage import model_layout
 from zoruntime.train.options import parse_policy
+from zoruntime.workloads import workloads
 
 
 def _work(name: str = "opt-1.3b", batch: int = 1, seq: int = 2048, unit: str = "block") -> Workload:
@@ -340,3 +341,16 @@ def test_a_policy_given_that_does_not_fit_is_said_so_and_exits_1(capsys) -> None
     assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "1GB"]) == 0
     out = capsys.readouterr().out
     assert "planned within" not in out and json.loads(out.strip().splitlines()[-1])["fits"] is True
+
+
+def test_nothing_fits_names_the_least_any_plan_needs(capsys) -> None:
+    """Within 1 GB nothing fits opt-13b; the line says what the least needs and which policy that
+    is: depth 0 with a unit per linear layer (depth 0 with whole blocks needs more)."""
+    works = workloads(opt_config("opt-13b"), torch.float16, 1, 2048)
+    least = predict_memory(works["linear"], Plan(0), BUILT_IN["h200"])
+    assert least == min(predict_memory(work, Plan(0), BUILT_IN["h200"]) for work in works.values())
+    assert predict_memory(works["block"], Plan(0), BUILT_IN["h200"]) > least
+    assert plan_main(["--model", "opt-13b", "--gpu-memory", "1GB"]) == 1
+    out = capsys.readouterr().out
+    line = f"nothing fits in 1.00 GB: the least any plan needs is {least / 1e9:.3f} GB (--policy depth=0,unit=linear)"
+    assert f"{line}\n" in out

@@ -28,9 +28,9 @@ import torch
 
 from .models.shapes import MODEL_NAMES, named_config
 from .planning.directions import auto_directions, fewest_directions
-from .planning.planner import Prediction, best, predict
+from .planning.planner import Prediction, best, predict, predict_memory
 from .planning.profiles import BUILT_IN, GPUProfile, load_profile
-from .policies.base import FixedDepth
+from .policies.base import FixedDepth, Plan
 from .train.options import UsageError, parse_directions, parse_fit, parse_policy, parse_size, policy_arg
 from .workloads import workloads
 from .zo.estimator import ESTIMATORS
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if found is not None:
         _show("fastest that fits", found, profile)
     else:
-        print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: even FixedDepth(0) needs more (see --policy depth=0)")
+        least, unit = min((predict_memory(work, Plan(0), profile), unit) for unit, work in works.items())
+        print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: the least any plan needs is {least / 1e9:.3f} GB "
+              f"(--policy {policy_arg(FixedDepth(0, unit=unit))})")  # fmt: skip
     result = chosen or found
     fits = result is not None and result.gpu_bytes <= gpu_bytes
     summary: dict[str, Any] = {**result.summary(), "fits": fits} if result else {"policy": None}
