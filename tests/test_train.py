@@ -165,6 +165,7 @@ def test_help_explains_every_option_with_its_default() -> None:
     for option in options:
         assert option in out
     assert "(default: 1000)" in out and "(default: depth=1)" in out
+    assert "the default model (default: 0)" in " ".join(out.split())  # "default" in a help is not its default
 
 
 def test_the_policy_option_reads_depth_memory_and_offload_every() -> None:

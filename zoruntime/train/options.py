@@ -94,11 +94,11 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "stop_after_nonf
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's default after its help, unless the help already says it or there is none
-    (a help that says what happens without the option)."""
+    """Each option's default after its help, unless the help already says it ("(default ...")
+    or there is none (a help that says what happens without the option)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
