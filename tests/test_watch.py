@@ -12,7 +12,7 @@ from zoruntime.journal import read_journal
 from zoruntime.train import main as train_main
 from zoruntime.train.data import Evaluation
 from zoruntime.train.loop import _dev_postfix, before_from_state
-from zoruntime.train.watch import smoothed, tensorboard_missing
+from zoruntime.train.watch import smoothed, summary_table, tensorboard_missing
 
 FAST = ["--no-progress", "--no-trace", "--max-length", "32", "--batch-size", "4", "--eval-every", "3"]
 
@@ -52,6 +52,20 @@ def test_a_resumed_run_continues_its_metrics_from_the_checkpoint(tmp_path: Path)
     ended = resumed.pop(6)  # the first run ended at step 4 and was evaluated there: that stays in its history
     assert (ended["kind"], ended["step"]) == ("dev", 4)
     assert resumed == timeless(clean)
+
+
+def test_the_end_table_keeps_a_wide_figure_apart_from_its_neighbours() -> None:
+    """A run that diverged ends with a perplexity wider than its column: it stays readable."""
+    summary = {"dev_loss_before": 4.9131, "dev_loss_after": 46.9705, "perplexity_before": 136.06,
+               "perplexity_after": 2.506196536480302e20, "metric": "accuracy", "accuracy_before": 0.5,
+               "accuracy_after": 0.5, "steps": 20, "seconds": 2.0, "tokens_per_s": 5092.0}  # fmt: skip
+    assert summary_table(summary).splitlines() == [
+        "                  before       after",
+        "dev loss          4.9131     46.9705",
+        "perplexity        136.06 250619653648030203904.00",
+        "accuracy           50.0%       50.0%",
+        "20 steps in 2 s, 5,092 tokens/s",
+    ]
 
 
 def test_smoothing_is_an_exponential_moving_average() -> None:

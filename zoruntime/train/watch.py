@@ -151,14 +151,17 @@ def save_curves(folder: Path, png: Path) -> Path:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The end of a run in a few aligned lines: dev figures before and after, steps, speed."""
-    lines = [f"{'':<12}{'before':>12}{'after':>12}"]
+    """The end of a run in a few aligned lines: dev figures before and after, steps, speed. A
+    space separates the columns, so a figure too wide for its column (the perplexity of a run
+    that diverged) pushes the line on rather than run into its neighbour."""
+    row = lambda name, before, after: f"{name:<11}  {before:>11} {after:>11}"  # noqa: E731
+    lines = [row("", "before", "after")]
     for name, key, form in [("dev loss", "dev_loss", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format)]:
-        lines.append(f"{name:<12}{form(summary[key + '_before']):>12}{form(summary[key + '_after']):>12}")
+        lines.append(row(name, form(summary[key + "_before"]), form(summary[key + "_after"])))
     metric = summary.get("metric")
     if metric is not None:
         before, after = (show_metric(metric, summary[f"{metric_key(metric)}_{when}"]) for when in ("before", "after"))
-        lines.append(f"{metric:<12}{before:>12}{after:>12}")
+        lines.append(row(metric, before, after))
     skipped = f" ({summary['skipped_steps']} skipped)" if summary.get("skipped_steps") else ""
     if (summary.get("directions") or 1) > 1:
         skipped += f" of {summary['directions']} directions"
