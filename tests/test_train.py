@@ -139,6 +139,25 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(args: list[str], message: str
     assert err.strip().count("\n") == 0 and message in err, err
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0; pass e.g. --lr 1e-6"),
+        (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+        (["--freeze", "foo"], "--freeze 'foo': 'foo' is not embeddings, head, blocks:A-B or blocks:N (e.g. --freeze "
+                              "embeddings,head,blocks:0-11)"),
+    ],
+)  # fmt: skip
+def test_an_option_wrong_whatever_the_dtype_is_named_by_its_flag_and_not_blamed_on_the_dtype(
+    args: list[str], line: str, tmp_path: Path, capsys
+) -> None:
+    """Under --dtype auto these said "lr must ..." and ended "(--dtype auto: fp32, as the model was saved)"."""
+    from zoruntime.train import main as train_main
+
+    assert train_main(["--no-progress", *args, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"zoruntime train: error: {line}\n"
+
+
 def test_a_model_folder_that_is_not_opt(tmp_path: Path) -> None:
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")

@@ -38,6 +38,7 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
 _DEVICE = re.compile(r"^(auto|cpu|cuda)(:(\d+))?$")
+_API_WORDS = re.compile(r"(?<![-\w])(lr|eps|weight_decay|seed|rounding|directions|estimator)(=| must\b)")
 
 
 class UsageError(Exception):
@@ -336,6 +337,12 @@ def check(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"--text-file {config.text_file} does not exist")
     if parse_fit(config.policy) is None:
         parse_policy(config.policy)
+    try:  # whatever the masters' dtype, so an error here never names the dtype --dtype auto finds
+        optimizer(config)
+        if config.freeze is not None:
+            parse_freeze(config.freeze)
+    except ValueError as error:
+        raise UsageError(_in_flags(error)) from None
     if config.dtype != "auto":  # auto is checked once the model says its dtype (``train.model.resolve_dtype``)
         check_dtypes(config)
     if config.gpu_profile is not None:
@@ -372,11 +379,15 @@ def check_dtypes(config: TrainConfig) -> None:
         raise UsageError("--" + str(error).replace("a larger eps", "a larger --eps")) from None
     try:
         optimizer(config).rounding_for(DTYPES[config.dtype])
-        if config.freeze is not None:
-            parse_freeze(config.freeze)
     except ValueError as error:
-        message = str(error).replace("rounding=", "--rounding ").replace("directions=", "--directions ")
-        raise UsageError(message.replace("estimator=", "--estimator ")) from None
+        raise UsageError(_in_flags(error)) from None
+
+
+def _in_flags(error: ValueError) -> str:
+    """A ``ZOSGD`` error in the command line's words: ``lr must ...`` → ``--lr must ...``,
+    ``weight_decay=`` → ``--weight-decay ``."""
+    flag = lambda m: "--" + m[1].replace("_", "-") + (" " if m[2] == "=" else m[2])  # noqa: E731
+    return _API_WORDS.sub(flag, str(error))
 
 
 PATH_OPTIONS = ("model", "data", "dev", "text_file", "gpu_profile", "task")
