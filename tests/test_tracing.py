@@ -43,7 +43,8 @@ def test_a_traced_cpu_run_has_one_span_per_task_with_bytes_and_steps(cpu_timelin
     assert all(s.bytes == block_bytes for s in step0 if s.kind in ("upload", "offload"))
     assert all(s.bytes == 0 for s in step0 if s.kind == "compute")
     marks = [(m.step, m.phase) for m in cpu_timeline.steps]
-    assert marks == [(-1, "load"), (0, "step"), (1, "step"), (2, "flush")]  # flush: leaving the runtime
+    assert marks == [(0, "load"), (0, "step"), (1, "step"), (2, "flush")]  # flush: leaving the runtime
+    assert [m.name for m in cpu_timeline.steps] == ["load (before step 0)", "step 0", "step 1", "flush (before step 2)"]
     for span in cpu_timeline.spans:
         assert span.end >= span.start
 

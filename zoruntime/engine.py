@@ -179,7 +179,7 @@ class Runtime:
             self._scheduler = Scheduler(backend.lanes, backend.clock, self._instruments)
             self._backend = backend
             self._loop = asyncio.get_running_loop()
-            await self._execute(load_graph(self.adapter.units, self.plan), -1)
+            await self._execute(load_graph(self.adapter.units, self.plan), self.step_index)  # before that step
         except BaseException:
             backend.close()
             self._backend = self._loop = None
