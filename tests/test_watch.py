@@ -41,12 +41,17 @@ def test_a_run_logs_every_step_and_evaluation_and_ends_with_curves_and_a_table(t
     assert "7 steps in " in out
 
 
-def test_a_resumed_run_continues_its_metrics_from_the_checkpoint(tmp_path: Path) -> None:
+def test_a_resumed_run_continues_its_metrics_from_the_checkpoint(tmp_path: Path, capsys) -> None:
     clean, stopped = tmp_path / "clean", tmp_path / "stopped"
     assert train_main([*FAST, "--steps", "6", "--out", str(clean)]) == 0
     assert train_main([*FAST, "--steps", "4", "--checkpoint-every", "2", "--out", str(stopped)]) == 0
     (stopped / "metrics.jsonl").open("a").write('{"kind": "train", "step": 5, "loss"')  # torn by a crash
+    capsys.readouterr()
     assert train_main(["--no-progress", "--resume", str(stopped), "--steps", "6"]) == 0
+    out = capsys.readouterr().out  # its time and speed are of the 2 steps it trained, not of all 6
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert f"\n2 steps (resumed at step 4) in {summary['seconds']:.0f} s, " in out and summary["resumed_at"] == 4
+    assert f"lower) over 6 steps, this call's 2 in {summary['seconds']:.0f} s; saved " in out
     timeless = lambda run: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in _metrics(run)]  # noqa: E731
     resumed = timeless(stopped)
     ended = resumed.pop(6)  # the first run ended at step 4 and was evaluated there: that stays in its history

@@ -342,7 +342,7 @@ def _write_outputs(
         "dev_loss_before": before.loss, "dev_loss_after": after.loss,
         "perplexity_before": before.perplexity, "perplexity_after": after.perplexity,
         "metric": None, "steps": config.steps, "directions": directions, "skipped_steps": skipped,
-        "seconds": seconds, "tokens_per_s": tokens_per_s, "out": str(out),
+        "seconds": seconds, "tokens_per_s": tokens_per_s, "resumed_at": start.step, "out": str(out),
     }  # fmt: skip
     for when, evaluation in (("before", before), ("after", after)):  # the task's metric under its own name
         if evaluation.metric is not None:
@@ -355,7 +355,12 @@ def _write_outputs(
         change = f" ({abs(drop):.1%} {'lower' if drop >= 0 else 'higher'})"
     else:  # a loss of 0 (candidate scoring sure of every answer) has no relative change
         change = ""
-    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f}{change} in {seconds:.0f} s; saved {model_dir}"
+    took = (
+        f"in {seconds:.0f} s"
+        if not start.step
+        else f"over {config.steps} steps, this call's {config.steps - start.step} in {seconds:.0f} s"
+    )
+    print(f"dev loss {before.loss:.4f} -> {after.loss:.4f}{change} {took}; saved {model_dir}"
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

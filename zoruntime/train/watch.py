@@ -151,9 +151,10 @@ def save_curves(folder: Path, png: Path) -> Path:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    """The end of a run in a few aligned lines: dev figures before and after, steps, speed. A
-    space separates the columns, so a figure too wide for its column (the perplexity of a run
-    that diverged) pushes the line on rather than run into its neighbour."""
+    """The end of a run in a few aligned lines: dev figures before and after (from the run's
+    start), the steps this call trained and their speed. A space separates the columns, so a
+    figure too wide for its column (the perplexity of a run that diverged) pushes the line on
+    rather than run into its neighbour."""
     row = lambda name, before, after: f"{name:<11}  {before:>11} {after:>11}"  # noqa: E731
     lines = [row("", "before", "after")]
     for name, key, form in [("dev loss", "dev_loss", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format)]:
@@ -165,6 +166,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     skipped = f" ({summary['skipped_steps']} skipped)" if summary.get("skipped_steps") else ""
     if (summary.get("directions") or 1) > 1:
         skipped += f" of {summary['directions']} directions"
-    lines.append(f"{summary['steps']} steps{skipped} in {summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} "
-                 "tokens/s")  # fmt: skip
+    resumed_at = summary.get("resumed_at") or 0  # the seconds and tokens/s are this call's: its steps only
+    steps = f"{summary['steps'] - resumed_at} steps" + (f" (resumed at step {resumed_at})" if resumed_at else "")
+    lines.append(f"{steps}{skipped} in {summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s")
     return "\n".join(lines)
