@@ -35,9 +35,11 @@ class EndsResident:
 def what_if() -> None:
     figures = dict(upload_s=11.4e-3, compute_s=3.3e-3, offload_s=11.4e-3)  # opt-13b block, fp16, H200
     print("simulated opt-13b step (40 blocks) on an H200:")
-    for policy in (FixedDepth(0), FixedDepth(1), EndsResident(ends=1), EndsResident(ends=4)):
+    policies = (FixedDepth(0), FixedDepth(1), EndsResident(ends=1), EndsResident(ends=4))
+    width = max(len(str(policy)) for policy in policies)
+    for policy in policies:
         timeline = simulate(40, policy=policy, **figures)
-        print(f"  {policy!s:<40} {timeline.makespan * 1e3:8.1f} ms")
+        print(f"  {policy!s:<{width}} {timeline.makespan * 1e3:8.1f} ms")
 
 
 async def train() -> None:

@@ -38,7 +38,9 @@ def test_async_training_loop_example_lowers_the_dev_loss() -> None:
 
 def test_custom_policy_example_beats_serial_in_simulation_and_trains() -> None:
     out = _run("examples/custom_policy.py")
-    ms = {line.split()[0]: float(line.split()[-2]) for line in out.splitlines() if line.strip().endswith(" ms")}
+    rows = [line for line in out.splitlines() if line.strip().endswith(" ms")]
+    assert len({len(row) for row in rows}) == 1  # a column of times, whatever the policies' names
+    ms = {row.split()[0]: float(row.split()[-2]) for row in rows}
     assert ms["EndsResident(ends=4,"] < ms["FixedDepth(depth=1,"] < ms["FixedDepth(depth=0,"]
     assert "resident blocks: (0, 3), streaming slots: 2" in out
 
