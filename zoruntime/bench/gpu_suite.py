@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # here, not at the top: the suite's parts run as processes of their own
 
     if args.device == "cuda" and not torch.cuda.is_available():  # each part would fail after its start-up
-        parser.error("no CUDA GPU is visible here; run it on the machine with the GPU (or --device cpu: a smoke run)")
+        why = "no CUDA GPU is visible here; run it on the machine with the GPU (or --device cpu: a smoke run)"
+        parser.exit(2, f"{parser.prog}: error: {why}\n")  # the machine, not the usage: no usage block
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = run_suite(parts, out, args.budget_s)
