@@ -354,3 +354,10 @@ def test_nothing_fits_names_the_least_any_plan_needs(capsys) -> None:
     out = capsys.readouterr().out
     line = f"nothing fits in 1.00 GB: the least any plan needs is {least / 1e9:.3f} GB (--policy depth=0,unit=linear)"
     assert f"{line}\n" in out
+
+
+def test_plan_help_gives_every_options_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        plan_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "or a profile file (default h200)" in text and "(default opt-13b)" in text and "(default 2048)" in text

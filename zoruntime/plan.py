@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="weights and compute (default fp16)")
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file")
+    parser.add_argument(
+        "--gpu", default="h200", help=f"a built-in profile ({', '.join(BUILT_IN)}) or a profile file (default h200)"
+    )
     parser.add_argument(
         "--policy",
         default=None,
