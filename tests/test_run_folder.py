@@ -4,6 +4,7 @@ called in-process, except where a signal or a second process is the point)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -538,3 +539,33 @@ def test_a_dev_loss_of_zero_finishes_the_run(tmp_path: Path, capsys, monkeypatch
     code, out, err = train(capsys, "--steps", "2", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert "dev loss 0.0000 -> 0.0000 in " in out and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_full_disk_while_journaling_is_one_line_and_resume_ends_where_a_clean_run_does(
+    finished_run: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """The disk fills in the middle of step 3's journal line (after step 2's checkpoint): it was a
+    traceback of the journal's internals."""
+    from zoruntime.journal import Journal
+
+    append = Journal.append
+
+    def disk_full(journal: Journal, record) -> None:
+        if record.step == 2:
+            journal._file.write('{"step": 2, "se')  # the part of the line that fitted
+            journal._file.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        append(journal, record)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Journal, "append", disk_full)
+        code, _, err = train(capsys, "--steps", "6", "--checkpoint-every", "2", "--out", str(out))
+    assert code == 2 and err == (
+        "zoruntime train: error: stopped by a file error (No space left on device); continue from the last "
+        f"checkpoint with zoruntime train --resume {out}\n"
+    )
+    code, printed, _ = train(capsys, "--resume", str(out))
+    assert code == 0 and "resumed at step 2" in printed
+    assert same_weights(finished_run / "model", out / "model")
+    assert read_journal(finished_run / "journal.jsonl") == read_journal(out / "journal.jsonl")

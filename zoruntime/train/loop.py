@@ -115,11 +115,25 @@ async def train(config: TrainConfig) -> dict[str, Any]:
             lock()  # creates the folder
             if not config.overwrite and holds_run(out):
                 raise UsageError(f"{out} now holds a run started meanwhile; choose another --out")
-        if lead:
-            _write_start(config, prepared, out)
-        if prepared.start.checkpoint is not None:
-            say(f"resumed at step {prepared.start.step} from {prepared.start.checkpoint}")
-        return await _run(config, prepared, rank, world_size, out, say)
+        try:
+            if lead:
+                _write_start(config, prepared, out)
+            if prepared.start.checkpoint is not None:
+                say(f"resumed at step {prepared.start.step} from {prepared.start.checkpoint}")
+            return await _run(config, prepared, rank, world_size, out, say)
+        except OSError as error:  # a full disk, a folder made read-only: one line, and what the folder allows
+            raise UsageError(_file_error(error, out)) from None
+
+
+def _file_error(error: OSError, out: Path) -> str:
+    """The line for a file operation that failed during a run. Every write keeps the folder
+    resumable once its configuration is written (journal lines are durable, a torn last one is
+    skipped, checkpoints are atomic); before that, nothing was trained."""
+    where = f": {error.filename}" if error.filename else ""
+    stopped = f"stopped by a file error ({error.strerror or error}{where})"
+    if (out / "zoruntime.json").is_file():
+        return f"{stopped}; continue from the last checkpoint with zoruntime train --resume {out}"
+    return f"{stopped} before the first step; start again with --overwrite"
 
 
 @dataclass(frozen=True)
