@@ -4,8 +4,10 @@ called in-process, except where a signal or a second process is the point)."""
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -569,3 +571,34 @@ def test_a_full_disk_while_journaling_is_one_line_and_resume_ends_where_a_clean_
     assert code == 0 and "resumed at step 2" in printed
     assert same_weights(finished_run / "model", out / "model")
     assert read_journal(finished_run / "journal.jsonl") == read_journal(out / "journal.jsonl")
+
+
+def test_a_full_disk_when_a_resume_rewrites_the_configuration_keeps_it(
+    finished_run: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A resume writes ``zoruntime.json`` again: written in place, a full disk left it empty, and
+    the folder could be neither resumed nor replayed (a JSONDecodeError traceback)."""
+    out = tmp_path / "run"
+    assert train(capsys, "--steps", "2", "--checkpoint-every", "2", "--out", str(out))[0] == 0
+    (out / "summary.json").unlink()
+    configuration = (out / "zoruntime.json").read_text()
+    real_open = io.open
+
+    def disk_full(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and Path(file).name.startswith("zoruntime.json"):
+            opened.close()  # created (or emptied), then nothing fits
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return opened
+
+    with monkeypatch.context() as patch:
+        patch.setattr(io, "open", disk_full)
+        patch.setattr(builtins, "open", disk_full)
+        code, _, err = train(capsys, "--resume", str(out), "--steps", "6")
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
+    assert (out / "zoruntime.json").read_text() == configuration
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("zoruntime")) == ["zoruntime.json"]
+    assert train(capsys, "--resume", str(out), "--steps", "6")[0] == 0
+    assert same_weights(finished_run / "model", out / "model")
+    assert replay_main(["--run", str(out), "--out", str(tmp_path / "replayed")]) == 0
+    assert same_weights(out / "model", tmp_path / "replayed")

@@ -61,6 +61,20 @@ def describe_run(folder: Path) -> str:
     return "partly written"
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, fsync it and rename it over ``path``:
+    a failure (a full disk) or a crash leaves the old content, never a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def clear_run(folder: Path) -> None:
     """Remove the files of the run in ``folder`` (nothing else that is there)."""
     for name in RUN_FILES:

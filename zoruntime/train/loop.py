@@ -28,7 +28,7 @@ from ..data.tasks import Task, metric_key, show_metric
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
-from ..runs import RunLock, clear_run, describe_run, holds_run
+from ..runs import RunLock, clear_run, describe_run, holds_run, replace_file
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, fitted_policy, load_model, resolve_dtype, save_model
 from .options import TrainConfig, UsageError, check, parse_fit, resolve_device, with_absolute_paths
@@ -194,7 +194,7 @@ def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
         clear_run(out)
     if config.model is None and not (out / "base").is_dir():
         save_model(prepared.model, prepared.tokenizer, out / "base")
-    (out / "zoruntime.json").write_text(json.dumps(prepared.resolved, indent=2) + "\n")
+    replace_file(out / "zoruntime.json", json.dumps(prepared.resolved, indent=2) + "\n")  # a resume rewrites it
 
 
 class UpdateWatch:
