@@ -602,3 +602,24 @@ def test_a_full_disk_when_a_resume_rewrites_the_configuration_keeps_it(
     assert same_weights(finished_run / "model", out / "model")
     assert replay_main(["--run", str(out), "--out", str(tmp_path / "replayed")]) == 0
     assert same_weights(out / "model", tmp_path / "replayed")
+
+
+def test_replay_refuses_a_journal_without_every_step(finished_run: Path, tmp_path: Path, capsys) -> None:
+    """A run resumed after its journal was lost starts a new one at the checkpoint: replaying it
+    onto the base said "replayed 2 updates" and saved other weights than the run trained."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    journal = run / "journal.jsonl"
+    header, *records = journal.read_text().splitlines(keepends=True)
+    for kept, message in [
+        (records[4:], "step 0 is missing; its records run from step 4 to 5"),
+        (records[:3] + records[2:], "step 2 is repeated; its records run from step 0 to 5"),
+    ]:
+        journal.write_text(header + "".join(kept))
+        assert replay_main(["--run", str(run), "--out", str(tmp_path / "replayed")]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"zoruntime replay: error: the journal does not hold every step once from step 0 ({message}): replay "
+            "would rebuild other weights than the run trained\n"
+        )
+        assert not (tmp_path / "replayed").exists()

@@ -71,6 +71,20 @@ def replay(model: nn.Module, records: list[Record], device: torch.device | str =
     return applied
 
 
+def check_every_step(records: list[Record]) -> None:
+    """A ValueError unless ``records`` hold every step from 0 once (it names the first missing or
+    repeated): replaying a journal without some steps would rebuild other weights than the run's."""
+    steps = sorted(r.step for r in records)
+    wrong = next((i for i, step in enumerate(steps) if step != i), None)
+    if wrong is not None:
+        repeated = steps[wrong] < wrong
+        raise ValueError(
+            f"the journal does not hold every step once from step 0 (step {steps[wrong] if repeated else wrong} is "
+            f"{'repeated' if repeated else 'missing'}; its records run from step {steps[0]} to {steps[-1]}): replay "
+            "would rebuild other weights than the run trained"
+        )
+
+
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -116,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             if not journal.is_file():
                 raise ValueError(f"the journal {journal} does not exist")
             records = read_journal(journal)
+            check_every_step(records)
             header = read_header(journal) or {}
             for key in ("base_fingerprint", "dtype"):  # the run's configuration first, else the journal's header
                 expected[key] = expected.get(key) or header.get(key)
