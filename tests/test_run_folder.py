@@ -623,3 +623,22 @@ def test_replay_refuses_a_journal_without_every_step(finished_run: Path, tmp_pat
             "would rebuild other weights than the run trained\n"
         )
         assert not (tmp_path / "replayed").exists()
+
+
+def test_a_damaged_configuration_is_one_line_naming_it(finished_run: Path, tmp_path: Path, capsys) -> None:
+    """A damaged ``zoruntime.json`` was a JSONDecodeError traceback on resume, and a line naming
+    no file from replay."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "summary.json").unlink()
+    configuration = run / "zoruntime.json"
+    for text, why in [('{"model": nul', "Expecting value: line 1 column 11 (char 10)"),
+                      ("[1]\n", "it does not hold a JSON object")]:  # fmt: skip
+        configuration.write_text(text)
+        line = (
+            f"{configuration} is damaged ({why}); the run cannot be resumed or replayed without it: restore it from a "
+            "copy\n"
+        )
+        assert train(capsys, "--resume", str(run)) == (2, "", f"zoruntime train: error: {line}")
+        assert replay_main(["--run", str(run), "--out", str(tmp_path / "replayed")]) == 2
+        assert capsys.readouterr().err == f"zoruntime replay: error: {line}"

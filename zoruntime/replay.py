@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from .models.freeze import freeze
 from .models.groups import adopt_into_flat
 from .models.init import load_pretrained, save_pretrained
 from .planning.memory import STEP_SPAN_ELEMENTS
-from .runs import RunFolderError, RunLock, check_writable
+from .runs import RunFolderError, RunLock, check_writable, read_configuration
 from .train.options import UsageError, resolve_device
 from .zo.directions import DirectionSampler
 from .zo.estimator import coefficients
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not (run_folder / "zoruntime.json").is_file():
                     raise ValueError(f"--run {run_folder}: no zoruntime.json there; is it the --out folder of a run?")
                 stack.enter_context(RunLock(run_folder, "zoruntime replay"))
-                config = json.loads((run_folder / "zoruntime.json").read_text())
+                config = read_configuration(run_folder)
                 journal = run_folder / "journal.jsonl"
                 base = str(run_folder / "base") if config.get("base") == "built-in" else config.get("model")
                 if base is None:

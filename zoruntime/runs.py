@@ -15,14 +15,16 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; folders are not guarded there
     fcntl = None  # type: ignore[assignment]
 
+CONFIGURATION = "zoruntime.json"
 RUN_FILES = (
-    "zoruntime.json", "journal.jsonl", "checkpoints", "base", "model", "summary.json", "trace.json", "timeline.png",
+    CONFIGURATION, "journal.jsonl", "checkpoints", "base", "model", "summary.json", "trace.json", "timeline.png",
 )  # fmt: skip
 LOCK = ".lock"
 
@@ -59,6 +61,20 @@ def describe_run(folder: Path) -> str:
     except (ValueError, KeyError, OSError):
         pass
     return "partly written"
+
+
+def read_configuration(folder: Path) -> dict[str, Any]:
+    """The run's ``zoruntime.json``; a RunFolderError naming the file when it is not a JSON object."""
+    path = folder / CONFIGURATION
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError("it does not hold a JSON object")
+    except ValueError as error:
+        raise RunFolderError(
+            f"{path} is damaged ({error}); the run cannot be resumed or replayed without it: restore it from a copy"
+        ) from None
+    return fields
 
 
 def replace_file(path: Path, text: str) -> None:

@@ -28,7 +28,7 @@ from ..data.tasks import Task, metric_key, show_metric
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
-from ..runs import RunLock, clear_run, describe_run, holds_run, replace_file
+from ..runs import RunLock, clear_run, describe_run, holds_run, read_configuration, replace_file
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, fitted_policy, load_model, resolve_dtype, save_model
 from .options import TrainConfig, UsageError, check, parse_fit, resolve_device, with_absolute_paths
@@ -163,7 +163,7 @@ def _prepare(config: TrainConfig, device: str, world_size: int, out: Path, say: 
     if config.resume:
         if resumed_base is None and config.model is None:
             say(f"{out} has no copy of its base model; rebuilding the built-in one from --seed {config.seed}")
-        saved = json.loads((out / "zoruntime.json").read_text())
+        saved = read_configuration(out)
         if saved.get("base_fingerprint") not in (None, base["base_fingerprint"]):
             raise UsageError(
                 f"the base model {base['base']} is not the one {out} started from (its weights' fingerprint differs); "

@@ -14,7 +14,6 @@ resume may change. Knows nothing of models, data or the runtime: it builds a pol
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..models.freeze import parse_freeze
 from ..planning.directions import fewest_directions
 from ..planning.profiles import load_profile
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Policy
-from ..runs import RunFolderError, check_writable
+from ..runs import RunFolderError, check_writable, read_configuration
 from ..storage import compute_dtype_for
 from ..zo.config import ZOSGD
 from ..zo.estimator import estimator_for
@@ -443,7 +442,7 @@ def resumed_config(args: argparse.Namespace, argv: list[str] | None) -> TrainCon
     if not saved_file.is_file():
         raise UsageError(f"--resume {folder}: no zoruntime.json there; is it the --out folder of a run?")
     fields = set(TrainConfig.__dataclass_fields__)
-    saved = {k: absolute_path(k, v) for k, v in json.loads(saved_file.read_text()).items() if k in fields}
+    saved = {k: absolute_path(k, v) for k, v in read_configuration(folder).items() if k in fields}
     given = {k: absolute_path(k, v) for k, v in vars(parser(only_given=True).parse_args(argv)).items()}
     if "device" in given and resolve_device(given["device"]) == saved.get("device"):
         del given["device"]  # the run saved the device it resolved: --device auto names the same one
