@@ -642,3 +642,20 @@ def test_a_damaged_configuration_is_one_line_naming_it(finished_run: Path, tmp_p
         assert train(capsys, "--resume", str(run)) == (2, "", f"zoruntime train: error: {line}")
         assert replay_main(["--run", str(run), "--out", str(tmp_path / "replayed")]) == 2
         assert capsys.readouterr().err == f"zoruntime replay: error: {line}"
+
+
+def test_replay_reads_a_run_on_a_read_only_mount(finished_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Replay only reads the run folder: its lock file, which cannot be created there, was an
+    OSError traceback."""
+    from zoruntime import runs
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if Path(path) == finished_run / ".lock":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs.os, "open", read_only)
+    assert replay_main(["--run", str(finished_run), "--out", str(tmp_path / "replayed")]) == 0
+    assert same_weights(finished_run / "model", tmp_path / "replayed")

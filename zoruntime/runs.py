@@ -5,11 +5,13 @@ A run folder (``zoruntime train --out DIR``) belongs to one run: its configurati
 is refused there unless told to ``--overwrite`` (which removes exactly those files) or to
 ``--resume``. While a run or a replay uses a folder it holds an exclusive lock on
 ``DIR/.lock`` (``fcntl.flock``, released by the operating system if the process dies), so a
-second one is refused with the first one's process id. Knows nothing about models or training.
+second one is refused with the first one's process id; a folder on a read-only mount, which no
+process can write, is used without one (replay reads an archived run). Knows nothing about models or training.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -119,7 +121,14 @@ class RunLock:
         if fcntl is None:
             return self
         path = self.folder / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            if error.errno == errno.EROFS:  # a read-only mount: no process can write there, nothing to guard
+                return self
+            raise RunFolderError(
+                f"{path} cannot be opened ({error.strerror or error}); choose another folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
