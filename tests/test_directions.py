@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 
 import pytest
 import torch
@@ -176,6 +178,35 @@ def test_chunk_seeds_hashed_at_once_equal_them_hashed_one_by_one() -> None:
         directions.chunk_seeds(1, 0, range(2**32 - 1, 2**32 + 1))
     with pytest.raises(ValueError, match=r"step seed -1 is not a 64-bit unsigned int"):
         directions.chunk_seeds(-1, 0, range(3))
+
+
+def test_seeds_are_hashed_from_several_threads_at_once_once_the_cache_is_full() -> None:
+    """Two runtimes' compute lanes (or a runtime and a reference in a thread) hash seeds at the
+    same time; once the cache of recent seeds is full each new key evicts the oldest, and two
+    threads evicting the same one failed a step with a KeyError."""
+    errors: list[BaseException] = []
+
+    def hash_many(base: int) -> None:
+        try:
+            for i in range(20_000):
+                chunk_seed(base + i, 1, 0)
+                if i % 8 == 0:
+                    directions.chunk_seeds(base + i, 2, range(3), 1)
+        except Exception as error:  # any failure of a thread is the test's failure
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, so the eviction's steps interleave
+    try:
+        threads = [threading.Thread(target=hash_many, args=(k << 40,)) for k in range(1, 4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(directions._SEEDS) == directions._SEEDS_KEPT
 
 
 def test_bad_requests_are_refused_with_the_fix() -> None:

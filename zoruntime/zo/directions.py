@@ -20,6 +20,7 @@ the chunk length) changes the scheme and must bump ``DIRECTION_SCHEME``.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,8 @@ def step_seed(base_seed: int, step: int) -> int:
 _SEEDS: dict[tuple[int, int, int, int], int] = {}
 """Chunk seeds hashed lately (a step's seeds are hashed again one step later, for its update)."""
 _SEEDS_KEPT = 1 << 14
+_SEEDS_LOCK = threading.Lock()
+"""Held to evict and add: several threads hash seeds at once (each runtime's compute lane)."""
 
 
 def _check_key(seed: int, group: int, chunks: range, direction: int) -> None:
@@ -80,9 +83,10 @@ def _check_key(seed: int, group: int, chunks: range, direction: int) -> None:
 
 
 def _remember(key: tuple[int, int, int, int], value: int) -> int:
-    if len(_SEEDS) >= _SEEDS_KEPT:
-        del _SEEDS[next(iter(_SEEDS))]  # the oldest
-    _SEEDS[key] = value
+    with _SEEDS_LOCK:
+        if len(_SEEDS) >= _SEEDS_KEPT:
+            del _SEEDS[next(iter(_SEEDS))]  # the oldest
+        _SEEDS[key] = value
     return value
 
 
