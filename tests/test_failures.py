@@ -17,6 +17,7 @@ from zoruntime.policies import FixedDepth, MemoryBudget, Plan, out_of_memory_adv
 from zoruntime.runtime import Task
 from zoruntime.storage import model_layout
 from zoruntime.testing import InjectedFault, inject_faults
+from zoruntime.zo import update
 from zoruntime.zo.reference import ReferenceZO
 
 BLOCKS = 5
@@ -109,6 +110,44 @@ async def test_after_a_failure_the_flushed_weights_equal_the_weights_before_the_
             await rt.step(token_batch(model.config, seed=2))
     # leaving flushed: the model now holds exactly the weights of two steps, nothing lost, nothing twice
     assert all(torch.equal(a, b) for a, b in zip(_weights(before_model), _weights(model), strict=True))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("dtype", "policy", "failing"), [
+    (torch.bfloat16, "depth1", 2),  # embed_head's final norm, after its embeddings
+    (torch.bfloat16, "resident", 2),
+    (torch.float32, "all_resident", 3),  # block 0's v_proj.weight, after its k_proj weight and bias
+])  # fmt: skip
+async def test_an_update_that_fails_part_way_on_a_group_kept_on_the_device_goes_on_where_it_stopped(
+    monkeypatch, dtype: torch.dtype, policy: str, failing: int
+) -> None:
+    """Out of memory for the float32 temporaries of a run of a group's update (the ``failing``-th
+    run of step 0's update): the group stays on the device, so its weights are the
+    authoritative copy, and the retry must not update the runs before it again."""
+    clean_model, model = (
+        tiny_model(seed=2, num_hidden_layers=BLOCKS, dtype=dtype),
+        tiny_model(seed=2, num_hidden_layers=BLOCKS, dtype=dtype),
+    )
+    plan = MemoryBudget(10**9) if policy == "all_resident" else _policy(policy)
+    async with zoruntime.Runtime(clean_model, CONFIG, policy=plan) as clean:
+        expected = [await clean.step(token_batch(clean_model.config, seed=i)) for i in range(3)]
+    runs = {"count": 0}
+    original = update._update_run
+
+    def out_of_memory_once(*args, **kwargs) -> None:
+        runs["count"] += 1
+        if runs["count"] == failing:
+            raise MemoryError("out of memory for the run's float32 temporaries")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(update, "_update_run", out_of_memory_once)
+    async with zoruntime.Runtime(model, CONFIG, policy=plan) as rt:
+        got = [await rt.step(token_batch(model.config, seed=0))]
+        with pytest.raises(zoruntime.TaskFailed, match="MemoryError: out of memory"):
+            await rt.step(token_batch(model.config, seed=1))
+        got += [await rt.step(token_batch(model.config, seed=i)) for i in (1, 2)]
+    assert got == expected
+    assert all(torch.equal(a, b) for a, b in zip(_weights(clean_model), _weights(model), strict=True))
 
 
 def _nan_on_marker(logits: torch.Tensor, batch) -> torch.Tensor:

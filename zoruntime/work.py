@@ -42,7 +42,16 @@ from .zo.directions import DirectionSampler
 from .zo.estimator import Estimator, Probe, coefficients
 from .zo.log import UpdateLog
 from .zo.stats import StepStats
-from .zo.update import ChangeCount, PendingUpdate, PerturbedRows, Rounding, draw_direction, perturb_into, update_group
+from .zo.update import (
+    ChangeCount,
+    PendingUpdate,
+    PerturbedRows,
+    Rounding,
+    UpdateProgress,
+    draw_direction,
+    perturb_into,
+    update_group,
+)
 
 
 class Mode(Enum):
@@ -129,6 +138,8 @@ class TaskWork:
         # keep an update from being lost or applied twice.
         self.stamps: dict[int, int] = {}
         self._slot_holds: dict[int, int] = {}
+        # group staying on the device → how far the update that failed part-way on it had got
+        self._progress: dict[int, UpdateProgress] = {}
         self.changed = ChangeCount()  # how many sampled elements the applied updates changed
         # unit → its block's layer bound to the scratch buffer
         self._bound: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {}
@@ -198,7 +209,13 @@ class TaskWork:
         missing = self.log.missing(holds)
         z = s.kept[group].z if group in s.kept else s.direction(group)  # a kept group's: a span at a time
         for update in missing:
-            update_group(weights, update, layout, self.sampler, z, s.step, self.changed)
+            progress = None
+            if s.on_device(group):  # the authoritative copy: an update that fails part-way goes on from there
+                progress = self._progress.get(group)
+                if progress is None or progress.step != update.step:
+                    progress = self._progress[group] = UpdateProgress(update.step)
+            update_group(weights, update, layout, self.sampler, z, s.step, self.changed, progress)
+            self._progress.pop(group, None)
         if missing:
             holds = missing[-1].step
         if s.on_device(group):

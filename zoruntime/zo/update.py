@@ -137,6 +137,20 @@ class PendingUpdate:
         return self.scaled_grads.numel()
 
 
+class UpdateProgress:
+    """How far one update of one group has got: every trainable element below ``done`` holds it.
+
+    An update that raises part-way (out of memory for a float32 temporary, say) has changed the
+    elements before ``done`` and no others. Given the same progress again, ``update_group`` goes
+    on from there instead of applying the update twice to them; each element's arithmetic is its
+    own, so the group ends bitwise as if nothing had failed. Only an authoritative copy needs
+    one: a streamed group's slot is a copy, uploaded again from its master."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step  # the update's step
+        self.done = 0
+
+
 def draw_direction(
     sampler: DirectionSampler,
     seed: int,
@@ -166,6 +180,7 @@ def update_group(
     z: torch.Tensor,
     step: torch.Tensor | None = None,
     changed: ChangeCount | None = None,
+    progress: UpdateProgress | None = None,
 ) -> None:
     """Apply ``update`` to a group's flat ``weights``: the one way every runner updates.
 
@@ -173,7 +188,8 @@ def update_group(
     at once when ``z`` holds it, else a span of ``z.numel()`` elements at a time. Several: a span
     of ``step.numel()`` elements at a time (``step``: float32), each direction's z drawn into
     ``z``, their sum ``Σ_d −lr·c_d·z_d`` accumulated in ``step`` in direction order, then applied.
-    Every element's arithmetic is its own, so the span lengths do not change the bits."""
+    Every element's arithmetic is its own, so the span lengths do not change the bits, and an
+    update that failed part-way goes on where its ``progress`` says (``UpdateProgress``)."""
     if update.directions == 1:
         span = min(z.numel(), layout.numel)
     else:
@@ -184,9 +200,11 @@ def update_group(
     counter, sample = changed.watch(layout, weights, 0, layout.numel) if changed is not None else (None, None)
     for start in range(0, layout.numel, span):
         count = min(span, layout.numel - start)
+        if progress is not None and start + count <= progress.done:
+            continue  # applied before a failure
         if update.directions == 1:
             direction = draw_direction(sampler, update.seed, layout, z[:count], start)
-            apply_update(weights, direction, update, layout, sampler, offset=start, counter=counter)
+            apply_update(weights, direction, update, layout, sampler, offset=start, counter=counter, progress=progress)
             continue
         assert step is not None
         total = step[:count]
@@ -196,7 +214,8 @@ def update_group(
                 total.copy_(direction).mul_(update.scaled_grads[0])
             else:
                 total.addcmul_(direction, update.scaled_grads[d])
-        apply_update(weights, total, update, layout, sampler, offset=start, scale=one, counter=counter)
+        apply_update(weights, total, update, layout, sampler, offset=start, scale=one, counter=counter,
+                     progress=progress)  # fmt: skip
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
@@ -277,6 +296,7 @@ def apply_update(
     offset: int = 0,
     scale: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
+    progress: UpdateProgress | None = None,
 ) -> None:
     """``θ ← θ − lr·(g·z + wd·θ)`` in place on the group's trainable parameters (decay only on
     those that take it), computed in float32 and rounded once to the masters' dtype. ``z`` holds
@@ -290,7 +310,8 @@ def apply_update(
     ``sampler.rounding_noise`` keyed by (step seed, group, piece of ``ROUNDING_PIECE``); on a
     GPU with Triton, the whole span is one kernel (``fused``), its noise keyed by (step seed,
     group, element), and it adds the elements it changed to ``counter`` where given (``changed``
-    counts there too)."""
+    counts there too). ``progress``: elements below its ``done`` are left as they are, and it
+    advances as the update goes (``UpdateProgress``)."""
     # weights, z: [numel] flat, z zero on frozen parameters
     stochastic = update.rounding is Rounding.STOCHASTIC
     if stochastic and weights.dtype not in DROPPED_BITS:
@@ -309,8 +330,10 @@ def apply_update(
     if fused.usable(weights):  # on a GPU with Triton: one pass over the span, its noise drawn in the kernel
         group_seed = chunk_seed(update.seed, layout.group, 0, ROUNDING_DIRECTION)  # keyed by element
         fused.update_span(weights, z, scaled_grad, layout.update_ranges, decay, dropped, group_seed, offset, counter)
+        if progress is not None:  # one launch: the span is updated whole or not at all
+            progress.done = offset + z.numel()
     else:
-        _update_runs(weights, z, scaled_grad, update, layout, sampler, offset, decay, dropped)
+        _update_runs(weights, z, scaled_grad, update, layout, sampler, offset, decay, dropped, progress)
     if changed is not None and sample is not None:
         changed.after(weights, sample)
 
@@ -330,23 +353,30 @@ def _update_runs(
     offset: int,
     decay: float,
     dropped: int,
+    progress: UpdateProgress | None,
 ) -> None:
-    """``apply_update`` with tensor operations: a run at a time, a span of float32 temporaries at a time."""
+    """``apply_update`` with tensor operations: a run at a time, a span of float32 temporaries at a
+    time, ``progress`` (where given) advanced after each."""
     span_end = offset + z.numel()
     noise = _SpanNoise(sampler, update, layout, dropped, offset, span_end) if dropped else None
+    first = max(offset, progress.done) if progress is not None else offset  # below it: applied before a failure
     for run_start, run_end, decayed in layout.update_ranges:
-        start, end = max(run_start, offset), min(run_end, span_end)
+        start, end = max(run_start, first), min(run_end, span_end)
         if start >= end:
             continue
         run_decay = decay if decayed else 0.0
         if weights.dtype == torch.float32 and not run_decay:  # one fused multiply-add over the run, no temporaries
             weights[start:end].addcmul_(z[start - offset : end - offset], scaled_grad)
+            if progress is not None:
+                progress.done = end
             continue
         lo = start
         while lo < end:  # spans bound the float32 temporaries
             hi = min(end, (lo // UPDATE_SPAN_ELEMENTS + 1) * UPDATE_SPAN_ELEMENTS)
             run_noise = noise.between(lo, hi) if noise is not None else None
             _update_run(weights[lo:hi], z[lo - offset : hi - offset], scaled_grad, run_decay, run_noise)
+            if progress is not None:
+                progress.done = hi
             lo = hi
 
 
