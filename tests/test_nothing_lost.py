@@ -50,6 +50,22 @@ def test_journal_ignores_a_torn_last_record_and_refuses_a_corrupt_middle(tmp_pat
         read_journal(path)
 
 
+def test_appending_after_a_torn_line_or_a_failed_write_starts_a_line_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        journal.append(_record(0))
+    with open(path, "a") as file:
+        file.write('{"step": 1, "seed": 10')  # the process died mid-write
+    with Journal(path) as journal:
+        journal.append(_record(1))
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+            with pytest.raises(OSError, match="I/O error"):
+                journal.append(_record(2))
+        journal.append(_record(2))
+    assert read_journal(path) == [_record(0), _record(1), _record(2)]
+
+
 def test_truncating_the_journal_keeps_the_header_and_earlier_steps(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     with Journal(path, header={"base": "here"}) as journal:

@@ -71,7 +71,9 @@ class JournalError(ValueError):
 class Journal:
     """Append-only; each ``append`` is durable when it returns. A new (or empty) journal starts
     with a header: ``header``'s fields and this zoruntime's direction scheme. Appending to an
-    existing journal of another scheme is refused."""
+    existing journal of another scheme is refused. A torn last line (a crash mid-write) is cut
+    before the first append, and a write that fails part-way is cut back, so a later record
+    always starts on a line of its own."""
 
     def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
@@ -80,13 +82,20 @@ class Journal:
         if not fresh:
             _check_scheme(self.path, _first_line(self.path))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        if not fresh:
+            self._file.truncate(_complete_size(self.path))
         if fresh:
             self._write({HEADER_KEY: VERSION, **(header or {}), SCHEME_KEY: DIRECTION_SCHEME})
 
     def _write(self, fields: dict[str, Any]) -> None:
-        self._file.write(json.dumps(fields) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = self._file.tell()
+        try:
+            self._file.write(json.dumps(fields) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self._file.truncate(start)  # a torn line would swallow the next record
+            raise
 
     def append(self, record: Record) -> None:
         self._write(asdict(record))
@@ -114,6 +123,12 @@ def read_header(path: str | Path) -> dict[str, Any] | None:
     of another direction scheme, or with no header (written before headers existed)."""
     path = Path(path)
     return _check_scheme(path, _first_line(path))
+
+
+def _complete_size(path: Path) -> int:
+    """The size of ``path`` up to and including its last newline: without a torn last line."""
+    data = path.read_bytes()
+    return data.rfind(b"\n") + 1
 
 
 def _first_line(path: Path) -> str:
