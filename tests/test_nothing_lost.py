@@ -189,6 +189,26 @@ async def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeyp
     assert state["step"] == 1 and {"embed_head", "block.1"} <= set(groups)
 
 
+def test_a_failed_sync_of_the_folder_says_the_checkpoint_is_complete_not_that_the_previous_one_is_kept(
+    tmp_path: Path, monkeypatch
+) -> None:
+    checkpoint.save_checkpoint(tmp_path, 1, {"embed_head": torch.zeros(3)}, {})
+    sync = checkpoint._fsync
+
+    def failing_on_the_folder(path: Path) -> None:
+        if path == tmp_path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        sync(path)
+
+    monkeypatch.setattr(checkpoint, "_fsync", failing_on_the_folder)
+    with pytest.raises(
+        CheckpointError, match=r"step 2 .*Input/output error; it is complete and latest names it, but a power loss"
+    ):
+        checkpoint.save_checkpoint(tmp_path, 2, {"embed_head": torch.ones(3)}, {})
+    groups, state, _ = load_checkpoint(tmp_path)
+    assert state["step"] == 2 and torch.equal(groups["embed_head"], torch.ones(3))
+
+
 def test_restoring_into_a_different_model_is_refused(tmp_path: Path) -> None:
     async def write() -> None:
         model = tiny_model(num_hidden_layers=2)

@@ -81,6 +81,7 @@ def save_checkpoint(root: str | Path, step: int, groups: Mapping[str, torch.Tens
     name = f"checkpoint-{step:08d}"
     final, tmp = root / name, root / f"{name}.tmp"
     previous = latest_checkpoint(root)
+    published = False  # ``latest`` names the new checkpoint
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -101,10 +102,16 @@ def save_checkpoint(root: str | Path, step: int, groups: Mapping[str, torch.Tens
         pointer.write_text(name)
         _fsync(pointer)
         os.replace(pointer, root / LATEST)
+        published = True
         _fsync(root)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint ({previous.name}) is intact" if previous else "there is no earlier checkpoint"
+        if published:
+            kept = f"it is complete and {LATEST} names it, but a power loss now may still undo the rename"
+        elif previous:
+            kept = f"the previous checkpoint ({previous.name}) is intact"
+        else:
+            kept = "there is no earlier checkpoint"
         raise CheckpointError(
             f"could not write the checkpoint of step {step} to {root}: {error.strerror or error}; {kept}"
         ) from error
