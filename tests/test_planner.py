@@ -13,7 +13,7 @@ from zoruntime.models.adapter import adapter_for
 from zoruntime.models.init import meta_model
 from zoruntime.models.shapes import opt_config, shape_dims
 from zoruntime.plan import main as plan_main
-from zoruntime.planning.memory import activation_bytes, loss_pieces
+from zoruntime.planning.memory import activation_bytes, loss_pieces, show_size
 from zoruntime.planning.planner import Workload, best, figures, predict, predict_memory, profile_from_card
 from zoruntime.planning.profiles import BUILT_IN, GPUProfile, load_profile
 from zoruntime.policies import FixedDepth, Plan
@@ -335,7 +335,7 @@ def test_a_policy_given_that_does_not_fit_is_said_so_and_exits_1(capsys) -> None
     saying it would not fit, ``fits`` false and exit status 1; within 1 GB it fits."""
     assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "0.5GB"]) == 1
     out = capsys.readouterr().out
-    assert "  needs 0.873 GB, more than the 0.50 GB planned within: it would run out of memory\n" in out
+    assert "  needs 873.2 MB, more than the 500 MB planned within: it would run out of memory\n" in out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["policy_arg"] == "depth=1" and result["gpu_bytes"] == 873168896 and result["fits"] is False
     assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "1GB"]) == 0
@@ -352,8 +352,24 @@ def test_nothing_fits_names_the_least_any_plan_needs(capsys) -> None:
     assert predict_memory(works["block"], Plan(0), BUILT_IN["h200"]) > least
     assert plan_main(["--model", "opt-13b", "--gpu-memory", "1GB"]) == 1
     out = capsys.readouterr().out
-    line = f"nothing fits in 1.00 GB: the least any plan needs is {least / 1e9:.3f} GB (--policy depth=0,unit=linear)"
+    line = f"nothing fits in 1 GB: the least any plan needs is {show_size(least)} (--policy depth=0,unit=linear)"
     assert f"{line}\n" in out
+
+
+def test_sizes_below_a_gigabyte_are_shown_in_megabytes(capsys) -> None:
+    """Within 300 MB nothing fits opt-125m, whose least plan needs 301.7 MB: both sizes are shown
+    to four figures, so the line does not read "nothing fits in 0.30 GB: ... needs 0.302 GB"."""
+    works = workloads(opt_config("opt-125m"), torch.float16, 1, 2048)
+    assert min(predict_memory(work, Plan(0), BUILT_IN["h200"]) for work in works.values()) == 301_698_240
+    assert plan_main(["--model", "opt-125m", "--gpu-memory", "300MB"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("; within 300 MB")
+    assert "nothing fits in 300 MB: the least any plan needs is 301.7 MB (--policy depth=0,unit=linear)\n" in out
+    assert plan_main(["--model", "opt-125m", "--gpu-memory", "1MB"]) == 1
+    assert "nothing fits in 1 MB: the least" in capsys.readouterr().out
+    assert [show_size(n) for n in (0, 999, 10**6, 1_234_567, 24 * 10**9, 350 * 10**9, 2 * 10**12)] == [
+        "0 bytes", "999 bytes", "1 MB", "1.235 MB", "24 GB", "350 GB", "2 TB"
+    ]  # fmt: skip
 
 
 def test_plan_help_gives_every_options_default(capsys) -> None:

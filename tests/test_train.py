@@ -251,7 +251,7 @@ def test_fit_runs_the_fastest_plan_the_planner_finds_and_the_run_keeps_it(tmp_pa
     assert json.loads((tmp_path / "run" / "zoruntime.json").read_text())["policy"] == saved["policy"]
     assert "predicted on the h200 profile" not in capsys.readouterr().out  # nothing planned again
     for policy, message in (
-        ("fit=10MB", "--policy fit=10MB: nothing fits in 0.01 GB at --batch-size 8 x --max-length 64; the least"),
+        ("fit=10MB", "--policy fit=10MB: nothing fits in 10 MB at --batch-size 8 x --max-length 64; the least"),
         ("fit=1GB", None),
     ):
         profile = ["--gpu-profile", "h200"] if message else ["--device", "cpu"]

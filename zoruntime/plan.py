@@ -28,6 +28,7 @@ import torch
 
 from .models.shapes import MODEL_NAMES, named_config
 from .planning.directions import auto_directions, fewest_directions
+from .planning.memory import show_size
 from .planning.planner import Prediction, best, predict, predict_memory
 from .planning.profiles import BUILT_IN, GPUProfile, load_profile
 from .policies.base import FixedDepth, Plan
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     rounding = "nearest" if args.dtype == "fp32" else "stochastic"  # ZOSGD's default (either costs the same)
     several = f", {args.directions} {args.estimator} direction(s) a step{' (auto)' if auto else ''}"
     print(f"zoruntime plan: {args.model} {args.dtype} ({rounding} rounding), batch {args.batch} x {args.seq}{several}, "
-          f"on the {profile.name} profile ({profile.source}); within {gpu_bytes / 1e9:.2f} GB")  # fmt: skip
+          f"on the {profile.name} profile ({profile.source}); within {show_size(gpu_bytes)}")  # fmt: skip
     if args.cuda_graphs:
         saving = profile.host_graph_saving_ms
         print(f"  with CUDA graphs: a whole block's perturbed probe costs the host {saving:.3f} ms less"
@@ -127,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is not None:
         _show("your policy", chosen, profile)
         if chosen.gpu_bytes > gpu_bytes:
-            print(f"  needs {chosen.gpu_bytes / 1e9:.3f} GB, more than the {gpu_bytes / 1e9:.2f} GB planned within: "
+            print(f"  needs {show_size(chosen.gpu_bytes)}, more than the {show_size(gpu_bytes)} planned within: "
                   "it would run out of memory")  # fmt: skip
     if found is not None:
         _show("fastest that fits", found, profile)
     else:
         least, unit = min((predict_memory(work, Plan(0), profile), unit) for unit, work in works.items())
-        print(f"nothing fits in {gpu_bytes / 1e9:.2f} GB: the least any plan needs is {least / 1e9:.3f} GB "
+        print(f"nothing fits in {show_size(gpu_bytes)}: the least any plan needs is {show_size(least)} "
               f"(--policy {policy_arg(FixedDepth(0, unit=unit))})")  # fmt: skip
     result = chosen or found
     fits = result is not None and result.gpu_bytes <= gpu_bytes

@@ -262,3 +262,13 @@ def block_bytes(dims: ModelDims, tokens: int, itemsize: int, *, paused: bool = F
     if paused:
         width += (probes - 1) * (2 * dims.hidden + dims.ffn)
     return tokens * width * itemsize
+
+
+def show_size(size: int) -> str:
+    """``size`` bytes for people, to four significant figures in the largest unit it reaches
+    (``1.235 MB``, ``24 GB``, ``999 bytes``), decimal as ``--gpu-memory`` and ``memory=`` take
+    them (1 MB = 10**6 bytes): a budget of a few MB is not shown as 0.00 GB."""
+    for scale, unit in ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "KB")):
+        if size >= scale:
+            return f"{size / scale:.4g} {unit}"
+    return f"{size} bytes"

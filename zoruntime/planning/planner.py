@@ -28,7 +28,7 @@ from typing import Any
 
 from ..policies.base import UNIT_KINDS, FixedDepth, MemoryBudget, Plan, Policy
 from .cost import OpFigures
-from .memory import ModelDims, ModelLayout, activation_bytes, loss_pieces
+from .memory import ModelDims, ModelLayout, activation_bytes, loss_pieces, show_size
 from .profiles import GPUProfile
 from .simulate import simulate
 
@@ -258,7 +258,7 @@ def candidates(work: Workload, profile: GPUProfile, gpu_bytes: int) -> list[tupl
             streaming = predict_memory(work, Plan(depth, offload_every=every), profile)
             budget = work.layout.breakdown(Plan(depth)).units + gpu_bytes - streaming
             if budget > 0:
-                name = f"MemoryBudget({budget / 1e9:.2f} GB, depth={depth}, offload_every={every}{unit})"
+                name = f"MemoryBudget({show_size(budget)}, depth={depth}, offload_every={every}{unit})"
                 tried.append((name, MemoryBudget(budget, depth, every, work.unit)))
     return tried
 

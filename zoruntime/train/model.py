@@ -26,7 +26,7 @@ from ..models.freeze import freeze
 from ..models.init import load_pretrained, random_opt, save_pretrained, saved_dtype, tiny_opt_config
 from ..models.shapes import shape_dims
 from ..planning.directions import fewest_directions
-from ..planning.memory import activation_bytes
+from ..planning.memory import activation_bytes, show_size
 from ..planning.planner import best, predict_memory, probe_count
 from ..planning.profiles import GPUProfile, load_profile, profile_for_device
 from ..policies.base import FixedDepth, Plan
@@ -134,12 +134,12 @@ def fitted_policy(
     if found is None or found.chosen is None:
         least = min(predict_memory(work, Plan(0), profile) for work in works.values())
         raise UsageError(
-            f"--policy {config.policy}: nothing fits in {gpu_bytes / 1e9:.2f} GB at --batch-size {config.batch_size} "
-            f"x --max-length {config.max_length}; the least any plan needs is {least / 1e9:.2f} GB (depth 0, "
+            f"--policy {config.policy}: nothing fits in {show_size(gpu_bytes)} at --batch-size {config.batch_size} "
+            f"x --max-length {config.max_length}; the least any plan needs is {show_size(least)} (depth 0, "
             "the finest units): give more, or a smaller batch"
         )
     say(f"--policy {config.policy}: {found.policy}, predicted on the {profile.name} profile to take "
-        f"{found.gpu_bytes / 1e9:.2f} GB and {found.step_s:.3f} s a step, paced by {found.bound_by}")  # fmt: skip
+        f"{show_size(found.gpu_bytes)} and {found.step_s:.3f} s a step, paced by {found.bound_by}")  # fmt: skip
     return policy_arg(found.chosen)
 
 
