@@ -372,6 +372,14 @@ def test_sizes_below_a_gigabyte_are_shown_in_megabytes(capsys) -> None:
     ]  # fmt: skip
 
 
+def test_the_memory_table_lines_up(capsys) -> None:
+    """Each part's size ends in the same column, the longest part's name included."""
+    assert plan_main(["--model", "opt-1.3b", "--policy", "depth=1", "--gpu-memory", "1GB"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" GB") and line.startswith("  ")]
+    assert len(rows) == 2 * 7 and rows[0].startswith("  kept on the device (embed_head; perturbed a chunk at a time) ")
+    assert {len(row) for row in rows} == {len(rows[0])}
+
+
 def test_plan_help_gives_every_options_default(capsys) -> None:
     with pytest.raises(SystemExit):
         plan_main(["--help"])

@@ -41,9 +41,9 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def _show(title: str, prediction: Prediction, profile: GPUProfile) -> None:
     print(f"{title}: {prediction.policy}")
-    for part, size in prediction.memory.items():
-        print(f"  {part:<56}{size / 1e9:>9.3f} GB")
-    print(f"  {'GPU memory in all':<56}{prediction.gpu_bytes / 1e9:>9.3f} GB")
+    width = max(map(len, prediction.memory))
+    for part, size in {**prediction.memory, "GPU memory in all": prediction.gpu_bytes}.items():
+        print(f"  {part:<{width}}{size / 1e9:>9.3f} GB")
     print(f"  step {prediction.step_s:.4f} s, {prediction.tokens_per_s:,.0f} tokens/s; upload-only floor "
           f"{prediction.floor_tokens_per_s:,.0f} tokens/s; {prediction.ratio_to_floor:.2f}x the floor "
           "(predicted)")  # fmt: skip
