@@ -287,6 +287,17 @@ def test_a_profile_figure_that_is_no_finite_number_is_refused_naming_it(value: o
         GPUProfile(**figures)
 
 
+@pytest.mark.parametrize(("field", "value"), [("name", 5), ("name", None), ("source", ["measured"])])
+def test_a_profile_whose_name_or_source_is_no_text_is_refused_naming_it(tmp_path, capsys, field, value) -> None:
+    """A JSON "name": 5 was taken as the GPU's name: plan printed "on the 5 profile" and its JSON
+    line's "gpu" became a number."""
+    path = tmp_path / "123.json"
+    path.write_text(json.dumps({**asdict(BUILT_IN["h200"]), field: value}))
+    assert plan_main(["--model", "opt-125m", "--gpu", str(path)]) == 2
+    error = f"a GPU profile's {field} must be text, got {value!r}"
+    assert capsys.readouterr().err == f"zoruntime plan: error: {path} is not a GPU profile (ValueError: {error})\n"
+
+
 def test_a_profile_is_made_from_a_card_of_whole_blocks_and_keeps_what_a_cut_block_costs_the_host(tmp_path) -> None:
     """The card times whole blocks: a finer unit's flops over a block's time gave a third of the
     rate at linear units (``bench --unit linear --save-profile`` predicted each linear unit's task

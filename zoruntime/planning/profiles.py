@@ -44,6 +44,9 @@ class GPUProfile:
     host_cut_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for text in ("name", "source"):  # shown and written as text (a JSON "name": 5 is none)
+            if not isinstance(getattr(self, text), str):
+                raise ValueError(f"a GPU profile's {text} must be text, got {getattr(self, text)!r}")
         for figure in (*_FIGURES, "duplex"):  # numbers, finite (a JSON true or 1e400 is none)
             value = getattr(self, figure)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
