@@ -93,6 +93,29 @@ def test_a_policy_that_returns_no_plan_is_refused_naming_it(what: object) -> Non
         zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=Returns(what))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Cuts:
+    """A user's policy that streams whole blocks at depth 1, cut as ``unit`` says."""
+
+    unit: object
+
+    def plan(self, layout: ModelLayout) -> Plan:
+        return Plan(1)
+
+
+@pytest.mark.parametrize("unit", [None, "blocks", 1])
+def test_a_policy_whose_unit_is_no_unit_kind_is_refused_naming_it(unit: object) -> None:
+    """unit=None reached the model's tracing, which said "unit must be one of block, half,
+    linear, not None" without naming the policy; the simulator took any unit."""
+    error = (rf"Cuts\.unit must be one of 'block', 'half', 'linear' \(or no unit attribute: whole blocks\), "
+             rf"not {unit!r}")  # fmt: skip
+    with pytest.raises(ValueError, match=error):
+        zoruntime.Runtime(tiny_model(), zoruntime.ZOSGD(), policy=Cuts(unit))
+    with pytest.raises(ValueError, match=error):
+        simulate(4, 1.0, 1.0, 1.0, Cuts(unit))
+    assert simulate(4, 1.0, 1.0, 1.0, Cuts("linear")).makespan == simulate(4, 1.0, 1.0, 1.0, FixedDepth(1)).makespan
+
+
 @pytest.mark.parametrize("resident", ["01", None, frozenset({"0"}), frozenset({1.5}), 3, [True]])
 def test_a_plan_of_other_resident_units_than_ints_is_refused(resident: object) -> None:
     with pytest.raises(ValueError, match=r"resident must be a set of unit numbers \(ints\), got "):

@@ -32,7 +32,7 @@ from .models.shapes import shape_dims
 from .planning.directions import directions_for
 from .planning.planner import Workload
 from .planning.profiles import GPUProfile, load_profile
-from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice, plan_for
+from .policies.base import FixedDepth, Plan, Policy, out_of_memory_advice, plan_for, unit_of
 from .runtime import RuntimeStatistics
 from .runtime.graph import Kind, Task, TaskGraph, graph_named, load_graph
 from .runtime.instruments import Instruments
@@ -86,7 +86,7 @@ class Runtime:
         policy = policy if policy is not None else FixedDepth(1)
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must have a plan(layout) method (see zoruntime.policies), got {policy!r}")
-        self.adapter: ModelAdapter = adapter_for(model, unit=getattr(policy, "unit", "block"))
+        self.adapter: ModelAdapter = adapter_for(model, unit=unit_of(policy))
         self.model = model
         self.optimizer = optimizer
         self.policy = policy

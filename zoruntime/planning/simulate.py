@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Sequence
 
-from ..policies.base import FixedDepth, Policy, plan_for
+from ..policies.base import FixedDepth, Policy, plan_for, unit_of
 from ..runtime.graph import Kind, Task, step_graph
 from ..runtime.instruments import Instruments
 from ..runtime.scheduler import Scheduler
@@ -63,7 +63,9 @@ def simulate(
             raise ValueError(f"unit_sizes needs {num_blocks} positive sizes, got {list(unit_sizes)}")
         mean = sum(unit_sizes) / num_blocks
         share.update({u.name: size / mean for u, size in zip(units.streamable, unit_sizes, strict=True)})
-    plan = plan_for(policy or FixedDepth(1), ModelLayout.uniform(num_blocks, block_bytes))
+    policy = policy or FixedDepth(1)
+    unit_of(policy)  # refused as the runtime refuses it (the units simulated are ``num_blocks`` whatever the unit)
+    plan = plan_for(policy, ModelLayout.uniform(num_blocks, block_bytes))
     # the units whose slot copy may lag updates (a resident unit is updated on the device each step)
     lagging = {u.name for j, u in enumerate(units.streamable) if j not in plan.resident}
 

@@ -29,6 +29,16 @@ def check_unit(unit: object) -> None:
         raise ValueError(f"unit must be one of {', '.join(map(repr, UNIT_KINDS))}, not {unit!r}")
 
 
+def unit_of(policy: object) -> str:
+    """The unit ``policy`` has the runtime stream: its ``unit`` attribute, "block" without one;
+    a ``ValueError`` naming the policy for any other value (None too)."""
+    unit = getattr(policy, "unit", "block")
+    if unit not in UNIT_KINDS:
+        raise ValueError(f"{type(policy).__name__}.unit must be one of {', '.join(map(repr, UNIT_KINDS))} (or no "
+                         f"unit attribute: whole blocks), not {unit!r}")  # fmt: skip
+    return unit
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """``depth``: uploads in flight ahead of the computing unit; ``resident``: units never streamed
