@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from zoruntime.bench import throughput
+from zoruntime.bench import rounding, throughput
 from zoruntime.models import OPTAdapter, adapter_for
 from zoruntime.models.init import TINY_CONFIGS, materialize_flat, meta_model, tiny_opt_config
 from zoruntime.models.shapes import OPT_NAMES, opt_config, shape_dims
@@ -242,3 +242,17 @@ def test_on_a_gpu_the_update_is_one_kernel_and_the_head_a_quarter_of_the_pieces(
         # a 16-bit perturbed copy is one add on a GPU, a multiply and an add a span on a CPU
         assert row["probe_ops_gpu"] < row["probe_ops"] / 2
     assert ops["head_ops_gpu"] < ops["head_ops"] / 4  # 14 pieces a probe instead of 56
+
+
+def test_the_rounding_table_lines_up_and_needs_two_steps(capsys) -> None:
+    """fp32's rounding, "nearest (float32)", overflowed its 12-character column; with --steps 1
+    no step had applied an update to count, and the mean of none raised StatisticsError."""
+    assert rounding.main(["--steps", "2", "--seeds", "0"]) == 0
+    table = capsys.readouterr().out.splitlines()[1:7]
+    assert [line.split()[0] for line in table] == ["masters", "fp32", "fp16", "fp16", "bf16", "bf16"]
+    assert table[1].startswith("fp32    nearest (float32)  ") and {len(line) for line in table} == {len(table[0])}
+    with pytest.raises(SystemExit):
+        rounding.main(["--steps", "1"])
+    assert capsys.readouterr().err.endswith(
+        "error: --steps must be at least 2: a step's update is applied, and counted, during the next step\n"
+    )

@@ -31,6 +31,7 @@ from ..train.options import DTYPES, TrainConfig
 from ..zo.config import ZOSGD
 
 ROWS = (("fp32", None), ("fp16", "nearest"), ("fp16", "stochastic"), ("bf16", "nearest"), ("bf16", "stochastic"))
+FP32_ROUNDING = "nearest (float32)"  # the rounding column of float32 masters (None: ZOSGD rounds fp32 to nearest)
 
 
 def one_run(dtype: str, rounding: str | None, seed: int, steps: int, lr: float) -> dict[str, float]:
@@ -60,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated; each seeds model, data and directions")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: a step's update is applied, and counted, during the next step")
     seeds = [int(s) for s in args.seeds.split(",")]
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     print(f"default task, {args.steps} steps at lr {args.lr:g}, seeds {seeds}; {machine}")
-    print(f"{'masters':<8}{'rounding':<12}{'dev loss after':>16}{'drop (mean ± sd)':>22}{'changed':>10}{'s':>7}")
+    width = max(len(rounding or FP32_ROUNDING) for _, rounding in ROWS) + 2
+    print(f"{'masters':<8}{'rounding':<{width}}{'dev loss after':>16}{'drop (mean ± sd)':>22}{'changed':>10}{'s':>7}")
     rows: list[dict[str, Any]] = []
     for dtype, rounding in ROWS:
         started = time.perf_counter()
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         drops = [r["before"] - r["after"] for r in runs]
         row = {
             "masters": dtype,
-            "rounding": rounding or "nearest (float32)",
+            "rounding": rounding or FP32_ROUNDING,
             "dev_loss_after": [r["after"] for r in runs],
             "drop_mean": statistics.fmean(drops),
             "drop_sd": statistics.stdev(drops) if len(drops) > 1 else 0.0,
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         after = statistics.fmean(r["after"] for r in runs)
-        print(f"{dtype:<8}{row['rounding']:<12}{after:>16.4f}{row['drop_mean']:>13.4f} ± {row['drop_sd']:.4f}"
+        print(f"{dtype:<8}{row['rounding']:<{width}}{after:>16.4f}{row['drop_mean']:>13.4f} ± {row['drop_sd']:.4f}"
               f"{row['changed_fraction']:>10.1%}{row['seconds']:>7.0f}")  # fmt: skip
     print(json.dumps({"steps": args.steps, "lr": args.lr, "seeds": seeds, "machine": machine, "rows": rows}))
     return 0
