@@ -341,8 +341,12 @@ def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_resume_without_r
     assert f"interrupted after the last step (4): checkpointed; write the model and the summary with " \
            f"zoruntime train --resume {run}" in err  # fmt: skip
     assert not (run / "summary.json").exists() and not (run / "model").exists()
-    assert train(capsys, "--resume", str(run))[0] == 0
+    code, out, _ = train(capsys, "--resume", str(run))
+    assert code == 0
     lines = _metrics(run)
+    rate = next(line for line in reversed(lines) if line["kind"] == "train")["tokens_per_s"]
+    assert f"\nno steps left to train (resumed at step 4); the steps before ran at {rate:,.0f} tokens/s\n" in out
+    assert "lower) over 4 steps, all trained before this call; saved " in out and "this call's 0" not in out
     assert [line["step"] for line in lines if line["kind"] == "dev"] == [0, 2, 4]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tokens_per_s"] == next(line for line in reversed(lines) if line["kind"] == "train")["tokens_per_s"]

@@ -73,6 +73,17 @@ def test_the_end_table_keeps_a_wide_figure_apart_from_its_neighbours() -> None:
     ]
 
 
+def test_the_end_table_of_a_call_that_trained_no_step_says_so() -> None:
+    """A resume that only finished the run said "0 steps (resumed at step 4) in 0 s, 8,806
+    tokens/s": a speed for no steps. It gives the steps before's speed as theirs, or none."""
+    summary = {"dev_loss_before": 5.5639, "dev_loss_after": 5.4485, "perplexity_before": 260.84,
+               "perplexity_after": 232.40, "steps": 4, "seconds": 0.1, "tokens_per_s": 8805.5,
+               "resumed_at": 4}  # fmt: skip
+    last = "no steps left to train (resumed at step 4)"
+    assert summary_table(summary).splitlines()[-1] == f"{last}; the steps before ran at 8,806 tokens/s"
+    assert summary_table({**summary, "tokens_per_s": 0.0}).splitlines()[-1] == last  # their speed unknown
+
+
 def test_smoothing_is_an_exponential_moving_average() -> None:
     assert smoothed([4.0, 1.0, 7.0], span=3) == [4.0, 4.0 + 0.5 * (1.0 - 4.0), 2.5 + 0.5 * (7.0 - 2.5)]
     assert smoothed([2.0, 9.0], span=1) == [2.0, 9.0]

@@ -369,11 +369,12 @@ def _write_outputs(
         change = f" ({abs(drop):.1%} {'lower' if drop >= 0 else 'higher'})"
     else:  # a loss of 0 (candidate scoring sure of every answer) has no relative change
         change = ""
-    took = (
-        f"in {seconds:.0f} s"
-        if not start.step
-        else f"over {config.steps} steps, this call's {config.steps - start.step} in {seconds:.0f} s"
-    )
+    if not start.step:
+        took = f"in {seconds:.0f} s"
+    elif start.step == config.steps:
+        took = f"over {config.steps} steps, all trained before this call"
+    else:
+        took = f"over {config.steps} steps, this call's {config.steps - start.step} in {seconds:.0f} s"
     print(f"dev loss {before.loss:.4f} -> {after.loss:.4f}{change} {took}; saved {model_dir}"
           + (f"; {skipped} step(s) skipped for a non-finite loss" if skipped else ""))  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -152,9 +152,10 @@ def save_curves(folder: Path, png: Path) -> Path:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The end of a run in a few aligned lines: dev figures before and after (from the run's
-    start), the steps this call trained and their speed. A space separates the columns, so a
-    figure too wide for its column (the perplexity of a run that diverged) pushes the line on
-    rather than run into its neighbour."""
+    start), the steps this call trained and their speed (a call that only finished the run: the
+    speed of the steps before). A space separates the columns, so a figure too wide for its
+    column (the perplexity of a run that diverged) pushes the line on rather than run into its
+    neighbour."""
     row = lambda name, before, after: f"{name:<11}  {before:>11} {after:>11}"  # noqa: E731
     lines = [row("", "before", "after")]
     for name, key, form in [("dev loss", "dev_loss", "{:.4f}".format), ("perplexity", "perplexity", "{:.2f}".format)]:
@@ -167,6 +168,11 @@ def summary_table(summary: dict[str, Any]) -> str:
     if (summary.get("directions") or 1) > 1:
         skipped += f" of {summary['directions']} directions"
     resumed_at = summary.get("resumed_at") or 0  # the seconds and tokens/s are this call's: its steps only
+    if summary["steps"] == resumed_at:  # a resume that only finished the run: tokens/s are the steps before's
+        rate = summary["tokens_per_s"]
+        before = f"; the steps before ran at {rate:,.0f} tokens/s" if rate else ""
+        lines.append(f"no steps left to train (resumed at step {resumed_at}){before}")
+        return "\n".join(lines)
     steps = f"{summary['steps'] - resumed_at} steps" + (f" (resumed at step {resumed_at})" if resumed_at else "")
     lines.append(f"{steps}{skipped} in {summary['seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s")
     return "\n".join(lines)
