@@ -50,7 +50,14 @@ def simulate(
     updates than usual, each taking this long (a resident block's never lags). ``unit_sizes``:
     the units' relative sizes in model order (elements, say), for units of unequal size (a block
     cut into its linear layers): each unit's upload, compute and offload then take its share of
-    ``num_blocks`` times the figures given, which are the mean unit's; default equal."""
+    ``num_blocks`` times the figures given, which are the mean unit's; default equal.
+
+    ``block_bytes``: every unit's size, one size for all (``unit_sizes`` scales times only). The
+    policy plans on ``ModelLayout.uniform(num_blocks, block_bytes)``: a ``MemoryBudget`` counts
+    its budget in these bytes, the working buffer one unit and nothing kept (with the default,
+    1, a budget is a number of units: 12 at depth 1 keeps 12 − 3 slots − 1 working = 8
+    resident). Each upload and offload span records that many bytes moved (its GB/s in the
+    summary)."""
     if not 0 < duplex <= 1 or update_s < 0 or host_gap_s < 0:
         raise ValueError(
             f"need 0 < duplex <= 1, update_s >= 0 and host_gap_s >= 0, got {duplex}, {update_s} and {host_gap_s}"
