@@ -8,7 +8,9 @@ when the host issued it) and the achieved GB/s of transfers. Stdlib only.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +25,21 @@ def _tid(lane: str) -> int:
     return LANES.index(lane) + 1 if lane in LANES else len(LANES) + 1
 
 
-def to_events(timeline: Timeline) -> list[dict[str, Any]]:
-    origin = min([s.start for s in timeline.spans] + [m.start for m in timeline.steps], default=0.0)
+def events(timeline: Timeline) -> Iterator[dict[str, Any]]:
+    """The trace's events, one at a time: the process and lanes named, then the steps, then the tasks."""
+    starts = itertools.chain((s.start for s in timeline.spans), (m.start for m in timeline.steps))
+    origin = min(starts, default=0.0)
     us = lambda t: round((t - origin) * 1e6, 3)  # noqa: E731
-    events: list[dict[str, Any]] = [
-        {"ph": "M", "name": "process_name", "pid": _PID, "tid": 0, "args": {"name": "zoruntime"}},
-        {"ph": "M", "name": "thread_name", "pid": _PID, "tid": _STEPS_TID, "args": {"name": "steps"}},
-    ]
+    yield {"ph": "M", "name": "process_name", "pid": _PID, "tid": 0, "args": {"name": "zoruntime"}}
+    yield {"ph": "M", "name": "thread_name", "pid": _PID, "tid": _STEPS_TID, "args": {"name": "steps"}}
     for lane in sorted({s.lane for s in timeline.spans}, key=_tid):
-        events.append({"ph": "M", "name": "thread_name", "pid": _PID, "tid": _tid(lane), "args": {"name": lane}})
-        events.append(
-            {"ph": "M", "name": "thread_sort_index", "pid": _PID, "tid": _tid(lane), "args": {"sort_index": _tid(lane)}}
-        )
+        tid = _tid(lane)
+        yield {"ph": "M", "name": "thread_name", "pid": _PID, "tid": tid, "args": {"name": lane}}
+        yield {"ph": "M", "name": "thread_sort_index", "pid": _PID, "tid": tid, "args": {"sort_index": tid}}
     for mark in timeline.steps:
         start, dur = us(mark.start), us(mark.end) - us(mark.start)
-        events.append({"ph": "X", "name": mark.name, "cat": "step", "pid": _PID, "tid": _STEPS_TID,
-                       "ts": start, "dur": dur, "args": {"step": mark.step, "phase": mark.phase,
-                                                         "attempt": mark.attempt}})  # fmt: skip
+        yield {"ph": "X", "name": mark.name, "cat": "step", "pid": _PID, "tid": _STEPS_TID, "ts": start, "dur": dur,
+               "args": {"step": mark.step, "phase": mark.phase, "attempt": mark.attempt}}  # fmt: skip
     for span in timeline.spans:
         args: dict[str, Any] = {
             "step": span.step, "index": span.index, "kind": span.kind, "unit": span.unit,
@@ -51,17 +51,23 @@ def to_events(timeline: Timeline) -> list[dict[str, Any]]:
             args["issued_us"] = us(span.issued)  # on the trace's clock, like ts
         if span.bytes and span.duration > 0:
             args["GB/s"] = round(span.bytes / span.duration / 1e9, 3)
-        events.append({"ph": "X", "name": span.name, "cat": span.kind, "pid": _PID, "tid": _tid(span.lane),
-                       "ts": us(span.start), "dur": us(span.end) - us(span.start), "args": args})  # fmt: skip
-    return events
+        yield {"ph": "X", "name": span.name, "cat": span.kind, "pid": _PID, "tid": _tid(span.lane),
+               "ts": us(span.start), "dur": us(span.end) - us(span.start), "args": args}  # fmt: skip
 
 
 def save_chrome_trace(timeline: Timeline, path: str | Path) -> Path:
+    """``{"traceEvents": [...], "displayTimeUnit": "ms"}``, as ``json.dumps`` writes it, written
+    an event at a time (a long run's events, held at once, took several times its spans' memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"traceEvents": to_events(timeline), "displayTimeUnit": "ms"}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document))
+    with tmp.open("w") as file:
+        file.write('{"traceEvents": [')
+        separator = ""
+        for event in events(timeline):
+            file.write(separator + json.dumps(event))
+            separator = ", "
+        file.write('], "displayTimeUnit": "ms"}')
     tmp.replace(path)
     return path
 
