@@ -142,6 +142,14 @@ def test_summary_is_pure_unless_asked_to_show(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().out == summary.render() + "\n"
 
 
+def test_the_summary_of_a_timeline_without_training_steps_says_so(cpu_timeline: Timeline) -> None:
+    """A trace of an evaluation alone read "0 step(s), 0.000 ms per step; pipeline bound 0.000 ms;
+    overlap efficiency 0.0%" and "lane busy: " with nothing after it."""
+    evaluations = Timeline([replace(s, phase="eval") for s in cpu_timeline.spans])
+    expected = "no training step in the timeline (evaluation, flush and load passes are left out)"
+    assert evaluations.summary().render() == Timeline().summary().render() == expected
+
+
 def test_summary_names_what_the_compute_lane_waited_for() -> None:
     summary = simulate(6, 3.0, 1.0, 1.0, FixedDepth(1)).summary()  # upload-bound
     assert summary.largest_gaps[0].waiting_for.startswith("upload ")

@@ -57,6 +57,8 @@ class TimelineSummary:
     started_on_issue: float | None = None
 
     def render(self) -> str:
+        if not self.steps:
+            return "no training step in the timeline (evaluation, flush and load passes are left out)"
         lines = [
             f"{self.steps} step(s), {self.step_seconds * 1e3:.3f} ms per step; pipeline bound "
             f"{self.pipeline_bound_seconds * 1e3:.3f} ms; overlap efficiency {self.overlap_efficiency:.1%}",
