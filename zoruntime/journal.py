@@ -16,6 +16,7 @@ the line. Knows nothing about models or runtimes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .runs import replace_file
 from .zo.directions import DIRECTION_SCHEME
 from .zo.stats import StepStats
 
@@ -215,12 +217,8 @@ def truncate_journal(path: str | Path, before_step: int) -> int:
         record = _parse(path, number, line)
         if record.step < before_step:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        if header is not None:
-            file.write(json.dumps(header) + "\n")
-        file.writelines(json.dumps(asdict(r)) + "\n" for r in kept)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    lines = itertools.chain(
+        [json.dumps(header) + "\n"] if header is not None else [], (json.dumps(asdict(r)) + "\n" for r in kept)
+    )
+    replace_file(path, lines)
     return len(kept)

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,7 +55,7 @@ def holds_run(folder: Path) -> bool:
 
 def describe_run(folder: Path) -> str:
     """A few words on the run in ``folder``: how far it got."""
-    summary, config = folder / "summary.json", folder / "zoruntime.json"
+    summary, config = folder / "summary.json", folder / CONFIGURATION
     try:
         if summary.is_file():
             return f"finished, {json.loads(summary.read_text())['steps']} steps"
@@ -79,13 +80,14 @@ def read_configuration(folder: Path) -> dict[str, Any]:
     return fields
 
 
-def replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name, fsync it and rename it over ``path``:
-    a failure (a full disk) or a crash leaves the old content, never a truncated file."""
+def replace_file(path: Path, pieces: Iterable[str]) -> None:
+    """Write ``pieces`` (text, one after another) to ``path`` under a temporary name, fsync it and
+    rename it over ``path``: a failure (a full disk) or a crash leaves the old content, never a
+    truncated file; pieces written as they come keep a long file from being held whole."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as file:
-            file.write(text)
+            file.writelines(pieces)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)

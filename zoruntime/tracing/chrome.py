@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..runs import replace_file
 from .recorder import Span, StepMark, Timeline
 
 LANES = ("upload", "compute", "offload")
@@ -60,15 +61,8 @@ def save_chrome_trace(timeline: Timeline, path: str | Path) -> Path:
     an event at a time (a long run's events, held at once, took several times its spans' memory)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as file:
-        file.write('{"traceEvents": [')
-        separator = ""
-        for event in events(timeline):
-            file.write(separator + json.dumps(event))
-            separator = ", "
-        file.write('], "displayTimeUnit": "ms"}')
-    tmp.replace(path)
+    listed = (("" if i == 0 else ", ") + json.dumps(event) for i, event in enumerate(events(timeline)))
+    replace_file(path, itertools.chain(['{"traceEvents": ['], listed, ['], "displayTimeUnit": "ms"}']))
     return path
 
 

@@ -28,7 +28,7 @@ from ..data.tasks import Task, metric_key, show_metric
 from ..distributed import init_from_environment, shard
 from ..engine import Runtime
 from ..journal import Journal, JournalError, Record, truncate_journal
-from ..runs import RunLock, clear_run, describe_run, holds_run, read_configuration, replace_file
+from ..runs import CONFIGURATION, RunLock, clear_run, describe_run, holds_run, read_configuration, replace_file
 from .data import Evaluation, build_data, evaluate
 from .model import base_record, check_plan, fitted_policy, load_model, resolve_dtype, save_model
 from .options import TrainConfig, UsageError, check, parse_fit, resolve_device, with_absolute_paths
@@ -131,7 +131,7 @@ def _file_error(error: OSError, out: Path) -> str:
     skipped, checkpoints are atomic); before that, nothing was trained."""
     where = f": {error.filename}" if error.filename else ""
     stopped = f"stopped by a file error ({error.strerror or error}{where})"
-    if (out / "zoruntime.json").is_file():
+    if (out / CONFIGURATION).is_file():
         return f"{stopped}; continue from the last checkpoint with zoruntime train --resume {out}"
     return f"{stopped} before the first step; start again with --overwrite"
 
@@ -194,7 +194,7 @@ def _write_start(config: TrainConfig, prepared: Prepared, out: Path) -> None:
         clear_run(out)
     if config.model is None and not (out / "base").is_dir():
         save_model(prepared.model, prepared.tokenizer, out / "base")
-    replace_file(out / "zoruntime.json", json.dumps(prepared.resolved, indent=2) + "\n")  # a resume rewrites it
+    replace_file(out / CONFIGURATION, [json.dumps(prepared.resolved, indent=2) + "\n"])  # a resume rewrites it
 
 
 class UpdateWatch:
